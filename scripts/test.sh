@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs the test suite (and lint) in the project's virtual environment, creating it on first use.
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+cd "$ROOT"
+ruff check src tests benchmarks
+python -m pytest -q "$@"

@@ -1,0 +1,1 @@
+"""Reading and writing files: configs, weights, model folders, checkpoints."""
