@@ -1,1 +1,1 @@
-"""diffusekit.diffusion"""
+"""The forward process as pure tensor math: schedules, parametrizations, inference grids."""

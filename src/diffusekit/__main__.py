@@ -1,0 +1,5 @@
+import sys
+
+from diffusekit.cli.main import main
+
+sys.exit(main())
