@@ -1,0 +1,328 @@
+"""The CLIP text transformer (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
+Supervision", sec. 2.4), as Stable Diffusion uses it for its ``context`` (cross-attention) conditioning.
+
+A GPT-2-style causal transformer: token + learned position embeddings, pre-LayerNorm blocks
+(``x += attn(ln1(x))``, ``x += mlp(ln2(x))``) with causal self-attention, and a final LayerNorm. The pooled
+feature is the final state at the first end-of-text token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusekit.errors import ConfigError, check_choice, check_positive_int
+
+ACTIVATIONS = ("quick_gelu", "gelu")
+
+# The reference config keys we read, and the name of each in our config.
+_HF_KEYS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "intermediate_size": "mlp_size",
+    "max_position_embeddings": "max_positions",
+    "hidden_act": "activation",
+    "layer_norm_eps": "layer_norm_eps",
+}
+# Old CLIP configs (SD-1.x and SD-2.x text_encoder/config.json among them) carry placeholder special ids
+# bos=0, pad=1, eos=2; the reference then pools at argmax(input_ids), i.e. at the first occurrence of the
+# largest id, <|endoftext|> = vocab_size - 1. We translate that placeholder into the real ids here.
+_LEGACY_EOS_ID = 2
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Sizes of a CLIP text transformer. Defaults: the SD-1.x encoder (CLIP ViT-L/14's text tower)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_size: int = 3072
+    max_positions: int = 77
+    activation: str = "quick_gelu"  # quick_gelu (OpenAI CLIP) | gelu (exact erf GELU, OpenCLIP)
+    layer_norm_eps: float = 1e-5
+    bos_id: int = 49406
+    eos_id: int = 49407  # pooling position = first occurrence of this id
+    pad_id: int = 49407  # informational: no padding mask is used (as in SD)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_size", "max_positions"):
+            check_positive_int(name, getattr(self, name))
+        check_choice("activation", self.activation, ACTIVATIONS)
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
+        if not (isinstance(self.layer_norm_eps, (int, float)) and 0 < self.layer_norm_eps < 1):
+            raise ConfigError(f"layer_norm_eps must be a number in (0, 1), got {self.layer_norm_eps!r}")
+        for name in ("bos_id", "eos_id", "pad_id"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ConfigError(f"{name} must be an integer in [0, {self.vocab_size}), got {value!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> TextEncoderConfig:
+        """Translate a reference ``CLIPTextModel`` ``config.json`` (or a ``CLIPModel`` one with a
+        ``text_config``). Unknown keys are ignored; a missing size key raises ConfigError naming it."""
+        if not isinstance(config, dict):
+            raise ConfigError(f"text encoder config must be a JSON object, got {type(config).__name__}")
+        if isinstance(config.get("text_config"), dict):
+            config = config["text_config"]
+        kwargs: dict[str, Any] = {}
+        for hf_key, ours in _HF_KEYS.items():
+            if hf_key in config:
+                kwargs[ours] = config[hf_key]
+            elif hf_key not in ("hidden_act", "layer_norm_eps"):
+                raise ConfigError(f"text encoder config lacks {hf_key!r} (needed for {ours})")
+        if "activation" in kwargs:
+            check_choice("hidden_act", kwargs["activation"], ACTIVATIONS)
+        vocab = kwargs["vocab_size"]
+        eos = config.get("eos_token_id", vocab - 1 if isinstance(vocab, int) else None)
+        if eos == _LEGACY_EOS_ID and isinstance(vocab, int):
+            kwargs.update(bos_id=vocab - 2, eos_id=vocab - 1, pad_id=vocab - 1)
+        else:
+            kwargs["eos_id"] = eos
+            kwargs["bos_id"] = config.get("bos_token_id", eos - 1 if isinstance(eos, int) else None)
+            kwargs["pad_id"] = config.get("pad_token_id", eos)
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:  # name the key as the reference config spells it
+            message = str(e)
+            for hf_key, ours in _HF_KEYS.items():
+                if hf_key != ours and message.startswith(ours):
+                    message = f"{hf_key} ({ours}){message[len(ours) :]}"
+            for hf_key, ours in (
+                ("bos_token_id", "bos_id"),
+                ("eos_token_id", "eos_id"),
+                ("pad_token_id", "pad_id"),
+            ):
+                if message.startswith(ours):
+                    message = f"{hf_key} ({ours}){message[len(ours) :]}"
+            raise ConfigError(message) from None
+
+    def to_hf(self) -> dict[str, Any]:
+        """The reference ``config.json`` for this encoder (``CLIPTextModel``)."""
+        return {
+            "architectures": ["CLIPTextModel"],
+            "model_type": "clip_text_model",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "intermediate_size": self.mlp_size,
+            "max_position_embeddings": self.max_positions,
+            "hidden_act": self.activation,
+            "layer_norm_eps": self.layer_norm_eps,
+            "bos_token_id": self.bos_id,
+            "eos_token_id": self.eos_id,
+            "pad_token_id": self.pad_id,
+            "projection_dim": self.hidden_size,
+            "attention_dropout": 0.0,
+            "dropout": 0.0,
+            "initializer_range": 0.02,
+            "initializer_factor": 1.0,
+            "torch_dtype": "float32",
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Named sizes. "sd1": OpenAI CLIP ViT-L/14 text tower (SD-1.x). "sd2": OpenCLIP ViT-H/14 text tower as SD-2.x
+# uses it: 24 layers trained, the last dropped (SD-2.x conditions on the penultimate layer), GELU; its
+# tokenizer pads with "!" (id 0).
+TEXT_ENCODER_PRESETS: dict[str, TextEncoderConfig] = {
+    "sd1": TextEncoderConfig(),
+    "sd2": TextEncoderConfig(
+        hidden_size=1024, num_layers=23, num_heads=16, mlp_size=4096, activation="gelu", pad_id=0
+    ),
+    "tiny": TextEncoderConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        mlp_size=37,
+        bos_id=998,
+        eos_id=999,
+        pad_id=999,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class TextEncoderOutput:
+    """``last_hidden_state`` (B, L, D) after the final LayerNorm: SD's cross-attention context.
+    ``pooled`` (B, D): ``last_hidden_state`` at each row's first EOS (position 0 if a row has none).
+    ``hidden_states`` (N + 1, B, L, D): the embedding output and each computed layer's output, before the
+    final LayerNorm."""
+
+    last_hidden_state: torch.Tensor
+    pooled: torch.Tensor
+    hidden_states: torch.Tensor = field(repr=False)
+
+    @property
+    def pooler_output(self) -> torch.Tensor:  # the reference's name for ``pooled``
+        return self.pooled
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """``x * sigmoid(1.702 x)``, the GELU approximation OpenAI's CLIP was trained with."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        # (B, L, D) -> (B, heads, L, head_dim)
+        q, k, v = (
+            proj(x).view(B, L, self.num_heads, -1).transpose(1, 2) for proj in (self.q, self.k, self.v)
+        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # softmax(QK^T/sqrt(d) + causal) V
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.mlp_size)
+        self.fc2 = nn.Linear(cfg.mlp_size, cfg.hidden_size)
+        self.act = quick_gelu if cfg.activation == "quick_gelu" else F.gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, cfg: TextEncoderConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ClipTextEncoder(nn.Module):
+    """CLIP text transformer: ``encoder(input_ids (B, L)) -> TextEncoderOutput`` (Radford et al. 2021)."""
+
+    def __init__(self, config: TextEncoderConfig | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config or TextEncoderConfig()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """CLIP's initialisation (its ``initialize_parameters``): normal embeddings, projections scaled by
+        width and depth, LayerNorms at identity, zero biases."""
+        cfg = self.config
+        if self.token_embedding.weight.is_meta:
+            return
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding.weight, std=0.01)
+        attn_std = cfg.hidden_size**-0.5
+        proj_std = attn_std * (2 * cfg.num_layers) ** -0.5
+        fc_std = (2 * cfg.hidden_size) ** -0.5
+        for block in self.blocks:
+            for lin in (block.attn.q, block.attn.k, block.attn.v):
+                nn.init.normal_(lin.weight, std=attn_std)
+            nn.init.normal_(block.attn.out.weight, std=proj_std)
+            nn.init.normal_(block.mlp.fc1.weight, std=fc_std)
+            nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        cfg = self.config
+        if not isinstance(input_ids, torch.Tensor):
+            raise ConfigError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ConfigError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        if input_ids.ndim != 2:
+            raise ConfigError(
+                f"input_ids must have shape (batch, length), got shape {tuple(input_ids.shape)}"
+            )
+        if not 1 <= input_ids.shape[1] <= cfg.max_positions:
+            raise ConfigError(
+                f"input_ids length {input_ids.shape[1]} must be in [1, max_positions={cfg.max_positions}]"
+            )
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size):
+            raise ConfigError(
+                f"input_ids must lie in [0, vocab_size={cfg.vocab_size}), got values in "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
+
+    def forward(self, input_ids: torch.Tensor, *, clip_skip: int = 0) -> TextEncoderOutput:
+        """Encode ``input_ids`` (B, L) int64, L <= max_positions.
+
+        ``clip_skip=k`` stops after ``num_layers - k`` layers (``k=1``: the penultimate layer, as SD-2.x and
+        "clip skip 2" in other tools use it); the final LayerNorm is applied to that layer's output.
+        """
+        self._check_ids(input_ids)
+        if (
+            isinstance(clip_skip, bool)
+            or not isinstance(clip_skip, int)
+            or not 0 <= clip_skip < len(self.blocks)
+        ):
+            raise ConfigError(
+                f"clip_skip must be an integer in [0, {len(self.blocks) - 1}], got {clip_skip!r}"
+            )
+        B, L = input_ids.shape
+        positions = torch.arange(L, device=input_ids.device)
+        x = self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, L, D)
+        states = [x]
+        for block in self.blocks[: len(self.blocks) - clip_skip]:
+            x = block(x)
+            states.append(x)
+        h = self.final_norm(x)  # (B, L, D)
+        eos_at = (input_ids == self.config.eos_id).int().argmax(dim=1)  # first EOS per row, (B,)
+        pooled = h[torch.arange(B, device=h.device), eos_at]  # (B, D)
+        return TextEncoderOutput(last_hidden_state=h, pooled=pooled, hidden_states=torch.stack(states))
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return "" if self.token_embedding.weight.is_meta else f"params={self.num_parameters:,}"
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "TEXT_ENCODER_PRESETS",
+    "ClipTextEncoder",
+    "TextEncoderConfig",
+    "TextEncoderOutput",
+    "quick_gelu",
+]
