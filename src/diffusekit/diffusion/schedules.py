@@ -64,18 +64,20 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
 class NoiseSchedule:
     """A discrete variance-preserving schedule over T training timesteps (float64 inside).
 
-    ``alphas_cumprod[t]`` is abar_t of DDPM eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+    ``alphas_cumprod[t]`` is abar_t of DDPM eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps. It is the
+    primary quantity; betas are derived from it, so a schedule computed elsewhere (e.g. in another
+    library's float32 arithmetic, see ``from_betas(..., float32_cumprod=True)``) is represented exactly.
     """
 
-    betas: Tensor  # (T,) float64
+    alphas_cumprod: Tensor  # (T,) float64, strictly decreasing in (0, 1]
 
     def __post_init__(self) -> None:
-        b = self.betas
-        if b.ndim != 1 or b.numel() < 2:
-            raise ConfigError(f"betas must be a 1-D tensor with at least 2 entries, got shape {tuple(b.shape)}")
-        if not torch.isfinite(b).all() or (b <= 0).any() or (b > 1).any():
+        a = self.alphas_cumprod
+        if a.ndim != 1 or a.numel() < 2:
+            raise ConfigError(f"alphas_cumprod must be 1-D with at least 2 entries, got shape {tuple(a.shape)}")
+        if not torch.isfinite(a).all() or (a < 0).any() or (a > 1).any():
             raise ConfigError("betas must be finite and in (0, 1]")
-        object.__setattr__(self, "betas", b.double())
+        object.__setattr__(self, "alphas_cumprod", a.double())
 
     @classmethod
     def from_name(
@@ -88,12 +90,27 @@ class NoiseSchedule:
     ) -> NoiseSchedule:
         """Build a schedule from a named beta schedule (see ``make_betas``)."""
         betas = make_betas(schedule, num_train_timesteps, beta_start, beta_end)
-        return cls(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
+        return cls.from_betas(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
 
     @classmethod
-    def from_betas(cls, betas: Sequence[float] | Tensor) -> NoiseSchedule:
-        """Build a schedule from explicit (trained) betas."""
-        return cls(torch.as_tensor(betas, dtype=torch.float64))
+    def from_betas(cls, betas: Sequence[float] | Tensor, float32_cumprod: bool = False) -> NoiseSchedule:
+        """Build a schedule from betas: abar_t = prod_{s<=t} (1 - beta_s) (DDPM eq. 4).
+
+        ``float32_cumprod`` rounds the betas to float32 and takes the product in float32, as the
+        reference implementation does; used only when reproducing its trajectories.
+        """
+        b = torch.as_tensor(betas, dtype=torch.float64)
+        if b.ndim != 1 or b.numel() < 2 or not torch.isfinite(b).all() or (b <= 0).any() or (b > 1).any():
+            raise ConfigError("betas must be a 1-D sequence of at least 2 finite values in (0, 1]")
+        if float32_cumprod:
+            return cls(torch.cumprod(1 - b.float(), 0).double())
+        return cls(torch.cumprod(1 - b, 0))
+
+    @property
+    def betas(self) -> Tensor:
+        """beta_t = 1 - abar_t / abar_{t-1}."""
+        a = self.alphas_cumprod
+        return 1 - a / torch.cat([a.new_ones(1), a[:-1]])
 
     @property
     def num_train_timesteps(self) -> int:
@@ -102,11 +119,6 @@ class NoiseSchedule:
     @property
     def alphas(self) -> Tensor:
         return 1 - self.betas
-
-    @property
-    def alphas_cumprod(self) -> Tensor:
-        """abar_t = prod_{s<=t} (1 - beta_s), DDPM eq. 4."""
-        return torch.cumprod(self.alphas, 0)
 
     @property
     def sigmas(self) -> Tensor:

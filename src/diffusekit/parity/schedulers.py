@@ -1,0 +1,101 @@
+"""Parity cases for the noise schedules, the forward process and sampler trajectories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from diffusekit.io.weights import load_weights, read_json
+from diffusekit.parity.report import Comparison
+from diffusekit.samplers.common import StepInfo
+from diffusekit.samplers.config import SamplerConfig, build_grid, run_sampler
+
+
+def forward_process_case(case: Path, meta: dict) -> Comparison:
+    cfg = SamplerConfig.from_reference(read_json(case / "scheduler_config.json"))
+    ref = load_weights(case / "tensors.safetensors")
+    schedule = cfg.schedule()
+    cmp = Comparison(rtol=1e-5, atol=1e-5)
+    cmp.check("betas", schedule.betas, ref["betas"])
+    cmp.check("alphas_cumprod", schedule.alphas_cumprod, ref["alphas_cumprod"])
+    cmp.check("noisy", schedule.add_noise(ref["x0"], ref["noise"], ref["timesteps"]), ref["noisy"])
+    cmp.check("velocity", schedule.velocity(ref["x0"], ref["noise"], ref["timesteps"]), ref["velocity"])
+    return cmp
+
+
+def scheduler_case(case: Path, meta: dict) -> Comparison:
+    """Closed loop: run our sampler with the case's fake network and noise; compare every step."""
+    cfg = SamplerConfig.from_reference(read_json(case / "scheduler_config.json"))
+    if cfg.sampler == "ddim":
+        cfg = cfg.with_sampler("ddim", eta=float(meta.get("eta") or 0.0))
+    ref = load_weights(case / "tensors.safetensors")
+    n = int(meta["num_inference_steps"])
+    grid = build_grid(cfg, n)
+    schedule = cfg.schedule()
+    cmp = Comparison(rtol=1e-5, atol=1e-5)
+    cmp.check("betas", schedule.betas, ref["betas"])
+    cmp.check("alphas_cumprod", schedule.alphas_cumprod, ref["alphas_cumprod"])
+    cmp.check("init_noise_sigma", torch.tensor(grid.init_noise_sigma), torch.tensor(float(meta["init_noise_sigma"])))
+    if "sigmas" in ref:
+        cmp.check("sigmas", torch.cat([grid.sigmas, grid.sigmas_next[-1:]]), ref["sigmas"])
+
+    c_in, c_eps = float(meta["model_fn"]["c_input"]), float(meta["model_fn"]["c_eps"])
+    model_eps = ref["model_eps"]
+    calls: list[tuple[Tensor, Tensor]] = []
+
+    def fake_model(x: Tensor, t: Tensor) -> Tensor:
+        k = len(calls)
+        calls.append((x, t))
+        return c_in * x + c_eps * model_eps[k]
+
+    noise = None
+    if "noise" in ref:
+        drawn = [k for k in range(len(ref["noise_drawn"])) if int(ref["noise_drawn"][k])]
+        noise = {k: ref["noise"][k] for k in drawn}
+    steps: list[StepInfo] = []
+    x = ref["init_noise"] * grid.init_noise_sigma
+    run_sampler(cfg, fake_model, x, grid, noise=(lambda k, like: noise[k]) if noise else None, callback=steps.append)
+
+    k_calls = int(meta["num_model_calls"])
+    if len(calls) != k_calls:
+        cmp.failures.append(f"made {len(calls)} model calls, reference made {k_calls}")
+        return cmp
+    model_in = ref.get("model_input", ref["sample_in"])
+    cmp.check("model_input", torch.stack([c[0] for c in calls]), model_in)
+    cmp.check("timesteps", torch.stack([c[1] for c in calls]), ref["timesteps"].float())
+    # PNDM's extra first call: the reference reports a result per call (the first is the intermediate
+    # prediction), we report one per grid step
+    prev = ref["prev_sample"]
+    if k_calls == len(steps) + 1:
+        prev = prev[1:]
+    cmp.check("prev_sample", torch.stack([s.x for s in steps]), prev)
+    cmp.check("final_sample", steps[-1].x, ref["final_sample"])
+    if cfg.sampler in ONE_STEP_SAMPLERS:
+        _open_loop(cmp, cfg, grid, ref, meta)
+    return cmp
+
+
+# samplers whose step depends only on (x, network output, noise): these are also checked open loop
+ONE_STEP_SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral")
+
+
+def _open_loop(cmp: Comparison, cfg: SamplerConfig, grid, ref: dict[str, Tensor], meta: dict) -> None:
+    """Feed each step the reference's own input and network output (fixtures README 3.3 (a)).
+
+    The x0 estimate is only compared here: in a closed loop a last-bit difference in x_t is multiplied
+    by 1 / sqrt(abar_t) (~160 at t = T-1) before it reaches x0.
+    """
+    prev, x0s = [], []
+    for k in range(len(grid)):
+        out = ref["model_output"][k]
+        step: list[StepInfo] = []
+        noise = (lambda i, like, k=k: ref["noise"][k]) if "noise" in ref else None
+        x = ref["sample_in"][k]
+        run_sampler(cfg, lambda x_t, t, out=out: out, x, grid[k : k + 1], noise=noise, callback=step.append)
+        prev.append(step[0].x)
+        x0s.append(step[0].x0)
+    cmp.check("prev_sample (open loop)", torch.stack(prev), ref["prev_sample"])
+    if meta.get("reports_pred_original_sample") and "pred_original_sample" in ref:
+        cmp.check("pred_original_sample (open loop)", torch.stack(x0s), ref["pred_original_sample"])

@@ -1,0 +1,83 @@
+"""What every sampler shares: the denoiser contract, noise drawing and per-step callbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffusekit.diffusion.parametrization import PREDICTION_TYPES, Prediction, split_output
+from diffusekit.errors import ConfigError, check_choice
+
+Model = Callable[..., Tensor]  # model(x_t, t, **cond) -> raw network output
+Generator = torch.Generator | Sequence[torch.Generator] | None
+NoiseSource = Callable[[int, Tensor], Tensor]  # (step index, like) -> standard normal tensor
+
+
+class Denoiser:
+    """Turns a network's raw output into (x0_hat, eps_hat), the quantity every sampler consumes.
+
+    The network sees the variance-preserving sample x_t = sqrt(abar) x0 + sqrt(1 - abar) eps and the time t.
+    ``clip_sample`` (a range r or None) clamps x0_hat to [-r, r]; eps_hat is not re-derived from the
+    clamped x0 (DDIM, Song et al. 2021, as commonly implemented).
+    """
+
+    def __init__(self, model: Model, prediction_type: str = "epsilon", clip_sample: float | None = None):
+        self.model = model
+        self.prediction_type = check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        if clip_sample is not None and not clip_sample > 0:
+            raise ConfigError(f"clip_sample range must be > 0 or None, got {clip_sample!r}")
+        self.clip_sample = clip_sample
+
+    def __call__(
+        self, x_t: Tensor, t: Tensor, alphas_cumprod: Tensor | float, cond: dict[str, Any] | None = None
+    ) -> Prediction:
+        out = self.model(x_t, t, **(cond or {}))
+        alpha, sigma = alphas_cumprod**0.5, (1 - alphas_cumprod) ** 0.5
+        x0, eps = split_output(out, x_t, alpha, sigma, self.prediction_type)
+        if self.clip_sample is not None:
+            x0 = x0.clamp(-self.clip_sample, self.clip_sample)
+        return Prediction(x0, eps)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Passed to a sampler's callback after each step."""
+
+    index: int  # step index k
+    t: float  # network time of step k
+    x: Tensor  # the sample after the step
+    x0: Tensor | None  # the step's clean-data estimate, where the sampler has one
+
+
+def time_input(grid_t: Tensor, k: int) -> Tensor:
+    """The network time for step k, a 0-d float32 tensor (integer-valued for discrete samplers)."""
+    return grid_t[k].to(torch.float32)
+
+
+def draw_noise(like: Tensor, generator: Generator = None) -> Tensor:
+    """A standard normal tensor shaped like ``like``.
+
+    A single generator draws the whole batch in one call (the reference's convention). A sequence of
+    generators, one per batch item, draws each item on the CPU from its own generator, so an image's
+    noise depends only on its own seed, not on the batch it is in nor on the device.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        dev = generator.device if generator is not None else like.device
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=dev).to(like.device)
+    if len(generator) != like.shape[0]:
+        raise ConfigError(f"got {len(generator)} generators for a batch of {like.shape[0]}; pass one per image")
+    items = [torch.randn(like.shape[1:], generator=g, dtype=torch.float32, device=g.device) for g in generator]
+    return torch.stack(items).to(device=like.device, dtype=like.dtype)
+
+
+def noise_source(noise: Sequence[Tensor] | NoiseSource | None, generator: Generator) -> NoiseSource:
+    """Explicit per-step noise (a sequence indexed by step, or a function) or draws from ``generator``."""
+    if noise is None:
+        return lambda k, like: draw_noise(like, generator)
+    if callable(noise):
+        return noise
+    return lambda k, like: noise[k].to(device=like.device, dtype=like.dtype)

@@ -1,0 +1,322 @@
+"""Sampler configuration: our own dataclass, the translation from a reference ``scheduler_config.json``,
+grid construction, and one entry point that runs any sampler by its config.
+
+Our samplers step along their grid. Configs read from the reference implementation reproduce its
+stepping rules where they differ from ours; those rules are built as explicit grids in ``build_grid``
+(see ``_reference_stride_grid``), nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffusekit.diffusion.grids import (
+    SPACINGS,
+    Grid,
+    interpolate_sigma,
+    karras_sigmas,
+    sigma_to_timestep,
+    spaced_timesteps,
+)
+from diffusekit.diffusion.parametrization import PREDICTION_TYPES
+from diffusekit.diffusion.schedules import BETA_SCHEDULES, NoiseSchedule, make_betas, rescale_zero_terminal_snr
+from diffusekit.errors import ConfigError, check_choice, check_positive_int, check_range
+from diffusekit.samplers.common import Denoiser, Generator, Model, StepInfo
+from diffusekit.samplers.ddim import sample_ddim
+from diffusekit.samplers.ddpm import VARIANCES, sample_ddpm
+from diffusekit.samplers.dpm_solver import sample_dpmpp_2m
+from diffusekit.samplers.euler import sample_euler, sample_euler_ancestral
+from diffusekit.samplers.pndm import sample_pndm
+
+SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm")
+SIGMA_SAMPLERS = ("euler", "euler_ancestral")  # state is the VE sample x0 + sigma eps
+ALIASES = {"euler-a": "euler_ancestral", "euler_a": "euler_ancestral", "dpm++2m": "dpmpp_2m", "plms": "pndm"}
+
+# the reference's scheduler class names -> our sampler names
+REFERENCE_CLASSES = {
+    "DDPMScheduler": "ddpm",
+    "DDIMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "PNDMScheduler": "pndm",
+}
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Everything that decides a sampling trajectory except the network, the noise and the step count."""
+
+    sampler: str = "ddim"
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    trained_betas: tuple[float, ...] | None = None
+    zero_terminal_snr: bool = False
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    clip_sample: float | None = None  # clamp range for x0_hat, None = no clamp
+    set_alpha_to_one: bool = True  # DDIM/PNDM: the last step lands on abar = 1 (else on abar_0)
+    variance: str = "fixed_small"  # DDPM
+    eta: float = 0.0  # DDIM
+    karras_sigmas: bool = False  # Euler, Euler-ancestral, DPM-Solver++
+    reference_rules: bool = False  # reproduce the reference's stepping quirks (set by from_reference)
+    ignored_keys: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        name = ALIASES.get(self.sampler, self.sampler)
+        object.__setattr__(self, "sampler", check_choice("sampler", name, SAMPLERS))
+        check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", self.timestep_spacing, SPACINGS)
+        check_choice("variance", self.variance, VARIANCES)
+        check_positive_int("num_train_timesteps", self.num_train_timesteps, minimum=2)
+        check_range("eta", self.eta, 0.0, 1.0)
+        if self.clip_sample is not None:
+            check_range("clip_sample", self.clip_sample, 1e-6, float("inf"))
+        if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
+            raise ConfigError(
+                f"trained_betas has {len(self.trained_betas)} entries, num_train_timesteps={self.num_train_timesteps}"
+            )
+
+    def with_sampler(self, sampler: str, **changes: Any) -> SamplerConfig:
+        """The same schedule with another sampler (as pipelines swap schedulers)."""
+        return replace(self, sampler=sampler, **changes)
+
+    def schedule(self) -> NoiseSchedule:
+        """The noise schedule; under ``reference_rules`` computed in float32 as the reference does."""
+        if self.trained_betas is not None:
+            betas = torch.tensor(self.trained_betas, dtype=torch.float64)
+        else:
+            betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
+            if self.reference_rules and self.beta_schedule in ("linear", "scaled_linear"):
+                # the reference evaluates these two in float32 (its cosine schedule in float64)
+                betas = _float32_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
+        if self.zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        return NoiseSchedule.from_betas(betas, float32_cumprod=self.reference_rules)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("ignored_keys")
+        if d["trained_betas"] is not None:
+            d["trained_betas"] = list(d["trained_betas"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SamplerConfig:
+        """Our own saved form (see ``to_dict``); unknown keys are an error."""
+        known = {f.name for f in fields(cls)} - {"ignored_keys"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown sampler config keys {unknown}; allowed: {sorted(known)}")
+        d = dict(d)
+        if d.get("trained_betas") is not None:
+            d["trained_betas"] = tuple(float(b) for b in d["trained_betas"])
+        return cls(**d)
+
+    @classmethod
+    def from_reference(cls, cfg: dict[str, Any], sampler: str | None = None) -> SamplerConfig:
+        """Translate a reference ``scheduler_config.json`` (keys that mean nothing here are ignored).
+
+        ``sampler`` overrides the algorithm named by ``_class_name`` (pipelines swap schedulers while
+        keeping the noise schedule). The result follows the reference's stepping rules.
+        """
+        if not isinstance(cfg, dict):
+            raise ConfigError("scheduler config must be a JSON object")
+        cls_name = cfg.get("_class_name")
+        if sampler is None:
+            if cls_name not in REFERENCE_CLASSES:
+                raise ConfigError(
+                    f"scheduler _class_name={cls_name!r} is not supported; allowed: {sorted(REFERENCE_CLASSES)}"
+                )
+            sampler = REFERENCE_CLASSES[cls_name]
+        used = {
+            "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
+            "rescale_betas_zero_snr", "prediction_type", "timestep_spacing", "steps_offset", "clip_sample",
+            "clip_sample_range", "set_alpha_to_one", "variance_type", "use_karras_sigmas",
+        }  # fmt: skip
+
+        def get(key: str, default: Any) -> Any:
+            value = cfg.get(key, default)
+            return default if value is None else value
+
+        variance = get("variance_type", "fixed_small")
+        if sampler == "ddpm" and variance not in VARIANCES:
+            raise ConfigError(f"variance_type={variance!r} is not supported; allowed: {list(VARIANCES)}")
+        algorithm = cfg.get("algorithm_type", "dpmsolver++")
+        if sampler == "dpmpp_2m" and (algorithm != "dpmsolver++" or cfg.get("solver_order", 2) != 2):
+            raise ConfigError(
+                f"DPM-Solver with algorithm_type={algorithm!r}, solver_order={cfg.get('solver_order')!r} is not "
+                "supported; allowed: algorithm_type='dpmsolver++', solver_order=2"
+            )
+        if sampler == "pndm" and cfg.get("skip_prk_steps") is False:
+            raise ConfigError("PNDM with skip_prk_steps=false is not supported; allowed: skip_prk_steps=true")
+        if cfg.get("thresholding"):
+            raise ConfigError("dynamic thresholding (thresholding=true) is not supported; allowed: thresholding=false")
+        trained = cfg.get("trained_betas")
+        try:
+            return cls(
+                sampler=sampler,
+                num_train_timesteps=int(get("num_train_timesteps", 1000)),
+                beta_schedule=get("beta_schedule", "linear"),
+                beta_start=float(get("beta_start", 1e-4)),
+                beta_end=float(get("beta_end", 0.02)),
+                trained_betas=tuple(float(b) for b in trained) if trained else None,
+                zero_terminal_snr=bool(get("rescale_betas_zero_snr", False)),
+                prediction_type=get("prediction_type", "epsilon"),
+                timestep_spacing=get("timestep_spacing", "leading"),
+                steps_offset=int(get("steps_offset", 0)),
+                clip_sample=float(get("clip_sample_range", 1.0)) if get("clip_sample", False) else None,
+                set_alpha_to_one=bool(get("set_alpha_to_one", True)),
+                variance=variance if variance in VARIANCES else "fixed_small",
+                karras_sigmas=bool(get("use_karras_sigmas", False)),
+                reference_rules=True,
+                ignored_keys=tuple(sorted(k for k in cfg if k not in used and not k.startswith("_"))),
+            )
+        except (TypeError, ValueError, OverflowError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"invalid scheduler config value: {e}") from None
+
+    def to_reference(self) -> dict[str, Any]:
+        """A reference-style ``scheduler_config.json`` for this config (for saving model folders)."""
+        cls_name = {v: k for k, v in REFERENCE_CLASSES.items()}[self.sampler]
+        return {
+            "_class_name": cls_name,
+            "num_train_timesteps": self.num_train_timesteps,
+            "beta_schedule": self.beta_schedule,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "trained_betas": list(self.trained_betas) if self.trained_betas else None,
+            "rescale_betas_zero_snr": self.zero_terminal_snr,
+            "prediction_type": self.prediction_type,
+            "timestep_spacing": self.timestep_spacing,
+            "steps_offset": self.steps_offset,
+            "clip_sample": self.clip_sample is not None,
+            "clip_sample_range": self.clip_sample if self.clip_sample is not None else 1.0,
+            "set_alpha_to_one": self.set_alpha_to_one,
+            "variance_type": self.variance,
+            "use_karras_sigmas": self.karras_sigmas,
+            "skip_prk_steps": True,
+        }
+
+
+def _float32_betas(name: str, T: int, start: float, end: float) -> Tensor:
+    if name == "linear":
+        return torch.linspace(start, end, T, dtype=torch.float32).double()
+    return (torch.linspace(start**0.5, end**0.5, T, dtype=torch.float32) ** 2).double()
+
+
+def _final_alpha_cumprod(config: SamplerConfig, schedule: NoiseSchedule) -> float:
+    return 1.0 if config.set_alpha_to_one else float(schedule.alphas_cumprod[0])
+
+
+def _reference_stride_grid(schedule: NoiseSchedule, timesteps: Tensor, num_steps: int, final: float) -> Grid:
+    """The reference's DDIM/PNDM rule: step t lands on t - T // N, not on the next grid entry.
+
+    The two agree for ``leading`` spacing; they differ for ``linspace`` and for ``trailing`` when N does
+    not divide T. Kept so users migrating from the reference get the same image from the same seed.
+    """
+    t = timesteps.double()
+    prev = t.long() - schedule.num_train_timesteps // num_steps
+    abar = schedule.alphas_cumprod
+    nxt = torch.where(prev >= 0, abar[prev.clamp(min=0)], torch.tensor(final, dtype=torch.float64))
+    return Grid(t, abar[t.long()], nxt)
+
+
+def build_grid(config: SamplerConfig, num_steps: int) -> Grid:
+    """The grid of ``num_steps`` steps that ``config.sampler`` walks."""
+    schedule = config.schedule()
+    T = schedule.num_train_timesteps
+    check_positive_int("num_inference_steps", num_steps)
+    if num_steps > T:
+        raise ConfigError(f"num_inference_steps={num_steps} must be <= num_train_timesteps={T}")
+    spacing, offset = config.timestep_spacing, config.steps_offset
+    final = _final_alpha_cumprod(config, schedule)
+
+    if config.sampler in SIGMA_SAMPLERS or config.sampler == "dpmpp_2m":
+        if config.sampler == "dpmpp_2m" and config.reference_rules and spacing == "linspace":
+            # the reference's DPM-Solver: N + 1 rounded linspace points, the last one dropped
+            t = torch.linspace(0, T - 1, num_steps + 1, dtype=torch.float64).round().flip(0)[:-1]
+        else:
+            integer = config.sampler == "dpmpp_2m"
+            t = spaced_timesteps(T, num_steps, spacing, offset, integer=integer)
+        sigmas = interpolate_sigma(schedule, t)
+        if config.karras_sigmas:
+            sigmas = karras_sigmas(float(schedule.sigmas[0]), float(schedule.sigmas[-1]), num_steps)
+            t = sigma_to_timestep(schedule, sigmas)
+        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+        if config.sampler in SIGMA_SAMPLERS:
+            init = float((sigmas[0] ** 2 + 1).sqrt())
+            if config.reference_rules and spacing in ("linspace", "trailing"):
+                init = float(sigmas[0])  # the reference's init_noise_sigma for these spacings
+        else:
+            init = 1.0
+        return Grid.from_sigmas(t, sigmas, init_noise_sigma=init)
+
+    t = spaced_timesteps(T, num_steps, spacing, offset)
+    if config.reference_rules and config.sampler in ("ddim", "pndm"):
+        grid = _reference_stride_grid(schedule, t, num_steps, final)
+    else:
+        grid = Grid.on_schedule(schedule, t, 1.0 if config.sampler == "ddpm" else final)
+    # the reference does these samplers' coefficient arithmetic in float32; near t = 0 that changes
+    # results beyond rounding (1 - abar cancels), so reproduce it
+    return grid.to_precision(torch.float32) if config.reference_rules else grid
+
+
+def ddpm_noise_mask(config: SamplerConfig, grid: Grid) -> list[bool]:
+    """Which DDPM steps add noise: ours, every step that does not land on clean data; the reference's,
+    every step whose timestep is > 0 (so a final step from t = 1 still draws)."""
+    if config.reference_rules:
+        return [bool(t > 0) for t in grid.timesteps]
+    return [bool(a < 1) for a in grid.alphas_cumprod_next]
+
+
+def run_sampler(
+    config: SamplerConfig,
+    model: Model,
+    x: Tensor,
+    grid: Grid,
+    *,
+    cond: dict[str, Any] | None = None,
+    generator: Generator = None,
+    noise: Sequence[Tensor] | Callable[[int, Tensor], Tensor] | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+) -> Tensor:
+    """Sample along ``grid`` from the state ``x`` (already scaled by ``grid.init_noise_sigma``)."""
+    denoiser = Denoiser(model, config.prediction_type, config.clip_sample)
+    s = config.sampler
+    if s == "ddpm":
+        mask = ddpm_noise_mask(config, grid)
+        return sample_ddpm(denoiser, x, grid, cond=cond, variance=config.variance, inject_noise=mask,
+                           generator=generator, noise=noise, callback=callback)  # fmt: skip
+    if s == "ddim":
+        return sample_ddim(denoiser, x, grid, cond=cond, eta=config.eta, generator=generator, noise=noise,
+                           callback=callback)  # fmt: skip
+    if s == "euler":
+        return sample_euler(denoiser, x, grid, cond=cond, callback=callback)
+    if s == "euler_ancestral":
+        return sample_euler_ancestral(denoiser, x, grid, cond=cond, generator=generator, noise=noise,
+                                      callback=callback)  # fmt: skip
+    if s == "dpmpp_2m":
+        return sample_dpmpp_2m(denoiser, x, grid, cond=cond, callback=callback)
+    return sample_pndm(denoiser, x, grid, cond=cond, callback=callback)
+
+
+def noised_state(config: SamplerConfig, grid: Grid, x0: Tensor, noise: Tensor) -> Tensor:
+    """The sampler state at the start of ``grid`` for clean data x0 (image-to-image).
+
+    VP samplers: sqrt(abar) x0 + sqrt(1 - abar) noise (DDPM eq. 4); sigma samplers: x0 + sigma noise.
+    """
+    a = float(grid.alphas_cumprod[0])
+    if config.sampler in SIGMA_SAMPLERS:
+        return x0 + float(grid.sigmas[0]) * noise
+    return a**0.5 * x0 + (1 - a) ** 0.5 * noise
