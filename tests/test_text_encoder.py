@@ -11,8 +11,11 @@ from safetensors.torch import load_file, save_file
 
 from diffusekit.errors import ConfigError, WeightsError
 from diffusekit.io.text import (
+    OPEN_CLIP_SINGLE_FILE_PREFIX,
     SINGLE_FILE_PREFIX,
+    from_open_clip_state_dict,
     from_reference_state_dict,
+    load_state_strict,
     load_text_encoder,
     save_text_encoder,
     to_reference_state_dict,
@@ -244,3 +247,39 @@ def test_fresh_model_init_and_gradients():
     assert torch.isfinite(out.last_hidden_state).all()
     out.pooled.sum().backward()
     assert model.token_embedding.weight.grad is not None
+
+
+@torch.no_grad()
+def test_open_clip_layout_converts(model, case):
+    """SD-2.x single files: OpenCLIP names, fused q/k/v, an extra last layer that SD-2.x drops."""
+    p, ours = OPEN_CLIP_SINGLE_FILE_PREFIX, model.state_dict()
+    state = {
+        p + "token_embedding.weight": ours["token_embedding.weight"],
+        p + "positional_embedding": ours["position_embedding.weight"],
+        p + "ln_final.weight": ours["final_norm.weight"],
+        p + "ln_final.bias": ours["final_norm.bias"],
+        p + "text_projection": torch.zeros(32, 16),
+        p + "logit_scale": torch.zeros(()),
+        p + "visual.conv1.weight": torch.zeros(1),
+        "model.diffusion_model.out.0.weight": torch.zeros(1),
+    }
+    for i in range(3):  # one layer more than the model has
+        j = min(i, 1)
+        r, b = f"{p}transformer.resblocks.{i}.", f"blocks.{j}."
+        for kind in ("weight", "bias"):
+            state[r + f"attn.in_proj_{kind}"] = torch.cat([ours[b + f"attn.{x}.{kind}"] for x in "qkv"])
+            for theirs, mine in [
+                ("ln_1", "norm1"),
+                ("ln_2", "norm2"),
+                ("attn.out_proj", "attn.out"),
+                ("mlp.c_fc", "mlp.fc1"),
+                ("mlp.c_proj", "mlp.fc2"),
+            ]:
+                state[r + f"{theirs}.{kind}"] = ours[b + f"{mine}.{kind}"]
+    converted = from_open_clip_state_dict(state, num_layers=2)
+    fresh = ClipTextEncoder(model.config)
+    load_state_strict(fresh, converted, "open_clip")
+    ids = case[1]["input_ids"]
+    assert torch.equal(fresh(ids).last_hidden_state, model(ids).last_hidden_state)
+    with pytest.raises(WeightsError, match="unexpected keys: blocks.2"):
+        load_state_strict(fresh, from_open_clip_state_dict(state), "open_clip")

@@ -7,7 +7,8 @@ Text encoder folder: ``config.json`` (a ``CLIPTextModel`` config) + ``model.safe
 
 The state-dict key mapping between our module names and the reference's lives here, and only here:
 ``to_reference_state_dict`` / ``from_reference_state_dict`` (also used for single-file SD-1.x checkpoints,
-whose text-encoder keys start with ``cond_stage_model.transformer.text_model.``).
+whose text-encoder keys start with ``cond_stage_model.transformer.text_model.``), and
+``from_open_clip_state_dict`` for SD-2.x single files (OpenCLIP names under ``cond_stage_model.model.``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ MERGES_HEADER = "#version: 0.2"
 # Prefix under which real SD-1.x/2.x ``text_encoder/model.safetensors`` files store the weights; newer
 # reference versions write the same names without it. We read both and write this one.
 REFERENCE_PREFIX = "text_model."
-SINGLE_FILE_PREFIX = "cond_stage_model.transformer.text_model."
+SINGLE_FILE_PREFIX = "cond_stage_model.transformer.text_model."  # SD-1.x single files (HF CLIP names)
+OPEN_CLIP_SINGLE_FILE_PREFIX = "cond_stage_model.model."  # SD-2.x single files (OpenCLIP names)
 
 # ---------------------------------------------------------------------------------------------------------
 # Key mapping: (our name, reference name) prefixes. Per-layer entries are relative to the layer prefix.
@@ -54,6 +56,14 @@ _PER_LAYER = [
     ("attn.out.", "self_attn.out_proj."),
     ("mlp.fc1.", "mlp.fc1."),
     ("mlp.fc2.", "mlp.fc2."),
+]
+# OpenCLIP's per-layer names (SD-2.x single files); its fused q/k/v projection is split in code below.
+_OPEN_CLIP_PER_LAYER = [
+    ("ln_1.", "norm1."),
+    ("ln_2.", "norm2."),
+    ("attn.out_proj.", "attn.out."),
+    ("mlp.c_fc.", "mlp.fc1."),
+    ("mlp.c_proj.", "mlp.fc2."),
 ]
 # Reference buffers that carry no learned state (older versions saved the position index table).
 _IGNORED_REFERENCE_KEYS = {"embeddings.position_ids"}
@@ -108,6 +118,45 @@ def from_reference_state_dict(state: dict[str, torch.Tensor], prefix: str | None
             continue
         ours = _rename(name, forward=False)
         out[key if ours is None else ours] = value
+    return out
+
+
+def from_open_clip_state_dict(
+    state: dict[str, torch.Tensor], prefix: str = OPEN_CLIP_SINGLE_FILE_PREFIX, num_layers: int | None = None
+) -> dict[str, torch.Tensor]:
+    """OpenCLIP text-tower weights (SD-2.x single-file checkpoints, under ``cond_stage_model.model.``) -> our
+    names. Only keys under ``prefix`` are read; ``visual.*``, ``text_projection`` and ``logit_scale`` are not
+    part of the text encoder and are ignored, as are resblocks at index >= ``num_layers`` (SD-2.x uses 23 of
+    the 24). The fused ``attn.in_proj_*`` (q, k, v stacked on dim 0) is split into q, k, v."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :]
+        if name in ("token_embedding.weight", "positional_embedding"):
+            out[name.replace("positional_embedding", "position_embedding.weight")] = value
+        elif name.startswith("ln_final."):
+            out["final_norm." + name[len("ln_final.") :]] = value
+        elif m := re.match(r"transformer\.resblocks\.(\d+)\.(.+)", name):
+            layer, rest = int(m.group(1)), m.group(2)
+            if num_layers is not None and layer >= num_layers:
+                continue
+            block = f"blocks.{layer}."
+            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                kind = rest.rsplit("_", 1)[1]  # weight | bias
+                for proj, part in zip("qkv", value.chunk(3, dim=0)):
+                    out[f"{block}attn.{proj}.{kind}"] = part
+                continue
+            for theirs, ours in _OPEN_CLIP_PER_LAYER:
+                if rest.startswith(theirs):
+                    out[block + ours + rest[len(theirs) :]] = value
+                    break
+            else:
+                out[key] = value  # unknown: left for a strict load to name
+        elif name.startswith(("visual.", "text_projection", "logit_scale")) or name == "attn_mask":
+            continue
+        else:
+            out[key] = value
     return out
 
 
@@ -316,7 +365,9 @@ def _write_text(text: str, path: Path) -> None:
 
 __all__ = [
     "REFERENCE_PREFIX",
+    "OPEN_CLIP_SINGLE_FILE_PREFIX",
     "SINGLE_FILE_PREFIX",
+    "from_open_clip_state_dict",
     "from_reference_state_dict",
     "load_state_strict",
     "load_text_encoder",
