@@ -30,9 +30,11 @@ _HF_KEYS = {
     "hidden_act": "activation",
     "layer_norm_eps": "layer_norm_eps",
 }
+_HF_ID_KEYS = {"bos_token_id": "bos_id", "eos_token_id": "eos_id", "pad_token_id": "pad_id"}
 # Old CLIP configs (SD-1.x and SD-2.x text_encoder/config.json among them) carry placeholder special ids
 # bos=0, pad=1, eos=2; the reference then pools at argmax(input_ids), i.e. at the first occurrence of the
-# largest id, <|endoftext|> = vocab_size - 1. We translate that placeholder into the real ids here.
+# largest id, <|endoftext|> = vocab_size - 1. We translate that placeholder (or a missing eos id) into
+# CLIP's real ids here.
 _LEGACY_EOS_ID = 2
 
 
@@ -57,9 +59,7 @@ class TextEncoderConfig:
             check_positive_int(name, getattr(self, name))
         check_choice("activation", self.activation, ACTIVATIONS)
         if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
-            )
+            raise ConfigError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
         if not (isinstance(self.layer_norm_eps, (int, float)) and 0 < self.layer_norm_eps < 1):
             raise ConfigError(f"layer_norm_eps must be a number in (0, 1), got {self.layer_norm_eps!r}")
         for name in ("bos_id", "eos_id", "pad_id"):
@@ -88,26 +88,18 @@ class TextEncoderConfig:
         if "activation" in kwargs:
             check_choice("hidden_act", kwargs["activation"], ACTIVATIONS)
         vocab = kwargs["vocab_size"]
-        eos = config.get("eos_token_id", vocab - 1 if isinstance(vocab, int) else None)
-        if eos == _LEGACY_EOS_ID and isinstance(vocab, int):
-            kwargs.update(bos_id=vocab - 2, eos_id=vocab - 1, pad_id=vocab - 1)
-        else:
-            kwargs["eos_id"] = eos
-            kwargs["bos_id"] = config.get("bos_token_id", eos - 1 if isinstance(eos, int) else None)
-            kwargs["pad_id"] = config.get("pad_token_id", eos)
+        ids = {ours: config.get(hf_key) for hf_key, ours in _HF_ID_KEYS.items()}
+        if isinstance(vocab, int) and ids["eos_id"] in (None, _LEGACY_EOS_ID):
+            ids = {"bos_id": vocab - 2, "eos_id": vocab - 1, "pad_id": vocab - 1}  # CLIP's <|...|> tokens
+        elif isinstance(ids["eos_id"], int):
+            ids["bos_id"] = ids["eos_id"] - 1 if ids["bos_id"] is None else ids["bos_id"]
+            ids["pad_id"] = ids["eos_id"] if ids["pad_id"] is None else ids["pad_id"]
         try:
-            return cls(**kwargs)
+            return cls(**kwargs, **ids)
         except ConfigError as e:  # name the key as the reference config spells it
             message = str(e)
-            for hf_key, ours in _HF_KEYS.items():
+            for hf_key, ours in {**_HF_KEYS, **_HF_ID_KEYS}.items():
                 if hf_key != ours and message.startswith(ours):
-                    message = f"{hf_key} ({ours}){message[len(ours) :]}"
-            for hf_key, ours in (
-                ("bos_token_id", "bos_id"),
-                ("eos_token_id", "eos_id"),
-                ("pad_token_id", "pad_id"),
-            ):
-                if message.startswith(ours):
                     message = f"{hf_key} ({ours}){message[len(ours) :]}"
             raise ConfigError(message) from None
 
@@ -144,9 +136,7 @@ class TextEncoderConfig:
 # tokenizer pads with "!" (id 0).
 TEXT_ENCODER_PRESETS: dict[str, TextEncoderConfig] = {
     "sd1": TextEncoderConfig(),
-    "sd2": TextEncoderConfig(
-        hidden_size=1024, num_layers=23, num_heads=16, mlp_size=4096, activation="gelu", pad_id=0
-    ),
+    "sd2": TextEncoderConfig(hidden_size=1024, num_layers=23, num_heads=16, mlp_size=4096, activation="gelu", pad_id=0),
     "tiny": TextEncoderConfig(
         vocab_size=1000,
         hidden_size=32,
@@ -193,9 +183,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
         # (B, L, D) -> (B, heads, L, head_dim)
-        q, k, v = (
-            proj(x).view(B, L, self.num_heads, -1).transpose(1, 2) for proj in (self.q, self.k, self.v)
-        )
+        q, k, v = (proj(x).view(B, L, self.num_heads, -1).transpose(1, 2) for proj in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # softmax(QK^T/sqrt(d) + causal) V
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
@@ -270,9 +258,7 @@ class ClipTextEncoder(nn.Module):
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise ConfigError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
         if input_ids.ndim != 2:
-            raise ConfigError(
-                f"input_ids must have shape (batch, length), got shape {tuple(input_ids.shape)}"
-            )
+            raise ConfigError(f"input_ids must have shape (batch, length), got shape {tuple(input_ids.shape)}")
         if not 1 <= input_ids.shape[1] <= cfg.max_positions:
             raise ConfigError(
                 f"input_ids length {input_ids.shape[1]} must be in [1, max_positions={cfg.max_positions}]"
@@ -290,14 +276,8 @@ class ClipTextEncoder(nn.Module):
         "clip skip 2" in other tools use it); the final LayerNorm is applied to that layer's output.
         """
         self._check_ids(input_ids)
-        if (
-            isinstance(clip_skip, bool)
-            or not isinstance(clip_skip, int)
-            or not 0 <= clip_skip < len(self.blocks)
-        ):
-            raise ConfigError(
-                f"clip_skip must be an integer in [0, {len(self.blocks) - 1}], got {clip_skip!r}"
-            )
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < len(self.blocks):
+            raise ConfigError(f"clip_skip must be an integer in [0, {len(self.blocks) - 1}], got {clip_skip!r}")
         B, L = input_ids.shape
         positions = torch.arange(L, device=input_ids.device)
         x = self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, L, D)
