@@ -127,7 +127,8 @@ class SamplerConfig:
         """Translate a reference ``scheduler_config.json`` (keys that mean nothing here are ignored).
 
         ``sampler`` overrides the algorithm named by ``_class_name`` (pipelines swap schedulers while
-        keeping the noise schedule). The result follows the reference's stepping rules.
+        keeping the noise schedule). The result follows the reference's stepping rules, unless the file
+        was written by diffusekit (it then carries ``_diffusekit_version``).
         """
         if not isinstance(cfg, dict):
             raise ConfigError("scheduler config must be a JSON object")
@@ -178,7 +179,7 @@ class SamplerConfig:
                 set_alpha_to_one=bool(get("set_alpha_to_one", True)),
                 variance=variance if variance in VARIANCES else "fixed_small",
                 karras_sigmas=bool(get("use_karras_sigmas", False)),
-                reference_rules=True,
+                reference_rules="_diffusekit_version" not in cfg,
                 ignored_keys=tuple(sorted(k for k in cfg if k not in used and not k.startswith("_"))),
             )
         except (TypeError, ValueError, OverflowError) as e:
@@ -189,8 +190,11 @@ class SamplerConfig:
     def to_reference(self) -> dict[str, Any]:
         """A reference-style ``scheduler_config.json`` for this config (for saving model folders)."""
         cls_name = {v: k for k, v in REFERENCE_CLASSES.items()}[self.sampler]
+        from diffusekit import __version__
+
         return {
             "_class_name": cls_name,
+            "_diffusekit_version": __version__,
             "num_train_timesteps": self.num_train_timesteps,
             "beta_schedule": self.beta_schedule,
             "beta_start": self.beta_start,

@@ -1,0 +1,118 @@
+"""Unconditional (and class-conditional) image generation with a pixel-space U-Net: DDPM, DDIM, ..."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from diffusekit.errors import ConfigError, check_positive_int
+from diffusekit.io.models import load_unet, save_unet
+from diffusekit.io.weights import read_json, write_json
+from diffusekit.networks.unet import UNet
+from diffusekit.pipelines.common import GeneratorArg, chain, check_size, draw, progress, to_unit_range
+from diffusekit.samplers.common import StepInfo
+from diffusekit.samplers.config import SamplerConfig, build_grid, run_sampler
+from diffusekit.samplers.guidance import guided
+
+
+class UnconditionalPipeline:
+    """Samples images from a pixel-space U-Net with any sampler.
+
+    Class-conditional models trained with label dropout use the last class id as the "no class" label,
+    which classifier-free guidance needs (``guidance_scale`` > 1).
+    """
+
+    def __init__(self, unet: UNet, sampler_config: SamplerConfig):
+        self.unet = unet
+        self.sampler_config = sampler_config
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        n: int = 1,
+        *,
+        steps: int = 50,
+        sampler: str | None = None,
+        eta: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        generator: GeneratorArg = None,
+        class_labels: Sequence[int] | Tensor | None = None,
+        guidance_scale: float = 1.0,
+        latents: Tensor | None = None,
+        callback: Callable[[StepInfo], None] | None = None,
+        show_progress: bool = True,
+    ) -> Tensor:
+        """Generate ``n`` images (n, C, H, W) in [0, 1].
+
+        ``sampler`` overrides the configured one by name (ddpm, ddim, euler, euler_ancestral, dpmpp_2m,
+        pndm); ``generator`` is a torch.Generator for the whole batch or one per image; ``latents`` gives
+        the initial noise explicitly (before scaling by the grid's initial sigma).
+        """
+        check_positive_int("n", n)
+        cfg = self.sampler_config
+        if sampler is not None or eta is not None:
+            cfg = cfg.with_sampler(sampler or cfg.sampler, **({"eta": eta} if eta is not None else {}))
+        uc = self.unet.config
+        size = uc.sample_size or 32
+        height, width = height or size, width or size
+        check_size(height, width, 2 ** (uc.levels - 1))
+        device, dtype = _device_dtype(self.unet)
+        grid = build_grid(cfg, steps)
+        if latents is None:
+            latents = draw((n, uc.out_channels, height, width), generator, dtype, device)
+        elif latents.shape != (n, uc.out_channels, height, width):
+            expected = (n, uc.out_channels, height, width)
+            raise ConfigError(f"latents must have shape {expected}, got {tuple(latents.shape)}")
+        model = self._model(n, class_labels, guidance_scale, device)
+        bar = progress(len(grid), show_progress, f"sampling ({cfg.sampler})")
+        x = run_sampler(cfg, model, latents * grid.init_noise_sigma, grid, generator=generator,
+                        callback=chain(callback, bar))  # fmt: skip
+        return to_unit_range(x.float())
+
+    def _model(self, n: int, class_labels, guidance_scale: float, device: torch.device):
+        num_classes = self.unet.config.num_classes
+        if num_classes is None:
+            if class_labels is not None:
+                raise ConfigError("class_labels given, but this model is not class-conditional")
+            if guidance_scale != 1.0:
+                raise ConfigError("guidance_scale needs a class-conditional model (this one has no classes)")
+            return self.unet
+        if class_labels is None:
+            class_labels = torch.full((n,), num_classes - 1)  # the "no class" label
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
+        if labels.numel() == 1:
+            labels = labels.expand(n)
+        if labels.numel() != n or (labels < 0).any() or (labels >= num_classes).any():
+            raise ConfigError(f"class_labels must be {n} ids in [0, {num_classes - 1}], got {labels.tolist()}")
+        null = torch.full_like(labels, num_classes - 1)
+        return guided(self.unet, guidance_scale, {"class_labels": null}, {"class_labels": labels})
+
+
+def _device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(module.parameters())
+    return p.device, p.dtype
+
+
+def load_pipeline(folder: str | os.PathLike, *, device: str | torch.device = "cpu") -> UnconditionalPipeline:
+    """Load a ``{model_index.json, unet/, scheduler/scheduler_config.json}`` folder (the DDPMPipeline layout)."""
+    folder = Path(folder)
+    sched = folder / "scheduler" / "scheduler_config.json"
+    config = SamplerConfig.from_reference(read_json(sched)) if sched.exists() else SamplerConfig()
+    return UnconditionalPipeline(load_unet(folder / "unet", device=device), config)
+
+
+def save_pipeline(pipe: UnconditionalPipeline, folder: str | os.PathLike) -> None:
+    """Write the pipeline in the layout ``load_pipeline`` (and the reference) reads."""
+    folder = Path(folder)
+    save_unet(pipe.unet, folder / "unet")
+    write_json(pipe.sampler_config.to_reference(), folder / "scheduler" / "scheduler_config.json")
+    write_json(
+        {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", pipe.sampler_config.to_reference()["_class_name"]],
+         "unet": ["diffusers", "UNet2DModel"]},
+        folder / "model_index.json",
+    )  # fmt: skip
