@@ -120,9 +120,16 @@ def _load(
     with torch.device("meta"):  # no memory and no init cost; the loaded tensors are assigned below
         model = build(config)
     _check_state(model, state, weights=where, config=config_path)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    # Fresh, aligned copies (tensors read from a file may sit at unaligned offsets, which sends CPU
+    # kernels down other code paths: a saved model would then not reproduce bit for bit). Popping lets
+    # each file tensor be released as soon as it is copied.
+    owned = {}
+    for key in list(state):
+        v = state.pop(key)
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        owned[key] = v.clone(memory_format=torch.contiguous_format)
+    model.load_state_dict(owned, strict=True, assign=True)
     return model.to(device).eval()
 
 

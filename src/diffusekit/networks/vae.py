@@ -438,6 +438,9 @@ def tiled_map(
                 out = y.new_zeros(B, y.shape[1], H * up // down, W * up // down)
                 weight = y.new_zeros(1, 1, H * up // down, W * up // down)
             th, tw = y.shape[2], y.shape[3]
+            want = (min(tile, H - y0) * up // down, min(tile, W - x0) * up // down)
+            if (th, tw) != want:
+                raise ValueError(f"tiled_map: fn returned a {th}x{tw} tile, expected {want[0]}x{want[1]}")
             wy = _ramp(th, ramp, rise=i > 0, fall=i < len(ys) - 1, device=y.device)
             wx = _ramp(tw, ramp, rise=j > 0, fall=j < len(xs) - 1, device=y.device)
             w = (wy[:, None] * wx[None, :]).to(y.dtype)  # (th, tw)
