@@ -197,6 +197,8 @@ class UNetConfig:
                     f"attention_head_dim / num_attention_heads must have {n} entries, got {heads!r}"
                 )
             cross_dim = _same("cross_attention_dim", d["cross_attention_dim"], n)
+            if isinstance(cross_dim, bool) or not isinstance(cross_dim, int):
+                raise ConfigError(f"cross_attention_dim must be an integer, got {cross_dim!r}")
             depth = _same("transformer_layers_per_block", d["transformer_layers_per_block"], n)
             mid_attention = True
             extra = dict(
@@ -207,6 +209,10 @@ class UNetConfig:
             )
         else:
             head_dim = d["attention_head_dim"]
+            if head_dim is not None and (
+                isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1
+            ):
+                raise ConfigError(f"attention_head_dim must be None or a positive integer, got {head_dim!r}")
             # heads = channels // head_dim per level; None means one head of the full width
             num_heads = tuple(1 if head_dim is None else max(1, ch // head_dim) for ch in channels)
             for level, ch in enumerate(channels):
