@@ -9,7 +9,11 @@ from torch import Tensor
 
 from diffusekit.io.models import load_unet
 from diffusekit.io.weights import load_weights, read_json
-from diffusekit.parity.report import Comparison, Skip
+from diffusekit.parity.report import Comparison
+from diffusekit.pipelines.img2img import ImageToImage
+from diffusekit.pipelines.inpaint import Inpaint
+from diffusekit.pipelines.stable_diffusion import StableDiffusion
+from diffusekit.pipelines.text_to_image import TextToImage
 from diffusekit.pipelines.unconditional import UnconditionalPipeline
 from diffusekit.samplers.common import StepInfo
 from diffusekit.samplers.config import SamplerConfig
@@ -28,7 +32,8 @@ class Recorder(torch.nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, **kw) -> Tensor:
         out = self.net(x, t, **kw)
-        self.calls.append((x.clone(), torch.as_tensor(t).float().reshape(()), out.clone()))
+        full = torch.cat([x, kw["concat"]], dim=1) if kw.get("concat") is not None else x  # the whole input
+        self.calls.append((full.clone(), torch.as_tensor(t).float().reshape(()), out.clone()))
         return out
 
 
@@ -66,13 +71,98 @@ def unconditional_case(case: Path, meta: dict) -> Comparison:
     return cmp
 
 
+def _sd(case: Path, meta: dict) -> tuple[StableDiffusion, Recorder]:
+    sd = StableDiffusion.load(case / meta["pipeline_dir"])
+    sd.sampler_config = _sampler_config(case, meta)
+    rec = Recorder(sd.unet)
+    sd.unet = rec
+    return sd, rec
+
+
+def _negative(meta: dict):
+    neg = meta.get("negative_prompt")
+    return neg if neg is not None else None
+
+
+def _check_sd_run(cmp: Comparison, sd: StableDiffusion, rec: Recorder, steps: list[StepInfo], out, ref: dict,
+                  meta: dict) -> None:
+    """What every Stable Diffusion case stores: text embeddings, every U-Net call, every step, the output."""
+    prompts = meta["prompt"]
+    cmp.check("prompt_input_ids", sd.tokenizer(prompts), ref["prompt_input_ids"], exact=True)
+    cmp.check("prompt_embeds", sd.encode_text(prompts), ref["prompt_embeds"])
+    if meta.get("classifier_free_guidance"):
+        negatives = meta.get("negative_prompt") or [""] * len(prompts)
+        if "negative_input_ids" in ref:
+            cmp.check("negative_input_ids", sd.tokenizer(negatives), ref["negative_input_ids"], exact=True)
+        if "negative_prompt_embeds" in ref:
+            cmp.check("negative_prompt_embeds", sd.encode_text(negatives), ref["negative_prompt_embeds"])
+    if len(rec.calls) != int(meta["num_unet_calls"]):
+        cmp.failures.append(f"made {len(rec.calls)} U-Net calls, reference made {meta['num_unet_calls']}")
+        return
+    cmp.check("unet_timestep", _stack_calls(rec, 1), ref["unet_timestep"].float())
+    cmp.check("unet_sample_in", _stack_calls(rec, 0), ref["unet_sample_in"])
+    cmp.check("unet_out", _stack_calls(rec, 2), ref["unet_out"])
+    prev = ref["step_prev_sample"]
+    if len(steps) + 1 == prev.shape[0]:  # PNDM's extra first call (see parity.schedulers)
+        prev = prev[1:]
+    cmp.check("step_prev_sample", torch.stack([s.x for s in steps]), prev)
+    cmp.check("final_latents", out.latents, ref["final_latents"])
+    if "vae_decoded" in ref:
+        cmp.check("vae_decoded", sd.codec.decode(out.latents), ref["vae_decoded"])
+    cmp.check("images", out.images.permute(0, 2, 3, 1), ref["images"])
+
+
 def text2img_case(case: Path, meta: dict) -> Comparison:
-    raise Skip("not implemented")
+    ref = load_weights(case / "io.safetensors")
+    sd, rec = _sd(case, meta)
+    steps: list[StepInfo] = []
+    out = TextToImage(sd)(
+        meta["prompt"], negative_prompt=_negative(meta), height=int(meta["height"]), width=int(meta["width"]),
+        steps=int(meta["num_inference_steps"]), guidance_scale=float(meta["guidance_scale"]),
+        latents=ref["latents_in"], callback=steps.append, show_progress=False,
+    )  # fmt: skip
+    cmp = Comparison(**PIPELINE_TOL)
+    cmp.check("start latents", out.start, ref["latents_in"] * float(meta["init_noise_sigma"]))
+    with torch.inference_mode():
+        _check_sd_run(cmp, sd, rec, steps, out, ref, meta)
+    return cmp
 
 
 def img2img_case(case: Path, meta: dict) -> Comparison:
-    raise Skip("not implemented")
+    ref = load_weights(case / "io.safetensors")
+    sd, rec = _sd(case, meta)
+    steps: list[StepInfo] = []
+    out = ImageToImage(sd)(
+        meta["prompt"], ref["image"], strength=float(meta["strength"]), negative_prompt=_negative(meta),
+        steps=int(meta["num_inference_steps"]), guidance_scale=float(meta["guidance_scale"]),
+        generator=torch.Generator().manual_seed(int(meta["generator_seed"])), callback=steps.append,
+        show_progress=False,
+    )  # fmt: skip
+    cmp = Comparison(**PIPELINE_TOL)
+    cmp.check("latents_start", out.start, ref["latents_start"])
+    if "start_timestep" in meta:
+        cmp.check("start timestep", rec.calls[0][1], torch.tensor(float(meta["start_timestep"])))
+    with torch.inference_mode():
+        _check_sd_run(cmp, sd, rec, steps, out, ref, meta)
+    return cmp
 
 
 def inpaint_case(case: Path, meta: dict) -> Comparison:
-    raise Skip("not implemented")
+    ref = load_weights(case / "io.safetensors")
+    sd, rec = _sd(case, meta)
+    steps: list[StepInfo] = []
+    out = Inpaint(sd)(
+        meta["prompt"], ref["image"], ref["mask"], strength=float(meta.get("strength", 1.0)),
+        negative_prompt=_negative(meta), steps=int(meta["num_inference_steps"]),
+        guidance_scale=float(meta["guidance_scale"]), latents=ref.get("latents_in"),
+        generator=torch.Generator().manual_seed(int(meta["generator_seed"])), callback=steps.append,
+        show_progress=False,
+    )  # fmt: skip
+    cmp = Comparison(**PIPELINE_TOL)
+    c = rec.net.config.in_channels
+    if "mask_latent" in ref and c > 4:
+        cmp.check("mask_latent", rec.calls[0][0][:, 4:5], torch.cat([ref["mask_latent"]] * 2)
+                  if meta.get("classifier_free_guidance") else ref["mask_latent"])  # fmt: skip
+    with torch.inference_mode():
+        _check_sd_run(cmp, sd, rec, steps, out, ref, meta)
+    return cmp

@@ -1,0 +1,204 @@
+"""Stable Diffusion components and the helpers every text-conditioned pipeline shares.
+
+Latent diffusion (Rombach et al. 2022): a KL autoencoder (the codec), a CLIP text encoder whose last hidden
+state is the cross-attention ``context``, and a conditional U-Net. The pipelines in ``text_to_image``,
+``img2img`` and ``inpaint`` are explicit loops over these parts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from diffusekit.errors import ConfigError, WeightsError, check_positive_int, check_range
+from diffusekit.io.models import load_unet, load_vae, save_unet, save_vae
+from diffusekit.io.text import load_text_encoder, load_tokenizer, save_text_encoder, save_tokenizer
+from diffusekit.io.weights import read_json, write_json
+from diffusekit.networks.text_encoder import ClipTextEncoder
+from diffusekit.networks.tokenizer import ClipTokenizer
+from diffusekit.networks.unet import UNet
+from diffusekit.pipelines.common import GeneratorArg, LatentCodec, chain, check_size, draw, progress, to_unit_range
+from diffusekit.samplers.common import Model, StepInfo
+from diffusekit.samplers.config import SamplerConfig, build_grid, run_sampler
+from diffusekit.samplers.guidance import guided
+
+Prompts = str | Sequence[str]
+
+
+@dataclass
+class StableDiffusion:
+    """The parts of a Stable Diffusion 1.x/2.x model."""
+
+    unet: UNet
+    codec: LatentCodec
+    tokenizer: ClipTokenizer
+    text_encoder: ClipTextEncoder
+    sampler_config: SamplerConfig
+    name: str = "stable-diffusion"
+
+    @classmethod
+    def load(
+        cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> StableDiffusion:
+        """Load a diffusers-layout folder: ``model_index.json`` + unet/, vae/, text_encoder/, tokenizer/,
+        scheduler/. Each component's config is translated into ours; weights load from safetensors only."""
+        folder = Path(folder)
+        if not (folder / "model_index.json").is_file():
+            raise WeightsError(f"{folder}: not a model folder (no model_index.json); expected the diffusers layout")
+        read_json(folder / "model_index.json")
+        sched = folder / "scheduler" / "scheduler_config.json"
+        sampler_config = SamplerConfig.from_reference(read_json(sched)) if sched.exists() else _sd_default_sampler()
+        return cls(
+            unet=load_unet(folder / "unet", dtype=dtype, device=device),
+            codec=LatentCodec(load_vae(folder / "vae", dtype=torch.float32, device=device)),
+            tokenizer=load_tokenizer(folder / "tokenizer"),
+            text_encoder=load_text_encoder(folder / "text_encoder", dtype=dtype, device=device),
+            sampler_config=sampler_config,
+            name=folder.resolve().name,
+        )
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write the diffusers layout that ``load`` (and the reference) reads."""
+        folder = Path(folder)
+        save_unet(self.unet, folder / "unet")
+        save_vae(self.codec.vae, folder / "vae")
+        save_text_encoder(self.text_encoder, folder / "text_encoder")
+        save_tokenizer(self.tokenizer, folder / "tokenizer")
+        sched = self.sampler_config.to_reference()
+        write_json(sched, folder / "scheduler" / "scheduler_config.json")
+        write_json(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "scheduler": ["diffusers", sched["_class_name"]],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+            },
+            folder / "model_index.json",
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def latent_multiple(self) -> int:
+        """Image height and width must be multiples of this (VAE factor x U-Net downsampling)."""
+        return self.codec.downsample_factor * 2 ** (self.unet.config.levels - 1)
+
+    def encode_text(self, prompts: list[str]) -> Tensor:
+        """CLIP last hidden states (B, 77, D) for ``prompts``: the cross-attention context."""
+        ids = self.tokenizer(prompts).to(self.device)
+        return self.text_encoder(ids).last_hidden_state.to(self.dtype)
+
+
+def _sd_default_sampler() -> SamplerConfig:
+    return SamplerConfig(sampler="pndm", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         steps_offset=1, set_alpha_to_one=False)  # fmt: skip
+
+
+def as_prompt_list(prompt: Prompts, name: str = "prompt", batch: int | None = None) -> list[str]:
+    """A list of prompt strings; one string is repeated to ``batch`` items."""
+    if isinstance(prompt, str):
+        prompts = [prompt] * (batch or 1)
+    elif isinstance(prompt, Sequence) and len(prompt) > 0 and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise ConfigError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+    if batch is not None and len(prompts) != batch:
+        raise ConfigError(f"{name} has {len(prompts)} entries but the batch has {batch} prompts")
+    return prompts
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts: ``context`` (B, 77, D) and, with guidance, ``negative_context``."""
+
+    context: Tensor
+    negative_context: Tensor | None
+    guidance_scale: float
+
+    def model(self, unet: UNet, **extra: Tensor) -> Model:
+        """The U-Net as a model(x, t) with classifier-free guidance over [negative; positive]."""
+        cond = {"context": self.context, **extra}
+        if self.negative_context is None:
+            return guided(unet, 1.0, {}, cond)
+        return guided(unet, self.guidance_scale, {"context": self.negative_context, **extra}, cond)
+
+
+def encode_prompts(
+    sd: StableDiffusion, prompt: Prompts, negative_prompt: Prompts | None, guidance_scale: float
+) -> Conditioning:
+    """Encode prompts (and, when ``guidance_scale`` != 1, negative prompts; "" where none is given)."""
+    check_range("guidance_scale", guidance_scale, 0.0, 1e4)
+    prompts = as_prompt_list(prompt)
+    context = sd.encode_text(prompts)
+    if guidance_scale == 1.0:
+        return Conditioning(context, None, guidance_scale)
+    negatives = as_prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt", len(prompts))
+    return Conditioning(context, sd.encode_text(negatives), guidance_scale)
+
+
+@dataclass
+class GenerationResult:
+    """Images (B, 3, H, W) in [0, 1], the final latents, and the sampler's starting state."""
+
+    images: Tensor
+    latents: Tensor
+    start: Tensor
+
+
+def latent_shape(sd: StableDiffusion, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+    check_size(height, width, sd.latent_multiple)
+    f = sd.codec.downsample_factor
+    return (batch, sd.codec.channels, height // f, width // f)
+
+
+def sampler_for(sd: StableDiffusion, sampler: str | None, eta: float | None) -> SamplerConfig:
+    """The model's noise schedule with the sampler the caller asked for."""
+    cfg = sd.sampler_config
+    changes = {"eta": eta} if eta is not None else {}
+    return cfg.with_sampler(sampler or cfg.sampler, **changes) if (sampler or changes) else cfg
+
+
+def denoise(
+    sd: StableDiffusion,
+    config: SamplerConfig,
+    model: Model,
+    x: Tensor,
+    grid,
+    generator: GeneratorArg,
+    callback: Callable[[StepInfo], None] | None,
+    show_progress: bool,
+    finish: Callable[[Tensor], Tensor] | None = None,
+) -> GenerationResult:
+    """Run the sampler from state ``x`` along ``grid`` and decode the result."""
+    bar = progress(len(grid), show_progress, f"denoising ({config.sampler})")
+    latents = run_sampler(config, model, x, grid, generator=generator, callback=chain(callback, bar))
+    if finish is not None:
+        latents = finish(latents)
+    images = sd.codec.decode(latents.float())
+    return GenerationResult(to_unit_range(images.float()), latents, x)
+
+
+def check_steps(steps: int) -> int:
+    return check_positive_int("steps", steps)
+
+
+__all__ = [
+    "StableDiffusion", "Conditioning", "GenerationResult", "encode_prompts", "latent_shape", "sampler_for",
+    "denoise", "draw", "build_grid",
+]  # fmt: skip
