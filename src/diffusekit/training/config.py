@@ -1,0 +1,311 @@
+"""The training configuration: one dataclass per section, read from JSON or TOML, saved in every checkpoint.
+
+A config file has the sections ``data``, ``model``, ``diffusion``, ``optim``, ``ema`` and ``run`` with the
+field names below; every field is optional. Unknown keys are errors (a typo must not silently train with
+defaults). Example (TOML)::
+
+    [data]
+    source = "mnist"
+    [model]
+    preset = "mnist-small"
+    [optim]
+    lr = 2e-4
+    batch_size = 128
+    [run]
+    max_steps = 20000
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from diffusekit.diffusion.parametrization import PREDICTION_TYPES
+from diffusekit.diffusion.schedules import BETA_SCHEDULES
+from diffusekit.errors import ConfigError, check_choice, check_positive_int, check_range
+
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are prepared (see ``diffusekit.training.data``).
+
+    ``source``: ``bundled`` | ``mnist`` | ``fashion-mnist`` | a folder of images | an IDX or .npz/.npy file.
+    ``resolution``: square training size in pixels (None: the source's own). ``random_flip``: horizontal
+    flips (None: on for image folders, off for digits and arrays). ``num_workers``: DataLoader processes
+    decoding image folders (None: min(4, CPUs)); in-memory sources never need them.
+    """
+
+    source: str = "bundled"
+    data_root: str | None = None
+    resolution: int | None = None
+    channels: int | None = None
+    random_flip: bool | None = None
+    limit: int | None = None
+    num_workers: int | None = None
+
+    def validate(self) -> None:
+        if not isinstance(self.source, str) or not self.source:
+            raise ConfigError(f"data.source must be a non-empty string, got {self.source!r}")
+        for name in ("resolution", "limit"):
+            if getattr(self, name) is not None:
+                check_positive_int(f"data.{name}", getattr(self, name))
+        if self.channels is not None:
+            check_choice("data.channels", self.channels, (1, 3))
+        if self.num_workers is not None:
+            check_positive_int("data.num_workers", self.num_workers, minimum=0)
+
+
+@dataclass
+class ModelConfig:
+    """The U-Net: a named preset (``diffusekit.training.presets`` or the UNet registry) plus field overrides.
+
+    ``class_conditional``: embed class labels (None: yes when the dataset has labels and ``label_dropout``
+    > 0 or the preset asks for it; see ``Trainer``). The network gets ``num_classes + 1`` class ids: the last
+    one is the "no class" id that label dropout trains and classifier-free guidance samples with.
+    """
+
+    preset: str = "mnist-small"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    class_conditional: bool | None = None
+
+    def validate(self) -> None:
+        if not isinstance(self.overrides, dict):
+            raise ConfigError(f"model.overrides must be a table/object of UNetConfig fields, got {self.overrides!r}")
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process and the loss (DDPM, Ho et al. 2020).
+
+    ``prediction_type``: ``epsilon`` (DDPM eq. 14), ``sample`` (x0) or ``v_prediction`` (Salimans & Ho 2022).
+    ``min_snr_gamma``: Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is their default), None = off.
+    ``offset_noise``: strength of per-channel constant noise added to eps (Guttenberg 2023), 0 = off.
+    ``label_dropout``: probability of replacing a class label by the "no class" id (classifier-free
+    guidance, Ho & Salimans 2022, sec. 3.2).
+    """
+
+    beta_schedule: str = "linear"
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    zero_terminal_snr: bool = False
+    prediction_type: str = "epsilon"
+    min_snr_gamma: float | None = None
+    offset_noise: float = 0.0
+    label_dropout: float = 0.1
+
+    def validate(self) -> None:
+        check_choice("diffusion.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        check_positive_int("diffusion.num_train_timesteps", self.num_train_timesteps, minimum=2)
+        check_range("diffusion.beta_start", self.beta_start, 0.0, 1.0)
+        check_range("diffusion.beta_end", self.beta_end, 0.0, 1.0)
+        check_choice("diffusion.prediction_type", self.prediction_type, PREDICTION_TYPES)
+        if self.min_snr_gamma is not None:
+            check_range("diffusion.min_snr_gamma", self.min_snr_gamma, 1e-6, 1e6)
+        check_range("diffusion.offset_noise", self.offset_noise, 0.0, 10.0)
+        check_range("diffusion.label_dropout", self.label_dropout, 0.0, 1.0)
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ConfigError(
+                "diffusion.zero_terminal_snr needs prediction_type 'v_prediction' or 'sample' (an eps-network "
+                "cannot predict anything at zero SNR; Lin et al. 2024, sec. 3.2)"
+            )
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (Loshchilov & Hutter 2019) with the DDPM defaults: lr 2e-4, betas (0.9, 0.999), 5000 warmup steps
+    in the paper (``warmup_steps`` here, linear from 0), then ``lr_schedule``; gradients clipped to norm 1.
+
+    ``batch_size`` is per process and per micro-batch; the global batch of one optimizer step is
+    batch_size x grad_accum_steps x number of processes.
+    """
+
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 500
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
+    grad_clip_norm: float | None = 1.0
+    batch_size: int = 64
+    grad_accum_steps: int = 1
+
+    def validate(self) -> None:
+        check_range("optim.lr", self.lr, 0.0, 10.0)
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas must be two numbers, got {self.betas!r}")
+        self.betas = (
+            check_range("optim.betas[0]", self.betas[0], 0, 1),
+            check_range("optim.betas[1]", self.betas[1], 0, 1),
+        )
+        check_range("optim.eps", self.eps, 0.0, 1.0)
+        check_range("optim.weight_decay", self.weight_decay, 0.0, 10.0)
+        check_positive_int("optim.warmup_steps", self.warmup_steps, minimum=0)
+        check_choice("optim.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        if self.grad_clip_norm is not None:
+            check_range("optim.grad_clip_norm", self.grad_clip_norm, 1e-12, 1e12)
+        check_positive_int("optim.batch_size", self.batch_size)
+        check_positive_int("optim.grad_accum_steps", self.grad_accum_steps)
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the weights (Polyak & Juditsky 1992; used by DDPM, sec. B).
+
+    The decay at optimizer step n is min(``decay``, (1 + n) / (10 + n)) when ``warmup`` is on (the
+    num_updates rule of TensorFlow's ExponentialMovingAverage), so early, random weights are forgotten fast.
+    """
+
+    decay: float = 0.9999
+    warmup: bool = True
+
+    def validate(self) -> None:
+        check_range("ema.decay", self.decay, 0.0, 1.0)
+
+
+@dataclass
+class RunConfig:
+    """The loop: length, seed, precision, checkpoints and logging (``*_every`` are in optimizer steps).
+
+    ``max_steps`` and ``max_minutes`` (wall-clock training budget; None = none) both stop a run, whichever
+    comes first. ``mixed_precision``: ``auto`` (bf16 on GPUs that have it, else fp16 with gradient scaling;
+    bf16 on CPUs with native bf16, else float32), ``no``, ``bf16`` or ``fp16`` (GPU only).
+    ``keep_checkpoints``: how many of the newest checkpoints to keep (at least 1).
+    ``sample_every``: write a grid of EMA samples (DDIM, ``sample_steps`` steps) every so many steps, 0 = off.
+    """
+
+    output_dir: str = "runs/train"
+    max_steps: int = 10000
+    max_minutes: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: str = "auto"
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_every: int = 0
+    num_sample_images: int = 64
+    sample_steps: int = 50
+    progress: bool = True
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ConfigError(f"run.output_dir must be a path, got {self.output_dir!r}")
+        check_positive_int("run.max_steps", self.max_steps)
+        if self.max_minutes is not None:
+            check_range("run.max_minutes", self.max_minutes, 0.0, math.inf)
+        check_positive_int("run.seed", self.seed, minimum=0)
+        check_choice("run.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        check_positive_int("run.checkpoint_every", self.checkpoint_every)
+        check_positive_int("run.keep_checkpoints", self.keep_checkpoints)
+        check_positive_int("run.log_every", self.log_every)
+        check_positive_int("run.sample_every", self.sample_every, minimum=0)
+        check_positive_int("run.num_sample_images", self.num_sample_images)
+        check_positive_int("run.sample_steps", self.sample_steps)
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "diffusion": DiffusionConfig,
+    "optim": OptimConfig,
+    "ema": EMAConfig,
+    "run": RunConfig,
+}
+
+
+@dataclass
+class TrainConfig:
+    """The whole training configuration (every section above)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> TrainConfig:
+        """Check every field; raise ConfigError naming the first bad one. Returns self."""
+        for name in SECTIONS:
+            getattr(self, name).validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["optim"]["betas"] = list(self.optim.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from nested dicts (a parsed JSON/TOML file), rejecting unknown sections and keys."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a training config must be a table/object, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown config sections {unknown}; known sections: {sorted(SECTIONS)}")
+        parts = {}
+        for name, klass in SECTIONS.items():
+            section = d.get(name, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"config section [{name}] must be a table/object, got {section!r}")
+            known = {f.name for f in fields(klass)}
+            bad = sorted(set(section) - known)
+            if bad:
+                raise ConfigError(f"unknown keys {bad} in config section [{name}]; known keys: {sorted(known)}")
+            values = dict(section)
+            if "betas" in values:
+                values["betas"] = tuple(values["betas"])
+            parts[name] = klass(**values)
+        return cls(**parts).validate()
+
+    def replace(self, **sections: dict[str, Any]) -> TrainConfig:
+        """A copy with some fields of some sections replaced: ``cfg.replace(run={"max_steps": 10})``."""
+        d = self.to_dict()
+        for name, values in sections.items():
+            if name not in SECTIONS:
+                raise ConfigError(f"unknown config section {name!r}; known sections: {sorted(SECTIONS)}")
+            d[name].update(values)
+        return TrainConfig.from_dict(d)
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read a training config from a ``.json`` or ``.toml`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            try:
+                import tomli as tomllib
+            except ModuleNotFoundError:
+                raise ConfigError("reading TOML configs on Python 3.10 needs the 'tomli' package") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML ({e})") from None
+    elif path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    else:
+        raise ConfigError(f"{path}: config files must end in .json or .toml")
+    try:
+        return TrainConfig.from_dict(data)
+    except TypeError as e:  # a value of the wrong type reaching a dataclass
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,481 @@
+"""Training data: image folders, IDX files (MNIST format), numpy arrays and the bundled MNIST subset.
+
+Every source becomes a ``TrainDataset``: uint8 images of shape (C, R, R) (resized so the shorter side is R,
+then centre-cropped), optional integer class labels, and ``batch(indices)`` returning floats in [-1, 1]
+(DDPM sec. 4 scales pixels linearly to [-1, 1]).
+
+The order of examples is a pure function of (seed, position in an endless stream of epochs), drawn by
+``StreamBatchSampler``; a resumed run asks for the stream from the batch where it stopped, so the data
+order survives a crash exactly, and DDP ranks take disjoint slices of the same global batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from diffusekit.errors import ConfigError, check_positive_int
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+NAMED_DATASETS = ("bundled", "mnist", "fashion-mnist")
+DATASETS_ENV = "DIFFUSEKIT_DATASETS"
+
+# IDX type codes (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT")
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int32): 0x0C}
+
+
+# ----------------------------------------------------------------------------------------------- IDX files
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (MNIST format), gzip-compressed or not (detected from the magic bytes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"IDX file not found: {path}")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise ConfigError(f"{path}: corrupt gzip stream ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ConfigError(f"{path}: not an IDX file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ConfigError(f"{path}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    count = int(np.prod(dims)) if dims else 1
+    if len(raw) - header != count * dtype.itemsize:
+        raise ConfigError(
+            f"{path}: IDX data has {len(raw) - header} bytes, its header promises {count * dtype.itemsize}"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def write_idx(array: np.ndarray, path: str | os.PathLike) -> None:
+    """Write ``array`` (uint8, int8 or int32) as an IDX file; gzip-compressed (reproducibly) if the name ends .gz."""
+    arr = np.ascontiguousarray(array)
+    code = _IDX_CODES.get(arr.dtype)
+    if code is None:
+        raise ConfigError(f"IDX arrays must be uint8, int8 or int32, got {arr.dtype}")
+    data = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    data += arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+    path = Path(path)
+    if path.suffix == ".gz":
+        data = gzip.compress(data, compresslevel=9, mtime=0)
+    path.write_bytes(data)
+
+
+# ----------------------------------------------------------------------------------------------- transforms
+def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
+    """Resize so the shorter side is ``resolution`` (bicubic, antialiased), then centre-crop to a square."""
+    w, h = img.size
+    if (w, h) != (resolution, resolution):
+        s = resolution / min(w, h)
+        nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+        img = img.crop((left, top, left + resolution, top + resolution))
+    return img
+
+
+def _pil_mode(channels: int) -> str:
+    if channels not in (1, 3):
+        raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    return "L" if channels == 1 else "RGB"
+
+
+def image_to_array(img: Image.Image, resolution: int, channels: int) -> np.ndarray:
+    """A PIL image -> uint8 array (channels, resolution, resolution)."""
+    img = resize_center_crop(img.convert(_pil_mode(channels)), resolution)
+    a = np.asarray(img, dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def to_model_range(images_uint8: Tensor) -> Tensor:
+    """uint8 pixels [0, 255] -> float32 in [-1, 1] (DDPM sec. 4)."""
+    return images_uint8.float().div_(127.5).sub_(1.0)
+
+
+def from_model_range(images: Tensor) -> Tensor:
+    """Floats in [-1, 1] -> [0, 1], clipped."""
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+class TrainDataset(Dataset):
+    """Base class: ``len``, ``channels``, ``resolution``, ``num_classes`` (0 if unlabelled), item access."""
+
+    channels: int
+    resolution: int
+    num_classes: int = 0
+    class_names: list[str] = []
+
+    def image_uint8(self, index: int) -> Tensor:  # (C, R, R) uint8
+        raise NotImplementedError
+
+    def label(self, index: int) -> int:
+        return -1
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return to_model_range(self.image_uint8(index)), self.label(index)
+
+    def batch(self, indices: Sequence[int]) -> tuple[Tensor, Tensor | None]:
+        """Images (B, C, R, R) in [-1, 1] and labels (B,) int64 (or None when unlabelled)."""
+        items = [self[i] for i in indices]
+        return _collate(items, self.num_classes > 0)
+
+
+def _collate(items: list[tuple[Tensor, int]], labelled: bool) -> tuple[Tensor, Tensor | None]:
+    x = torch.stack([it[0] for it in items])
+    y = torch.tensor([it[1] for it in items], dtype=torch.long) if labelled else None
+    return x, y
+
+
+class ArrayDataset(TrainDataset):
+    """In-memory uint8 images: (N, H, W), (N, H, W, C) or (N, C, H, W), optionally with int labels (N,).
+
+    Images whose size differs from ``resolution`` are resized/centre-cropped once, at construction.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray | Tensor,
+        labels: np.ndarray | Tensor | Sequence[int] | None = None,
+        resolution: int | None = None,
+        channels: int | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        x = np.asarray(images.cpu() if isinstance(images, Tensor) else images)
+        if x.dtype != np.uint8:
+            if x.dtype.kind == "f" and x.size and x.min() >= 0 and x.max() <= 1:
+                x = np.round(x * 255)
+            x = np.clip(x, 0, 255).astype(np.uint8)
+        if x.ndim == 3:
+            x = x[:, None]
+        elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+            x = x.transpose(0, 3, 1, 2)
+        if x.ndim != 4 or x.shape[0] == 0 or x.shape[1] not in (1, 3, 4):
+            raise ConfigError(f"images must be (N, H, W), (N, H, W, C) or (N, C, H, W) with N >= 1, got {x.shape}")
+        if x.shape[1] == 4:
+            x = x[:, :3]
+        channels = channels or x.shape[1]
+        resolution = resolution or min(x.shape[2:])
+        check_positive_int("resolution", resolution)
+        if x.shape[1] != channels or x.shape[2:] != (resolution, resolution):
+            mode = "L" if x.shape[1] == 1 else "RGB"
+            x = np.stack(
+                [
+                    image_to_array(
+                        Image.fromarray(a[0] if mode == "L" else a.transpose(1, 2, 0), mode), resolution, channels
+                    )
+                    for a in x
+                ]
+            )
+        self.images = torch.from_numpy(np.ascontiguousarray(x))
+        self.channels, self.resolution = channels, resolution
+        self.labels = None
+        if labels is not None:
+            y = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+            if y.numel() != len(self.images):
+                raise ConfigError(f"got {len(self.images)} images but {y.numel()} labels")
+            if (y < 0).any():
+                raise ConfigError("labels must be non-negative integers")
+            self.labels = y
+            self.num_classes = int(y.max()) + 1
+            self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image_uint8(self, index: int) -> Tensor:
+        return self.images[index]
+
+    def label(self, index: int) -> int:
+        return int(self.labels[index]) if self.labels is not None else -1
+
+    def batch(self, indices: Sequence[int]) -> tuple[Tensor, Tensor | None]:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        x = to_model_range(self.images[idx])
+        return x, (self.labels[idx] if self.labels is not None else None)
+
+
+class ImageFolderDataset(TrainDataset):
+    """Images under ``root`` (PNG/JPEG/...), decoded lazily (so DataLoader workers share the work).
+
+    If every image lies in a first-level sub-folder, the sub-folder names (sorted) are the classes;
+    otherwise the folder is read recursively and is unlabelled. ``channels`` defaults to 1 when the first
+    image is grayscale, else 3; ``resolution`` defaults to the shorter side of the first image.
+    """
+
+    def __init__(self, root: str | os.PathLike, resolution: int | None = None, channels: int | None = None) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise ConfigError(f"image folder not found: {root}")
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise ConfigError(f"{root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        self.root, self.files = root, files
+        rel = [p.relative_to(root).parts for p in files]
+        if all(len(parts) == 2 for parts in rel):
+            self.class_names = sorted({parts[0] for parts in rel})
+            index = {name: i for i, name in enumerate(self.class_names)}
+            self.labels = [index[parts[0]] for parts in rel]
+            self.num_classes = len(self.class_names)
+        else:
+            self.class_names, self.labels, self.num_classes = [], None, 0
+        with Image.open(files[0]) as im:
+            first_mode, first_size = im.mode, im.size
+        self.channels = channels or (1 if first_mode in ("1", "L", "I", "I;16", "F") else 3)
+        _pil_mode(self.channels)
+        self.resolution = check_positive_int("resolution", resolution or min(first_size))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def image_uint8(self, index: int) -> Tensor:
+        path = self.files[index]
+        try:
+            with Image.open(path) as im:
+                return torch.from_numpy(image_to_array(im, self.resolution, self.channels))
+        except OSError as e:
+            raise ConfigError(f"cannot read image {path}: {e}") from None
+
+    def label(self, index: int) -> int:
+        return self.labels[index] if self.labels is not None else -1
+
+
+# ----------------------------------------------------------------------------------------------- sources
+def bundled_dataset_dir() -> Path:
+    """The folder of the MNIST subset shipped inside the package (see diffusekit/data/README.md)."""
+    return Path(str(resources.files("diffusekit") / "data"))
+
+
+def find_named_dataset(name: str, data_root: str | os.PathLike | None = None) -> Path:
+    """Locate the IDX folder of ``mnist`` or ``fashion-mnist``.
+
+    Looked for, in order, under: ``data_root``, $DIFFUSEKIT_DATASETS, ./datasets, ../shared/datasets,
+    ~/.cache/diffusekit/datasets; each as ``<root>/<name>/train-images-idx3-ubyte[.gz]``.
+    """
+    roots = [
+        data_root,
+        os.environ.get(DATASETS_ENV),
+        "datasets",
+        Path("..") / "shared" / "datasets",
+        Path.home() / ".cache" / "diffusekit" / "datasets",
+    ]
+    tried = []
+    for root in roots:
+        if not root:
+            continue
+        folder = Path(root).expanduser() / name
+        tried.append(str(folder))
+        if _idx_file(folder, "train", "images", missing_ok=True):
+            return folder
+    raise ConfigError(
+        f"dataset {name!r} not found; looked in: {', '.join(tried)}. Put its four IDX files "
+        f"(train-images-idx3-ubyte.gz, ...) in one of those folders, set ${DATASETS_ENV}, or use --data bundled "
+        "for the MNIST subset that ships with diffusekit."
+    )
+
+
+def _idx_file(folder: Path, split: str, kind: str, missing_ok: bool = False) -> Path | None:
+    prefix = {"train": "train", "test": "t10k"}[split]
+    ndim = 3 if kind == "images" else 1
+    for name in (
+        f"{prefix}-{kind}-idx{ndim}-ubyte.gz",
+        f"{prefix}-{kind}-idx{ndim}-ubyte",
+        f"{prefix}-{kind}.idx{ndim}-ubyte.gz",
+        f"{prefix}-{kind}.idx{ndim}-ubyte",
+    ):
+        if (folder / name).is_file():
+            return folder / name
+    if missing_ok:
+        return None
+    raise ConfigError(f"{folder}: no {prefix}-{kind}-idx{ndim}-ubyte[.gz] file")
+
+
+def load_idx_pair(
+    images_path: str | os.PathLike,
+    labels_path: str | os.PathLike | None = None,
+    resolution: int | None = None,
+    channels: int | None = None,
+    limit: int | None = None,
+    class_names: Sequence[str] | None = None,
+) -> ArrayDataset:
+    """An IDX image file (N, H, W) plus an optional IDX label file (N,) as an in-memory dataset."""
+    images = read_idx(images_path)
+    labels = read_idx(labels_path) if labels_path else None
+    if limit is not None:
+        images = images[:limit]
+        labels = labels[:limit] if labels is not None else None
+    return ArrayDataset(images, labels, resolution=resolution, channels=channels, class_names=class_names)
+
+
+FASHION_CLASSES = [
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where training images come from (the ``data`` section of a training config).
+
+    ``source``: ``bundled`` (the MNIST subset inside the package), ``mnist``, ``fashion-mnist``, an image
+    folder, an IDX image file, or a ``.npz``/``.npy`` file of uint8 images (``.npz``: arrays ``images`` and
+    optional ``labels``). ``split``: ``train`` or ``test`` (for the held-out split of named datasets).
+    ``resolution``/``channels``: None keeps the source's own. ``limit``: use only the first N examples.
+    """
+
+    source: str = "bundled"
+    split: str = "train"
+    resolution: int | None = None
+    channels: int | None = None
+    data_root: str | None = None
+    limit: int | None = None
+
+
+def load_dataset(spec: DataSpec) -> TrainDataset:
+    """Build the dataset a ``DataSpec`` describes."""
+    if spec.split not in ("train", "test"):
+        raise ConfigError(f"data split must be 'train' or 'test', got {spec.split!r}")
+    if spec.limit is not None:
+        check_positive_int("data limit", spec.limit)
+    src = spec.source
+    kw = dict(resolution=spec.resolution, channels=spec.channels, limit=spec.limit)
+    if src == "bundled":
+        folder = bundled_dataset_dir()
+        split = "train" if spec.split == "train" else "heldout"
+        return load_idx_pair(
+            folder / f"mnist-{split}-images-idx3-ubyte.gz", folder / f"mnist-{split}-labels-idx1-ubyte.gz", **kw
+        )
+    if src in ("mnist", "fashion-mnist"):
+        folder = find_named_dataset(src, spec.data_root)
+        names = FASHION_CLASSES if src == "fashion-mnist" else None
+        return load_idx_pair(
+            _idx_file(folder, spec.split, "images"),
+            _idx_file(folder, spec.split, "labels", True),
+            class_names=names,
+            **kw,
+        )
+    path = Path(src).expanduser()
+    if path.is_dir():
+        ds = ImageFolderDataset(path, resolution=spec.resolution, channels=spec.channels)
+        if spec.limit is not None and spec.limit < len(ds):
+            ds.files = ds.files[: spec.limit]
+            if ds.labels is not None:
+                ds.labels = ds.labels[: spec.limit]
+        return ds
+    if not path.exists():
+        raise ConfigError(
+            f"data source {src!r} is neither a named dataset ({', '.join(NAMED_DATASETS)}) nor an existing path"
+        )
+    if path.suffix in (".npz", ".npy"):
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"{path}: cannot read numpy file ({e})") from None
+        if isinstance(data, np.ndarray):
+            images, labels = data, None
+        else:
+            if "images" not in data:
+                raise ConfigError(f"{path}: a .npz dataset needs an array named 'images' (and optionally 'labels')")
+            images, labels = data["images"], (data["labels"] if "labels" in data else None)
+        if spec.limit is not None:
+            images = images[: spec.limit]
+            labels = labels[: spec.limit] if labels is not None else None
+        return ArrayDataset(images, labels, resolution=spec.resolution, channels=spec.channels)
+    # a single IDX image file, with labels beside it if they follow the MNIST naming
+    label_path = Path(str(path).replace("images-idx3", "labels-idx1"))
+    return load_idx_pair(path, label_path if label_path != path and label_path.is_file() else None, **kw)
+
+
+def default_random_flip(source: str) -> bool:
+    """Horizontal flips are on for photo folders and off for digits/garments and arrays."""
+    return Path(source).expanduser().is_dir() and source not in NAMED_DATASETS
+
+
+# ----------------------------------------------------------------------------------------------- order
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of epoch ``epoch``: a permutation drawn from SeedSequence((seed, epoch))."""
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_items)
+
+
+class StreamBatchSampler:
+    """Endless batches of indices from a stream of shuffled epochs, starting at stream position ``start``.
+
+    With B = ``batch_size * world_size``, global batch k covers stream positions [start + k B, start + (k+1) B)
+    and rank r receives the ``batch_size`` positions from start + k B + r * batch_size. The stream depends only
+    on (seed, dataset size), so a run resumed at the position where it stopped, or split across ranks, sees
+    exactly the examples a single uninterrupted process would have seen.
+    """
+
+    def __init__(
+        self, num_items: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.num_items = check_positive_int("dataset size", num_items)
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.seed, self.start, self.rank, self.world_size = int(seed), int(start), int(rank), int(world_size)
+        self._epoch, self._perm = -1, None
+
+    def _at(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_items)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, epoch_permutation(self.num_items, self.seed, epoch)
+        return int(self._perm[offset])
+
+    def indices(self, k: int) -> list[int]:
+        """This rank's indices of global batch ``k`` (counted from ``start``)."""
+        first = self.start + k * self.batch_size * self.world_size + self.rank * self.batch_size
+        return [self._at(p) for p in range(first, first + self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        k = 0
+        while True:
+            yield self.indices(k)
+            k += 1
+
+
+def make_batches(
+    dataset: TrainDataset, sampler: StreamBatchSampler, num_workers: int = 0, pin_memory: bool = False
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """An endless iterator of (images, labels) batches in the sampler's order.
+
+    In-memory datasets are indexed directly; folder datasets decode in ``num_workers`` DataLoader worker
+    processes (the order does not depend on the number of workers).
+    """
+    if num_workers <= 0 or isinstance(dataset, ArrayDataset):
+        return (dataset.batch(idx) for idx in sampler)
+    labelled = dataset.num_classes > 0
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        collate_fn=functools.partial(_collate, labelled=labelled),
+        persistent_workers=True,
+        prefetch_factor=4,
+    )
+    return iter(loader)

@@ -1,0 +1,82 @@
+"""U-Net presets for training from scratch, and the assembly of a training run's UNetConfig.
+
+``mnist-small`` is the main job's model (about 1M parameters; fits a ~15-minute CPU budget), ``mnist-base``
+the quality benchmark's, ``test-tiny`` the tests'. Any name in ``diffusekit.networks.unet.UNET_PRESETS``
+works too. Channels, sample size and the class table are always set from the data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusekit.errors import ConfigError
+from diffusekit.networks.unet import UNET_PRESETS, UNetConfig
+
+TRAIN_PRESETS: dict[str, UNetConfig] = {
+    # 28x28 -> 14 -> 7, self-attention at 7x7 and in the bottleneck; ~1.1M parameters
+    "mnist-small": UNetConfig(
+        channels=(32, 64, 64),
+        layers_per_block=1,
+        attention_levels=(False, False, True),
+        num_heads=(1, 1, 2),
+        norm_groups=8,
+    ),
+    # wider and deeper, for longer runs (benchmarks/quality_mnist.py); ~6M parameters
+    "mnist-base": UNetConfig(
+        channels=(64, 128, 128),
+        layers_per_block=2,
+        attention_levels=(False, False, True),
+        num_heads=(1, 1, 4),
+        norm_groups=16,
+    ),
+    # a few thousand parameters, no attention: for tests
+    "test-tiny": UNetConfig(
+        channels=(8, 16),
+        layers_per_block=1,
+        attention_levels=(False, False),
+        num_heads=(1, 1),
+        norm_groups=4,
+        mid_attention=False,
+    ),
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(set(TRAIN_PRESETS) | set(UNET_PRESETS))
+
+
+def build_unet_config(
+    preset: str,
+    overrides: dict[str, Any],
+    *,
+    channels: int,
+    resolution: int,
+    num_classes: int | None,
+) -> UNetConfig:
+    """The preset with ``overrides`` applied, its image channels/size set from the data, and
+    ``num_classes + 1`` class ids when class-conditional (the last id means "no class", for label dropout
+    and classifier-free guidance); ``num_classes=None`` builds an unconditional network."""
+    base = TRAIN_PRESETS.get(preset) or UNET_PRESETS.get(preset)
+    if base is None:
+        raise ConfigError(f"model.preset={preset!r} is not known; allowed: {', '.join(preset_names())}")
+    d = base.to_dict()
+    d.update(overrides)
+    d.update(
+        in_channels=channels,
+        out_channels=channels,
+        sample_size=resolution,
+        num_classes=None if num_classes is None else num_classes + 1,
+    )
+    if d.get("cross_attention_dim") is not None:
+        raise ConfigError(
+            f"model.preset={preset!r} is a text-conditioned (cross-attention) network; training "
+            "text-to-image models is not supported here"
+        )
+    config = UNetConfig.from_dict(d)
+    f = config.downsample_factor
+    if resolution % f:
+        raise ConfigError(
+            f"data resolution {resolution} is not a multiple of {f}, which the {config.levels}-level U-Net "
+            f"needs; set data.resolution to a multiple of {f} (e.g. {resolution + f - resolution % f})"
+        )
+    return config

@@ -1,0 +1,581 @@
+"""The training loop of a pixel-space diffusion model (DDPM, Ho et al. 2020, Algorithm 1).
+
+Each optimizer step: for each of ``grad_accum_steps`` micro-batches take x0 from the data stream, draw
+t ~ U{0..T-1} and eps ~ N(0, I), form x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (eq. 4) and regress the
+network's output on the eps / x0 / v target (eq. 14), optionally Min-SNR-gamma weighted (Hang et al. 2023);
+then clip the gradient norm, take an AdamW step and update the EMA of the weights.
+
+Reproducibility: all randomness of a micro-batch (t, eps, flips, offset noise, label dropout) is drawn for
+the whole global batch from a generator seeded by (seed, micro-batch index), and each rank takes its slice;
+the data order is a pure function of (seed, stream position). So a resumed run continues bit for bit, and
+N processes compute the same gradient as one process with the same global batch (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from diffusekit import __version__
+from diffusekit.diffusion.schedules import NoiseSchedule
+from diffusekit.errors import ConfigError, DiffusekitError
+from diffusekit.networks.unet import UNet, UNetConfig
+from diffusekit.training import distributed as ddp
+from diffusekit.training.checkpoint import (
+    TrainingState,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from diffusekit.training.config import OptimConfig, TrainConfig
+from diffusekit.training.data import (
+    DataSpec,
+    StreamBatchSampler,
+    TrainDataset,
+    default_random_flip,
+    load_dataset,
+    make_batches,
+)
+from diffusekit.training.ema import ema_decay, ema_update, make_ema
+from diffusekit.training.export import EXPORT_DIR, export_inference, sampler_config
+from diffusekit.training.losses import noisy_inputs, offset_noise, timestep_weights, weighted_mse
+from diffusekit.training.monitor import MetricsLogger, plot_loss_curve, read_metrics
+from diffusekit.training.presets import build_unet_config
+
+CHECKPOINTS_DIR = "checkpoints"
+SAMPLES_DIR = "samples"
+
+
+class TrainingDiverged(DiffusekitError):
+    """The loss (or gradient norm) became NaN or infinite; the run stopped without writing bad weights."""
+
+
+@dataclass
+class TrainResult:
+    """What ``Trainer.fit`` returns."""
+
+    run_dir: Path
+    step: int
+    stopped_by: str  # "max_steps" or "max_minutes"
+    checkpoint: Path | None
+    export_dir: Path | None
+    loss: float | None  # mean loss of the last logging interval
+    train_seconds: float  # wall-clock time of this invocation's optimizer steps
+    steps_per_second: float
+
+
+def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """Multiplier of ``optim.lr`` for optimizer step ``step`` (0-based): linear warmup from 0 over
+    ``warmup_steps`` (DDPM app. B), then constant, cosine (Loshchilov & Hutter 2017) or linear decay to
+    ``min_lr_ratio`` at ``max_steps``."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.lr_schedule == "constant":
+        return 1.0
+    span = max(1, max_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.lr_schedule == "cosine" else 1 - progress
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * shape
+
+
+def micro_batch_generator(seed: int, micro_batch: int) -> torch.Generator:
+    """A CPU generator for global micro-batch ``micro_batch``, seeded from SeedSequence((seed, index))."""
+    state = np.random.SeedSequence([seed, micro_batch, 0xD1FF]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+@dataclass
+class BatchRandomness:
+    """Everything random about one global micro-batch of B examples."""
+
+    t: Tensor  # (B,) int64 timesteps
+    noise: Tensor  # (B, C, H, W)
+    flip: Tensor  # (B,) bool
+    drop_label: Tensor  # (B,) bool
+    offset: Tensor  # (B, C, 1, 1)
+
+    @classmethod
+    def draw(
+        cls, generator: torch.Generator, batch: int, shape: tuple[int, int, int], T: int, label_dropout: float
+    ) -> BatchRandomness:
+        c = shape[0]
+        return cls(
+            t=torch.randint(0, T, (batch,), generator=generator),  # Algorithm 1, line 3
+            noise=torch.randn((batch, *shape), generator=generator),  # line 4
+            flip=torch.rand(batch, generator=generator) < 0.5,
+            drop_label=torch.rand(batch, generator=generator) < label_dropout,
+            offset=torch.randn((batch, c, 1, 1), generator=generator),
+        )
+
+    def slice(self, start: int, stop: int) -> BatchRandomness:
+        return BatchRandomness(*(getattr(self, f)[start:stop] for f in ("t", "noise", "flip", "drop_label", "offset")))
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for run.mixed_precision on ``device`` (None = float32)."""
+    if name == "no":
+        return None
+    if device.type == "cuda":
+        if name == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if name == "bf16" else torch.float16
+    if name == "fp16":
+        raise ConfigError("run.mixed_precision='fp16' needs a CUDA GPU; on CPU use 'bf16' or 'no'")
+    if name == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if _cpu_has_native_bf16() else None
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _seed_everything(seed: int, rank: int) -> None:
+    s = np.random.SeedSequence([seed, rank, 0x7A11]).generate_state(3, np.uint32)
+    torch.manual_seed(int(s[0]))
+    np.random.seed(int(s[1]))
+    random.seed(int(s[2]))
+
+
+class Trainer:
+    """Trains a U-Net on a dataset as a ``TrainConfig`` says; ``fit()`` runs to the end of the budget.
+
+    ``resume``: a checkpoint folder, a run folder, or "latest" (the newest intact checkpoint in
+    ``run.output_dir``). On resume the checkpoint's own config is used; only the ``run`` section's loop
+    settings (steps, time budget, intervals, output) may change. ``dataset`` overrides ``config.data``
+    (e.g. an in-memory ``ArrayDataset``). ``on_step_end(trainer, step)`` is called after every optimizer
+    step, after any checkpoint of that step was written.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        resume: str | os.PathLike | None = None,
+        dataset: TrainDataset | None = None,
+        env: ddp.DistEnv | None = None,
+        on_step_end: Callable[[Trainer, int], None] | None = None,
+    ) -> None:
+        config.validate()
+        self.env = env or ddp.init_distributed(config.run.device)
+        self.on_step_end = on_step_end
+        state = self._find_resume_state(resume, config) if resume is not None else None
+        if state is not None:
+            saved = TrainConfig.from_dict(state.config["train"])
+            run = {**config.to_dict()["run"]}
+            config = saved.replace(run=run)
+        self.config = c = config
+        self.run_dir = Path(c.run.output_dir)
+
+        # data
+        self.dataset = dataset or load_dataset(
+            DataSpec(
+                source=c.data.source,
+                resolution=c.data.resolution,
+                channels=c.data.channels,
+                data_root=c.data.data_root,
+                limit=c.data.limit,
+            )
+        )
+        ds = self.dataset
+        self.random_flip = c.data.random_flip if c.data.random_flip is not None else default_random_flip(c.data.source)
+        conditional = c.model.class_conditional if c.model.class_conditional is not None else ds.num_classes > 0
+        if conditional and ds.num_classes == 0:
+            raise ConfigError("model.class_conditional is on but the dataset has no labels (class sub-folders)")
+        self.num_classes = ds.num_classes if conditional else None
+
+        # model, EMA, optimizer (identical initial weights on every rank)
+        torch.manual_seed(c.run.seed)
+        if state is not None:
+            self.unet_config = UNetConfig.from_dict(state.config["unet"])
+            if (self.unet_config.in_channels, self.unet_config.sample_size) != (ds.channels, ds.resolution):
+                raise ConfigError(
+                    f"the checkpoint's model takes {self.unet_config.in_channels}-channel "
+                    f"{self.unet_config.sample_size}px images, the data has {ds.channels}-channel {ds.resolution}px"
+                )
+        else:
+            self.unet_config = build_unet_config(
+                c.model.preset,
+                c.model.overrides,
+                channels=ds.channels,
+                resolution=ds.resolution,
+                num_classes=self.num_classes,
+            )
+        device = self.env.device
+        self.model = UNet(self.unet_config).to(device)
+        self.ema = make_ema(self.model)
+        o = c.optim
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+        )
+        self.schedule = NoiseSchedule.from_name(
+            c.diffusion.beta_schedule,
+            c.diffusion.num_train_timesteps,
+            c.diffusion.beta_start,
+            c.diffusion.beta_end,
+            c.diffusion.zero_terminal_snr,
+        )
+        self.autocast_dtype = resolve_precision(c.run.mixed_precision, device)
+        self.scaler = (
+            torch.amp.GradScaler("cuda") if device.type == "cuda" and self.autocast_dtype == torch.float16 else None
+        )
+
+        self.step = 0
+        self.data_position = 0  # examples consumed from the data stream (all ranks together)
+        self.train_seconds_total = 0.0
+        self.resumed_from: Path | None = None
+        _seed_everything(c.run.seed, self.env.rank)
+        if state is not None:
+            self._load_state(state)
+        self.ddp_model = (
+            DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            if self.env.distributed
+            else None
+        )
+
+    # ------------------------------------------------------------------------------------------- resume
+    def _find_resume_state(self, resume: str | os.PathLike, config: TrainConfig) -> TrainingState | None:
+        from diffusekit.training.checkpoint import resolve_checkpoint
+
+        if str(resume) == "latest":
+            path = latest_checkpoint(Path(config.run.output_dir) / CHECKPOINTS_DIR)
+            if path is None:
+                return None  # nothing to resume: start fresh
+        else:
+            path = resolve_checkpoint(resume)
+        return load_checkpoint(path)
+
+    def _load_state(self, state: TrainingState) -> None:
+        try:
+            self.model.load_state_dict(state.model)
+            self.ema.load_state_dict(state.ema)
+            self.optimizer.load_state_dict(state.optimizer)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ConfigError(f"{state.path}: does not match the model/optimizer of its config ({e})") from None
+        s = state.state
+        self.step = int(state.step)
+        self.data_position = int(s["data_position"])
+        self.train_seconds_total = float(s.get("train_seconds", 0.0))
+        if self.scaler is not None and s.get("grad_scaler"):
+            self.scaler.load_state_dict(s["grad_scaler"])
+        if s.get("dataset_size") != len(self.dataset):
+            print(
+                f"warning: the dataset has {len(self.dataset)} examples, the checkpoint was trained on "
+                f"{s.get('dataset_size')}; the data order will differ from an uninterrupted run",
+                file=sys.stderr,
+            )
+        restore_rng(state.rng_tensors, state.rng_scalars)
+        if self.env.rank != 0:  # ranks > 0 must not share rank 0's dropout stream
+            _seed_everything(self.config.run.seed + self.step, self.env.rank)
+        self.resumed_from = state.path
+
+    # ------------------------------------------------------------------------------------------- parts
+    @property
+    def global_batch(self) -> int:
+        """Examples per micro-batch over all ranks."""
+        return self.config.optim.batch_size * self.env.world_size
+
+    def _checkpoint_payload(self) -> dict[str, Any]:
+        c = self.config
+        return dict(
+            model=self.model.state_dict(),
+            ema=self.ema.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            state={
+                "data_position": self.data_position,
+                "dataset_size": len(self.dataset),
+                "world_size": self.env.world_size,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "train_seconds": self.train_seconds_total,
+                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "diffusekit_version": __version__,
+            },
+            config={
+                "train": c.to_dict(),
+                "unet": self.unet_config.to_dict(),
+                "dataset": {
+                    "size": len(self.dataset),
+                    "channels": self.dataset.channels,
+                    "resolution": self.dataset.resolution,
+                    "num_classes": self.dataset.num_classes,
+                    "class_names": list(self.dataset.class_names),
+                },
+            },
+        )
+
+    def save_checkpoint(self) -> Path | None:
+        """Write the current state (rank 0 only; other ranks return None)."""
+        path = None
+        if self.env.is_main:
+            path = save_checkpoint(
+                self.run_dir / CHECKPOINTS_DIR,
+                self.step,
+                keep=self.config.run.keep_checkpoints,
+                **self._checkpoint_payload(),
+            )
+        ddp.barrier(self.env)
+        return path
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        *,
+        steps: int | None = None,
+        seed: int = 0,
+        class_labels: Tensor | None = None,
+        guidance_scale: float = 1.0,
+        use_ema: bool = True,
+    ) -> Tensor:
+        """n images (n, C, H, W) in [0, 1] from the EMA (or raw) weights with DDIM (Song et al. 2021)."""
+        from diffusekit.pipelines.unconditional import UnconditionalPipeline
+
+        net = self.ema if use_ema else self.model
+        was_training = net.training
+        pipe = UnconditionalPipeline(net.eval(), sampler_config(self.config.diffusion, "ddim"))
+        out = pipe(
+            n,
+            steps=steps or self.config.run.sample_steps,
+            generator=torch.Generator().manual_seed(seed),
+            class_labels=class_labels,
+            guidance_scale=guidance_scale,
+            show_progress=False,
+        )
+        net.train(was_training)
+        return out
+
+    def preview_labels(self, n: int) -> Tensor | None:
+        """Class labels for preview grids: column j of a grid with num_classes columns shows class j."""
+        return None if self.num_classes is None else torch.arange(n) % self.num_classes
+
+    # ------------------------------------------------------------------------------------------- loop
+    def fit(self) -> TrainResult:
+        """Train until run.max_steps or run.max_minutes; checkpoint, export the EMA model and plot the loss."""
+        c, env = self.config, self.env
+        model = self.ddp_model or self.model
+        model.train()
+        main = env.is_main
+        logger = (
+            MetricsLogger(
+                self.run_dir, resume_step=self.step if self.resumed_from else None, tensorboard=c.run.tensorboard
+            )
+            if main
+            else None
+        )
+        sampler = StreamBatchSampler(
+            len(self.dataset),
+            c.optim.batch_size,
+            c.run.seed,
+            start=self.data_position,
+            rank=env.rank,
+            world_size=env.world_size,
+        )
+        workers = c.data.num_workers if c.data.num_workers is not None else min(4, os.cpu_count() or 1)
+        batches = make_batches(self.dataset, sampler, num_workers=workers, pin_memory=env.device.type == "cuda")
+        bar = tqdm(
+            total=c.run.max_steps,
+            initial=self.step,
+            desc="training",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (main and c.run.progress),
+            file=sys.stderr,
+        )
+        if main:
+            self._print_header()
+        shape = (self.dataset.channels, self.dataset.resolution, self.dataset.resolution)
+        accum, B = c.optim.grad_accum_steps, c.optim.batch_size
+        lo, hi = env.rank * B, (env.rank + 1) * B
+        null_id = self.num_classes  # the "no class" id (last of num_classes + 1)
+        budget = c.run.max_minutes * 60 if c.run.max_minutes is not None else math.inf
+        amp = (
+            torch.autocast(env.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        start_step, t_start = self.step, time.perf_counter()
+        interval_losses: list[float] = []
+        interval_start, last_loss, last_ckpt, stopped_by = time.perf_counter(), None, None, "max_steps"
+        try:
+            while True:
+                elapsed = time.perf_counter() - t_start
+                stop = self.step >= c.run.max_steps or elapsed >= budget
+                if env.distributed:  # rank 0's clock decides, so every rank stops at the same step
+                    flag = torch.tensor([float(stop)], device=env.device)
+                    torch.distributed.broadcast(flag, 0)
+                    stop = bool(flag.item())
+                if stop:
+                    stopped_by = "max_steps" if self.step >= c.run.max_steps else "max_minutes"
+                    break
+                lr = c.optim.lr * lr_factor(self.step, c.optim, c.run.max_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = torch.zeros((), device=env.device)
+                for a in range(accum):
+                    micro = self.step * accum + a
+                    x0, labels = next(batches)
+                    rnd = BatchRandomness.draw(
+                        micro_batch_generator(c.run.seed, micro),
+                        self.global_batch,
+                        shape,
+                        self.schedule.num_train_timesteps,
+                        c.diffusion.label_dropout,
+                    )
+                    rnd = rnd.slice(lo, hi)
+                    x0 = x0.to(env.device, non_blocking=True)
+                    if self.random_flip:
+                        x0 = torch.where(rnd.flip.to(env.device)[:, None, None, None], x0.flip(-1), x0)
+                    noise = rnd.noise.to(env.device)
+                    if c.diffusion.offset_noise:
+                        noise = offset_noise(noise, rnd.offset.to(env.device), c.diffusion.offset_noise)
+                    if self.num_classes is not None:  # label dropout for classifier-free guidance
+                        labels = torch.where(rnd.drop_label, null_id, labels).to(env.device)
+                    else:
+                        labels = None
+                    t = rnd.t.to(env.device)
+                    x_t, target = noisy_inputs(self.schedule, x0, noise, t, c.diffusion.prediction_type)
+                    weights = timestep_weights(self.schedule, t, c.diffusion.prediction_type, c.diffusion.min_snr_gamma)
+                    sync = self.ddp_model is None or a == accum - 1
+                    with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
+                        with amp:
+                            out = model(x_t, t, class_labels=labels)
+                        loss = weighted_mse(out, target, weights)
+                        scaled = loss / accum
+                        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                    loss_sum += loss.detach()
+                self.data_position += accum * self.global_batch
+                mean_loss = float(ddp.all_reduce_mean(loss_sum / accum, env))
+                if not math.isfinite(mean_loss):
+                    self._diverged("loss", mean_loss, last_ckpt)
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
+                clip = c.optim.grad_clip_norm if c.optim.grad_clip_norm is not None else math.inf
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)  # skips the step if fp16 gradients overflowed
+                    self.scaler.update()
+                else:
+                    if not math.isfinite(grad_norm):
+                        self._diverged("gradient norm", grad_norm, last_ckpt)
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                decay = ema_decay(self.step, c.ema.decay, c.ema.warmup)
+                ema_update(self.ema, self.model, decay)
+                interval_losses.append(mean_loss)
+                bar.update(1)
+
+                if self.step % c.run.log_every == 0 or self.step == c.run.max_steps:
+                    now = time.perf_counter()
+                    rate = len(interval_losses) / max(now - interval_start, 1e-9)
+                    last_loss = sum(interval_losses) / len(interval_losses)
+                    record = {
+                        "step": self.step,
+                        "loss": last_loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "ema_decay": decay,
+                        "steps_per_s": rate,
+                        "images_per_s": rate * accum * self.global_batch,
+                        "elapsed_s": self.train_seconds_total + now - t_start,
+                    }
+                    if logger is not None:
+                        logger.log(record)
+                    postfix = {"loss": f"{last_loss:.4f}", "lr": f"{lr:.2e}"}
+                    if math.isfinite(budget):
+                        postfix["budget_left"] = _mmss(budget - (now - t_start))
+                    bar.set_postfix(postfix, refresh=False)
+                    interval_losses, interval_start = [], now
+                if self.step % c.run.checkpoint_every == 0:
+                    last_ckpt = self.save_checkpoint() or last_ckpt
+                if c.run.sample_every and self.step % c.run.sample_every == 0 and main:
+                    self._write_samples(logger)
+                if self.on_step_end is not None:
+                    self.on_step_end(self, self.step)
+        finally:
+            bar.close()
+        train_seconds = time.perf_counter() - t_start
+        self.train_seconds_total += train_seconds
+        if last_ckpt is None or last_ckpt.name != f"step-{self.step:08d}":
+            last_ckpt = self.save_checkpoint()
+        export_dir = None
+        if main:
+            export_dir = export_inference(self.ema, c.diffusion, self.run_dir / EXPORT_DIR)
+            plot_loss_curve(read_metrics(logger.path), self.run_dir / "loss_curve.png")
+            logger.close()
+        ddp.barrier(env)
+        steps_done = self.step - start_step
+        return TrainResult(
+            run_dir=self.run_dir,
+            step=self.step,
+            stopped_by=stopped_by,
+            checkpoint=last_ckpt,
+            export_dir=export_dir,
+            loss=last_loss,
+            train_seconds=train_seconds,
+            steps_per_second=steps_done / train_seconds if train_seconds > 0 else 0.0,
+        )
+
+    def _write_samples(self, logger: MetricsLogger | None) -> Path:
+        from diffusekit.utils.images import make_grid, save_image_grid
+
+        n = self.config.run.num_sample_images
+        labels = self.preview_labels(n)
+        images = self.sample(n, seed=self.config.run.seed, class_labels=labels)
+        nrow = self.num_classes if self.num_classes else None
+        path = save_image_grid(images, self.run_dir / SAMPLES_DIR / f"step-{self.step:08d}.png", nrow=nrow, scale=2)
+        if logger is not None:
+            logger.log_images("samples/ema_ddim", make_grid(images, nrow=nrow), self.step)
+        return path
+
+    def _diverged(self, what: str, value: float, last_ckpt: Path | None) -> None:
+        ckpt = last_ckpt or latest_checkpoint(self.run_dir / CHECKPOINTS_DIR)
+        where = (
+            f"the last good checkpoint is {ckpt}; resume from it with --resume {ckpt}"
+            if ckpt
+            else "no checkpoint was written yet"
+        )
+        raise TrainingDiverged(
+            f"the {what} became {value} at step {self.step + 1} (stopping before the optimizer step, so no bad "
+            f"weights were saved); {where}. Try a lower optim.lr, gradient clipping (optim.grad_clip_norm) or "
+            "run.mixed_precision='no'."
+        )
+
+    def _print_header(self) -> None:
+        c, ds = self.config, self.dataset
+        n_params = sum(p.numel() for p in self.model.parameters())
+        prec = {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaling"}
+        cond = f"class-conditional ({self.num_classes} classes + 'no class')" if self.num_classes else "unconditional"
+        lines = [
+            f"diffusekit train: {len(ds)} images {ds.channels}x{ds.resolution}x{ds.resolution} from {c.data.source!r}",
+            f"  model: {c.model.preset} U-Net, {n_params / 1e6:.2f}M parameters, {cond}, "
+            f"{c.diffusion.prediction_type} target",
+            f"  batch: {c.optim.batch_size} x {c.optim.grad_accum_steps} accumulation x {self.env.world_size} "
+            f"process(es) = {c.optim.batch_size * c.optim.grad_accum_steps * self.env.world_size} per step; "
+            f"device {self.env.device}, {prec[self.autocast_dtype]}",
+            f"  run folder: {self.run_dir}" + (f" (resumed from {self.resumed_from})" if self.resumed_from else ""),
+        ]
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def _mmss(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60:d}:{seconds % 60:02d}"

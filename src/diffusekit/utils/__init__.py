@@ -1,0 +1,1 @@
+"""diffusekit.utils: small helpers shared by the library and the CLI."""
