@@ -499,7 +499,7 @@ def load_single_file(
     tokenizer_folder: str | os.PathLike | None = None,
     allow_pickle: bool = False,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     device: str | torch.device = "cpu",
 ) -> StableDiffusion:
     """Load a single-file SD-1.x checkpoint (``.safetensors``; pickles only with ``allow_pickle``) as a
@@ -508,8 +508,9 @@ def load_single_file(
 
     Network sizes are inferred from the tensor shapes (or read from the ``diffusekit.*`` metadata of files
     written by :func:`save_single_file`); the sampler is SD-1.x's PNDM schedule. Weights are cast to ``dtype``
-    (the VAE stays float32, as ``StableDiffusion.load`` keeps it). Missing, unexpected or mis-shaped tensors
-    raise WeightsError naming the file and a few keys."""
+    (the VAE stays float32, as ``StableDiffusion.load`` keeps it); ``dtype=None`` keeps every tensor's dtype
+    as the file has it (for conversions). Missing, unexpected or mis-shaped tensors raise WeightsError naming
+    the file and a few keys."""
     path = Path(path)
     if tokenizer_folder is None:
         raise ConfigError(
@@ -549,7 +550,7 @@ def load_single_file(
 
     maps = [
         (unet_key_map(unet_config), UNet, unet_config, dtype),
-        (vae_key_map(vae_config), AutoencoderKL, vae_config, torch.float32),
+        (vae_key_map(vae_config), AutoencoderKL, vae_config, None if dtype is None else torch.float32),
         (text_encoder_key_map(text_config), ClipTextEncoder, text_config, dtype),
     ]
     with torch.device("meta"):
