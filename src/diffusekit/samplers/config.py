@@ -192,9 +192,10 @@ class SamplerConfig:
         cls_name = {v: k for k, v in REFERENCE_CLASSES.items()}[self.sampler]
         from diffusekit import __version__
 
+        marker = {} if self.reference_rules else {"_diffusekit_version": __version__}  # our rules on reload
         return {
             "_class_name": cls_name,
-            "_diffusekit_version": __version__,
+            **marker,
             "num_train_timesteps": self.num_train_timesteps,
             "beta_schedule": self.beta_schedule,
             "beta_start": self.beta_start,
