@@ -1,0 +1,192 @@
+"""``diffusekit train``: train a pixel-space diffusion U-Net from a config file and/or options."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from diffusekit.errors import ConfigError
+from diffusekit.training.config import LR_SCHEDULES, MIXED_PRECISION, TrainConfig, load_config
+from diffusekit.training.presets import preset_names
+
+DESCRIPTION = """\
+Train a diffusion model (DDPM, Ho et al. 2020) on images: a folder of PNG/JPEG files (class sub-folders
+become class labels), MNIST-format IDX files, a .npz/.npy array, the named datasets mnist and fashion-mnist,
+or the MNIST subset that ships with diffusekit (the default).
+
+Settings come from the defaults, then --config FILE (JSON or TOML with sections [data], [model],
+[diffusion], [optim], [ema], [run]; see diffusekit.training.config), then the options below. The full
+config is saved into every checkpoint.
+
+The run folder (--output-dir) receives checkpoints/step-NNNNNNNN/ (atomic, resumable bit for bit),
+model/ (the EMA weights as an inference folder for `diffusekit sample`), metrics.jsonl, loss_curve.png,
+samples/ and, when tensorboard is installed, tensorboard/.
+
+Several processes or GPUs: torchrun --nproc_per_node N -m diffusekit train ... (DDP; --batch-size is per
+process)."""
+
+EPILOG = """\
+examples:
+  diffusekit train --steps 2000 --output-dir runs/digits
+  diffusekit train --data fashion-mnist --preset mnist-base --max-minutes 30 --output-dir runs/fashion
+  diffusekit train --data ./photos --resolution-px 64 --preset ddpm-cifar10 --batch-size 32
+  diffusekit train --resume --output-dir runs/digits --steps 4000      # continue the newest checkpoint
+  torchrun --nproc_per_node 2 -m diffusekit train --config run.toml"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train",
+        help="train a diffusion model on images",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="FILE", help="JSON or TOML training config")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        metavar="SOURCE",
+        help="bundled (default) | mnist | fashion-mnist | image folder | IDX file | .npz/.npy",
+    )
+    g.add_argument("--data-root", metavar="DIR", help="folder holding mnist/ and fashion-mnist/ IDX folders")
+    g.add_argument("--resolution-px", type=int, metavar="N", help="square training size (default: the data's)")
+    g.add_argument("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: the data's)")
+    g.add_argument("--limit", type=int, metavar="N", help="use only the first N examples")
+    g.add_argument(
+        "--random-flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random horizontal flips (default: on for image folders, off for digits)",
+    )
+    g.add_argument("--num-workers", type=int, metavar="N", help="DataLoader processes for image folders")
+    g = p.add_argument_group("model and loss")
+    g.add_argument("--preset", choices=preset_names(), help="U-Net preset (default mnist-small)")
+    g.add_argument(
+        "--class-conditional",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="condition on class labels (default: when the data has labels)",
+    )
+    g.add_argument("--prediction-type", choices=("epsilon", "sample", "v_prediction"), help="network target")
+    g.add_argument("--beta-schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"))
+    g.add_argument("--min-snr-gamma", type=float, metavar="G", help="Min-SNR-gamma loss weighting (e.g. 5)")
+    g.add_argument("--offset-noise", type=float, metavar="S", help="offset-noise strength (e.g. 0.05)")
+    g.add_argument(
+        "--label-dropout",
+        type=float,
+        metavar="P",
+        help="probability of dropping the class label, for classifier-free guidance (default 0.1)",
+    )
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, metavar="N", help="optimizer steps to train to (default 10000)")
+    g.add_argument("--max-minutes", type=float, metavar="M", help="wall-clock training budget of this run")
+    g.add_argument("--batch-size", type=int, metavar="N", help="images per micro-batch per process (default 64)")
+    g.add_argument("--grad-accum-steps", type=int, metavar="N", help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, metavar="LR", help="AdamW learning rate (default 2e-4)")
+    g.add_argument("--warmup-steps", type=int, metavar="N", help="linear LR warmup (default 500)")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="after warmup (default constant)")
+    g.add_argument("--ema-decay", type=float, metavar="D", help="maximum EMA decay (default 0.9999)")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, help="default auto")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", metavar="DIR", help="run folder (default runs/train)")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="CHECKPOINT",
+        help="continue a run: without a value, the newest intact checkpoint in --output-dir; or a "
+        "checkpoint / run folder. Only run options (steps, minutes, intervals) may change",
+    )
+    g.add_argument("--seed", type=int, metavar="N")
+    g.add_argument("--device", metavar="DEV", help="auto (default), cpu, cuda, cuda:1, ...")
+    g.add_argument("--cpu-threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="default 1000")
+    g.add_argument("--keep-checkpoints", type=int, metavar="N", help="newest checkpoints kept (default 2)")
+    g.add_argument("--log-every-steps", type=int, metavar="N", help="metrics interval (default 10)")
+    g.add_argument("--sample-every-steps", type=int, metavar="N", help="EMA sample grids (default 0 = off)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
+    p.set_defaults(run=run)
+    return p
+
+
+# option -> (section, field)
+_FIELDS = {
+    "data": ("data", "source"), "data_root": ("data", "data_root"), "resolution_px": ("data", "resolution"),
+    "channels": ("data", "channels"), "limit": ("data", "limit"), "random_flip": ("data", "random_flip"),
+    "num_workers": ("data", "num_workers"),
+    "preset": ("model", "preset"), "class_conditional": ("model", "class_conditional"),
+    "prediction_type": ("diffusion", "prediction_type"), "beta_schedule": ("diffusion", "beta_schedule"),
+    "min_snr_gamma": ("diffusion", "min_snr_gamma"), "offset_noise": ("diffusion", "offset_noise"),
+    "label_dropout": ("diffusion", "label_dropout"),
+    "batch_size": ("optim", "batch_size"), "grad_accum_steps": ("optim", "grad_accum_steps"), "lr": ("optim", "lr"),
+    "warmup_steps": ("optim", "warmup_steps"), "lr_schedule": ("optim", "lr_schedule"),
+    "ema_decay": ("ema", "decay"),
+    "steps": ("run", "max_steps"), "max_minutes": ("run", "max_minutes"), "mixed_precision": ("run", "mixed_precision"),
+    "output_dir": ("run", "output_dir"), "seed": ("run", "seed"), "device": ("run", "device"),
+    "checkpoint_every_steps": ("run", "checkpoint_every"), "keep_checkpoints": ("run", "keep_checkpoints"),
+    "log_every_steps": ("run", "log_every"), "sample_every_steps": ("run", "sample_every"),
+}  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then the --config file, then every option that was given."""
+    config = load_config(args.config) if args.config else TrainConfig()
+    changes: dict[str, dict] = {}
+    for option, (section, name) in _FIELDS.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            changes.setdefault(section, {})[name] = value
+    if args.no_progress:
+        changes.setdefault("run", {})["progress"] = False
+    if args.no_tensorboard:
+        changes.setdefault("run", {})["tensorboard"] = False
+    return config.replace(**changes) if changes else config.validate()
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffusekit.training.checkpoint import list_checkpoints
+    from diffusekit.training.trainer import CHECKPOINTS_DIR, Trainer
+
+    config = config_from_args(args)
+    if args.print_config:
+        import json
+
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    if args.cpu_threads is not None:
+        if args.cpu_threads < 1:
+            raise ConfigError(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
+        torch.set_num_threads(args.cpu_threads)
+    out = Path(config.run.output_dir)
+    if args.resume is None and list_checkpoints(out / CHECKPOINTS_DIR):
+        raise ConfigError(
+            f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another --output-dir"
+        )
+    if args.resume is not None:
+        ignored = [
+            f"--{o.replace('_', '-')}"
+            for o, (section, _) in _FIELDS.items()
+            if section != "run" and getattr(args, o, None) is not None
+        ]
+        if ignored:
+            print(f"note: resuming uses the checkpoint's config; ignoring {', '.join(ignored)}", file=sys.stderr)
+    trainer = Trainer(config, resume=args.resume)
+    result = trainer.fit()
+    if trainer.env.is_main:
+        print(
+            f"trained to step {result.step} ({result.stopped_by}; {result.steps_per_second:.2f} steps/s); "
+            f"last loss {result.loss if result.loss is None else round(result.loss, 5)}\n"
+            f"  checkpoint: {result.checkpoint}\n  EMA model:  {result.export_dir}\n"
+            f"  metrics:    {result.run_dir / 'metrics.jsonl'}, loss curve {result.run_dir / 'loss_curve.png'}\n"
+            f"sample with: diffusekit sample {result.export_dir} --n 64 --out grid.png"
+        )
+    from diffusekit.training.distributed import shutdown
+
+    shutdown(trainer.env)
+    return 0
