@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from diffusekit.errors import WeightsError
 
 _MAX_HEADER = 100 * 1024 * 1024  # a safetensors header larger than this is refused
+_MAX_JSON = 256 * 1024 * 1024  # so is a JSON file larger than this (configs and vocabularies are a few MB)
 
 
 def _check_header(path: Path) -> None:
@@ -27,8 +28,8 @@ def _check_header(path: Path) -> None:
             raise WeightsError(f"{path}: corrupt safetensors file (header claims {n} bytes, file has {size})")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WeightsError(f"{path}: corrupt safetensors header ({e})") from None
+        except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, an int of > 4300 digits, deep nesting
+            raise WeightsError(f"{path}: corrupt safetensors header ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_len = size - 8 - n
@@ -82,10 +83,12 @@ def read_json(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"config file not found: {path}")
+    if path.stat().st_size > _MAX_JSON:
+        raise WeightsError(f"{path}: {path.stat().st_size} bytes is too large for a JSON file (limit {_MAX_JSON})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: invalid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, an int of > 4300 digits, deep nesting
+        raise WeightsError(f"{path}: invalid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
         raise WeightsError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
