@@ -1,0 +1,249 @@
+"""``diffusekit txt2img | img2img | inpaint`` on the tiny reference pipelines: PNG metadata, --replay, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, PngImagePlugin
+
+from diffusekit.cli.generate import (
+    METADATA_KEY,
+    PngWriter,
+    parse_size,
+    read_png_metadata,
+    settings_from_metadata,
+)
+from diffusekit.cli.main import main
+from diffusekit.errors import ConfigError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny networks run fastest on one thread (and are not slowed by a busy machine's other jobs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sd_folder(fixtures_dir: Path) -> Path:
+    return fixtures_dir / "pipelines" / "stable_diffusion"
+
+
+@pytest.fixture(scope="module")
+def inpaint_folder(fixtures_dir: Path) -> Path:
+    return fixtures_dir / "pipelines" / "stable_diffusion_inpaint"
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def run(argv: list[str], capsys) -> tuple[int, list[Path], str]:
+    """main(argv) -> (exit status, paths it printed, stderr)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    captured = capsys.readouterr()
+    return code, [Path(line) for line in captured.out.splitlines() if line], captured.err
+
+
+@pytest.fixture(scope="module")
+def txt2img_run(sd_folder, tmp_path_factory) -> tuple[Path, list[Path]]:
+    out = tmp_path_factory.mktemp("txt2img")
+    argv = ["txt2img", "--model", str(sd_folder), "a red fox in the snow", "--negative", "blurry", "--n", "2",
+            "--steps", "2", "--size", "16x16", "--seed", "7", "--sampler", "euler-a", "--out", str(out),
+            "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    return out, sorted(out.glob("*.png"))
+
+
+def test_txt2img_writes_pngs_with_metadata_that_round_trips(txt2img_run, sd_folder):
+    out, paths = txt2img_run
+    assert [p.name for p in paths] == ["00000-7.png", "00001-8.png"]
+    meta = read_png_metadata(paths[1])
+    s = settings_from_metadata(meta, paths[1])
+    assert (s.mode, s.prompt, s.negative_prompt, s.seed, s.steps, s.guidance) == (
+        "txt2img", "a red fox in the snow", "blurry", 8, 2, 7.5)  # fmt: skip
+    assert (s.sampler, s.width, s.height, s.eta, s.strength) == ("euler_ancestral", 16, 16, None, None)
+    assert Path(s.model) == sd_folder.absolute() and meta["diffusekit_version"]
+    with Image.open(paths[1]) as im:
+        readable = im.info["parameters"]
+    assert readable.startswith("a red fox in the snow\nNegative prompt: blurry\n")
+    assert "Seed: 8" in readable and "Sampler: euler_ancestral" in readable and "Size: 16x16" in readable
+
+
+def test_replay_reproduces_bit_for_bit_and_never_overwrites(txt2img_run, capsys):
+    out, paths = txt2img_run
+    code, written, err = run(["txt2img", "--replay", str(paths[1])], capsys)
+    assert code == 0 and len(written) == 1
+    assert written[0].parent == out and written[0].name.endswith("-8.png") and written[0] not in paths
+    assert np.array_equal(pixels(written[0]), pixels(paths[1]))
+    assert "identical" in err
+    assert all(p.exists() for p in paths)
+    written[0].unlink()
+
+
+def test_image_i_of_a_run_equals_its_seed_alone(txt2img_run, sd_folder, tmp_path, capsys):
+    _, paths = txt2img_run
+    code, written, _ = run(["txt2img", "--model", str(sd_folder), "a red fox in the snow", "--negative", "blurry",
+                            "--steps", "2", "--size", "16", "--seed", "8", "--sampler", "euler_a", "--out",
+                            str(tmp_path), "--quiet"], capsys)  # fmt: skip
+    assert code == 0
+    assert np.array_equal(pixels(written[0]), pixels(paths[1]))
+
+
+def test_img2img_and_inpaint_run_and_replay(txt2img_run, sd_folder, inpaint_folder, tmp_path, capsys):
+    _, paths = txt2img_run
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    code, made, _ = run(["img2img", "--model", str(sd_folder), "an oil painting", "--image", str(paths[0]),
+                         "--strength", "0.5", "--steps", "4", "--sampler", "ddim", "--eta", "0.5",
+                         "--out", str(tmp_path / "i2i"), "--quiet"], capsys)  # fmt: skip
+    assert code == 0 and len(made) == 1
+    meta = read_png_metadata(made[0])
+    assert (meta["mode"], meta["strength"], meta["eta"], meta["width"]) == ("img2img", 0.5, 0.5, 16)
+    assert len(meta["image_sha256"]) == 64
+    code, again, _ = run(["img2img", "--replay", str(made[0])], capsys)
+    assert code == 0 and np.array_equal(pixels(again[0]), pixels(made[0]))
+
+    for folder in (inpaint_folder, sd_folder):  # 9-channel inpainting U-Net, and mask blending
+        code, made, _ = run(["inpaint", "--model", str(folder), "a cat", "--image", str(paths[0]), "--mask",
+                             str(tmp_path / "mask.png"), "--steps", "2", "--out", str(tmp_path / folder.name),
+                             "--quiet"], capsys)  # fmt: skip
+        assert code == 0 and len(made) == 1
+        assert read_png_metadata(made[0])["mask"] == str((tmp_path / "mask.png").absolute())
+
+
+def test_png_writer_takes_the_next_free_name(tmp_path):
+    (tmp_path / "00004-1.png").write_bytes(b"mine")
+    writer = PngWriter(tmp_path)
+    image = Image.new("RGB", (8, 8))
+    first = writer.write(image, 3, {"k": "v"})
+    assert first.name == "00005-3.png"
+    (tmp_path / "00006-3.png").write_bytes(b"someone else's")  # appears between two writes
+    second = writer.write(image, 3, {})
+    assert second.name == "00007-3.png"
+    assert (tmp_path / "00004-1.png").read_bytes() == b"mine"
+    assert (tmp_path / "00006-3.png").read_bytes() == b"someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00004-1.png", "00005-3.png", "00006-3.png", "00007-3.png"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--size", "20x16"], "--size width must be a multiple of 8"),
+        (["--size", "big"], "--size must be WIDTHxHEIGHT"),
+        (["--steps", "0"], "--steps must be an integer in [1, 1000]"),
+        (["--guidance", "-1"], "--guidance must be in [0.0, 1000.0]"),
+        (["--sampler", "heun"], "invalid choice: 'heun'"),
+        (["--seed", "-1"], "--seed must be an integer in [0,"),
+        (["--eta", "0.3"], "--eta applies to the ddim sampler only"),
+        (["--n", "0"], "--n must be an integer in [1, 10000]"),
+    ],
+)
+def test_txt2img_bad_input_is_a_one_line_error(sd_folder, tmp_path, capsys, extra, expected):
+    code, written, err = run(["txt2img", "--model", str(sd_folder), "a", "--steps", "1", "--out", str(tmp_path),
+                              "--quiet", *extra], capsys)  # fmt: skip
+    assert code == 2 and not written
+    assert expected in err
+    assert "Traceback" not in err
+
+
+def test_other_bad_inputs(sd_folder, tmp_path, capsys):
+    png = tmp_path / "in.png"
+    Image.new("RGB", (16, 16)).save(png)
+    Image.new("L", (24, 24)).save(tmp_path / "mask.png")
+    common = ["--model", str(sd_folder), "--out", str(tmp_path / "out"), "--quiet", "--steps", "2"]
+    cases = [
+        (["txt2img", *common], "no prompt given"),
+        (["img2img", *common, "a", "--image", str(png), "--strength", "1.5"], "--strength must be in [0.0, 1.0]"),
+        (["img2img", *common, "a"], "--image FILE is required"),
+        (["inpaint", *common, "a", "--image", str(png), "--mask", str(tmp_path / "mask.png")],
+         "--mask is 24x24 but --image is 16x16"),
+        (["txt2img", "--model", str(tmp_path / "nowhere"), "a", "--out", str(tmp_path)], "no such folder or file"),
+        (["img2img", *common, "a", "--image", str(tmp_path / "mask.png"), "--size", "12x12"], "multiple of 8"),
+    ]  # fmt: skip
+    for argv, expected in cases:
+        code, written, err = run(argv, capsys)
+        assert code == 2 and not written, argv
+        assert expected in err, (argv, err)
+    assert not (tmp_path / "out").exists()  # nothing created for a failed run
+
+
+def _png_with(tmp_path: Path, name: str, text: dict[str, str]) -> Path:
+    info = PngImagePlugin.PngInfo()
+    for k, v in text.items():
+        info.add_text(k, v)
+    path = tmp_path / name
+    Image.new("RGB", (4, 4)).save(path, pnginfo=info)
+    return path
+
+
+def test_hostile_pngs_give_config_errors(txt2img_run, tmp_path, capsys):
+    good = read_png_metadata(txt2img_run[1][0])
+    not_png = tmp_path / "x.png"
+    not_png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\xff" * 100)
+    jpeg = tmp_path / "x.jpg"
+    Image.new("RGB", (4, 4)).save(jpeg)
+
+    def variant(**changes) -> str:
+        return json.dumps({**good, **changes})
+
+    cases = [
+        (not_png, "not a readable PNG"),
+        (jpeg, "not a PNG image"),
+        (_png_with(tmp_path, "plain.png", {}), "has no 'diffusekit' metadata"),
+        (_png_with(tmp_path, "json.png", {METADATA_KEY: "{not json"}), "not valid JSON"),
+        (_png_with(tmp_path, "deep.png", {METADATA_KEY: "[" * 50_000 + "]" * 50_000}), "not valid JSON"),
+        (_png_with(tmp_path, "list.png", {METADATA_KEY: "[1, 2]"}), "not a JSON object"),
+        (_png_with(tmp_path, "fmt.png", {METADATA_KEY: variant(format_version=99)}), "unknown metadata format"),
+        (_png_with(tmp_path, "steps.png", {METADATA_KEY: variant(steps="many")}), "field 'steps'"),
+        (_png_with(tmp_path, "seed.png", {METADATA_KEY: variant(seed=-5)}), "field 'seed'"),
+        (_png_with(tmp_path, "nan.png", {METADATA_KEY: variant(guidance=float("nan"))}), "field 'guidance'"),
+        (_png_with(tmp_path, "size.png", {METADATA_KEY: variant(width=17)}), "field 'width'"),
+        (_png_with(tmp_path, "huge.png", {METADATA_KEY: variant(height=10**9)}), "field 'height'"),
+        (_png_with(tmp_path, "sampler.png", {METADATA_KEY: variant(sampler="rm -rf")}), "field 'sampler'"),
+        (_png_with(tmp_path, "prompt.png", {METADATA_KEY: variant(prompt=["a"])}), "field 'prompt'"),
+        (_png_with(tmp_path, "missing.png", {METADATA_KEY: json.dumps({"format": good["format"],
+                                                                      "format_version": 1})}), "lacks"),
+        (_png_with(tmp_path, "mode.png", {METADATA_KEY: variant(mode="img2img")}), "field 'strength'"),
+        (tmp_path / "absent.png", "file not found"),
+    ]  # fmt: skip
+    for path, expected in cases:
+        with pytest.raises(ConfigError, match=None) as e:
+            settings_from_metadata(read_png_metadata(path), path)
+        assert expected in str(e.value), (path.name, str(e.value))
+    code, written, err = run(["txt2img", "--replay", str(tmp_path / "steps.png"), "--out", str(tmp_path)], capsys)
+    assert code == 2 and not written and "field 'steps'" in err and "Traceback" not in err
+
+
+def test_parse_size():
+    assert parse_size("512x768") == (512, 768)
+    assert parse_size("64") == (64, 64)
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        parse_size("512x500")
+
+
+def test_help_reads_like_a_manual(capsys):
+    for command in ("txt2img", "img2img", "inpaint", "convert"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert "examples:" in text, command
+    with pytest.raises(SystemExit):
+        main(["txt2img", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--model", "--tokenizer", "--negative", "--steps", "--guidance", "--sampler", "--eta",
+                   "--seed", "--size", "--n", "--out", "--replay", "--quiet", "--allow-pickle", "default 25",
+                   "pixels"):  # fmt: skip
+        assert option in text, option
