@@ -35,6 +35,7 @@ from diffusekit.samplers.pndm import sample_pndm
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm")
 SIGMA_SAMPLERS = ("euler", "euler_ancestral")  # state is the VE sample x0 + sigma eps
+MAX_TRAIN_TIMESTEPS = 100_000  # the schedule is materialised: refuse a file claiming more before allocating
 ALIASES = {"euler-a": "euler_ancestral", "euler_a": "euler_ancestral", "dpm++2m": "dpmpp_2m", "plms": "pndm"}
 
 # the reference's scheduler class names -> our sampler names
@@ -78,6 +79,10 @@ class SamplerConfig:
         check_choice("timestep_spacing", self.timestep_spacing, SPACINGS)
         check_choice("variance", self.variance, VARIANCES)
         check_positive_int("num_train_timesteps", self.num_train_timesteps, minimum=2)
+        if self.num_train_timesteps > MAX_TRAIN_TIMESTEPS:
+            raise ConfigError(
+                f"num_train_timesteps={self.num_train_timesteps} is too large; allowed: 2..{MAX_TRAIN_TIMESTEPS}"
+            )
         check_range("eta", self.eta, 0.0, 1.0)
         if self.clip_sample is not None:
             check_range("clip_sample", self.clip_sample, 1e-6, float("inf"))
@@ -134,7 +139,7 @@ class SamplerConfig:
             raise ConfigError("scheduler config must be a JSON object")
         cls_name = cfg.get("_class_name")
         if sampler is None:
-            if cls_name not in REFERENCE_CLASSES:
+            if not isinstance(cls_name, str) or cls_name not in REFERENCE_CLASSES:
                 raise ConfigError(
                     f"scheduler _class_name={cls_name!r} is not supported; allowed: {sorted(REFERENCE_CLASSES)}"
                 )
@@ -147,7 +152,11 @@ class SamplerConfig:
 
         def get(key: str, default: Any) -> Any:
             value = cfg.get(key, default)
-            return default if value is None else value
+            if value is None:
+                return default
+            if isinstance(default, bool) and value not in (True, False):  # 0 and 1 are accepted too
+                raise ConfigError(f"scheduler config {key}={value!r} must be true or false")
+            return value
 
         variance = get("variance_type", "fixed_small")
         if sampler == "ddpm" and variance not in VARIANCES:
