@@ -59,7 +59,10 @@ class FeatureStats:
         if not path.is_file():
             raise ConfigError(f"statistics file not found: {path}")
         try:
-            with np.load(path, allow_pickle=False) as data:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not an .npz archive")
+            with data:
                 mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
                 count = int(data["count"]) if "count" in data else 0
         except (KeyError, ValueError, OSError) as e:

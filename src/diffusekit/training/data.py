@@ -101,7 +101,7 @@ def _pil_mode(channels: int) -> str:
 def image_to_array(img: Image.Image, resolution: int, channels: int) -> np.ndarray:
     """A PIL image -> uint8 array (channels, resolution, resolution)."""
     img = resize_center_crop(img.convert(_pil_mode(channels)), resolution)
-    a = np.asarray(img, dtype=np.uint8)
+    a = np.array(img, dtype=np.uint8)  # a writable copy
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
