@@ -3,5 +3,5 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
-ruff check src tests benchmarks
+ruff check .
 python -m pytest -q "$@"
