@@ -219,6 +219,13 @@ def test_missing_unexpected_and_misshaped_keys_are_named(sd_folder, single_file,
     with pytest.raises(WeightsError, match=r"model\.diffusion_model\.out\.2\.bias \(file \(3,\), expected \(4,\)\)"):
         load_single_file(path, tok)
 
+    def old_text_names(s, m):  # early files: cond_stage_model.transformer.<name>, without text_model.
+        for k in [k for k in s if k.startswith(TEXT_ENCODER_PREFIX)]:
+            s["cond_stage_model.transformer." + k[len(TEXT_ENCODER_PREFIX) :]] = s.pop(k)
+
+    path = _rewrite(single_file, tmp_path / "old.safetensors", old_text_names)
+    assert load_single_file(path, tok).text_encoder.config.num_layers == 2
+
     path = _rewrite(single_file, tmp_path / "sd2.safetensors",
                     lambda s, m: s.update({"cond_stage_model.model.ln_final.weight": torch.ones(2)}))  # fmt: skip
     with pytest.raises(WeightsError, match="SD-2.x"):

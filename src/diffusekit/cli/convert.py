@@ -56,7 +56,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "convert only files from sources you trust")  # fmt: skip
     p.add_argument("--dtype", choices=list(DTYPES),
                    help="precision of the written weights (default: as the source stores them; folder sources "
-                   "are read as float32). float16 halves the size")  # fmt: skip
+                   "are read as float32). float16 halves the size. A VAE written into a folder stays "
+                   "float32")  # fmt: skip
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing DST file (an existing non-empty DST folder is never replaced)")
     p.set_defaults(run=run_convert)
@@ -64,7 +65,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     """Run ``diffusekit convert``; returns the exit status."""
-    from diffusekit.io.single_file import load_single_file, save_single_file
+    from diffusekit.io.single_file import (
+        read_single_file,
+        save_single_file,
+        stable_diffusion_from_single_file,
+        stored_dtype,
+    )
+    from diffusekit.io.text import load_tokenizer
     from diffusekit.pipelines.stable_diffusion import StableDiffusion
 
     src, dst = Path(args.source), Path(args.dest)
@@ -87,7 +94,15 @@ def run_convert(args: argparse.Namespace) -> int:
     else:
         if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
             raise ConfigError(f"DST {dst} exists and is not an empty folder; choose a new folder")
-        sd = load_single_file(src, args.tokenizer, args.allow_pickle, dtype=dtype)
+        if args.tokenizer is None:
+            raise ConfigError(
+                f"SRC {src} is a single file, which carries no tokenizer; pass --tokenizer DIR (a folder with "
+                "vocab.json and merges.txt, e.g. the tokenizer/ folder of any SD-1.x model)"
+            )
+        tokenizer = load_tokenizer(args.tokenizer)
+        state, metadata = read_single_file(src, allow_pickle=args.allow_pickle)
+        dtype = dtype or stored_dtype(state)
+        sd = stable_diffusion_from_single_file(state, metadata, tokenizer, source=src, dtype=dtype)
         sd.save(dst)
         print(f"wrote {dst}/", file=sys.stderr)
     return 0

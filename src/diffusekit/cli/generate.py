@@ -682,6 +682,11 @@ _DESCRIPTIONS = {
     "inpaint": "Repaint the white part of --mask in --image to match a text prompt; black parts are kept. "
     "Inpainting models (9-channel U-Net) and ordinary models both work.",
 }
+_SHORT_HELP = {
+    "txt2img": "generate images from text with a Stable Diffusion model",
+    "img2img": "redraw an image to match a text prompt",
+    "inpaint": "repaint the masked part of an image to match a text prompt",
+}
 _EXAMPLES = {
     "txt2img": """examples:
   diffusekit txt2img --model ./stable-diffusion-v1-5 "a watercolor fox in the snow" --out out/
@@ -705,7 +710,8 @@ Each PNG records its settings (prompt, negative prompt, seed, sampler, steps, gu
 strength, model, input files, dtype, diffusekit version) in a 'diffusekit' JSON text chunk and a readable
 'parameters' chunk. --replay PNG makes that image again; options given beside --replay override the
 recorded ones. Images are generated one per network batch (--batch-size 1), so a replay on the same
-machine, device and dtype is identical bit for bit.
+machine, device and dtype is identical bit for bit. The paths of the written PNGs go to stdout, one per
+line; progress and messages go to stderr.
 """
 
 
@@ -714,7 +720,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     for mode, run in (("txt2img", run_txt2img), ("img2img", run_img2img), ("inpaint", run_inpaint)):
         p = subparsers.add_parser(
             mode,
-            help=_DESCRIPTIONS[mode].split(":")[0].split(" (")[0].rstrip("."),
+            help=_SHORT_HELP[mode],
             description=_DESCRIPTIONS[mode],
             epilog=_REPLAY_NOTE + "\n" + _EXAMPLES[mode],
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -758,8 +764,8 @@ def _add_options(p: argparse.ArgumentParser, mode: str) -> None:
     gen.add_argument("--eta", type=float, metavar="ETA",
                      help="DDIM noise, 0 (deterministic, default) to 1 (DDPM-like); ddim sampler only")
     gen.add_argument("--seed", metavar="N",
-                     help=f"random seed of the first image, 0-{MAX_SEED} or 'random' (default {DEFAULTS['seed']}); "
-                     "image i uses seed N+i")  # fmt: skip
+                     help=f"random seed of the first image, 0 to 2^63-1, or 'random' (default {DEFAULTS['seed']}); "
+                     "image i of the run uses seed N+i")  # fmt: skip
     size_help = (
         "image size in pixels, WIDTHxHEIGHT or one number for a square; multiples of 8 and of the model's "
         "own factor (64 for SD-1.x) (default: the model's native size, 512x512 for SD-1.x)"

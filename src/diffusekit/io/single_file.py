@@ -448,7 +448,7 @@ def _take(
         v = state.pop(theirs)
         if ours in key_map.conv_weights and v.ndim == 4 and v.shape[2:] == (1, 1):
             v = v[:, :, 0, 0]  # a 1x1 convolution in the file, a linear layer here
-        w = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+        w = v.to(dtype) if v.is_floating_point() else v
         if w.data_ptr() == v.data_ptr():  # not copied yet: take an aligned, owned copy (see io.models)
             w = w.clone(memory_format=torch.contiguous_format)
         owned[ours] = w.contiguous()
@@ -499,7 +499,7 @@ def load_single_file(
     tokenizer_folder: str | os.PathLike | None = None,
     allow_pickle: bool = False,
     *,
-    dtype: torch.dtype | None = torch.float32,
+    dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> StableDiffusion:
     """Load a single-file SD-1.x checkpoint (``.safetensors``; pickles only with ``allow_pickle``) as a
@@ -507,10 +507,9 @@ def load_single_file(
     ``vocab.json`` + ``merges.txt``, or a diffusers model folder holding one).
 
     Network sizes are inferred from the tensor shapes (or read from the ``diffusekit.*`` metadata of files
-    written by :func:`save_single_file`); the sampler is SD-1.x's PNDM schedule. Weights are cast to ``dtype``
-    (the VAE stays float32, as ``StableDiffusion.load`` keeps it); ``dtype=None`` keeps every tensor's dtype
-    as the file has it (for conversions). Missing, unexpected or mis-shaped tensors raise WeightsError naming
-    the file and a few keys."""
+    written by :func:`save_single_file`); the sampler is SD-1.x's PNDM schedule. The U-Net and text encoder
+    are cast to ``dtype``, the VAE stays float32 (as ``StableDiffusion.load`` keeps it). Missing, unexpected
+    or mis-shaped tensors raise WeightsError naming the file and a few keys."""
     path = Path(path)
     if tokenizer_folder is None:
         raise ConfigError(
@@ -519,6 +518,22 @@ def load_single_file(
         )
     tokenizer = load_tokenizer(tokenizer_folder)
     state, metadata = read_single_file(path, allow_pickle=allow_pickle)
+    return stable_diffusion_from_single_file(state, metadata, tokenizer, source=path, dtype=dtype, device=device)
+
+
+def stable_diffusion_from_single_file(
+    state: dict[str, Tensor],
+    metadata: dict[str, str],
+    tokenizer: ClipTokenizer,
+    *,
+    source: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> StableDiffusion:
+    """Build the :class:`StableDiffusion` a single file's tensors and metadata (from :func:`read_single_file`)
+    describe; see :func:`load_single_file`. ``state`` is emptied: its tensors move into the networks one by
+    one, so the file's copy is released as the model fills. ``source`` names the file in messages."""
+    path = Path(source)
     state = _normalize_keys(state)
     for prefix, what in _OTHER_FAMILIES.items():
         if any(k.startswith(prefix) for k in state):
@@ -544,13 +559,13 @@ def load_single_file(
     ids = max(tokenizer.vocab.values())
     if ids >= text_config.vocab_size:
         raise WeightsError(
-            f"the tokenizer in {tokenizer_folder} has token ids up to {ids}, but the text encoder in {path} knows "
-            f"only {text_config.vocab_size} tokens; use the tokenizer this model was trained with"
+            f"the tokenizer has token ids up to {ids}, but the text encoder in {path} knows only "
+            f"{text_config.vocab_size} tokens; use the tokenizer this model was trained with"
         )
 
     maps = [
         (unet_key_map(unet_config), UNet, unet_config, dtype),
-        (vae_key_map(vae_config), AutoencoderKL, vae_config, None if dtype is None else torch.float32),
+        (vae_key_map(vae_config), AutoencoderKL, vae_config, torch.float32),
         (text_encoder_key_map(text_config), ClipTextEncoder, text_config, dtype),
     ]
     with torch.device("meta"):
@@ -559,6 +574,7 @@ def load_single_file(
     unet, vae, text_encoder = (
         _take(state, key_map, build, cfg, dtype=dt, device=device) for key_map, build, cfg, dt in maps
     )
+    state.clear()  # what is left are ignored keys (training buffers, EMA copies)
     return StableDiffusion(
         unet=unet,
         codec=LatentCodec(vae),
@@ -567,6 +583,12 @@ def load_single_file(
         sampler_config=sampler,
         name=path.stem,
     )
+
+
+def stored_dtype(state: dict[str, Tensor]) -> torch.dtype:
+    """The dtype a single file stores its U-Net in (float32 when it has no floating U-Net tensor)."""
+    return next((v.dtype for k, v in state.items() if k.startswith(UNET_PREFIX) and v.is_floating_point()),
+                torch.float32)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -625,6 +647,8 @@ __all__ = [
     "load_single_file",
     "read_single_file",
     "save_single_file",
+    "stable_diffusion_from_single_file",
+    "stored_dtype",
     "text_encoder_key_map",
     "to_single_file_state_dict",
     "unet_key_map",
