@@ -477,5 +477,6 @@ def make_batches(
         collate_fn=functools.partial(_collate, labelled=labelled),
         persistent_workers=True,
         prefetch_factor=4,
+        generator=torch.Generator().manual_seed(sampler.seed),  # keeps the global torch RNG untouched
     )
     return iter(loader)
