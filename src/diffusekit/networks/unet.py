@@ -24,6 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusekit.errors import ConfigError, check_choice
+from diffusekit.limits import (
+    MAX_CLASSES,
+    MAX_LAYERS_PER_BLOCK,
+    MAX_LEVELS,
+    MAX_SAMPLE_SIZE,
+    MAX_TRANSFORMER_DEPTH,
+    MAX_WIDTH,
+    check_flag,
+    check_float,
+    check_int,
+    translating,
+)
 from diffusekit.networks.attention import SpatialSelfAttention, SpatialTransformer
 from diffusekit.networks.blocks import AttentionFactory, DownLevel, MidBlock, UpLevel, init_weights
 from diffusekit.networks.embeddings import TimestepEmbedding, timestep_embedding
@@ -138,15 +150,19 @@ class UNetConfig:
         }
 
     @classmethod
+    @translating("UNet config")
     def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"a UNet config must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown UNetConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return _check_limits(cls(**d))
 
     # ---- the reference's config.json --------------------------------------------------------------
     @classmethod
+    @translating("UNet config")
     def from_diffusers(cls, d: dict[str, Any]) -> UNetConfig:
         """Translate a reference ``UNet2DModel`` / ``UNet2DConditionModel`` ``config.json`` dict.
 
@@ -155,6 +171,8 @@ class UNetConfig:
         size of one head; in ``UNet2DConditionModel`` it is the number of heads (``num_attention_heads``
         takes precedence when set).
         """
+        if not isinstance(d, dict):
+            raise ConfigError(f"a UNet config must be a JSON object, got {type(d).__name__}")
         class_name = d.get("_class_name") or (
             "UNet2DConditionModel" if "cross_attention_dim" in d else "UNet2DModel"
         )
@@ -166,7 +184,10 @@ class UNetConfig:
             check_choice(key, _plain(d.get(key)), allowed)
 
         channels = tuple(_ints("block_out_channels", d["block_out_channels"]))
-        n = len(channels)
+        n = check_int("len(block_out_channels)", len(channels), 1, MAX_LEVELS)
+        for key in ("down_block_types", "up_block_types"):
+            if not isinstance(d[key], list | tuple):
+                raise ConfigError(f"{key} must be a list of block names, got {d[key]!r}")
         attn_block, plain_down, plain_up = (
             ("CrossAttnDownBlock2D", "DownBlock2D", "UpBlock2D")
             if conditional
@@ -204,8 +225,10 @@ class UNetConfig:
             extra = dict(
                 cross_attention_dim=cross_dim,
                 transformer_depth=depth,
-                use_linear_projection=bool(d["use_linear_projection"]),
-                upcast_attention=bool(d["upcast_attention"]),
+                use_linear_projection=check_flag(
+                    "use_linear_projection", d["use_linear_projection"]
+                ),
+                upcast_attention=check_flag("upcast_attention", d["upcast_attention"]),
             )
         else:
             head_dim = d["attention_head_dim"]
@@ -226,12 +249,12 @@ class UNetConfig:
                     f"attn_norm_num_groups={d['attn_norm_num_groups']!r} is not supported; "
                     f"allowed values: None, {d['norm_num_groups']!r}"
                 )
-            mid_attention = bool(d["add_attention"])
+            mid_attention = check_flag("add_attention", d["add_attention"])
             extra = {}
         sample_size = d.get("sample_size")
-        if isinstance(sample_size, list | tuple):
+        if isinstance(sample_size, list | tuple) and sample_size:
             sample_size = sample_size[0]
-        return cls(
+        config = cls(
             in_channels=d["in_channels"],
             out_channels=d["out_channels"],
             channels=channels,
@@ -241,14 +264,15 @@ class UNetConfig:
             num_heads=num_heads,
             num_classes=d["num_class_embeds"],
             norm_groups=d["norm_num_groups"],
-            norm_eps=float(d["norm_eps"]),
-            flip_sin_to_cos=bool(d["flip_sin_to_cos"]),
+            norm_eps=check_float("norm_eps", d["norm_eps"], 0.0, 1.0, open_low=True),
+            flip_sin_to_cos=check_flag("flip_sin_to_cos", d["flip_sin_to_cos"]),
             freq_shift=d["freq_shift"],
             downsample_pad="symmetric" if d["downsample_padding"] == 1 else "right_bottom",
-            dropout=float(d["dropout"]),
+            dropout=check_float("dropout", d["dropout"], 0.0, 1.0),
             sample_size=sample_size,
             **extra,
         )
+        return _check_limits(config)
 
     def to_diffusers(self) -> dict[str, Any]:
         """The reference ``config.json`` for this config (``UNet2DConditionModel`` when
@@ -349,6 +373,33 @@ class UNetConfig:
             "upcast_attention": self.upcast_attention,
             "use_linear_projection": self.use_linear_projection,
         }
+
+
+def _check_limits(c: UNetConfig) -> UNetConfig:
+    """Refuse sizes beyond ``diffusekit.limits`` (and non-finite floats) before any module is built."""
+    check_int("in_channels", c.in_channels, 1, MAX_WIDTH)
+    check_int("out_channels", c.out_channels, 1, MAX_WIDTH)
+    check_int("number of levels (block_out_channels)", len(c.channels), 1, MAX_LEVELS)
+    for level, ch in enumerate(c.channels):
+        check_int(f"block_out_channels[{level}]", ch, 1, MAX_WIDTH)
+        check_int(f"num_heads[{level}]", c.num_heads[level], 1, MAX_WIDTH)
+    check_int("layers_per_block", c.layers_per_block, 1, MAX_LAYERS_PER_BLOCK)
+    check_int("transformer_layers_per_block", c.transformer_depth, 1, MAX_TRANSFORMER_DEPTH)
+    check_int("norm_num_groups", c.norm_groups, 1, MAX_WIDTH)
+    if c.cross_attention_dim is not None:
+        check_int("cross_attention_dim", c.cross_attention_dim, 1, MAX_WIDTH)
+    if c.num_classes is not None:
+        check_int("num_class_embeds", c.num_classes, 1, MAX_CLASSES)
+    if c.sample_size is not None:
+        check_int("sample_size", c.sample_size, 1, MAX_SAMPLE_SIZE)
+    check_float("norm_eps", c.norm_eps, 0.0, 1.0, open_low=True)
+    check_float("freq_shift", c.freq_shift, -1e6, 1e6)
+    check_float("dropout", c.dropout, 0.0, 1.0)
+    for name in ("flip_sin_to_cos", "mid_attention", "use_linear_projection", "upcast_attention"):
+        check_flag(name, getattr(c, name))
+    for level, a in enumerate(c.attention_levels):
+        check_flag(f"attention_levels[{level}]", a)
+    return c
 
 
 def _plain(v: Any) -> Any:
