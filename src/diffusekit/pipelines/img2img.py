@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffusekit.errors import ConfigError, check_range
+from diffusekit.errors import ConfigError
 from diffusekit.pipelines.common import GeneratorArg, draw
 from diffusekit.pipelines.stable_diffusion import (
     GenerationResult,
@@ -15,10 +15,11 @@ from diffusekit.pipelines.stable_diffusion import (
     StableDiffusion,
     denoise,
     encode_prompts,
+    grid_for,
     sampler_for,
 )
 from diffusekit.samplers.common import StepInfo
-from diffusekit.samplers.config import build_grid, noised_state
+from diffusekit.samplers.config import noised_state
 
 
 def check_image(image: Tensor, multiple: int, name: str = "image") -> Tensor:
@@ -30,15 +31,6 @@ def check_image(image: Tensor, multiple: int, name: str = "image") -> Tensor:
     if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
         raise ConfigError(f"{name} values must be finite and in [0, 1]")
     return image
-
-
-def steps_for_strength(steps: int, strength: float) -> int:
-    """How many of the ``steps`` grid steps img2img runs: the last int(steps * strength)."""
-    strength = check_range("strength", strength, 0.0, 1.0)
-    n = min(int(steps * strength), steps)
-    if n < 1:
-        raise ConfigError(f"strength={strength} with steps={steps} runs no step; raise strength or steps")
-    return n
 
 
 class ImageToImage:
@@ -70,8 +62,7 @@ class ImageToImage:
         if image.shape[0] != cond.context.shape[0]:
             raise ConfigError(f"got {image.shape[0]} images for {cond.context.shape[0]} prompts")
         config = sampler_for(sd, sampler, eta)
-        full = build_grid(config, steps)
-        grid = full[len(full) - steps_for_strength(steps, strength) :]
+        grid = grid_for(config, steps, strength)
         init = sd.codec.encode(2 * image.to(sd.device, torch.float32) - 1, generator=generator).to(sd.dtype)
         noise = draw(init.shape, generator, init.dtype, init.device)
         x = noised_state(config, grid, init, noise)

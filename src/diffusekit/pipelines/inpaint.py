@@ -17,18 +17,19 @@ from torch import Tensor
 from diffusekit.diffusion.grids import interpolate_sigma
 from diffusekit.errors import ConfigError
 from diffusekit.pipelines.common import GeneratorArg, draw
-from diffusekit.pipelines.img2img import check_image, steps_for_strength
+from diffusekit.pipelines.img2img import check_image
 from diffusekit.pipelines.stable_diffusion import (
     GenerationResult,
     Prompts,
     StableDiffusion,
     denoise,
     encode_prompts,
+    grid_for,
     latent_shape,
     sampler_for,
 )
 from diffusekit.samplers.common import Model, StepInfo
-from diffusekit.samplers.config import build_grid, noised_state
+from diffusekit.samplers.config import noised_state
 
 
 def check_mask(mask: Tensor, image: Tensor) -> Tensor:
@@ -75,8 +76,7 @@ class Inpaint:
             raise ConfigError(f"got {b} images for {cond.context.shape[0]} prompts")
         shape = latent_shape(sd, b, h, w)
         config = sampler_for(sd, sampler, eta)
-        full = build_grid(config, steps)
-        grid = full[len(full) - steps_for_strength(steps, strength) :]
+        grid = grid_for(config, steps, strength)
 
         if latents is None:
             latents = draw(shape, generator, sd.dtype, sd.device)

@@ -7,6 +7,7 @@ state is the cross-attention ``context``, and a conditional U-Net. The pipelines
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,14 +16,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from diffusekit.errors import ConfigError, WeightsError, check_positive_int, check_range
+from diffusekit.diffusion.grids import Grid
+from diffusekit.errors import ConfigError, WeightsError, check_range
 from diffusekit.io.models import load_unet, load_vae, save_unet, save_vae
 from diffusekit.io.text import load_text_encoder, load_tokenizer, save_text_encoder, save_tokenizer
 from diffusekit.io.weights import read_json, write_json
 from diffusekit.networks.text_encoder import ClipTextEncoder
 from diffusekit.networks.tokenizer import ClipTokenizer
 from diffusekit.networks.unet import UNet
-from diffusekit.pipelines.common import GeneratorArg, LatentCodec, chain, check_size, draw, progress, to_unit_range
+from diffusekit.pipelines.common import GeneratorArg, LatentCodec, chain, check_size, progress, to_unit_range
+from diffusekit.runtime.policy import Plan, default_dtype, prepare
 from diffusekit.samplers.common import Model, StepInfo
 from diffusekit.samplers.config import SamplerConfig, build_grid, run_sampler
 from diffusekit.samplers.guidance import guided
@@ -43,17 +46,28 @@ class StableDiffusion:
 
     @classmethod
     def load(
-        cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        folder: str | os.PathLike,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = torch.float32,
+        fast: bool = True,
     ) -> StableDiffusion:
         """Load a diffusers-layout folder: ``model_index.json`` + unet/, vae/, text_encoder/, tokenizer/,
-        scheduler/. Each component's config is translated into ours; weights load from safetensors only."""
+        scheduler/. Each component's config is translated into ours; weights load from safetensors only.
+
+        ``dtype`` of the U-Net and text encoder (the VAE stays float32); None picks the machine's default
+        (bfloat16 where the device computes it natively, else float32). ``fast`` applies the runtime plan
+        for inference: channels-last weights and, for half precision on a CPU without native bfloat16,
+        float32 compute (see :mod:`diffusekit.runtime.policy`)."""
         folder = Path(folder)
+        dtype = dtype or default_dtype(device)
         if not (folder / "model_index.json").is_file():
             raise WeightsError(f"{folder}: not a model folder (no model_index.json); expected the diffusers layout")
         read_json(folder / "model_index.json")
         sched = folder / "scheduler" / "scheduler_config.json"
         sampler_config = SamplerConfig.from_reference(read_json(sched)) if sched.exists() else _sd_default_sampler()
-        return cls(
+        sd = cls(
             unet=load_unet(folder / "unet", dtype=dtype, device=device),
             codec=LatentCodec(load_vae(folder / "vae", dtype=torch.float32, device=device)),
             tokenizer=load_tokenizer(folder / "tokenizer"),
@@ -61,6 +75,18 @@ class StableDiffusion:
             sampler_config=sampler_config,
             name=folder.resolve().name,
         )
+        if fast:
+            sd.prepare()
+        return sd
+
+    def prepare(self, plan: Plan | None = None) -> StableDiffusion:
+        """Apply a runtime plan for inference (default: the machine's; keeps each component's dtype) to the
+        U-Net and text encoder, and the same layout to the VAE, which stays float32. Returns self."""
+        plan = plan or Plan()
+        prepare(self.unet, dataclasses.replace(plan, dtype=plan.dtype or self.dtype))
+        prepare(self.text_encoder, dataclasses.replace(plan, dtype=plan.dtype or self.dtype))
+        prepare(self.codec.vae, dataclasses.replace(plan, dtype=torch.float32, compile=False))
+        return self
 
     def save(self, folder: str | os.PathLike) -> None:
         """Write the diffusers layout that ``load`` (and the reference) reads."""
@@ -179,7 +205,7 @@ def denoise(
     config: SamplerConfig,
     model: Model,
     x: Tensor,
-    grid,
+    grid: Grid,
     generator: GeneratorArg,
     callback: Callable[[StepInfo], None] | None,
     show_progress: bool,
@@ -194,11 +220,15 @@ def denoise(
     return GenerationResult(to_unit_range(images.float()), latents, x)
 
 
-def check_steps(steps: int) -> int:
-    return check_positive_int("steps", steps)
-
-
-__all__ = [
-    "StableDiffusion", "Conditioning", "GenerationResult", "encode_prompts", "latent_shape", "sampler_for",
-    "denoise", "draw", "build_grid",
-]  # fmt: skip
+def grid_for(config: SamplerConfig, steps: int, strength: float = 1.0) -> Grid:
+    """The grid of ``steps`` steps, or with ``strength`` < 1 its last int(steps * strength) steps (SDEdit,
+    Meng et al. 2022: start part way down the noise levels). The full grid is built first, so every
+    step lands where it would in a full run."""
+    full = build_grid(config, steps)
+    if strength == 1.0:
+        return full
+    strength = check_range("strength", strength, 0.0, 1.0)
+    n = min(int(steps * strength), steps)
+    if n < 1:
+        raise ConfigError(f"strength={strength} with steps={steps} runs no step; raise strength or steps")
+    return full[steps - n :]

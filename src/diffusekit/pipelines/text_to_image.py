@@ -15,11 +15,11 @@ from diffusekit.pipelines.stable_diffusion import (
     StableDiffusion,
     denoise,
     encode_prompts,
+    grid_for,
     latent_shape,
     sampler_for,
 )
 from diffusekit.samplers.common import StepInfo
-from diffusekit.samplers.config import build_grid
 
 
 class TextToImage:
@@ -50,7 +50,7 @@ class TextToImage:
         cond = encode_prompts(sd, prompt, negative_prompt, guidance_scale)
         shape = latent_shape(sd, cond.context.shape[0], height, width)
         config = sampler_for(sd, sampler, eta)
-        grid = build_grid(config, steps)
+        grid = grid_for(config, steps)
         if latents is None:
             latents = draw(shape, generator, sd.dtype, sd.device)
         elif tuple(latents.shape) != shape:
