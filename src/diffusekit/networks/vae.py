@@ -26,6 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusekit.errors import ConfigError, check_choice
+from diffusekit.limits import (
+    MAX_LAYERS_PER_BLOCK,
+    MAX_LEVELS,
+    MAX_SAMPLE_SIZE,
+    MAX_WIDTH,
+    check_flag,
+    check_float,
+    check_int,
+    translating,
+)
 from diffusekit.networks.attention import SpatialSelfAttention
 from diffusekit.networks.blocks import DownLevel, MidBlock, UpLevel, init_weights
 
@@ -90,24 +100,36 @@ class VAEConfig:
         }
 
     @classmethod
+    @translating("VAE config")
     def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"a VAE config must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown VAEConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return _check_vae_limits(cls(**d))
 
     @classmethod
+    @translating("VAE config")
     def from_diffusers(cls, d: dict[str, Any]) -> VAEConfig:
         """Translate a reference ``AutoencoderKL`` ``config.json`` dict (unknown keys ignored; values we
         do not implement raise ConfigError naming the key and the allowed values)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a VAE config must be a JSON object, got {type(d).__name__}")
         check_choice("_class_name", d.get("_class_name", "AutoencoderKL"), ("AutoencoderKL",))
         d = {**_VAE_DEFAULTS, **{k: v for k, v in d.items() if not k.startswith("_")}}
         check_choice("act_fn", d["act_fn"], ("silu",))
         for key in ("latents_mean", "latents_std"):
             check_choice(key, d[key], (None,))
-        channels = tuple(d["block_out_channels"])
-        n = len(channels)
+        channels = d["block_out_channels"]
+        if not isinstance(channels, list | tuple):
+            raise ConfigError(f"block_out_channels must be a list of integers, got {channels!r}")
+        channels = tuple(channels)
+        n = check_int("len(block_out_channels)", len(channels), 1, MAX_LEVELS)
+        for key in ("down_block_types", "up_block_types"):
+            if not isinstance(d[key], list | tuple):
+                raise ConfigError(f"{key} must be a list of block names, got {d[key]!r}")
         if list(d["down_block_types"]) != ["DownEncoderBlock2D"] * n:
             raise ConfigError(
                 f"down_block_types={d['down_block_types']!r} is not supported; "
@@ -119,22 +141,25 @@ class VAEConfig:
                 f"allowed value: {['UpDecoderBlock2D'] * n!r}"
             )
         sample_size = d["sample_size"]
-        if isinstance(sample_size, list | tuple):
+        if isinstance(sample_size, list | tuple) and sample_size:
             sample_size = sample_size[0]
-        return cls(
+        config = cls(
             in_channels=d["in_channels"],
             out_channels=d["out_channels"],
             latent_channels=d["latent_channels"],
             channels=channels,
             layers_per_block=d["layers_per_block"],
             norm_groups=d["norm_num_groups"],
-            mid_attention=bool(d["mid_block_add_attention"]),
-            use_quant_conv=bool(d["use_quant_conv"]),
-            use_post_quant_conv=bool(d["use_post_quant_conv"]),
-            scaling_factor=float(d["scaling_factor"]),
-            shift_factor=None if d["shift_factor"] is None else float(d["shift_factor"]),
+            mid_attention=check_flag("mid_block_add_attention", d["mid_block_add_attention"]),
+            use_quant_conv=check_flag("use_quant_conv", d["use_quant_conv"]),
+            use_post_quant_conv=check_flag("use_post_quant_conv", d["use_post_quant_conv"]),
+            scaling_factor=check_float("scaling_factor", d["scaling_factor"], 0.0, 1e6, open_low=True),
+            shift_factor=(
+                None if d["shift_factor"] is None else check_float("shift_factor", d["shift_factor"], -1e6, 1e6)
+            ),
             sample_size=sample_size,
         )
+        return _check_vae_limits(config)
 
     def to_diffusers(self) -> dict[str, Any]:
         """The reference ``AutoencoderKL`` ``config.json`` for this config."""
@@ -160,6 +185,25 @@ class VAEConfig:
             "use_post_quant_conv": self.use_post_quant_conv,
             "use_quant_conv": self.use_quant_conv,
         }
+
+
+def _check_vae_limits(c: VAEConfig) -> VAEConfig:
+    """Refuse sizes beyond ``diffusekit.limits`` (and non-finite floats) before any module is built."""
+    for name in ("in_channels", "out_channels", "latent_channels"):
+        check_int(name, getattr(c, name), 1, MAX_WIDTH)
+    check_int("number of levels (block_out_channels)", len(c.channels), 1, MAX_LEVELS)
+    for level, ch in enumerate(c.channels):
+        check_int(f"block_out_channels[{level}]", ch, 1, MAX_WIDTH)
+    check_int("layers_per_block", c.layers_per_block, 1, MAX_LAYERS_PER_BLOCK)
+    check_int("norm_num_groups", c.norm_groups, 1, MAX_WIDTH)
+    if c.sample_size is not None:
+        check_int("sample_size", c.sample_size, 1, MAX_SAMPLE_SIZE)
+    check_float("scaling_factor", c.scaling_factor, 0.0, 1e6, open_low=True)
+    if c.shift_factor is not None:
+        check_float("shift_factor", c.shift_factor, -1e6, 1e6)
+    for name in ("mid_attention", "use_quant_conv", "use_post_quant_conv"):
+        check_flag(name, getattr(c, name))
+    return c
 
 
 _VAE_DEFAULTS: dict[str, Any] = {
