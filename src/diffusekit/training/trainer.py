@@ -41,6 +41,7 @@ from diffusekit.training.checkpoint import (
     load_checkpoint,
     restore_rng,
     save_checkpoint,
+    step_dir_name,
 )
 from diffusekit.training.config import OptimConfig, TrainConfig
 from diffusekit.training.data import (
@@ -321,9 +322,9 @@ class Trainer:
             },
         )
 
-    def save_checkpoint(self) -> Path | None:
-        """Write the current state (rank 0 only; other ranks return None)."""
-        path = None
+    def save_checkpoint(self) -> Path:
+        """Write the current state (rank 0 writes; every rank returns the checkpoint's path)."""
+        path = self.run_dir / CHECKPOINTS_DIR / step_dir_name(self.step)
         if self.env.is_main:
             path = save_checkpoint(
                 self.run_dir / CHECKPOINTS_DIR,
@@ -505,7 +506,7 @@ class Trainer:
                     bar.set_postfix(postfix, refresh=False)
                     interval_losses, interval_start = [], now
                 if self.step % c.run.checkpoint_every == 0:
-                    last_ckpt = self.save_checkpoint() or last_ckpt
+                    last_ckpt = self.save_checkpoint()
                 if c.run.sample_every and self.step % c.run.sample_every == 0 and main:
                     self._write_samples(logger)
                 if self.on_step_end is not None:
@@ -514,7 +515,7 @@ class Trainer:
             bar.close()
         train_seconds = time.perf_counter() - t_start
         self.train_seconds_total += train_seconds
-        if last_ckpt is None or last_ckpt.name != f"step-{self.step:08d}":
+        if last_ckpt is None or last_ckpt.name != step_dir_name(self.step):
             last_ckpt = self.save_checkpoint()
         export_dir = None
         if main:
