@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusekit.errors import ConfigError, check_choice, check_positive_int
+from diffusekit.limits import MAX_POSITIONS, MAX_TEXT_LAYERS, MAX_VOCAB, MAX_WIDTH, check_int, translating
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 
@@ -72,6 +73,7 @@ class TextEncoderConfig:
         return self.hidden_size // self.num_heads
 
     @classmethod
+    @translating("text encoder config")
     def from_hf(cls, config: dict[str, Any]) -> TextEncoderConfig:
         """Translate a reference ``CLIPTextModel`` ``config.json`` (or a ``CLIPModel`` one with a
         ``text_config``). Unknown keys are ignored; a missing size key raises ConfigError naming it."""
@@ -95,7 +97,7 @@ class TextEncoderConfig:
             ids["bos_id"] = ids["eos_id"] - 1 if ids["bos_id"] is None else ids["bos_id"]
             ids["pad_id"] = ids["eos_id"] if ids["pad_id"] is None else ids["pad_id"]
         try:
-            return cls(**kwargs, **ids)
+            return _check_limits(cls(**kwargs, **ids))
         except ConfigError as e:  # name the key as the reference config spells it
             message = str(e)
             for hf_key, ours in {**_HF_KEYS, **_HF_ID_KEYS}.items():
@@ -129,6 +131,17 @@ class TextEncoderConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check_limits(c: TextEncoderConfig) -> TextEncoderConfig:
+    """Refuse sizes beyond ``diffusekit.limits`` before any module is built (our field names, which
+    ``from_hf`` turns into the reference's)."""
+    check_int("vocab_size", c.vocab_size, 1, MAX_VOCAB)
+    for name in ("hidden_size", "mlp_size", "num_heads"):
+        check_int(name, getattr(c, name), 1, MAX_WIDTH)
+    check_int("num_layers", c.num_layers, 1, MAX_TEXT_LAYERS)
+    check_int("max_positions", c.max_positions, 1, MAX_POSITIONS)
+    return c
 
 
 # Named sizes. "sd1": OpenAI CLIP ViT-L/14 text tower (SD-1.x). "sd2": OpenCLIP ViT-H/14 text tower as SD-2.x
