@@ -126,3 +126,32 @@ def test_end_to_end_folders_match_fid_helper(tmp_path, datasets_dir):
                           folder_stats(tmp_path / "b", ext, use_cache=False))  # fmt: skip
     theirs = FidHelper().compute_fid_score_from_dir(str(tmp_path / "a"), str(tmp_path / "b"), batch_size=20)
     assert abs(ours - float(theirs)) < 1e-3 * max(1.0, abs(float(theirs)))
+
+
+def test_fid_cli_with_a_user_torchscript_extractor(tmp_path, capsys):
+    """`diffusekit fid` on folders, a dataset split and saved statistics, with a tiny scripted feature net."""
+    from diffusekit.cli.main import main
+    from diffusekit.utils.images import save_images
+
+    class Features(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, 299, 299) -> (N, 8)
+            p = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)  # (N, 12)
+            return p[:, :8] * p[:, 4:]
+
+    torch.jit.script(Features()).save(str(tmp_path / "feat.pt"))
+    g = torch.Generator().manual_seed(0)
+    save_images(torch.rand(12, 3, 16, 16, generator=g), tmp_path / "a")
+    save_images(torch.rand(12, 1, 16, 16, generator=g) * 0.5, tmp_path / "b")
+    common = ["--inception", str(tmp_path / "feat.pt"), "--device", "cpu", "--no-cache"]
+    assert main(["fid", str(tmp_path / "a"), str(tmp_path / "a"), *common]) == 0
+    assert float(capsys.readouterr().out.split()[1]) == pytest.approx(0.0, abs=1e-6)
+    assert (
+        main(["fid", str(tmp_path / "a"), str(tmp_path / "b"), *common, "--save-stats", str(tmp_path / "a.npz")]) == 0
+    )
+    ab = float(capsys.readouterr().out.split()[1])
+    assert ab > 0
+    assert main(["fid", str(tmp_path / "b"), str(tmp_path / "a.npz"), *common]) == 0
+    assert float(capsys.readouterr().out.split()[1]) == pytest.approx(ab, rel=1e-9)
+    assert main(["fid", "bundled:test", str(tmp_path / "a.npz"), "--limit", "20", *common]) == 0
+    assert "A: 20 images" in capsys.readouterr().out
+    assert main(["fid", str(tmp_path / "nothing"), str(tmp_path / "a"), *common]) == 2

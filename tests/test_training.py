@@ -313,3 +313,20 @@ def test_cli_demo_with_a_tiny_budget(tmp_path, capsys):
         assert im.width > im.height  # one row of ten digits
     assert (out / "train" / "model" / "model_index.json").is_file()
     assert "diffusekit demo: results" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("tensorboard") is None, reason="tensorboard (the log extra) is not installed"
+)
+def test_tensorboard_scalars_and_image_grids(tmp_path):
+    trainer = tiny_trainer(tmp_path, run={"tensorboard": True, "max_steps": 2, "sample_every": 2,
+                                          "num_sample_images": 3, "sample_steps": 1})  # fmt: skip
+    trainer.fit()
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/ema_decay"} <= set(acc.Tags()["scalars"])
+    assert "samples/ema_ddim" in acc.Tags()["images"]

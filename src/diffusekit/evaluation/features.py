@@ -166,7 +166,7 @@ def folder_batches(files: list[Path], batch_size: int = 50) -> Iterator[Tensor]:
         for p in files[i : i + batch_size]:
             try:
                 with Image.open(p) as im:
-                    a = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                    a = np.array(im.convert("RGB"), dtype=np.uint8)
             except OSError as e:
                 raise ConfigError(f"cannot read image {p}: {e}") from None
             imgs.append(torch.from_numpy(a).permute(2, 0, 1).float()[None] / 255)
