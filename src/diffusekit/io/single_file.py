@@ -46,6 +46,7 @@ from diffusekit.networks.unet import UNet, UNetConfig
 from diffusekit.networks.vae import AutoencoderKL, VAEConfig
 from diffusekit.pipelines.common import LatentCodec
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
+from diffusekit.runtime.policy import default_dtype
 from diffusekit.samplers.config import SamplerConfig
 
 UNET_PREFIX = "model.diffusion_model."
@@ -499,17 +500,19 @@ def load_single_file(
     tokenizer_folder: str | os.PathLike | None = None,
     allow_pickle: bool = False,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     device: str | torch.device = "cpu",
+    fast: bool = True,
 ) -> StableDiffusion:
     """Load a single-file SD-1.x checkpoint (``.safetensors``; pickles only with ``allow_pickle``) as a
     :class:`StableDiffusion`, with the tokenizer read from ``tokenizer_folder`` (a ``tokenizer/`` folder with
     ``vocab.json`` + ``merges.txt``, or a diffusers model folder holding one).
 
     Network sizes are inferred from the tensor shapes (or read from the ``diffusekit.*`` metadata of files
-    written by :func:`save_single_file`); the sampler is SD-1.x's PNDM schedule. The U-Net and text encoder
-    are cast to ``dtype``, the VAE stays float32 (as ``StableDiffusion.load`` keeps it). Missing, unexpected
-    or mis-shaped tensors raise WeightsError naming the file and a few keys."""
+    written by :func:`save_single_file`); the sampler is SD-1.x's PNDM schedule. As in
+    ``StableDiffusion.load``: the U-Net and text encoder are cast to ``dtype`` (None: the machine's default),
+    the VAE stays float32, and ``fast`` applies the runtime plan for inference. Missing, unexpected or
+    mis-shaped tensors raise WeightsError naming the file and a few keys."""
     path = Path(path)
     if tokenizer_folder is None:
         raise ConfigError(
@@ -518,7 +521,9 @@ def load_single_file(
         )
     tokenizer = load_tokenizer(tokenizer_folder)
     state, metadata = read_single_file(path, allow_pickle=allow_pickle)
-    return stable_diffusion_from_single_file(state, metadata, tokenizer, source=path, dtype=dtype, device=device)
+    dtype = dtype or default_dtype(device)
+    sd = stable_diffusion_from_single_file(state, metadata, tokenizer, source=path, dtype=dtype, device=device)
+    return sd.prepare() if fast else sd
 
 
 def stable_diffusion_from_single_file(
