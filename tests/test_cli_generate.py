@@ -162,6 +162,7 @@ def test_other_bad_inputs(sd_folder, tmp_path, capsys):
     png = tmp_path / "in.png"
     Image.new("RGB", (16, 16)).save(png)
     Image.new("L", (24, 24)).save(tmp_path / "mask.png")
+    Image.new("RGB", (12, 12)).save(tmp_path / "small.png")
     common = ["--model", str(sd_folder), "--out", str(tmp_path / "out"), "--quiet", "--steps", "2"]
     cases = [
         (["txt2img", *common], "no prompt given"),
@@ -171,6 +172,7 @@ def test_other_bad_inputs(sd_folder, tmp_path, capsys):
          "--mask is 24x24 but --image is 16x16"),
         (["txt2img", "--model", str(tmp_path / "nowhere"), "a", "--out", str(tmp_path)], "no such folder or file"),
         (["img2img", *common, "a", "--image", str(tmp_path / "mask.png"), "--size", "12x12"], "multiple of 8"),
+        (["img2img", *common, "a", "--image", str(tmp_path / "small.png")], "--image is 12x12 pixels"),
     ]  # fmt: skip
     for argv, expected in cases:
         code, written, err = run(argv, capsys)

@@ -535,9 +535,11 @@ def _run(args: argparse.Namespace, mode: str) -> int:
         raise ConfigError(f"--eta applies to the ddim sampler only; this run uses {sampler} (pass --sampler ddim)")
     size = _resolve_size(first, sd)
     inputs = _load_inputs(first, size)
+    what = f"--size {size[0]}x{size[1]}" if size is not None else None
     if size is None:  # img2img / inpaint at the input's own size
         size = (inputs["image"].shape[3], inputs["image"].shape[2])
-    _check_size(size, sd)
+        what = f"--image is {size[0]}x{size[1]} pixels, but its"
+    _check_size(size, sd, what)
     provenance: dict[str, Any] = {"device": str(device), "batch_size": job.batch_size}
     if first.image is not None:
         provenance["image_sha256"] = _sha256(Path(first.image))
@@ -572,12 +574,13 @@ def _resolve_size(s: Settings, sd: StableDiffusion) -> tuple[int, int] | None:
     return native, native
 
 
-def _check_size(size: tuple[int, int], sd: StableDiffusion) -> None:
+def _check_size(size: tuple[int, int], sd: StableDiffusion, what: str) -> None:
     m = math.lcm(8, sd.latent_multiple)
     if size[0] % m or size[1] % m:
+        hint = "" if what.startswith("--size") else "; pass --size WxH to resize it"
         raise ConfigError(
-            f"--size {size[0]}x{size[1]}: width and height must be multiples of {m} for this model "
-            f"(VAE factor {sd.codec.downsample_factor} x U-Net factor {sd.unet.config.downsample_factor})"
+            f"{what} width and height must be multiples of {m} for this model (VAE factor "
+            f"{sd.codec.downsample_factor} x U-Net factor {sd.unet.config.downsample_factor}){hint}"
         )
 
 
