@@ -289,6 +289,10 @@ def test_cli_train_then_sample(tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err
     assert main([*args[:5], "--steps", "3", *args[7:], "--resume"]) == 0
     assert load_checkpoint(latest_checkpoint(run / "checkpoints")).step == 3
+    # a checkpoint named directly continues in its own run folder, keeping its saved run settings
+    assert main(["train", "--resume", str(run / "checkpoints" / "step-00000003"), "--steps", "4", "--no-progress"]) == 0
+    state = load_checkpoint(latest_checkpoint(run / "checkpoints"))
+    assert state.step == 4 and state.config["train"]["run"]["checkpoint_every"] == 1
     out = tmp_path / "grid.png"
     assert main(["sample", str(run), "--n", "4", "--steps", "2", "--class", "1", "--guidance", "2", "--out", str(out),
                  "--out-dir", str(tmp_path / "imgs"), "--device", "cpu"]) == 0  # fmt: skip

@@ -149,6 +149,39 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config.replace(**changes) if changes else config.validate()
 
 
+def resume_config(args: argparse.Namespace, config: TrainConfig) -> tuple[TrainConfig, Path | None]:
+    """For --resume: the checkpoint (None if "latest" finds none) and its saved config, with only the run
+    options given on the command line changed. A checkpoint named explicitly continues in its own run folder
+    unless --output-dir says otherwise."""
+    from diffusekit.io.weights import read_json
+    from diffusekit.training.checkpoint import latest_checkpoint, resolve_checkpoint
+    from diffusekit.training.trainer import CHECKPOINTS_DIR
+
+    if args.resume == "latest":
+        path = latest_checkpoint(Path(config.run.output_dir) / CHECKPOINTS_DIR)
+        if path is None:
+            print(f"note: no checkpoint in {config.run.output_dir}; starting a new run", file=sys.stderr)
+            return config, None
+    else:
+        path = resolve_checkpoint(args.resume)
+    ignored = [f"--{o.replace('_', '-')}" for o, (section, _) in _FIELDS.items()
+               if section != "run" and getattr(args, o, None) is not None]  # fmt: skip
+    if args.config:
+        ignored.append("--config")
+    if ignored:
+        print(f"note: resuming uses the checkpoint's config; ignoring {', '.join(ignored)}", file=sys.stderr)
+    saved = TrainConfig.from_dict(read_json(path / "config.json")["train"])
+    changes = {name: getattr(args, o) for o, (section, name) in _FIELDS.items()
+               if section == "run" and getattr(args, o, None) is not None}  # fmt: skip
+    if args.no_progress:
+        changes["progress"] = False
+    if args.no_tensorboard:
+        changes["tensorboard"] = False
+    if args.resume != "latest" and args.output_dir is None:
+        changes["output_dir"] = str(path.parent.parent)
+    return saved.replace(run=changes), path
+
+
 def run(args: argparse.Namespace) -> int:
     from diffusekit.training.checkpoint import list_checkpoints
     from diffusekit.training.trainer import CHECKPOINTS_DIR, Trainer
@@ -168,15 +201,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another --output-dir"
         )
+    resume = None
     if args.resume is not None:
-        ignored = [
-            f"--{o.replace('_', '-')}"
-            for o, (section, _) in _FIELDS.items()
-            if section != "run" and getattr(args, o, None) is not None
-        ]
-        if ignored:
-            print(f"note: resuming uses the checkpoint's config; ignoring {', '.join(ignored)}", file=sys.stderr)
-    trainer = Trainer(config, resume=args.resume)
+        config, resume = resume_config(args, config)
+    trainer = Trainer(config, resume=resume)
     result = trainer.fit()
     if trainer.env.is_main:
         print(

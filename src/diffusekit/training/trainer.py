@@ -511,6 +511,10 @@ class Trainer:
                     self._write_samples(logger)
                 if self.on_step_end is not None:
                     self.on_step_end(self, self.step)
+        except BaseException:
+            if logger is not None:
+                logger.close()
+            raise
         finally:
             bar.close()
         train_seconds = time.perf_counter() - t_start
