@@ -40,7 +40,7 @@ def sd15_sized(tokenizer_folder: Path) -> StableDiffusion:
         tokenizer=load_tokenizer(tokenizer_folder),
         text_encoder=ClipTextEncoder(TEXT_ENCODER_PRESETS["sd1"]).eval(),
         sampler_config=SamplerConfig.from_reference(SD1_SCHEDULER),
-    )
+    ).prepare()  # the runtime plan StableDiffusion.load applies
 
 
 def test_sd15_sized_model_makes_a_512px_image_on_the_cpu(fixtures_dir):

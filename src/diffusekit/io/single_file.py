@@ -601,7 +601,8 @@ def stored_dtype(state: dict[str, Tensor]) -> torch.dtype:
 
 
 def to_single_file_state_dict(sd: StableDiffusion, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """The three networks' tensors under their single-file (CompVis) keys; ``dtype`` casts floating tensors."""
+    """The three networks' tensors under their single-file (CompVis) keys, contiguous; ``dtype`` casts floating
+    tensors."""
     out: dict[str, Tensor] = {}
     parts = [
         (sd.unet, unet_key_map(sd.unet.config)),
@@ -615,7 +616,7 @@ def to_single_file_state_dict(sd: StableDiffusion, dtype: torch.dtype | None = N
                 v = v[:, :, None, None]  # stored as a 1x1 convolution, as LDM defines it
             if dtype is not None and v.is_floating_point():
                 v = v.to(dtype)
-            out[key_map.names[ours]] = v
+            out[key_map.names[ours]] = v.contiguous()  # files hold row-major tensors; ours may be channels-last
     return out
 
 
