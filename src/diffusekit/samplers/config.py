@@ -26,6 +26,7 @@ from diffusekit.diffusion.grids import (
 from diffusekit.diffusion.parametrization import PREDICTION_TYPES
 from diffusekit.diffusion.schedules import BETA_SCHEDULES, NoiseSchedule, make_betas, rescale_zero_terminal_snr
 from diffusekit.errors import ConfigError, check_choice, check_positive_int, check_range
+from diffusekit.limits import translating
 from diffusekit.samplers.common import Denoiser, Generator, Model, StepInfo
 from diffusekit.samplers.ddim import sample_ddim
 from diffusekit.samplers.ddpm import VARIANCES, sample_ddpm
@@ -72,7 +73,7 @@ class SamplerConfig:
     ignored_keys: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
-        name = ALIASES.get(self.sampler, self.sampler)
+        name = ALIASES.get(self.sampler, self.sampler) if isinstance(self.sampler, str) else self.sampler
         object.__setattr__(self, "sampler", check_choice("sampler", name, SAMPLERS))
         check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
@@ -116,8 +117,11 @@ class SamplerConfig:
         return d
 
     @classmethod
+    @translating("sampler config")
     def from_dict(cls, d: dict[str, Any]) -> SamplerConfig:
         """Our own saved form (see ``to_dict``); unknown keys are an error."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a sampler config must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)} - {"ignored_keys"}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -128,6 +132,7 @@ class SamplerConfig:
         return cls(**d)
 
     @classmethod
+    @translating("scheduler config")
     def from_reference(cls, cfg: dict[str, Any], sampler: str | None = None) -> SamplerConfig:
         """Translate a reference ``scheduler_config.json`` (keys that mean nothing here are ignored).
 
