@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -63,17 +64,21 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def translating(what: str) -> Callable[[F], F]:
+def translating(what: str, names: dict[str, str] | None = None) -> Callable[[F], F]:
     """Decorator for the functions that translate a config read from a file: a TypeError, ValueError,
-    KeyError, ... raised while reading a malformed one becomes a ConfigError naming ``what``."""
+    KeyError, ... raised while reading a malformed one becomes a ConfigError naming ``what``. ``names``
+    maps our field names to the file's keys, so that messages name the keys the user can find in the file."""
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b") if names else None
 
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         def translate(*args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(*args, **kwargs)
-            except ConfigError:
-                raise
+            except ConfigError as e:
+                if pattern is None:
+                    raise
+                raise ConfigError(pattern.sub(lambda m: names[m.group(1)], str(e))) from None
             except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RecursionError) as e:
                 raise ConfigError(f"invalid {what} ({type(e).__name__}: {e})") from None
 

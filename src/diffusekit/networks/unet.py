@@ -41,6 +41,14 @@ from diffusekit.networks.blocks import AttentionFactory, DownLevel, MidBlock, Up
 from diffusekit.networks.embeddings import TimestepEmbedding, timestep_embedding
 
 DOWNSAMPLE_PADS = ("symmetric", "right_bottom")
+# our field names -> the reference config.json keys they come from (for error messages)
+_REFERENCE_NAMES = {
+    "channels": "block_out_channels",
+    "num_heads": "attention_head_dim",
+    "norm_groups": "norm_num_groups",
+    "num_classes": "num_class_embeds",
+    "transformer_depth": "transformer_layers_per_block",
+}
 
 
 @dataclass(frozen=True)
@@ -162,7 +170,7 @@ class UNetConfig:
 
     # ---- the reference's config.json --------------------------------------------------------------
     @classmethod
-    @translating("UNet config")
+    @translating("UNet config", names=_REFERENCE_NAMES)
     def from_diffusers(cls, d: dict[str, Any]) -> UNetConfig:
         """Translate a reference ``UNet2DModel`` / ``UNet2DConditionModel`` ``config.json`` dict.
 

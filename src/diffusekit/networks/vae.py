@@ -111,7 +111,7 @@ class VAEConfig:
         return _check_vae_limits(cls(**d))
 
     @classmethod
-    @translating("VAE config")
+    @translating("VAE config", names={"channels": "block_out_channels", "norm_groups": "norm_num_groups"})
     def from_diffusers(cls, d: dict[str, Any]) -> VAEConfig:
         """Translate a reference ``AutoencoderKL`` ``config.json`` dict (unknown keys ignored; values we
         do not implement raise ConfigError naming the key and the allowed values)."""
