@@ -66,7 +66,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     """Run ``diffusekit convert``; returns the exit status."""
     from diffusekit.io.single_file import (
+        PICKLE_SUFFIXES,
+        load_single_file,
         read_single_file,
+        read_single_file_shapes,
         save_single_file,
         stable_diffusion_from_single_file,
         stored_dtype,
@@ -99,10 +102,13 @@ def run_convert(args: argparse.Namespace) -> int:
                 f"SRC {src} is a single file, which carries no tokenizer; pass --tokenizer DIR (a folder with "
                 "vocab.json and merges.txt, e.g. the tokenizer/ folder of any SD-1.x model)"
             )
-        tokenizer = load_tokenizer(args.tokenizer)
-        state, metadata = read_single_file(src, allow_pickle=args.allow_pickle)
-        dtype = dtype or stored_dtype(state)
-        sd = stable_diffusion_from_single_file(state, metadata, tokenizer, source=src, dtype=dtype)
+        if src.suffix.lower() in PICKLE_SUFFIXES:
+            state, metadata = read_single_file(src, allow_pickle=args.allow_pickle)
+            sd = stable_diffusion_from_single_file(state, metadata, load_tokenizer(args.tokenizer), source=src,
+                                                   dtype=dtype or stored_dtype(state))  # fmt: skip
+        else:  # read tensor by tensor, in the precision the file stores unless --dtype says otherwise
+            dtype = dtype or stored_dtype(read_single_file_shapes(src)[0])
+            sd = load_single_file(src, args.tokenizer, dtype=dtype, fast=False)
         sd.save(dst)
         print(f"wrote {dst}/", file=sys.stderr)
     return 0

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from diffusekit.errors import ConfigError, DiffusekitError, WeightsError
 from diffusekit.io.text import SINGLE_FILE_PREFIX, load_tokenizer, to_reference_state_dict
+from diffusekit.io.weights import _check_header as check_safetensors_header
 from diffusekit.io.weights import load_weights, save_weights
 from diffusekit.networks.text_encoder import ClipTextEncoder, TextEncoderConfig
 from diffusekit.networks.tokenizer import ClipTokenizer
@@ -398,15 +399,16 @@ def _read_pickle(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def _normalize_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Older files name the text encoder ``cond_stage_model.transformer.embeddings...`` (no ``text_model.``)."""
+def _normalize_keys(state: dict[str, Tensor]) -> dict[str, str]:
+    """Rename, in place, the text-encoder keys of older files (``cond_stage_model.transformer.embeddings...``,
+    without ``text_model.``); returns {new name: the file's name} for what was renamed."""
     old = "cond_stage_model.transformer."
-    out = {}
-    for k, v in state.items():
-        if k.startswith(old) and not k.startswith(TEXT_ENCODER_PREFIX):
-            k = TEXT_ENCODER_PREFIX + k[len(old) :]
-        out[k] = v
-    return out
+    renamed = {}
+    for k in [k for k in state if k.startswith(old) and not k.startswith(TEXT_ENCODER_PREFIX)]:
+        new = TEXT_ENCODER_PREFIX + k[len(old) :]
+        state[new] = state.pop(k)
+        renamed[new] = k
+    return renamed
 
 
 def _few(keys: list[str], limit: int = 5) -> str:
@@ -437,16 +439,17 @@ def _text_config_from_dict(d: dict) -> TextEncoderConfig:
 
 
 def _take(
-    state: dict[str, Tensor], key_map: KeyMap, build: Callable[[Any], nn.Module], config: Any, *,
-    dtype: torch.dtype | None, device: str | torch.device,
+    read: Callable[[str], Tensor], key_map: KeyMap, build: Callable[[Any], nn.Module], config: Any, *,
+    dtype: torch.dtype, device: str | torch.device,
 ) -> nn.Module:  # fmt: skip
-    """Build the network and move its tensors out of ``state`` (popping them, so memory is freed as we go)."""
+    """Build the network and fill it tensor by tensor with ``read(file key)``, so that at most one of the
+    file's tensors is held beside the network at a time."""
     with torch.device("meta"):
         model = build(config)
     expected = model.state_dict()
     owned = {}
     for ours, theirs in key_map.names.items():
-        v = state.pop(theirs)
+        v = read(theirs)
         if ours in key_map.conv_weights and v.ndim == 4 and v.shape[2:] == (1, 1):
             v = v[:, :, 0, 0]  # a 1x1 convolution in the file, a linear layer here
         w = v.to(dtype) if v.is_floating_point() else v
@@ -495,6 +498,54 @@ def _component(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class _LazySafetensors:
+    """A safetensors file opened for reading one tensor at a time: ``tensors`` holds meta tensors (shape and
+    dtype, no data) for config inference and checks, ``read(key)`` the data of one, ``metadata`` the header's
+    string metadata. Use as a context manager."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> _LazySafetensors:
+        path = self.path
+        if not path.is_file():
+            raise WeightsError(f"checkpoint file not found: {path}")
+        check_safetensors_header(path)
+        try:
+            self._file = safe_open(str(path), framework="pt", device="cpu")
+            handle = self._file.__enter__()
+            self.metadata = dict(handle.metadata() or {})
+            self.tensors = {}
+            for key in handle.keys():
+                part = handle.get_slice(key)
+                dtype = _SAFETENSORS_DTYPES.get(part.get_dtype(), torch.uint8)
+                self.tensors[key] = torch.empty(part.get_shape(), dtype=dtype, device="meta")
+        except Exception as e:  # the header was checked; whatever the library still rejects is the file's fault
+            raise WeightsError(f"{path}: could not read safetensors file ({e})") from None
+        self._handle = handle
+        self._renamed = _normalize_keys(self.tensors)
+        return self
+
+    def read(self, key: str) -> Tensor:
+        return self._handle.get_tensor(self._renamed.get(key, key))
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.__exit__(*exc)
+
+
+def read_single_file_shapes(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A ``.safetensors`` single file's tensors as meta tensors (shapes and dtypes only; no data is read) and its
+    metadata: enough to inspect a checkpoint, infer its configs or find its :func:`stored_dtype`."""
+    with _LazySafetensors(Path(path)) as lazy:
+        return lazy.tensors, lazy.metadata
+
+
 def load_single_file(
     path: str | os.PathLike,
     tokenizer_folder: str | os.PathLike | None = None,
@@ -520,9 +571,13 @@ def load_single_file(
             "a folder with vocab.json and merges.txt such as the tokenizer/ folder of any SD-1.x diffusers model"
         )
     tokenizer = load_tokenizer(tokenizer_folder)
-    state, metadata = read_single_file(path, allow_pickle=allow_pickle)
     dtype = dtype or default_dtype(device)
-    sd = stable_diffusion_from_single_file(state, metadata, tokenizer, source=path, dtype=dtype, device=device)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        state, metadata = read_single_file(path, allow_pickle=allow_pickle)
+        sd = stable_diffusion_from_single_file(state, metadata, tokenizer, source=path, dtype=dtype, device=device)
+    else:  # safetensors: read one tensor at a time, never the whole file at once
+        with _LazySafetensors(path) as lazy:
+            sd = _build(lazy.tensors, lazy.read, lazy.metadata, tokenizer, source=path, dtype=dtype, device=device)
     return sd.prepare() if fast else sd
 
 
@@ -538,8 +593,25 @@ def stable_diffusion_from_single_file(
     """Build the :class:`StableDiffusion` a single file's tensors and metadata (from :func:`read_single_file`)
     describe; see :func:`load_single_file`. ``state`` is emptied: its tensors move into the networks one by
     one, so the file's copy is released as the model fills. ``source`` names the file in messages."""
+    sd = _build(state, state.pop, metadata, tokenizer, source=source, dtype=dtype, device=device)
+    state.clear()  # what is left are ignored keys (training buffers, EMA copies)
+    return sd
+
+
+def _build(
+    state: dict[str, Tensor],
+    read: Callable[[str], Tensor],
+    metadata: dict[str, str],
+    tokenizer: ClipTokenizer,
+    *,
+    source: str | os.PathLike,
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> StableDiffusion:
+    """The model that ``state`` (the file's tensors, or meta tensors with their shapes and dtypes) describes,
+    filled through ``read`` (a file key -> its tensor)."""
     path = Path(source)
-    state = _normalize_keys(state)
+    _normalize_keys(state)  # ``read`` takes the new names (the lazy reader renames as it opens)
     for prefix, what in _OTHER_FAMILIES.items():
         if any(k.startswith(prefix) for k in state):
             raise WeightsError(f"{path}: this is {what}")
@@ -577,9 +649,8 @@ def stable_diffusion_from_single_file(
         shapes = [build(cfg).state_dict() for _, build, cfg, _ in maps]
     _check_keys(state, [(m[0], s) for m, s in zip(maps, shapes)], path)
     unet, vae, text_encoder = (
-        _take(state, key_map, build, cfg, dtype=dt, device=device) for key_map, build, cfg, dt in maps
+        _take(read, key_map, build, cfg, dtype=dt, device=device) for key_map, build, cfg, dt in maps
     )
-    state.clear()  # what is left are ignored keys (training buffers, EMA copies)
     return StableDiffusion(
         unet=unet,
         codec=LatentCodec(vae),
@@ -652,6 +723,7 @@ __all__ = [
     "infer_vae_config",
     "load_single_file",
     "read_single_file",
+    "read_single_file_shapes",
     "save_single_file",
     "stable_diffusion_from_single_file",
     "stored_dtype",
