@@ -1,0 +1,399 @@
+"""diffusekit against the reference implementation (diffusers + transformers, the ``bench`` extra), same
+weights, same process, same machine: workloads W1-W6 of issue 5 in float32 and bfloat16, W5 with each
+side's default settings, peak memory of W5 per side (separate processes), FLOP/s of W3 against the measured
+matrix-multiply peak, and PSNR of bfloat16 against float32 images (W5, W6).
+
+    python benchmarks/compare.py [--quick] [--json PATH]      # or: diffusekit bench --compare [--quick]
+
+The reference builds every model with its own random initialisation and saves it; diffusekit loads those
+weights (W1-W4: the state dict, whose names ours match; W5: the saved pipeline folder; W6: the tiny reference
+pipeline of the fixtures). Only this file imports the reference packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from diffusekit.networks.text_encoder import TEXT_ENCODER_PRESETS
+from diffusekit.networks.unet import UNet
+from diffusekit.runtime import harness, timing
+from diffusekit.runtime.policy import default_dtype
+from diffusekit.runtime.workloads import QUICK, TITLES, WORKLOADS, Case, Spec, inputs, ours, spec
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE_PIPELINE = ROOT.parent / "shared" / "fixtures" / "pipelines" / "stable_diffusion"
+
+
+def reference_available() -> bool:
+    try:
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---- the two sides --------------------------------------------------------------------------------------------
+class Ours:
+    name = "ours"
+
+    def weights(self, workload: str, s: Spec, dtype: torch.dtype | None) -> dict[str, Any]:
+        raise NotImplementedError  # weights always come from the reference side here
+
+    def case(self, workload: str, s: Spec, dtype: torch.dtype | None, weights: dict[str, Any]) -> Case:
+        return ours(workload, s, dtype, state=weights.get("state"), folder=weights.get("folder"))
+
+
+class Reference:
+    """diffusers/transformers; builds the random weights that both sides load."""
+
+    name = "reference"
+
+    def __init__(self, pipeline: Path, workdir: Path) -> None:
+        self.pipeline, self.workdir = pipeline, workdir
+        self._folders: dict[str, Path] = {}
+
+    def weights(self, workload: str, s: Spec, dtype: torch.dtype | None) -> dict[str, Any]:
+        import diffusers
+
+        torch.manual_seed(0)
+        if workload in ("W1", "W2"):
+            self._model = diffusers.UNet2DModel.from_config(s.unet.to_diffusers())
+        elif workload == "W3":
+            self._model = diffusers.UNet2DConditionModel.from_config(s.unet.to_diffusers())
+        elif workload == "W4":
+            self._model = diffusers.AutoencoderKL.from_config(s.vae.to_diffusers())
+        elif workload == "W5":
+            return {"folder": self.w5_folder(s)}
+        elif workload == "W6":
+            return {"folder": self.w6_folder()}
+        return {"state": self._model.state_dict()}
+
+    def w5_folder(self, s: Spec) -> Path:
+        key = f"{s.size}-{s.unet.channels}"
+        if key not in self._folders:
+            self._folders[key] = save_reference_pipeline(self.workdir / f"w5-{len(self._folders)}", s, self.pipeline)
+        return self._folders[key]
+
+    def w6_folder(self) -> Path:
+        """The tiny reference pipeline with its scheduler saved as DPM-Solver++, so that both sides read the
+        same sampler configuration (the fixture's is PNDM, whose timestep rule differs)."""
+        import diffusers
+
+        folder = self.workdir / "w6"
+        if not folder.exists():
+            shutil.copytree(self.pipeline, folder)
+            config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+            diffusers.DPMSolverMultistepScheduler.from_config(config).save_config(folder / "scheduler")
+            index = json.loads((folder / "model_index.json").read_text())
+            index["scheduler"] = ["diffusers", "DPMSolverMultistepScheduler"]
+            (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+        return folder
+
+    def case(self, workload: str, s: Spec, dtype: torch.dtype | None, weights: dict[str, Any]) -> Case:
+        if workload in ("W5", "W6"):
+            return reference_pipeline_case(weights["folder"], workload, s, dtype)
+        model, self._model = self._model, None
+        model.to(dtype)
+        inp = inputs(workload, s, dtype)
+        if workload == "W2":
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step() -> torch.Tensor:
+                opt.zero_grad(set_to_none=True)
+                loss = F.mse_loss(model(inp["x"], inp["t"]).sample.float(), inp["target"].float())
+                loss.backward()
+                opt.step()
+                return loss.detach()
+
+            return Case(step, model)
+        model.eval().requires_grad_(False)
+        if workload == "W4":
+            return Case(lambda: _infer(lambda: model.decode(inp["z"]).sample), model)
+        extra = {"encoder_hidden_states": inp["context"]} if "context" in inp else {}
+        return Case(lambda: _infer(lambda: model(inp["x"], inp["t"], **extra).sample), model)
+
+
+def _infer(fn):
+    with torch.inference_mode():
+        return fn()
+
+
+def save_reference_pipeline(folder: Path, s: Spec, tokenizer_from: Path) -> Path:
+    """The W5 model: a reference StableDiffusionPipeline with random weights at the sizes of ``s``, the
+    tokenizer of ``tokenizer_from`` and a DPM-Solver++ scheduler with SD's noise schedule, saved."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(0)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_from / "tokenizer")
+    vocab = len(tokenizer.get_vocab())
+    text = TEXT_ENCODER_PRESETS["tiny" if s.unet.cross_attention_dim == 32 else "sd1"]
+    text = dataclasses.replace(text, vocab_size=vocab, bos_id=vocab - 2, eos_id=vocab - 1, pad_id=vocab - 1)
+    scheduler_config = json.loads((tokenizer_from / "scheduler" / "scheduler_config.json").read_text())
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=diffusers.AutoencoderKL.from_config(s.vae.to_diffusers()),
+        text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**text.to_hf())),
+        tokenizer=tokenizer,
+        unet=diffusers.UNet2DConditionModel.from_config(s.unet.to_diffusers()),
+        scheduler=diffusers.DPMSolverMultistepScheduler.from_config(scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    shutil.copytree(tokenizer_from / "tokenizer", folder / "tokenizer", dirs_exist_ok=True)  # vocab.json, merges
+    return folder
+
+
+def reference_pipeline_case(folder: Path, workload: str, s: Spec, dtype: torch.dtype | None) -> Case:
+    import diffusers
+
+    kwargs = {} if dtype is None else {"torch_dtype": dtype}  # None: the reference's defaults
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, **kwargs)
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    lat = inputs(workload, s, torch.float32, latent_channels=pipe.vae.config.latent_channels, latent_factor=f)
+    lat = lat["latents"].to(pipe.unet.dtype)
+
+    def generate() -> torch.Tensor:
+        out = pipe(s.prompt, height=s.size, width=s.size, num_inference_steps=s.steps, guidance_scale=7.5,
+                   latents=lat, output_type="pt")  # fmt: skip
+        return out.images
+
+    return Case(generate, pipe.unet)
+
+
+# ---- extras -------------------------------------------------------------------------------------------------
+def w3_flops(s: Spec) -> int:
+    """FLOPs of one W3 forward, counted on meta tensors (nothing is computed)."""
+    with torch.device("meta"):
+        model = UNet(s.unet)
+        inp = {k: v.to("meta") for k, v in inputs("W3", s, torch.float32).items()}
+    return timing.count_flops(lambda: model(inp["x"], inp["t"], context=inp["context"]))
+
+
+def child_w5(args: argparse.Namespace) -> int:
+    """One W5 run of one side in this (fresh) process; prints seconds and peak RSS as JSON."""
+    s = dataclasses.replace(spec("W5", tiny=args.tiny), steps=args.steps)
+    dtype = harness.DTYPES[args.dtype]
+    build = reference_pipeline_case if args.side == "reference" else None
+    if build is None:
+        case = ours("W5", s, dtype, folder=args.folder)
+    else:
+        case = build(Path(args.folder), "W5", s, dtype)
+    start = time.perf_counter()
+    case.run()
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": timing.peak_rss_mb()}))
+    return 0
+
+
+def w5_memory(folder: Path, dtypes: list[str], tiny: bool, steps: int, log) -> list[dict[str, Any]]:
+    rows = []
+    for dtype in dtypes:
+        for side in ("ours", "reference"):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child-w5", "--side", side, "--dtype", dtype,
+                   "--folder", str(folder), "--steps", str(steps)] + (["--tiny"] if tiny else [])  # fmt: skip
+            log(f"[W5 memory] {side} {dtype}: separate process")
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if proc.returncode != 0:
+                rows.append({"side": side, "dtype": dtype, "error": proc.stderr.strip().splitlines()[-1:]})
+                continue
+            rows.append({"side": side, "dtype": dtype, **json.loads(proc.stdout.strip().splitlines()[-1])})
+            log("  " + json.dumps(rows[-1]))
+    return rows
+
+
+# ---- main -----------------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)} (a few minutes)")
+    p.add_argument("--tiny", action="store_true", help="tiny stand-in models (a smoke test of the harness)")
+    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, metavar="W", help="workloads to run (default all)")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--reps", type=int, default=5, help="timed rounds per workload at most (default 5)")
+    p.add_argument(
+        "--budget-seconds",
+        type=float,
+        default=240.0,
+        help="time per workload and dtype, warm-up included; fewer rounds when exceeded (default 240)",
+    )
+    p.add_argument(
+        "--pipeline",
+        type=Path,
+        default=FIXTURE_PIPELINE,
+        help="the tiny reference SD folder used by W6 (and its tokenizer by W5)",
+    )
+    p.add_argument(
+        "--memory-steps",
+        type=int,
+        default=2,
+        help="denoising steps of the W5 peak-memory runs (the peak does not grow with steps)",
+    )
+    p.add_argument("--estimate-reference-bf16-w5", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CPUs without native bfloat16, estimate the reference's bfloat16 W5 from its W3 and W4 "
+                   "times (20 x W3 + W4) instead of running it for hours")  # fmt: skip
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "compare.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    add_arguments(parser)
+    parser.add_argument("--child-w5", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_w5:
+        return child_w5(args)
+    return compare(args)
+
+
+def compare(args: argparse.Namespace) -> int:
+    if not reference_available():
+        print("the comparison needs the reference: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    workloads = list(args.workloads or (QUICK if args.quick else WORKLOADS))
+    info = harness.machine()
+    log(f"machine: {info}")
+    with tempfile.TemporaryDirectory(prefix="diffusekit-bench-") as tmp:
+        reference = Reference(args.pipeline, Path(tmp))
+        measured: dict[tuple[str, str], dict] = {}
+
+        def skip(workload: str, dtype: str) -> str | None:
+            if (
+                (workload, dtype) == ("W5", "bfloat16")
+                and args.estimate_reference_bf16_w5
+                and not info["native_bf16_cpu"]
+            ):
+                return "estimate"  # handled below
+            return None
+
+        dtypes = list(args.dtypes)
+        # each side's defaults: ours picks bfloat16 only where the CPU computes it natively; the reference's
+        # pipeline loads float32. When both resolve to float32, the float32 row is the defaults row.
+        defaults_are_fp32 = default_dtype("cpu") == torch.float32 and "float32" in dtypes
+        dtypes_w5 = dtypes + ([] if defaults_are_fp32 else ["default"])
+        settings = harness.Settings(workloads=[w for w in workloads if w != "W5"], dtypes=dtypes, tiny=args.tiny,
+                                    reps=args.reps, budget_s=args.budget_seconds, log=log)  # fmt: skip
+        rows = harness.run([reference, Ours()], settings)
+        if "W5" in workloads:
+            settings.workloads, settings.dtypes, settings.skip = ["W5"], dtypes_w5, skip
+            settings.reps = 1
+            rows += harness.run([reference, Ours()], settings)
+        if "W5" in workloads and defaults_are_fp32:
+            row = next(r for r in rows if (r["workload"], r["dtype"]) == ("W5", "float32"))
+            rows.append({**row, "dtype": "default", "note": "defaults are float32 on both sides here: same runs"})
+        for r in rows:
+            measured[(r["workload"], r["dtype"])] = r
+        extras: dict[str, Any] = {}
+        if (
+            "W5" in workloads
+            and ("W5", "bfloat16") in measured
+            and measured[("W5", "bfloat16")].get("note") == "estimate"
+        ):
+            rows[rows.index(measured[("W5", "bfloat16")])] = estimate_w5_bf16(args, reference, settings, measured, log)
+        if "W3" in workloads:
+            extras["W3_flops"] = flops_report(spec("W3", tiny=args.tiny), measured, dtypes, log)
+        extras["psnr_bf16_vs_fp32"] = psnr_report(settings.outputs)
+        if "W5" in workloads:
+            folder = reference.w5_folder(spec("W5", tiny=args.tiny))
+            mem_dtypes = ["float32"] if defaults_are_fp32 else ["float32", "default"]
+            extras["W5_peak_rss"] = w5_memory(folder, mem_dtypes, args.tiny, args.memory_steps, log)
+    report = {"machine": info, "workloads": {w: TITLES[w] for w in workloads}, "rows": rows, **extras}
+    harness.write_report(args.json, report)
+    print(render(report))
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
+def estimate_w5_bf16(args, reference, settings, measured, log) -> dict[str, Any]:
+    """Ours runs W5 in bfloat16 for real; the reference's time is 20 x its W3 + its W4 (bfloat16 rows)."""
+    s = spec("W5", tiny=args.tiny)
+    log("[W5 bfloat16] ours only; the reference is estimated from its W3 and W4 bfloat16 times")
+    case = ours("W5", s, torch.bfloat16, folder=reference.w5_folder(s))
+    t = timing.clock(lambda: settings.outputs.__setitem__(("W5", "bfloat16", "ours"), case.run().float()))
+    w3, w4 = measured.get(("W3", "bfloat16"), {}), measured.get(("W4", "bfloat16"), {})
+    row = {"workload": "W5", "dtype": "bfloat16", "ours_s": t, "runs": "1/0"}
+    if w3.get("reference_s") and w4.get("reference_s"):
+        row["reference_s"] = s.steps * w3["reference_s"] + w4["reference_s"]
+        row["ratio"] = t / row["reference_s"]
+        row["note"] = f"reference estimated: {s.steps} x W3 + W4 (bf16)"
+    else:
+        row["note"] = "reference not run (needs W3 and W4 bf16 rows for the estimate)"
+    return row
+
+
+def flops_report(s: Spec, measured, dtypes, log) -> dict[str, Any]:
+    flops = w3_flops(s)
+    out: dict[str, Any] = {"flops_per_forward": flops}
+    for dtype in dtypes:
+        row = measured.get(("W3", dtype), {})
+        peak = timing.matmul_peak_flops(harness.DTYPES[dtype])
+        peak32 = timing.matmul_peak_flops(torch.float32)
+        entry = {"matmul_peak_gflops": peak / 1e9, "matmul_peak_fp32_gflops": peak32 / 1e9}
+        for side in ("ours", "reference"):
+            if row.get(f"{side}_s"):
+                achieved = flops / row[f"{side}_s"]
+                entry[f"{side}_gflops"] = achieved / 1e9
+                entry[f"{side}_of_peak"] = achieved / peak
+        out[dtype] = entry
+        log(f"[W3 FLOP/s {dtype}] {entry}")
+    return out
+
+
+def psnr_report(outputs: dict) -> dict[str, float]:
+    out = {}
+    for workload in ("W5", "W6"):
+        for side in ("ours", "reference"):
+            a, b = outputs.get((workload, "float32", side)), outputs.get((workload, "bfloat16", side))
+            if a is not None and b is not None:
+                out[f"{workload}_{side}"] = timing.psnr(a, b)
+    return out
+
+
+def render(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [f"{m['date']}  {m['cpu']}  ({m['cpu_count']} CPUs, {m['threads']} threads)  torch {m['torch']}",
+             harness.table(report["rows"])]  # fmt: skip
+    if "W3_flops" in report:
+        f = report["W3_flops"]
+        lines.append(f"\nW3: {f['flops_per_forward'] / 1e9:.0f} GFLOP per forward")
+        for dtype, e in f.items():
+            if isinstance(e, dict):
+                parts = [f"matmul peak {e['matmul_peak_gflops']:.3g} GFLOP/s"]
+                for side in ("ours", "reference"):
+                    if f"{side}_gflops" in e:
+                        parts.append(
+                            f"{side} {e[f'{side}_gflops']:.3g} GFLOP/s ({100 * e[f'{side}_of_peak']:.3g}% of peak)"
+                        )
+                lines.append(f"  {dtype}: " + ", ".join(parts))
+    if report.get("psnr_bf16_vs_fp32"):
+        lines.append("\nPSNR bfloat16 vs float32 images: " + ", ".join(
+            f"{k} {v:.1f} dB" for k, v in report["psnr_bf16_vs_fp32"].items()))  # fmt: skip
+    if report.get("W5_peak_rss"):
+        mem = [f"{r['side']} {r['dtype']} {r.get('peak_rss_mb', float('nan')):.0f} MiB" for r in report["W5_peak_rss"]]
+        lines.append("\nW5 peak RSS (separate processes): " + ", ".join(mem))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The benchmark loop shared by ``diffusekit bench`` (diffusekit alone) and ``benchmarks/compare.py``
+(diffusekit against a reference implementation): build each workload once per side from the same weights,
+compare the outputs, time the sides interleaved, and collect rows for the table and the JSON report.
+
+A *side* is an object with ``name``, ``weights(workload, spec, dtype) -> dict`` (the weights every side
+loads: ``state`` and/or ``folder``; only the first side's are used) and
+``case(workload, spec, dtype, weights) -> Case``. ``dtype=None`` means the side's default settings.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from diffusekit.runtime import timing
+from diffusekit.runtime.policy import cpu_flags, native_bf16
+from diffusekit.runtime.workloads import TITLES, Case, Spec, spec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "default": None}
+
+COLUMNS = [
+    ("workload", "workload"),
+    ("dtype", "dtype"),
+    ("ours_s", "ours s"),
+    ("reference_s", "reference s"),
+    ("ratio", "ratio"),
+    ("max_abs_diff", "max abs diff"),
+    ("runs", "runs"),
+    ("note", "note"),
+]
+
+
+class Side(Protocol):
+    name: str
+
+    def weights(self, workload: str, s: Spec, dtype: torch.dtype | None) -> dict[str, Any]: ...
+
+    def case(self, workload: str, s: Spec, dtype: torch.dtype | None, weights: dict[str, Any]) -> Case: ...
+
+
+@dataclass
+class Settings:
+    workloads: Sequence[str]
+    dtypes: Sequence[str]
+    tiny: bool = False
+    reps: int = 5  # timed rounds at most (fewer when the budget runs out)
+    budget_s: float = 300.0  # per workload and dtype, warm-up included
+    warmup: int = 1
+    log: Callable[[str], None] = print
+    skip: Callable[[str, str], str | None] = lambda workload, dtype: None  # a reason to skip, or None
+    outputs: dict = field(default_factory=dict)  # (workload, dtype, side) -> first output, for PSNR
+
+
+def machine() -> dict[str, Any]:
+    """What the table was measured on."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": model,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "native_bf16_cpu": native_bf16("cpu"),
+        "bf16_flags": sorted(f for f in cpu_flags() if "bf16" in f or f.startswith("amx")),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def run(sides: Sequence[Side], settings: Settings) -> list[dict[str, Any]]:
+    """Measure every (workload, dtype) of ``settings`` on every side; one row each."""
+    rows = []
+    for name in settings.workloads:
+        s = spec(name, tiny=settings.tiny)
+        for dtype_name in settings.dtypes:
+            reason = settings.skip(name, dtype_name)
+            if reason:
+                rows.append({"workload": name, "dtype": dtype_name, "note": reason})
+                continue
+            settings.log(f"[{name} {dtype_name}] {TITLES[name]}: building")
+            rows.append(_measure(name, s, dtype_name, sides, settings))
+            settings.log("  " + json.dumps({k: v for k, v in rows[-1].items() if k != "times"}))
+            gc.collect()
+    return rows
+
+
+def _measure(name: str, s: Spec, dtype_name: str, sides: Sequence[Side], settings: Settings) -> dict[str, Any]:
+    dtype = DTYPES[dtype_name]
+    weights = sides[0].weights(name, s, dtype)
+    cases = {side.name: side.case(name, s, dtype, weights) for side in sides}
+    warm, outs = {}, {}
+    for side_name, case in cases.items():  # the warm-up round; its outputs are compared
+        start = time.perf_counter()
+        out = case.run()
+        warm[side_name] = time.perf_counter() - start
+        outs[side_name] = out.detach().float().cpu()
+    for side_name, out in outs.items():
+        settings.outputs[(name, dtype_name, side_name)] = out
+    remaining = settings.budget_s - sum(warm.values())
+    if remaining < sum(warm.values()) or settings.reps == 0:
+        times = {n: [t] for n, t in warm.items()}  # too slow to repeat: the warm-up run is the measurement
+        note = "single run (counts its warm-up)"
+    else:
+        times = timing.interleaved({n: c.run for n, c in cases.items()}, reps=settings.reps, warmup=0,
+                                   budget_s=remaining)  # fmt: skip
+        note = None
+    row: dict[str, Any] = {"workload": name, "dtype": dtype_name, "note": note}
+    for n in cases:
+        row[f"{n}_s"] = timing.median(times[n])
+    if "ours" in cases and "reference" in cases:
+        row["ratio"] = row["ours_s"] / row["reference_s"]
+        row["max_abs_diff"] = timing.max_abs_diff(outs["ours"], outs["reference"])
+    row["runs"] = "/".join(str(len(times[n])) for n in cases)
+    row["times"] = {n: times[n] for n in cases}
+    del cases, weights
+    return row
+
+
+def write_report(path: str | os.PathLike, report: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    return timing.format_table(rows, COLUMNS)

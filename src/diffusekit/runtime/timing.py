@@ -1,0 +1,130 @@
+"""Measuring helpers for ``diffusekit bench`` and ``benchmarks/compare.py``: interleaved timing, medians,
+peak memory, the machine's matrix-multiply peak, FLOP counts, PSNR and a plain-text table."""
+
+from __future__ import annotations
+
+import gc
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+
+def clock(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call of ``fn``."""
+    gc.collect()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]],
+    *,
+    reps: int,
+    warmup: int = 1,
+    budget_s: float | None = None,
+) -> dict[str, list[float]]:
+    """Time each function ``reps`` times, alternating between them (a, b, a, b, ...; the order flips each
+    round so neither side always runs first), after ``warmup`` untimed rounds. With ``budget_s``, stop
+    adding rounds once the next would exceed it (at least one timed round is always run); when a warm-up
+    round alone exceeds the budget, it is kept as the measurement instead of being thrown away."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    warm: dict[str, float] = {}
+    for _ in range(warmup):
+        warm = {n: clock(fns[n]) for n in names}
+    if budget_s is not None and warm and sum(warm.values()) > budget_s:
+        return {n: [t] for n, t in warm.items()}
+    for r in range(reps):
+        order = names if r % 2 == 0 else names[::-1]
+        for n in order:
+            times[n].append(clock(fns[n]))
+        spent = time.perf_counter() - start
+        per_round = sum(times[n][-1] for n in names)
+        if budget_s is not None and spent + per_round > budget_s:
+            break
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB. On Linux from ``VmHWM``, which starts afresh at
+    ``exec`` (``ru_maxrss`` keeps the forking parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def matmul_peak_flops(dtype: torch.dtype, *, n: int = 2048, reps: int = 3, device: str = "cpu") -> float:
+    """Best achieved FLOP/s of an n x n x n matrix product in ``dtype`` (the machine's practical peak). Where
+    the dtype is slow (emulated bfloat16 on a CPU without it), n shrinks so that one product takes ~1 s."""
+
+    def best(size: int, rounds: int) -> float:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        fastest = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            a @ b
+            if device != "cpu":
+                torch.cuda.synchronize()
+            fastest = min(fastest, time.perf_counter() - start)
+        return fastest
+
+    probe = 256
+    rate = 2 * probe**3 / best(probe, 2)
+    while n > probe and 2 * n**3 / rate > 1.0:
+        n //= 2
+    return 2 * n**3 / best(n, reps + 1)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` (matrix products, convolutions and attention), counted by PyTorch's
+    ``FlopCounterMode``. Run it on meta tensors to count without computing."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB between two images in [0, peak] (inf when identical)."""
+    mse = float(((a.double() - b.double()) ** 2).mean())
+    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(peak**2 / mse)).item()
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    """A fixed-width text table; ``columns`` are (key, header) pairs; floats print with 4 significant digits."""
+
+    def cell(v: object) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [[cell(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h) in enumerate(columns)]
+    lines = [" | ".join(h.ljust(w) for (_, h), w in zip(columns, widths))]
+    lines.append("-+-".join("-" * w for w in widths))
+    lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
