@@ -39,8 +39,7 @@ from torch import Tensor, nn
 
 from diffusekit.errors import ConfigError, DiffusekitError, WeightsError
 from diffusekit.io.text import SINGLE_FILE_PREFIX, load_tokenizer, to_reference_state_dict
-from diffusekit.io.weights import _check_header as check_safetensors_header
-from diffusekit.io.weights import load_weights, save_weights
+from diffusekit.io.weights import check_safetensors_header, load_weights, save_weights
 from diffusekit.networks.text_encoder import ClipTextEncoder, TextEncoderConfig
 from diffusekit.networks.tokenizer import ClipTokenizer
 from diffusekit.networks.unet import UNet, UNetConfig

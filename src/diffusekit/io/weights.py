@@ -16,7 +16,7 @@ _MAX_HEADER = 100 * 1024 * 1024  # a safetensors header larger than this is refu
 _MAX_JSON = 256 * 1024 * 1024  # so is a JSON file larger than this (configs and vocabularies are a few MB)
 
 
-def _check_header(path: Path) -> None:
+def check_safetensors_header(path: Path) -> None:
     """Validate the safetensors header ourselves so a hostile file gets our error, not a deep one."""
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -56,7 +56,7 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{path}: pickle-based weight files are not loaded (they can run code). "
             "Convert it to .safetensors, or pass allow_pickle=True / --allow-pickle where offered."
         )
-    _check_header(path)
+    check_safetensors_header(path)
     try:
         return load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises its own types; re-raise as ours with the file named
