@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +43,11 @@ class StableDiffusion:
     text_encoder: ClipTextEncoder
     sampler_config: SamplerConfig
     name: str = "stable-diffusion"
+    fast: bool = field(default=True, repr=False, compare=False)  # apply the runtime plan (see prepare())
+
+    def __post_init__(self) -> None:
+        if self.fast:
+            self.prepare()
 
     @classmethod
     def load(
@@ -57,9 +62,7 @@ class StableDiffusion:
         scheduler/. Each component's config is translated into ours; weights load from safetensors only.
 
         ``dtype`` of the U-Net and text encoder (the VAE stays float32); None picks the machine's default
-        (bfloat16 where the device computes it natively, else float32). ``fast`` applies the runtime plan
-        for inference: channels-last weights and, for half precision on a CPU without native bfloat16,
-        float32 compute (see :mod:`diffusekit.runtime.policy`)."""
+        (bfloat16 where the device computes it natively, else float32). ``fast``: see :meth:`prepare`."""
         folder = Path(folder)
         dtype = dtype or default_dtype(device)
         if not (folder / "model_index.json").is_file():
@@ -67,21 +70,21 @@ class StableDiffusion:
         read_json(folder / "model_index.json")
         sched = folder / "scheduler" / "scheduler_config.json"
         sampler_config = SamplerConfig.from_reference(read_json(sched)) if sched.exists() else _sd_default_sampler()
-        sd = cls(
+        return cls(
             unet=load_unet(folder / "unet", dtype=dtype, device=device),
             codec=LatentCodec(load_vae(folder / "vae", dtype=torch.float32, device=device)),
             tokenizer=load_tokenizer(folder / "tokenizer"),
             text_encoder=load_text_encoder(folder / "text_encoder", dtype=dtype, device=device),
             sampler_config=sampler_config,
             name=folder.resolve().name,
+            fast=fast,
         )
-        if fast:
-            sd.prepare()
-        return sd
 
     def prepare(self, plan: Plan | None = None) -> StableDiffusion:
         """Apply a runtime plan for inference (default: the machine's; keeps each component's dtype) to the
-        U-Net and text encoder, and the same layout to the VAE, which stays float32. Returns self."""
+        U-Net and text encoder, and the same layout to the VAE, which stays float32. Returns self. Done on
+        construction unless ``fast=False``: eval mode, no parameter gradients, channels-last weights and, for
+        half precision on a CPU without native bfloat16, float32 compute (:mod:`diffusekit.runtime.policy`)."""
         plan = plan or Plan()
         prepare(self.unet, dataclasses.replace(plan, dtype=plan.dtype or self.dtype))
         prepare(self.text_encoder, dataclasses.replace(plan, dtype=plan.dtype or self.dtype))
