@@ -1,0 +1,134 @@
+"""Smoke tests of the benchmark harness on tiny models: diffusekit alone always; against the reference only
+when the ``bench`` extra (diffusers + transformers) is installed. Benchmarks are not tests: no timing is
+asserted, only that every workload runs, outputs agree with the reference and the report is complete."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusekit.cli.main import main as cli
+from diffusekit.networks.unet import UNET_PRESETS, UNet
+from diffusekit.runtime import harness, timing
+from diffusekit.runtime.policy import Plan, default_dtype, native_bf16, prepare, use_native_compute
+from diffusekit.runtime.workloads import ours, spec
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_REFERENCE = (
+    importlib.util.find_spec("diffusers") is not None and importlib.util.find_spec("transformers") is not None
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: thread start-up dominates on a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_default_dtype_follows_native_bf16():
+    assert default_dtype("cpu") == (torch.bfloat16 if native_bf16("cpu") else torch.float32)
+
+
+def test_float32_compute_matches_float32_model_and_keeps_bf16_storage():
+    torch.manual_seed(0)
+    ref = UNet(UNET_PRESETS["tiny"])
+    for p in ref.parameters():
+        p.data.normal_(0, 0.05)
+    model = UNet(UNET_PRESETS["tiny"])
+    model.load_state_dict(ref.state_dict())
+    prepare(model, Plan(dtype=torch.bfloat16, float32_compute=True))
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
+    with torch.inference_mode():
+        want = ref.eval()(x, t)
+        got = model(x.bfloat16(), t)
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - want).abs().max() < 0.05 * want.abs().max() + 0.05
+        use_native_compute(model)
+        assert (model(x.bfloat16(), t).float() - want).abs().max() < 0.1 * want.abs().max() + 0.1
+
+
+def test_channels_last_changes_layout_not_values():
+    torch.manual_seed(0)
+    a = UNet(UNET_PRESETS["tiny"]).eval()
+    for p in a.parameters():
+        p.data.normal_(0, 0.05)
+    b = UNet(UNET_PRESETS["tiny"])
+    b.load_state_dict(a.state_dict())
+    prepare(b, Plan(dtype=torch.float32))
+    assert b.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    with torch.inference_mode():
+        assert torch.allclose(a(x, t), b(x, t), atol=1e-5)
+
+
+def test_timing_helpers():
+    calls = []
+    times = timing.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=2, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a"]  # warm-up, then alternating order
+    assert len(times["a"]) == len(times["b"]) == 2
+    assert timing.median([3.0, 1.0, 2.0]) == 2.0
+    x = torch.rand(3, 8, 8)
+    assert timing.psnr(x, x) == float("inf")
+    assert 19.9 < timing.psnr(torch.zeros(4), torch.full((4,), 0.1)) < 20.1
+    assert timing.peak_rss_mb() > 10
+    assert timing.matmul_peak_flops(torch.float32, n=128, reps=1) > 0
+    assert "ratio" in harness.table([{"workload": "W1", "ratio": 0.5}])
+
+
+def test_tiny_workloads_run_alone():
+    for name in ("W1", "W2", "W3", "W4"):
+        case = ours(name, spec(name, tiny=True), torch.float32)
+        out = case.run()
+        assert torch.isfinite(out).all(), name
+
+
+def test_cli_bench_without_reference(tmp_path, capsys, fixtures_dir):
+    out = tmp_path / "bench.json"
+    pipeline = fixtures_dir / "pipelines" / "stable_diffusion"
+    argv = ["bench", "--tiny", "--reps", "1", "--workloads", "W1", "W6", "--dtypes", "float32",
+            "--pipeline", str(pipeline), "--json", str(out)]  # fmt: skip
+    assert cli(argv) == 0
+    report = json.loads(out.read_text())
+    assert [r["workload"] for r in report["rows"]] == ["W1", "W6"]
+    assert all(r["ours_s"] > 0 for r in report["rows"])
+    assert "ours s" in capsys.readouterr().out
+
+
+def test_library_never_imports_the_reference():
+    code = "import sys, diffusekit.cli.main, diffusekit.cli.bench, diffusekit.pipelines.text_to_image; " \
+           "print(any(m.split('.')[0] in ('diffusers', 'transformers') for m in sys.modules))"  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    for path in (ROOT / "src" / "diffusekit").rglob("*.py"):
+        text = path.read_text()
+        assert "import diffusers" not in text and "from diffusers" not in text, path
+        assert "import transformers" not in text and "from transformers" not in text, path
+
+
+@pytest.mark.skipif(not HAS_REFERENCE, reason="the reference (bench extra) is not installed")
+def test_compare_tiny_against_reference(tmp_path, fixtures_dir):
+    out = tmp_path / "compare.json"
+    pipeline = fixtures_dir / "pipelines" / "stable_diffusion"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--tiny", "--reps", "1",
+           "--workloads", "W1", "W2", "W3", "W4", "W6", "--pipeline", str(pipeline), "--json", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {(r["workload"], r["dtype"]): r for r in report["rows"]}
+    for w in ("W1", "W2", "W3", "W4"):
+        assert rows[(w, "float32")]["max_abs_diff"] < 1e-4, w  # same weights, same math
+        assert rows[(w, "bfloat16")]["max_abs_diff"] < 0.1, w
+    assert report["W3_flops"]["flops_per_forward"] > 0
+    assert set(report["psnr_bf16_vs_fp32"]) >= {"W6_ours", "W6_reference"}
+    assert "ratio" in proc.stdout
