@@ -24,6 +24,7 @@ from diffusekit.io.weights import read_json, write_json
 from diffusekit.networks.text_encoder import ClipTextEncoder
 from diffusekit.networks.tokenizer import ClipTokenizer
 from diffusekit.networks.unet import UNet
+from diffusekit.networks.vae import AutoencoderKL
 from diffusekit.pipelines.common import GeneratorArg, LatentCodec, chain, check_size, progress, to_unit_range
 from diffusekit.runtime.policy import Plan, default_dtype, prepare
 from diffusekit.samplers.common import Model, StepInfo
@@ -69,12 +70,20 @@ class StableDiffusion:
             raise WeightsError(f"{folder}: not a model folder (no model_index.json); expected the diffusers layout")
         read_json(folder / "model_index.json")
         sched = folder / "scheduler" / "scheduler_config.json"
-        sampler_config = SamplerConfig.from_reference(read_json(sched)) if sched.exists() else _sd_default_sampler()
+        try:
+            sampler_config = SamplerConfig.from_reference(read_json(sched)) if sched.exists() else _sd_default_sampler()
+        except ConfigError as e:
+            raise ConfigError(f"{sched}: {e}") from None
+        unet = load_unet(folder / "unet", dtype=dtype, device=device)
+        vae = load_vae(folder / "vae", dtype=torch.float32, device=device)
+        tokenizer = load_tokenizer(folder / "tokenizer")
+        text_encoder = load_text_encoder(folder / "text_encoder", dtype=dtype, device=device)
+        check_parts(folder, unet, vae, tokenizer, text_encoder)
         return cls(
-            unet=load_unet(folder / "unet", dtype=dtype, device=device),
-            codec=LatentCodec(load_vae(folder / "vae", dtype=torch.float32, device=device)),
-            tokenizer=load_tokenizer(folder / "tokenizer"),
-            text_encoder=load_text_encoder(folder / "text_encoder", dtype=dtype, device=device),
+            unet=unet,
+            codec=LatentCodec(vae),
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
             sampler_config=sampler_config,
             name=folder.resolve().name,
             fast=fast,
@@ -132,6 +141,34 @@ class StableDiffusion:
         """CLIP last hidden states (B, 77, D) for ``prompts``: the cross-attention context."""
         ids = self.tokenizer(prompts).to(self.device)
         return self.text_encoder(ids).last_hidden_state.to(self.dtype)
+
+
+def check_parts(
+    where: str | os.PathLike, unet: UNet, vae: AutoencoderKL, tokenizer: ClipTokenizer, text_encoder: ClipTextEncoder
+) -> None:
+    """Raise ConfigError naming ``where`` when the parts of a model do not fit together (each may be valid on
+    its own): the U-Net's cross-attention width against the text encoder's, its channels against the VAE's
+    latents (or, for inpainting, latents + mask + masked latents), the tokenizer's ids and length against the
+    text encoder's vocabulary and positions."""
+    u, t = unet.config, text_encoder.config
+    latent = vae.config.latent_channels
+    problems = []
+    if u.cross_attention_dim != t.hidden_size:
+        problems.append(f"unet cross_attention_dim={u.cross_attention_dim}, text_encoder hidden_size={t.hidden_size}")
+    if u.out_channels != latent:
+        problems.append(f"unet out_channels={u.out_channels}, vae latent_channels={latent}")
+    if u.in_channels not in (latent, 2 * latent + 1):
+        problems.append(f"unet in_channels={u.in_channels}, allowed: {latent} or {2 * latent + 1} (inpainting)")
+    top_id = max(tokenizer.vocab.values(), default=0)
+    if top_id >= t.vocab_size:
+        problems.append(f"tokenizer ids reach {top_id}, text_encoder vocab_size={t.vocab_size}")
+    if tokenizer.model_max_length > t.max_positions:
+        problems.append(
+            f"tokenizer model_max_length={tokenizer.model_max_length}, "
+            f"text_encoder max_position_embeddings={t.max_positions}"
+        )
+    if problems:
+        raise ConfigError(f"{where}: the model's components do not fit together: " + "; ".join(problems))
 
 
 def _sd_default_sampler() -> SamplerConfig:
