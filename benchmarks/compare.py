@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +49,14 @@ def reference_available() -> bool:
 class Ours:
     name = "ours"
 
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+
     def weights(self, workload: str, s: Spec, dtype: torch.dtype | None) -> dict[str, Any]:
         raise NotImplementedError  # weights always come from the reference side here
 
     def case(self, workload: str, s: Spec, dtype: torch.dtype | None, weights: dict[str, Any]) -> Case:
-        return ours(workload, s, dtype, state=weights.get("state"), folder=weights.get("folder"))
+        return ours(workload, s, dtype, state=weights.get("state"), folder=weights.get("folder"), device=self.device)
 
 
 class Reference:
@@ -62,8 +64,8 @@ class Reference:
 
     name = "reference"
 
-    def __init__(self, pipeline: Path, workdir: Path) -> None:
-        self.pipeline, self.workdir = pipeline, workdir
+    def __init__(self, pipeline: Path, workdir: Path, device: str = "cpu") -> None:
+        self.pipeline, self.workdir, self.device = pipeline, workdir, device
         self._folders: dict[str, Path] = {}
 
     def weights(self, workload: str, s: Spec, dtype: torch.dtype | None) -> dict[str, Any]:
@@ -105,10 +107,10 @@ class Reference:
 
     def case(self, workload: str, s: Spec, dtype: torch.dtype | None, weights: dict[str, Any]) -> Case:
         if workload in ("W5", "W6"):
-            return reference_pipeline_case(weights["folder"], workload, s, dtype)
+            return reference_pipeline_case(weights["folder"], workload, s, dtype, self.device)
         model, self._model = self._model, None
-        model.to(dtype)
-        inp = inputs(workload, s, dtype)
+        model.to(self.device, dtype)
+        inp = {k: v.to(self.device) for k, v in inputs(workload, s, dtype).items()}
         if workload == "W2":
             model.train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -160,16 +162,16 @@ def save_reference_pipeline(folder: Path, s: Spec, tokenizer_from: Path) -> Path
     return folder
 
 
-def reference_pipeline_case(folder: Path, workload: str, s: Spec, dtype: torch.dtype | None) -> Case:
+def reference_pipeline_case(folder: Path, workload: str, s: Spec, dtype: torch.dtype | None, device: str) -> Case:
     import diffusers
 
     kwargs = {} if dtype is None else {"torch_dtype": dtype}  # None: the reference's defaults
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, **kwargs)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, **kwargs).to(device)
     pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     lat = inputs(workload, s, torch.float32, latent_channels=pipe.vae.config.latent_channels, latent_factor=f)
-    lat = lat["latents"].to(pipe.unet.dtype)
+    lat = lat["latents"].to(device, pipe.unet.dtype)
 
     def generate() -> torch.Tensor:
         out = pipe(s.prompt, height=s.size, width=s.size, num_inference_steps=s.steps, guidance_scale=7.5,
@@ -192,23 +194,25 @@ def child_w5(args: argparse.Namespace) -> int:
     """One W5 run of one side in this (fresh) process; prints seconds and peak RSS as JSON."""
     s = dataclasses.replace(spec("W5", tiny=args.tiny), steps=args.steps)
     dtype = harness.DTYPES[args.dtype]
-    build = reference_pipeline_case if args.side == "reference" else None
-    if build is None:
-        case = ours("W5", s, dtype, folder=args.folder)
+    if args.side == "reference":
+        case = reference_pipeline_case(Path(args.folder), "W5", s, dtype, args.device)
     else:
-        case = build(Path(args.folder), "W5", s, dtype)
-    start = time.perf_counter()
-    case.run()
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": timing.peak_rss_mb()}))
+        case = ours("W5", s, dtype, folder=args.folder, device=args.device)
+    seconds = timing.clock(case.run)
+    result = {"seconds": seconds, "peak_rss_mb": timing.peak_rss_mb()}
+    if args.device == "cuda":
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(result))
     return 0
 
 
-def w5_memory(folder: Path, dtypes: list[str], tiny: bool, steps: int, log) -> list[dict[str, Any]]:
+def w5_memory(folder: Path, dtypes: list[str], tiny: bool, steps: int, device: str, log) -> list[dict[str, Any]]:
     rows = []
     for dtype in dtypes:
         for side in ("ours", "reference"):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child-w5", "--side", side, "--dtype", dtype,
-                   "--folder", str(folder), "--steps", str(steps)] + (["--tiny"] if tiny else [])  # fmt: skip
+                   "--folder", str(folder), "--steps", str(steps), "--device", device]  # fmt: skip
+            cmd += ["--tiny"] if tiny else []
             log(f"[W5 memory] {side} {dtype}: separate process")
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if proc.returncode != 0:
@@ -247,6 +251,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--estimate-reference-bf16-w5", action=argparse.BooleanOptionalAction, default=True,
                    help="on CPUs without native bfloat16, estimate the reference's bfloat16 W5 from its W3 and W4 "
                    "times (20 x W3 + W4) instead of running it for hours")  # fmt: skip
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides run (default cpu)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "compare.json")
 
 
@@ -275,13 +280,14 @@ def compare(args: argparse.Namespace) -> int:
     info = harness.machine()
     log(f"machine: {info}")
     with tempfile.TemporaryDirectory(prefix="diffusekit-bench-") as tmp:
-        reference = Reference(args.pipeline, Path(tmp))
+        reference = Reference(args.pipeline, Path(tmp), args.device)
         measured: dict[tuple[str, str], dict] = {}
 
         def skip(workload: str, dtype: str) -> str | None:
             if (
                 (workload, dtype) == ("W5", "bfloat16")
                 and args.estimate_reference_bf16_w5
+                and args.device == "cpu"
                 and not info["native_bf16_cpu"]
             ):
                 return "estimate"  # handled below
@@ -290,15 +296,15 @@ def compare(args: argparse.Namespace) -> int:
         dtypes = list(args.dtypes)
         # each side's defaults: ours picks bfloat16 only where the CPU computes it natively; the reference's
         # pipeline loads float32. When both resolve to float32, the float32 row is the defaults row.
-        defaults_are_fp32 = default_dtype("cpu") == torch.float32 and "float32" in dtypes
+        defaults_are_fp32 = default_dtype(args.device) == torch.float32 and "float32" in dtypes
         dtypes_w5 = dtypes + ([] if defaults_are_fp32 else ["default"])
         settings = harness.Settings(workloads=[w for w in workloads if w != "W5"], dtypes=dtypes, tiny=args.tiny,
                                     reps=args.reps, budget_s=args.budget_seconds, log=log)  # fmt: skip
-        rows = harness.run([reference, Ours()], settings)
+        rows = harness.run([reference, Ours(args.device)], settings)
         if "W5" in workloads:
             settings.workloads, settings.dtypes, settings.skip = ["W5"], dtypes_w5, skip
             settings.reps = 1
-            rows += harness.run([reference, Ours()], settings)
+            rows += harness.run([reference, Ours(args.device)], settings)
         if "W5" in workloads and defaults_are_fp32:
             row = next(r for r in rows if (r["workload"], r["dtype"]) == ("W5", "float32"))
             rows.append({**row, "dtype": "default", "note": "defaults are float32 on both sides here: same runs"})
@@ -312,12 +318,12 @@ def compare(args: argparse.Namespace) -> int:
         ):
             rows[rows.index(measured[("W5", "bfloat16")])] = estimate_w5_bf16(args, reference, settings, measured, log)
         if "W3" in workloads:
-            extras["W3_flops"] = flops_report(spec("W3", tiny=args.tiny), measured, dtypes, log)
+            extras["W3_flops"] = flops_report(spec("W3", tiny=args.tiny), measured, dtypes, args.device, log)
         extras["psnr_bf16_vs_fp32"] = psnr_report(settings.outputs)
         if "W5" in workloads:
             folder = reference.w5_folder(spec("W5", tiny=args.tiny))
             mem_dtypes = ["float32"] if defaults_are_fp32 else ["float32", "default"]
-            extras["W5_peak_rss"] = w5_memory(folder, mem_dtypes, args.tiny, args.memory_steps, log)
+            extras["W5_peak_rss"] = w5_memory(folder, mem_dtypes, args.tiny, args.memory_steps, args.device, log)
     report = {"machine": info, "workloads": {w: TITLES[w] for w in workloads}, "rows": rows, **extras}
     harness.write_report(args.json, report)
     print(render(report))
@@ -329,7 +335,7 @@ def estimate_w5_bf16(args, reference, settings, measured, log) -> dict[str, Any]
     """Ours runs W5 in bfloat16 for real; the reference's time is 20 x its W3 + its W4 (bfloat16 rows)."""
     s = spec("W5", tiny=args.tiny)
     log("[W5 bfloat16] ours only; the reference is estimated from its W3 and W4 bfloat16 times")
-    case = ours("W5", s, torch.bfloat16, folder=reference.w5_folder(s))
+    case = ours("W5", s, torch.bfloat16, folder=reference.w5_folder(s), device=args.device)
     t = timing.clock(lambda: settings.outputs.__setitem__(("W5", "bfloat16", "ours"), case.run().float()))
     w3, w4 = measured.get(("W3", "bfloat16"), {}), measured.get(("W4", "bfloat16"), {})
     row = {"workload": "W5", "dtype": "bfloat16", "ours_s": t, "runs": "1/0"}
@@ -342,13 +348,13 @@ def estimate_w5_bf16(args, reference, settings, measured, log) -> dict[str, Any]
     return row
 
 
-def flops_report(s: Spec, measured, dtypes, log) -> dict[str, Any]:
+def flops_report(s: Spec, measured, dtypes, device, log) -> dict[str, Any]:
     flops = w3_flops(s)
     out: dict[str, Any] = {"flops_per_forward": flops}
     for dtype in dtypes:
         row = measured.get(("W3", dtype), {})
-        peak = timing.matmul_peak_flops(harness.DTYPES[dtype])
-        peak32 = timing.matmul_peak_flops(torch.float32)
+        peak = timing.matmul_peak_flops(harness.DTYPES[dtype], device=device)
+        peak32 = timing.matmul_peak_flops(torch.float32, device=device)
         entry = {"matmul_peak_gflops": peak / 1e9, "matmul_peak_fp32_gflops": peak32 / 1e9}
         for side in ("ours", "reference"):
             if row.get(f"{side}_s"):

@@ -107,8 +107,10 @@ def _measure(name: str, s: Spec, dtype_name: str, sides: Sequence[Side], setting
     cases = {side.name: side.case(name, s, dtype, weights) for side in sides}
     warm, outs = {}, {}
     for side_name, case in cases.items():  # the warm-up round; its outputs are compared
+        timing.sync()
         start = time.perf_counter()
         out = case.run()
+        timing.sync()
         warm[side_name] = time.perf_counter() - start
         outs[side_name] = out.detach().float().cpu()
     for side_name, out in outs.items():

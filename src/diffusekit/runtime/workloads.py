@@ -97,12 +97,16 @@ class Case:
     model: torch.nn.Module | None = None
 
 
-def _unet(cfg: UNetConfig, dtype: torch.dtype, state: dict | None, *, train: bool = False) -> UNet:
+def _unet(cfg: UNetConfig, dtype: torch.dtype, state: dict | None, device: str, *, train: bool = False) -> UNet:
     model = UNet(cfg)
     if state is not None:
         model.load_state_dict(state)
-    prepare(model, Plan(dtype=dtype, inference=not train))
+    prepare(model, Plan(dtype=dtype, inference=not train), device=device)
     return model
+
+
+def _to(inp: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in inp.items()}
 
 
 def ours(
@@ -112,13 +116,14 @@ def ours(
     *,
     state: dict | None = None,
     folder: str | Path | None = None,
+    device: str = "cpu",
 ) -> Case:
     """diffusekit's side of workload ``name``. ``state``: weights (our key names = the reference's) for
     W1-W4; ``folder``: the diffusers-layout model folder for W5/W6. ``dtype=None`` (W5/W6): the library's
     defaults for this machine."""
     if name in ("W1", "W3"):
-        model = _unet(s.unet, dtype, state)
-        inp = inputs(name, s, dtype)
+        model = _unet(s.unet, dtype, state, device)
+        inp = _to(inputs(name, s, dtype), device)
         extra = {"context": inp["context"]} if "context" in inp else {}
 
         def forward() -> torch.Tensor:
@@ -127,8 +132,8 @@ def ours(
 
         return Case(forward, model)
     if name == "W2":
-        model = _unet(s.unet, dtype, state, train=True)
-        inp = inputs(name, s, dtype)
+        model = _unet(s.unet, dtype, state, device, train=True)
+        inp = _to(inputs(name, s, dtype), device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
         def step() -> torch.Tensor:
@@ -143,8 +148,8 @@ def ours(
         vae = AutoencoderKL(s.vae)
         if state is not None:
             vae.load_state_dict(state)
-        prepare(vae, Plan(dtype=dtype))
-        z = inputs(name, s, dtype)["z"]
+        prepare(vae, Plan(dtype=dtype), device=device)
+        z = inputs(name, s, dtype)["z"].to(device)
 
         def decode() -> torch.Tensor:
             with torch.inference_mode():
@@ -155,7 +160,7 @@ def ours(
         from diffusekit.pipelines.stable_diffusion import StableDiffusion
         from diffusekit.pipelines.text_to_image import TextToImage
 
-        sd = StableDiffusion.load(folder, dtype=dtype)
+        sd = StableDiffusion.load(folder, dtype=dtype, device=device)
         pipe = TextToImage(sd)
         lat = inputs(name, s, torch.float32, latent_channels=sd.codec.channels,
                      latent_factor=sd.codec.downsample_factor)["latents"]  # fmt: skip
