@@ -18,18 +18,22 @@ _MAX_JSON = 256 * 1024 * 1024  # so is a JSON file larger than this (configs and
 
 def check_safetensors_header(path: Path) -> None:
     """Validate the safetensors header ourselves so a hostile file gets our error, not a deep one."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise WeightsError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or n + 8 > size:
-            raise WeightsError(f"{path}: corrupt safetensors file (header claims {n} bytes, file has {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, an int of > 4300 digits, deep nesting
-            raise WeightsError(f"{path}: corrupt safetensors header ({type(e).__name__}: {e})") from None
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise WeightsError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or n + 8 > size:
+                raise WeightsError(f"{path}: corrupt safetensors file (header claims {n} bytes, file has {size})")
+            raw = f.read(n)
+    except OSError as e:  # unreadable: permissions, I/O errors, special files
+        raise WeightsError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, an int of > 4300 digits, deep nesting
+        raise WeightsError(f"{path}: corrupt safetensors header ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_len = size - 8 - n
@@ -83,10 +87,14 @@ def read_json(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"config file not found: {path}")
-    if path.stat().st_size > _MAX_JSON:
-        raise WeightsError(f"{path}: {path.stat().st_size} bytes is too large for a JSON file (limit {_MAX_JSON})")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > _MAX_JSON:
+            raise WeightsError(f"{path}: {size} bytes is too large for a JSON file (limit {_MAX_JSON})")
+        text = path.read_bytes().decode("utf-8")
+        data = json.loads(text)
+    except OSError as e:  # unreadable: permissions, I/O errors, special files
+        raise WeightsError(f"{path}: cannot read the file ({e.strerror or e})") from None
     except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, an int of > 4300 digits, deep nesting
         raise WeightsError(f"{path}: invalid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
