@@ -144,10 +144,10 @@ def _weight_files(folder: Path, variant: str | None) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise WeightsError(f"{index}: no 'weight_map' object listing the shard files")
-        shards = sorted(set(weight_map.values()))
-        if any(not isinstance(s, str) or "/" in s or "\\" in s or s.startswith(".") for s in shards):
+        shards = list(weight_map.values())
+        if any(not isinstance(s, str) or not s or "/" in s or "\\" in s or s.startswith(".") for s in shards):
             raise WeightsError(f"{index}: shard names must be plain file names in the same folder")
-        return [folder / s for s in shards]
+        return [folder / s for s in sorted(set(shards))]
     pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.ckpt"))
     hint = (
         f" (found {', '.join(pickled)}: pickle files are not loaded; convert them to .safetensors)"

@@ -183,9 +183,11 @@ def _load_state(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
         if not isinstance(weight_map, dict):
             raise WeightsError(f"{index}: expected a 'weight_map' object")
         state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            if not isinstance(shard, str) or Path(shard).name != shard:
+        shards = list(weight_map.values())
+        for shard in shards:  # plain file names in this folder, checked before any is read
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
                 raise WeightsError(f"{index}: invalid shard name {shard!r}")
+        for shard in sorted(set(shards)):
             state.update(load_weights(folder / shard))
         return state, index
     pickled = [p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".ckpt", ".pth"}]
@@ -273,9 +275,11 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise WeightsError(f"tokenizer merges file not found: {path}")
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")
+        lines = path.read_bytes().decode("utf-8").split("\n")
     except UnicodeDecodeError as e:
         raise WeightsError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:  # unreadable: permissions, I/O errors, special files
+        raise WeightsError(f"{path}: cannot read the file ({e.strerror or e})") from None
     merges = []
     for number, line in enumerate(lines, start=1):
         line = line.rstrip("\r")
