@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from diffusekit.networks.text_encoder import TEXT_ENCODER_PRESETS
 from diffusekit.networks.unet import UNet
 from diffusekit.runtime import harness, timing
-from diffusekit.runtime.policy import default_dtype
+from diffusekit.runtime.policy import default_dtype, native_bf16
 from diffusekit.runtime.workloads import QUICK, TITLES, WORKLOADS, Case, Spec, inputs, ours, spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,9 +64,28 @@ class Reference:
 
     name = "reference"
 
-    def __init__(self, pipeline: Path, workdir: Path, device: str = "cpu") -> None:
+    def __init__(self, pipeline: Path, workdir: Path, device: str = "cpu", *, apart_s: float = 0, tiny=False) -> None:
         self.pipeline, self.workdir, self.device = pipeline, workdir, device
+        self.apart_s, self.tiny = apart_s, tiny
         self._folders: dict[str, Path] = {}
+
+    def runs_apart(self, workload: str, dtype: str) -> bool:
+        """Half precision on a CPU without native bfloat16 runs emulated kernels, minutes to hours per call:
+        such cases run once in a separate process with a time limit (``--reference-limit-seconds``)."""
+        slow = self.device == "cpu" and dtype in ("bfloat16", "float16") and not native_bf16("cpu")
+        return bool(self.apart_s) and slow and workload != "W5"
+
+    def time_apart(self, workload: str, dtype: str) -> tuple[float | None, float]:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child-case", workload, "--side", "reference",
+               "--dtype", dtype, "--device", self.device, "--pipeline", str(self.pipeline)]  # fmt: skip
+        cmd += ["--tiny"] if self.tiny else []
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.apart_s)
+        except subprocess.TimeoutExpired:
+            return None, self.apart_s
+        if proc.returncode != 0:
+            raise RuntimeError(f"reference {workload} {dtype} failed: {proc.stderr[-2000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"], self.apart_s
 
     def weights(self, workload: str, s: Spec, dtype: torch.dtype | None) -> dict[str, Any]:
         import diffusers
@@ -190,6 +209,17 @@ def w3_flops(s: Spec) -> int:
     return timing.count_flops(lambda: model(inp["x"], inp["t"], context=inp["context"]))
 
 
+def child_case(args: argparse.Namespace) -> int:
+    """One run of one reference case in this process (the slow cases of Reference.runs_apart)."""
+    with tempfile.TemporaryDirectory(prefix="diffusekit-bench-") as tmp:
+        reference = Reference(args.pipeline, Path(tmp), args.device, apart_s=args.reference_limit_seconds,
+                              tiny=args.tiny)  # fmt: skip
+        s, dtype = spec(args.child_case, tiny=args.tiny), harness.DTYPES[args.dtype]
+        case = reference.case(args.child_case, s, dtype, reference.weights(args.child_case, s, dtype))
+        print(json.dumps({"seconds": timing.clock(case.run)}))
+    return 0
+
+
 def child_w5(args: argparse.Namespace) -> int:
     """One W5 run of one side in this (fresh) process; prints seconds and peak RSS as JSON."""
     s = dataclasses.replace(spec("W5", tiny=args.tiny), steps=args.steps)
@@ -251,6 +281,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--estimate-reference-bf16-w5", action=argparse.BooleanOptionalAction, default=True,
                    help="on CPUs without native bfloat16, estimate the reference's bfloat16 W5 from its W3 and W4 "
                    "times (20 x W3 + W4) instead of running it for hours")  # fmt: skip
+    p.add_argument("--reference-limit-seconds", type=float, default=600.0,
+                   help="on CPUs without native bfloat16, the reference's half-precision cases run once in a separate "
+                   "process stopped after this long (0: run them in-process, interleaved, however long)")  # fmt: skip
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides run (default cpu)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "compare.json")
 
@@ -261,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_arguments(parser)
     parser.add_argument("--child-w5", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-case", choices=WORKLOADS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, metavar="JSON", help="combine reports of partial runs into --json"
+    )
     parser.add_argument("--side", choices=["ours", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -268,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child_w5:
         return child_w5(args)
+    if args.child_case:
+        return child_case(args)
+    if args.merge:
+        return merge(args.merge, args.json)
     return compare(args)
 
 
@@ -280,7 +321,8 @@ def compare(args: argparse.Namespace) -> int:
     info = harness.machine()
     log(f"machine: {info}")
     with tempfile.TemporaryDirectory(prefix="diffusekit-bench-") as tmp:
-        reference = Reference(args.pipeline, Path(tmp), args.device)
+        reference = Reference(args.pipeline, Path(tmp), args.device, apart_s=args.reference_limit_seconds,
+                              tiny=args.tiny)  # fmt: skip
         measured: dict[tuple[str, str], dict] = {}
 
         def skip(workload: str, dtype: str) -> str | None:
@@ -337,15 +379,48 @@ def estimate_w5_bf16(args, reference, settings, measured, log) -> dict[str, Any]
     log("[W5 bfloat16] ours only; the reference is estimated from its W3 and W4 bfloat16 times")
     case = ours("W5", s, torch.bfloat16, folder=reference.w5_folder(s), device=args.device)
     t = timing.clock(lambda: settings.outputs.__setitem__(("W5", "bfloat16", "ours"), case.run().float()))
-    w3, w4 = measured.get(("W3", "bfloat16"), {}), measured.get(("W4", "bfloat16"), {})
     row = {"workload": "W5", "dtype": "bfloat16", "ours_s": t, "runs": "1/0"}
-    if w3.get("reference_s") and w4.get("reference_s"):
-        row["reference_s"] = s.steps * w3["reference_s"] + w4["reference_s"]
-        row["ratio"] = t / row["reference_s"]
-        row["note"] = f"reference estimated: {s.steps} x W3 + W4 (bf16)"
-    else:
-        row["note"] = "reference not run (needs W3 and W4 bf16 rows for the estimate)"
+    return fill_w5_estimate(row, measured, s.steps)
+
+
+def fill_w5_estimate(row: dict[str, Any], measured: dict, steps: int) -> dict[str, Any]:
+    """The reference's bfloat16 W5 time as ``steps`` x its W3 + its W4 (a lower bound when either was stopped)."""
+    w3 = measured.get(("W3", "bfloat16"), {}).get("reference_s")
+    w4 = measured.get(("W4", "bfloat16"), {}).get("reference_s")
+    if w3 is None or w4 is None:
+        row["note"] = "reference not run (its estimate needs the W3 and W4 bf16 rows)"
+        return row
+    bound = isinstance(w3, str) or isinstance(w4, str)
+    seconds = steps * float(str(w3).lstrip(">")) + float(str(w4).lstrip(">"))
+    row["reference_s"] = f">{seconds:.0f}" if bound else seconds
+    row["ratio"] = f"<{row['ours_s'] / seconds:.3g}" if bound else row["ours_s"] / seconds
+    row["note"] = f"reference estimated: {steps} x W3 + W4 (bf16 rows)" + (", a lower bound" if bound else "")
     return row
+
+
+def merge(paths: list[Path], out: Path) -> int:
+    """Combine reports of partial runs (e.g. W5 run apart from W1-W4) into one, filling the W5 bfloat16 estimate."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    report = {"machine": reports[0]["machine"], "workloads": {}, "rows": []}
+    report["machine"] = {**reports[0]["machine"], "runs": [r["machine"] for r in reports]}
+    for r in reports:
+        report["workloads"].update(r["workloads"])
+        report["rows"] += r["rows"]
+        for key in ("W3_flops", "W5_peak_rss"):
+            if key in r:
+                report[key] = r[key]
+        report.setdefault("psnr_bf16_vs_fp32", {}).update(r.get("psnr_bf16_vs_fp32", {}))
+    measured = {(r["workload"], r["dtype"]): r for r in report["rows"]}
+    w5 = measured.get(("W5", "bfloat16"))
+    if w5 is not None and "reference_s" not in w5:
+        fill_w5_estimate(w5, measured, 20)
+    order = {w: i for i, w in enumerate(WORKLOADS)}
+    report["rows"].sort(
+        key=lambda r: (order[r["workload"]], ["float32", "bfloat16", "float16", "default"].index(r["dtype"]))
+    )
+    harness.write_report(out, report)
+    print(render(report))
+    return 0
 
 
 def flops_report(s: Spec, measured, dtypes, device, log) -> dict[str, Any]:

@@ -4,7 +4,10 @@ compare the outputs, time the sides interleaved, and collect rows for the table 
 
 A *side* is an object with ``name``, ``weights(workload, spec, dtype) -> dict`` (the weights every side
 loads: ``state`` and/or ``folder``; only the first side's are used) and
-``case(workload, spec, dtype, weights) -> Case``. ``dtype=None`` means the side's default settings.
+``case(workload, spec, dtype, weights) -> Case``. ``dtype=None`` means the side's default settings. A side
+may also have ``runs_apart(workload, dtype_name) -> bool`` and ``time_apart(workload, dtype_name) -> (seconds
+or None, limit)``: the cases it is too slow for are then timed once in a separate process with a time limit
+(None: it did not finish), and the ratio becomes an upper bound.
 """
 
 from __future__ import annotations
@@ -103,8 +106,27 @@ def run(sides: Sequence[Side], settings: Settings) -> list[dict[str, Any]]:
 
 def _measure(name: str, s: Spec, dtype_name: str, sides: Sequence[Side], settings: Settings) -> dict[str, Any]:
     dtype = DTYPES[dtype_name]
+    apart = [side for side in sides if getattr(side, "runs_apart", lambda w, d: False)(name, dtype_name)]
     weights = sides[0].weights(name, s, dtype)
-    cases = {side.name: side.case(name, s, dtype, weights) for side in sides}
+    cases = {side.name: side.case(name, s, dtype, weights) for side in sides if side not in apart}
+    if apart:  # too slow to interleave: timed alone in a separate process with a time limit
+        row = _measure_cases(name, dtype_name, cases, settings)
+        for side in apart:
+            seconds, limit = side.time_apart(name, dtype_name)
+            row["runs"] += "/1" if seconds is not None else "/0"
+            if seconds is not None:
+                row[f"{side.name}_s"] = seconds
+                row["ratio"] = row["ours_s"] / seconds
+                row["note"] = f"{side.name}: one run in a separate process"
+            else:
+                row["ratio"] = f"<{row['ours_s'] / limit:.3g}"
+                row["note"] = f"{side.name} stopped after {limit:.0f} s (ratio is an upper bound)"
+                row[f"{side.name}_s"] = f">{limit:.0f}"
+        return row
+    return _measure_cases(name, dtype_name, cases, settings)
+
+
+def _measure_cases(name: str, dtype_name: str, cases: dict[str, Case], settings: Settings) -> dict[str, Any]:
     warm, outs = {}, {}
     for side_name, case in cases.items():  # the warm-up round; its outputs are compared
         timing.sync()
@@ -131,7 +153,7 @@ def _measure(name: str, s: Spec, dtype_name: str, sides: Sequence[Side], setting
         row["max_abs_diff"] = timing.max_abs_diff(outs["ours"], outs["reference"])
     row["runs"] = "/".join(str(len(times[n])) for n in cases)
     row["times"] = {n: times[n] for n in cases}
-    del cases, weights
+    del cases
     return row
 
 
