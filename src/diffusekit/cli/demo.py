@@ -44,7 +44,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--train-minutes", type=float, default=8.0, metavar="M", help="training budget (default 8)")
     p.add_argument("--steps", type=int, default=100_000, metavar="N", help="at most N optimizer steps")
-    p.add_argument("--output-dir", default="runs/demo", metavar="DIR", help="default runs/demo (replaced)")
+    p.add_argument(
+        "--output-dir", default="runs/demo", metavar="DIR", help="default runs/demo (its train/ folder is replaced)"
+    )
     p.add_argument("--preset", default="mnist-small", metavar="NAME", help="U-Net preset (default mnist-small)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="training batch (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, metavar="LR", help="AdamW learning rate (default 1e-3)")
@@ -77,7 +79,7 @@ def demo_config(args: argparse.Namespace):
     return TrainConfig().replace(
         data={"source": "bundled"},
         model={"preset": args.preset, "class_conditional": True},
-        diffusion={"label_dropout": 0.1},
+        diffusion={"label_dropout": 0.1, "min_snr_gamma": 5.0},
         optim={"lr": args.lr, "batch_size": args.batch_size, "warmup_steps": 200},
         ema={"decay": 0.999},
         run={"output_dir": str(Path(args.output_dir) / "train"), "max_steps": args.steps,
