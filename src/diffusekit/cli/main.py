@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from diffusekit.cli import bench, convert, demo, fid, generate, sample, train
 from diffusekit.errors import DiffusekitError
 
-# sub-command -> module in diffusekit.cli that defines add_parser(subparsers) and run(args) -> int
-COMMANDS = {
-    "demo": "demo",
-    "train": "train",
-    "sample": "sample",
-    "fid": "fid",
-    "txt2img": "generate",
-    "img2img": "generate",
-    "inpaint": "generate",
-    "convert": "convert",
-    "bench": "bench",
-}
+# each module adds its sub-command(s) with add_parser(subparsers); generate adds txt2img, img2img, inpaint
+COMMAND_MODULES = (demo, train, sample, fid, generate, convert, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,17 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'diffusekit COMMAND --help' for the options of one command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    seen = set()
-    for module_name in COMMANDS.values():
-        if module_name in seen:
-            continue
-        seen.add(module_name)
-        try:
-            module = importlib.import_module(f"diffusekit.cli.{module_name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"diffusekit.cli.{module_name}":
-                continue  # command not built yet
-            raise
+    for module in COMMAND_MODULES:
         module.add_parser(sub)
     return parser
 
