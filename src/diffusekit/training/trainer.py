@@ -392,7 +392,7 @@ class Trainer:
         workers = c.data.num_workers if c.data.num_workers is not None else min(4, os.cpu_count() or 1)
         batches = make_batches(self.dataset, sampler, num_workers=workers, pin_memory=env.device.type == "cuda")
         bar = tqdm(
-            total=c.run.max_steps,
+            total=c.run.max_steps if c.run.max_minutes is None else None,  # a time budget: budget_left is the ETA
             initial=self.step,
             desc="training",
             unit="step",
