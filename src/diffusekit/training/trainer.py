@@ -402,10 +402,7 @@ class Trainer:
         )
         if main:
             self._print_header()
-        shape = (self.dataset.channels, self.dataset.resolution, self.dataset.resolution)
-        accum, B = c.optim.grad_accum_steps, c.optim.batch_size
-        lo, hi = env.rank * B, (env.rank + 1) * B
-        null_id = self.num_classes  # the "no class" id (last of num_classes + 1)
+        accum = c.optim.grad_accum_steps
         budget = c.run.max_minutes * 60 if c.run.max_minutes is not None else math.inf
         amp = (
             torch.autocast(env.device.type, dtype=self.autocast_dtype)
@@ -431,53 +428,10 @@ class Trainer:
                     group["lr"] = lr
                 loss_sum = torch.zeros((), device=env.device)
                 for a in range(accum):
-                    micro = self.step * accum + a
                     x0, labels = next(batches)
-                    rnd = BatchRandomness.draw(
-                        micro_batch_generator(c.run.seed, micro),
-                        self.global_batch,
-                        shape,
-                        self.schedule.num_train_timesteps,
-                        c.diffusion.label_dropout,
-                    )
-                    rnd = rnd.slice(lo, hi)
-                    x0 = x0.to(env.device, non_blocking=True)
-                    if self.random_flip:
-                        x0 = torch.where(rnd.flip.to(env.device)[:, None, None, None], x0.flip(-1), x0)
-                    noise = rnd.noise.to(env.device)
-                    if c.diffusion.offset_noise:
-                        noise = offset_noise(noise, rnd.offset.to(env.device), c.diffusion.offset_noise)
-                    if self.num_classes is not None:  # label dropout for classifier-free guidance
-                        labels = torch.where(rnd.drop_label, null_id, labels).to(env.device)
-                    else:
-                        labels = None
-                    t = rnd.t.to(env.device)
-                    x_t, target = noisy_inputs(self.schedule, x0, noise, t, c.diffusion.prediction_type)
-                    weights = timestep_weights(self.schedule, t, c.diffusion.prediction_type, c.diffusion.min_snr_gamma)
-                    sync = self.ddp_model is None or a == accum - 1
-                    with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
-                        with amp:
-                            out = model(x_t, t, class_labels=labels)
-                        loss = weighted_mse(out, target, weights)
-                        scaled = loss / accum
-                        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-                    loss_sum += loss.detach()
+                    loss_sum += self._accumulate(model, x0, labels, self.step * accum + a, last=a == accum - 1, amp=amp)
                 self.data_position += accum * self.global_batch
-                mean_loss = float(ddp.all_reduce_mean(loss_sum / accum, env))
-                if not math.isfinite(mean_loss):
-                    self._diverged("loss", mean_loss, last_ckpt)
-                if self.scaler is not None:
-                    self.scaler.unscale_(self.optimizer)
-                clip = c.optim.grad_clip_norm if c.optim.grad_clip_norm is not None else math.inf
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)  # skips the step if fp16 gradients overflowed
-                    self.scaler.update()
-                else:
-                    if not math.isfinite(grad_norm):
-                        self._diverged("gradient norm", grad_norm, last_ckpt)
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                mean_loss, grad_norm = self._optimizer_step(loss_sum / accum, last_ckpt)
                 self.step += 1
                 decay = ema_decay(self.step, c.ema.decay, c.ema.warmup)
                 ema_update(self.ema, self.model, decay)
@@ -538,6 +492,65 @@ class Trainer:
             train_seconds=train_seconds,
             steps_per_second=steps_done / train_seconds if train_seconds > 0 else 0.0,
         )
+
+    def _accumulate(
+        self,
+        model: torch.nn.Module,
+        x0: Tensor,
+        labels: Tensor | None,
+        micro: int,
+        *,
+        last: bool,
+        amp: contextlib.AbstractContextManager,
+    ) -> Tensor:
+        """Forward and backward of this rank's slice of global micro-batch ``micro`` (DDPM Algorithm 1, lines
+        2-5); gradients accumulate (DDP synchronises them on the ``last`` micro-batch). Returns the loss."""
+        c, env = self.config, self.env
+        B = c.optim.batch_size
+        shape = (self.dataset.channels, self.dataset.resolution, self.dataset.resolution)
+        rnd = BatchRandomness.draw(micro_batch_generator(c.run.seed, micro), self.global_batch, shape,
+                                   self.schedule.num_train_timesteps, c.diffusion.label_dropout)  # fmt: skip
+        rnd = rnd.slice(env.rank * B, (env.rank + 1) * B)
+        x0 = x0.to(env.device, non_blocking=True)  # (B, C, H, W)
+        if self.random_flip:
+            x0 = torch.where(rnd.flip.to(env.device)[:, None, None, None], x0.flip(-1), x0)
+        noise = rnd.noise.to(env.device)
+        if c.diffusion.offset_noise:
+            noise = offset_noise(noise, rnd.offset.to(env.device), c.diffusion.offset_noise)
+        if self.num_classes is not None:  # label dropout: the last class id means "no class" (CFG)
+            labels = torch.where(rnd.drop_label, self.num_classes, labels).to(env.device)
+        else:
+            labels = None
+        t = rnd.t.to(env.device)
+        x_t, target = noisy_inputs(self.schedule, x0, noise, t, c.diffusion.prediction_type)
+        weights = timestep_weights(self.schedule, t, c.diffusion.prediction_type, c.diffusion.min_snr_gamma)
+        sync = self.ddp_model is None or last
+        with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
+            with amp:
+                out = model(x_t, t, class_labels=labels)
+            loss = weighted_mse(out, target, weights)
+            scaled = loss / c.optim.grad_accum_steps
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return loss.detach()
+
+    def _optimizer_step(self, loss: Tensor, last_ckpt: Path | None) -> tuple[float, float]:
+        """Check the (all-reduced) loss, clip the gradient norm, step AdamW. Returns (loss, grad norm)."""
+        mean_loss = float(ddp.all_reduce_mean(loss, self.env))
+        if not math.isfinite(mean_loss):
+            self._diverged("loss", mean_loss, last_ckpt)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.config.optim.grad_clip_norm if self.config.optim.grad_clip_norm is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step if fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            if not math.isfinite(grad_norm):
+                self._diverged("gradient norm", grad_norm, last_ckpt)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return mean_loss, grad_norm
 
     def _write_samples(self, logger: MetricsLogger | None) -> Path:
         from diffusekit.utils.images import make_grid, save_image_grid
