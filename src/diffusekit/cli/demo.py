@@ -68,7 +68,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--fid-guidance", type=float, default=1.0, metavar="S", help="CFG scale of FID samples")
     p.add_argument("--no-fid", action="store_true", help="skip FID")
     p.add_argument("--seed", type=int, default=0, metavar="N")
-    p.add_argument("--cpu-threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--cpu-threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default: torch's choice; on a machine busy with other work, 1 is often faster)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
     return p

@@ -104,7 +104,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     g.add_argument("--seed", type=int, metavar="N")
     g.add_argument("--device", metavar="DEV", help="auto (default), cpu, cuda, cuda:1, ...")
-    g.add_argument("--cpu-threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    g.add_argument(
+        "--cpu-threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default: torch's choice; on a machine busy with other work, 1 is often faster)",
+    )
     g.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="default 1000")
     g.add_argument("--keep-checkpoints", type=int, metavar="N", help="newest checkpoints kept (default 2)")
     g.add_argument("--log-every-steps", type=int, metavar="N", help="metrics interval (default 10)")
