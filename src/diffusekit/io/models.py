@@ -159,11 +159,15 @@ def _weight_files(folder: Path, variant: str | None) -> list[Path]:
 
 def _check_state(model: nn.Module, state: dict[str, torch.Tensor], *, weights: Path, config: Path) -> None:
     """Raise WeightsError unless ``state`` has exactly the model's keys with the model's shapes."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    reference = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in reference.items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
-    if not (missing or unexpected or mismatched):
+    wrong_kind = sorted(  # e.g. integer tensors where the model has float weights
+        k for k in set(expected) & set(state) if state[k].is_floating_point() != reference[k].is_floating_point()
+    )
+    if not (missing or unexpected or mismatched or wrong_kind):
         return
 
     def few(keys: list[str], show: Callable[[str], str] = str) -> str:
@@ -179,5 +183,9 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], *, weights: P
         problems.append(
             "shape mismatches: "
             + few(mismatched, lambda k: f"{k} (file {tuple(state[k].shape)}, config {expected[k]})")
+        )
+    if wrong_kind:
+        problems.append(
+            "wrong dtypes: " + few(wrong_kind, lambda k: f"{k} (file {state[k].dtype}, model {reference[k].dtype})")
         )
     raise WeightsError(f"{weights} does not match the model described by {config}: " + "; ".join(problems))
