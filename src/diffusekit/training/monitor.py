@@ -165,7 +165,8 @@ def plot_loss_curve(
     if len(line) > 1:
         d.line(line, fill=(150, 180, 230), width=1)
         k = max(1, len(ys) // 20)
-        smooth = [sum(ys[max(0, i - k) : i + 1]) / (i + 1 - max(0, i - k)) for i in range(len(ys))]
+        window = [ys[max(0, i - k) : i + k + 1] for i in range(len(ys))]  # centred moving average
+        smooth = [sum(w) / len(w) for w in window]
         d.line([px(x, y) for x, y in zip(xs, smooth)], fill=(20, 60, 160), width=2)
     else:
         x, y = line[0]
