@@ -26,7 +26,7 @@ from diffusekit.diffusion.grids import (
 from diffusekit.diffusion.parametrization import PREDICTION_TYPES
 from diffusekit.diffusion.schedules import BETA_SCHEDULES, NoiseSchedule, make_betas, rescale_zero_terminal_snr
 from diffusekit.errors import ConfigError, check_choice, check_positive_int, check_range
-from diffusekit.limits import translating
+from diffusekit.limits import check_flag, translating
 from diffusekit.samplers.common import Denoiser, Generator, Model, StepInfo
 from diffusekit.samplers.ddim import sample_ddim
 from diffusekit.samplers.ddpm import VARIANCES, sample_ddpm
@@ -91,6 +91,10 @@ class SamplerConfig:
             raise ConfigError(
                 f"trained_betas has {len(self.trained_betas)} entries, num_train_timesteps={self.num_train_timesteps}"
             )
+        check_positive_int("steps_offset", self.steps_offset, minimum=0)
+        for name in ("zero_terminal_snr", "set_alpha_to_one", "karras_sigmas", "reference_rules"):
+            check_flag(name, getattr(self, name))
+        self.schedule()  # validates beta_start/beta_end/trained_betas now, not at the first use
 
     def with_sampler(self, sampler: str, **changes: Any) -> SamplerConfig:
         """The same schedule with another sampler (as pipelines swap schedulers)."""
