@@ -1,0 +1,187 @@
+"""Fuzzing ``--replay``: the generation settings a PNG carries are input from whoever made the file.
+
+A real PNG is made once with ``diffusekit txt2img`` on the tiny fixture pipeline. Cases: its bytes truncated
+and corrupted; its ``diffusekit`` metadata replaced by mutated settings (wrong types, huge sizes and step
+counts, NaN, unknown samplers, paths to missing, hostile or pickled files), random text, invalid or deeply
+nested JSON, a compressed chunk that inflates to a huge size. Contract (see ``test_fuzz_common``): the
+replay makes an image, or raises a DiffusekitError naming the PNG, a field or an option -- and never reads a
+pickle, whatever the PNG says.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image, PngImagePlugin
+
+from diffusekit.cli.generate import METADATA_KEY, read_png_metadata, settings_from_metadata
+from diffusekit.cli.main import build_parser
+from test_fuzz_common import Tally, examples, json_values, mutated, session_tally, string_values
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+SD = FIXTURES / "pipelines" / "stable_diffusion"
+pytestmark = pytest.mark.skipif(not SD.is_dir(), reason=f"fixtures not found at {SD}")
+
+
+@pytest.fixture(scope="session")
+def tally(request: pytest.FixtureRequest) -> Tally:
+    return session_tally(request)
+
+
+def run_cli(argv: list[str]) -> int:
+    """A ``diffusekit`` command with its DiffusekitError propagating (main() would print it)."""
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+@pytest.fixture(scope="session")
+def made(tmp_path_factory) -> tuple[Path, dict]:
+    """A PNG written by txt2img on the tiny pipeline, and its metadata."""
+    out = tmp_path_factory.mktemp("made")
+    run_cli(["txt2img", "a red cube", "--model", str(SD), "--size", "16x16", "--steps", "2", "--seed", "3",
+             "--out", str(out), "--quiet"])  # fmt: skip
+    png = next(out.glob("*.png"))
+    return png, read_png_metadata(png)
+
+
+def write_png(path: Path, text: str | None, *, compressed: bool = False) -> Path:
+    image = Image.new("RGB", (16, 16), (30, 60, 90))
+    info = PngImagePlugin.PngInfo()
+    if text is not None:
+        info.add_text(METADATA_KEY, text, zip=compressed)
+    image.save(path, format="PNG", pnginfo=info)
+    return path
+
+
+def _replay(png: Path, out: Path, *extra: str) -> int:
+    return run_cli(["txt2img", "--replay", str(png), "--out", str(out), "--quiet", *extra])
+
+
+@examples(300)
+@given(data=st.data())
+def test_replay_settings(tally, tmp_path_factory, made, data):
+    """Mutated settings, through the parser and validation only (cheap): settings or a named error."""
+    _, meta = made
+    strings = [*string_values(meta), "dpm++2m", "euler-a", "plms", "float16", "bfloat16", "img2img", "inpaint"]
+    mutated_meta = data.draw(mutated(meta, strings, max_ops=4))
+    path = write_png(tmp_path_factory.mktemp("png") / "x.png", json.dumps(mutated_meta))
+
+    def call():
+        return settings_from_metadata(read_png_metadata(path), path)
+
+    tally.check("--replay settings", call, names=[str(path), "--replay"], describe=lambda: repr(mutated_meta))
+
+
+@examples(40)
+@given(data=st.data())
+def test_replay_run(tally, tmp_path_factory, made, data):
+    """Mutated settings, replayed for real (model loading and generation included) while small enough."""
+    _, meta = made
+    base = {**meta, "steps": 1}
+    change = data.draw(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "steps": st.sampled_from([0, 1, 2, -1, 10**9, 1.5, "2", None]),
+                "guidance": st.sampled_from([0.0, 1.0, 7.5, -1.0, float("nan"), 1e300, "7"]),
+                "sampler": st.sampled_from(["ddim", "euler-a", "dpm++2m", "pndm", "ddpm", "nope", None, 3]),
+                "width": st.sampled_from([8, 16, 17, 0, -16, 10**6, None]),
+                "height": st.sampled_from([8, 16, 24, 0, None]),
+                "eta": st.sampled_from([None, 0.0, 0.5, 2.0]),
+                "seed": st.sampled_from([0, -1, 2**63, 2**64, "x"]),
+                "dtype": st.sampled_from(["float32", "float16", "bfloat16", "int8", None]),
+                "prompt": st.one_of(st.text(max_size=50), st.just("x" * 20_000)),
+                "negative_prompt": st.text(max_size=20),
+                "model": st.sampled_from([str(SD), str(SD / "unet"), "/nonexistent", "", str(SD / "model_index.json")]),
+                "mode": st.sampled_from(["txt2img", "img2img", "inpaint", "x"]),
+            },
+        )
+    )  # fmt: skip
+    path = write_png(tmp_path_factory.mktemp("png") / "x.png", json.dumps({**base, **change}))
+    out = path.parent / "out"
+    tally.check("--replay run", lambda: _replay(path, out), names=[str(path), "--replay", "--"],
+                describe=lambda: repr(change))  # fmt: skip
+
+
+HOSTILE_TEXTS = st.one_of(
+    st.text(max_size=300),
+    json_values().map(json.dumps),
+    st.just("[" * 100_000 + "]" * 100_000),
+    st.just('{"format": "diffusekit-generation", "format_version": 1' + ', "a": 1' * 100_000 + "}"),
+    st.just("9" * 5000),
+    st.just("{" * 200_000),
+    st.just("x" * 2_000_000),
+)
+
+
+@examples(120)
+@given(text=HOSTILE_TEXTS, compressed=st.booleans())
+def test_replay_hostile_metadata_text(tally, tmp_path_factory, text, compressed):
+    path = write_png(tmp_path_factory.mktemp("png") / "x.png", text, compressed=compressed)
+    tally.check("--replay hostile text", lambda: settings_from_metadata(read_png_metadata(path), path),
+                names=[str(path)], describe=lambda: repr(text[:300]))  # fmt: skip
+
+
+@examples(150)
+@given(cut=st.floats(0, 1), flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), max_size=4))
+def test_replay_corrupt_png(tally, tmp_path_factory, made, cut, flips):
+    data = bytearray(made[0].read_bytes())
+    for pos, xor in flips:
+        data[pos % len(data)] ^= xor
+    data = data[: max(1, int(len(data) * cut))] if cut < 1 else data
+    path = tmp_path_factory.mktemp("png") / "x.png"
+    path.write_bytes(bytes(data))
+    tally.check("--replay corrupt PNG", lambda: settings_from_metadata(read_png_metadata(path), path),
+                names=[str(path)], describe=lambda: f"cut={cut} flips={flips}")  # fmt: skip
+
+
+def test_replay_compressed_chunk_bomb(tally, tmp_path):
+    """A zTXt chunk of a few kB that inflates to 1 GB must not be inflated."""
+    path = write_png(tmp_path / "bomb.png", None)
+    z = zlib.compressobj(9)
+    block = b" " * (1 << 20)
+    bomb = z.compress(b"{") + b"".join(z.compress(block) for _ in range(1024)) + z.flush()  # 1 GiB, streamed
+    chunk_type, body = b"zTXt", METADATA_KEY.encode() + b"\0\0" + bomb
+    chunk = len(body).to_bytes(4, "big") + chunk_type + body + zlib.crc32(chunk_type + body).to_bytes(4, "big")
+    data = path.read_bytes()
+    path.write_bytes(data[:33] + chunk + data[33:])  # after the 8-byte signature and the IHDR chunk
+    result = tally.check("--replay hostile text", lambda: read_png_metadata(path), names=[str(path)])
+    assert result is None
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin", ".safetensors"])
+def test_replay_never_unpickles_the_model_it_names(tally, tmp_path, made, suffix):
+    marker = tmp_path / "CODE-RAN"
+    model = tmp_path / f"evil{suffix}"
+    model.write_bytes(pickle.dumps({"state_dict": {"w": _RunsCode(marker)}}))
+    meta = {**made[1], "model": str(model), "tokenizer": str(SD / "tokenizer")}
+    png = write_png(tmp_path / "evil.png", json.dumps(meta))
+    result = tally.check("--replay pickled model", lambda: _replay(png, tmp_path / "out"), names=[str(model)])
+    assert result is None and not marker.exists()
+    # --allow-pickle given beside --replay: torch.load(weights_only=True) still refuses to run code
+    result = tally.check("--replay pickled model", lambda: _replay(png, tmp_path / "out", "--allow-pickle"),
+                         names=[str(model)])  # fmt: skip
+    assert result is None and not marker.exists()
+
+
+def test_replay_of_an_untouched_png_reproduces_it(tally, tmp_path, made):
+    png, _ = made
+    out = tmp_path / "again"
+    assert tally.check("--replay run", lambda: _replay(png, out)) == 0
+    again = next(out.glob("*.png"))
+    with Image.open(png) as a, Image.open(again) as b:
+        assert a.tobytes() == b.tobytes()
