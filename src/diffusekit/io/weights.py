@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from diffusekit.errors import WeightsError
@@ -70,13 +71,15 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def save_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
     """Write ``tensors`` to ``path`` atomically (temp file, fsync, rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:  # a full disk, a read-only folder, ...: the previous file is intact
+        raise WeightsError(f"{path}: could not write the file ({e})") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -105,11 +108,16 @@ def read_json(path: str | os.PathLike) -> dict:
 def write_json(data: dict, path: str | os.PathLike) -> None:
     """Write ``data`` as pretty JSON atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only folder, ...: the previous file is intact
+        raise WeightsError(f"{path}: could not write the file ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
