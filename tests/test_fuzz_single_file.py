@@ -30,11 +30,7 @@ pytestmark = pytest.mark.skipif(not SD.is_dir(), reason=f"fixtures not found at 
 
 PREFIXES = ["model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.", "", "x."]
 EDITS = ["drop", "drop_many", "extra", "rename", "reshape", "unsqueeze", "scalar", "huge_dim", "dtype:float16",
-         "dtype:float64", "dtype:bfloat16", "nan", "other_family"]  # fmt: skip
-# Known bugs of io/single_file.py, kept out of the random edits until fixed (see the xfail tests at the end):
-# integer tensors (dtype:int64/bool/uint8) and text-encoder metadata with huge sizes.
-KNOWN_BUG_INT = "io/single_file.py _take: an integer tensor reaches load_state_dict (RuntimeError)"
-KNOWN_BUG_TEXT = "io/single_file.py _text_config_from_dict: sizes unbounded (hang / overflow building the encoder)"
+         "dtype:float64", "dtype:bfloat16", "dtype:int64", "dtype:bool", "nan", "other_family"]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +91,7 @@ def _metadata_ops(metadata: dict[str, str]) -> st.SearchStrategy[dict[str, str]]
     return st.one_of(
         st.just(metadata),
         st.just({k: v for k, v in metadata.items() if not k.startswith("diffusekit.")}),  # infer from shapes
-        st.sampled_from([k for k in config_keys if k != "diffusekit.text_encoder"]).flatmap(mutate_one),
+        st.sampled_from(config_keys).flatmap(mutate_one),
     )
 
 
@@ -149,8 +145,6 @@ def test_metadata_configs_with_huge_sizes_are_refused_before_building(tally, tmp
     config = json.loads(metadata[key])
     if field not in config:
         pytest.skip(f"{key} has no {field}")
-    if key == "diffusekit.text_encoder":
-        pytest.xfail(KNOWN_BUG_TEXT)
     huge = EXTREME_INTS[-3]  # 2**64
     config[field] = [huge] * len(config[field]) if isinstance(config[field], list) else huge
     metadata[key] = json.dumps(config)
@@ -161,7 +155,6 @@ def test_metadata_configs_with_huge_sizes_are_refused_before_building(tally, tmp
     assert result is None
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_BUG_INT)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
 def test_integer_tensors_are_refused(tally, tmp_path, original, dtype):
     state, metadata = dict(original[0]), original[1]

@@ -434,12 +434,18 @@ def _text_config_from_dict(d: dict) -> TextEncoderConfig:
     unknown = sorted(set(d) - known)
     if unknown:
         raise ConfigError(f"unknown text encoder config keys {unknown}")
-    return TextEncoderConfig(**d)
+    try:
+        # the round trip through the reference form applies from_hf's bounds and type checks
+        return TextEncoderConfig.from_hf(TextEncoderConfig(**d).to_hf())
+    except (TypeError, ValueError, OverflowError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"invalid text encoder config in the file's metadata: {e}") from None
 
 
 def _take(
     read: Callable[[str], Tensor], key_map: KeyMap, build: Callable[[Any], nn.Module], config: Any, *,
-    dtype: torch.dtype, device: str | torch.device,
+    dtype: torch.dtype, device: str | torch.device, source: Path,
 ) -> nn.Module:  # fmt: skip
     """Build the network and fill it tensor by tensor with ``read(file key)``, so that at most one of the
     file's tensors is held beside the network at a time."""
@@ -449,6 +455,8 @@ def _take(
     owned = {}
     for ours, theirs in key_map.names.items():
         v = read(theirs)
+        if expected[ours].is_floating_point() and not v.is_floating_point():
+            raise WeightsError(f"{source}: tensor {theirs!r} has dtype {v.dtype}; a floating-point weight was expected")
         if ours in key_map.conv_weights and v.ndim == 4 and v.shape[2:] == (1, 1):
             v = v[:, :, 0, 0]  # a 1x1 convolution in the file, a linear layer here
         w = v.to(dtype) if v.is_floating_point() else v
@@ -648,7 +656,7 @@ def _build(
         shapes = [build(cfg).state_dict() for _, build, cfg, _ in maps]
     _check_keys(state, [(m[0], s) for m, s in zip(maps, shapes)], path)
     unet, vae, text_encoder = (
-        _take(read, key_map, build, cfg, dtype=dt, device=device) for key_map, build, cfg, dt in maps
+        _take(read, key_map, build, cfg, dtype=dt, device=device, source=path) for key_map, build, cfg, dt in maps
     )
     return StableDiffusion(
         unet=unet,
