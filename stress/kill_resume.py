@@ -1,10 +1,12 @@
 """Kill/resume stress: SIGKILL ``diffusekit train`` at random moments and resume it, again and again.
 
 1. A reference run trains ``--steps`` steps without interruption.
-2. The same run is started with ``--resume`` and SIGKILLed, ``--trials`` times: half of the kills at a random
-   moment of the process's life (start-up, training, logging, checkpointing, export), half the moment a
-   checkpoint's temporary folder appears (in the middle of writing it). After each kill: the newest
-   intact checkpoint must load, and the next run must resume from exactly that one (its header names it).
+2. The same run is started with ``--resume`` and SIGKILLed, ``--trials`` times, in turn: at a random moment
+   of the process's life (start-up, training, logging, checkpointing), the moment a checkpoint's temporary
+   folder appears (in the middle of writing it; inotify), or the moment a checkpoint is renamed into place
+   (while older ones are pruned) -- the latter two after letting 0-3 checkpoints pass, so the run moves on.
+   After each kill the newest intact checkpoint must load, and the next run must resume from exactly that
+   one (its header names it).
 3. A last run finishes the job. Its final checkpoint (model, EMA, optimizer, RNG state, step and data
    position) and its exported EMA model must equal the reference run's bit for bit, and no temporary file
    or folder may be left anywhere in the run folder.
@@ -38,6 +40,7 @@ from diffusekit.errors import DiffusekitError
 from diffusekit.io.weights import load_weights
 from diffusekit.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
+MODES = ("random", "mid_checkpoint", "random", "mid_checkpoint", "after_checkpoint")
 TEMP_PATTERNS = (re.compile(r"^\.tmp-"), re.compile(r"\.tmp(-\d+)?$"), re.compile(r"^\.old-"), re.compile(r"\.tmp-"))
 
 
@@ -167,13 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     startup_s = startup_s or ref_seconds / 2
 
     failures: list[str] = []
-    kills = {"random": 0, "mid_checkpoint": 0, "mid_checkpoint_confirmed": 0}
+    kills = {"random": 0, "mid_checkpoint": 0, "after_checkpoint": 0, "mid_checkpoint_confirmed": 0}
     resumes, finished_early = 0, 0
     trial_log = []
     trial = 0
     while trial < args.trials:
         expected = latest_checkpoint(run_dir / "checkpoints")
-        mode = "mid_checkpoint" if trial % 2 else "random"
+        mode = MODES[trial % len(MODES)]
+        skip = rng.randint(0, 3)  # checkpoint writes to let pass first, so that the run moves on
         out_path = args.work / f"trial-{trial:03d}.log"
         with open(out_path, "wb") as out:
             proc = subprocess.Popen(
@@ -188,10 +192,15 @@ def main(argv: list[str] | None = None) -> int:
             # little progress, so that all the kills fit in one run of --steps)
             life = rng.uniform(0.0, startup_s + args.train_window_s)
             deadline = time.monotonic() + (life if mode == "random" else args.timeout_s)
+            seen = 0
             while proc.poll() is None and time.monotonic() < deadline:
                 created = watch.names(0.01)
-                if mode == "mid_checkpoint" and any(n.startswith(".tmp-step-") for n in created):
-                    time.sleep(rng.uniform(0.0, 0.005))  # somewhere inside the write
+                if mode == "mid_checkpoint":  # the moment a checkpoint's temporary folder is created
+                    seen += sum(n.startswith(".tmp-step-") for n in created)
+                elif mode == "after_checkpoint":  # the moment it is renamed into place (pruning follows)
+                    seen += sum(n.startswith("step-") for n in created)
+                if seen > skip:
+                    time.sleep(rng.uniform(0.0, 0.005))  # somewhere inside the write / the pruning
                     break
             watch.close()
             if proc.poll() is None:
@@ -241,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "trials": trial,
-        "kills": kills["random"] + kills["mid_checkpoint"],
+        "kills": kills["random"] + kills["mid_checkpoint"] + kills["after_checkpoint"],
         "kills_at_random_moments": kills["random"],
+        "kills_just_after_a_checkpoint_was_renamed_into_place": kills["after_checkpoint"],
         "kills_while_a_checkpoint_was_written": kills["mid_checkpoint_confirmed"],  # its temp folder was left
         "kills_triggered_by_a_checkpoint_write": kills["mid_checkpoint"],
         "resumes": resumes,
