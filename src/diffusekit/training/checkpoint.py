@@ -231,6 +231,8 @@ def prune_checkpoints(checkpoints_dir: str | os.PathLike, keep: int) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # signal 0 means CTRL_C_EVENT there; assume alive and leave the folder alone
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
