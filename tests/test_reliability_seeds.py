@@ -22,6 +22,7 @@ from diffusekit.pipelines.common import draw, generators_from_seeds
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "pipelines"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures not found at {FIXTURES}")
+BATCH_ATOL = 1e-4  # batch vs alone, images in [0, 1]: measured <= 1.4e-5; one 8-bit level is 3.9e-3
 
 # generates with the tiny pipelines and saves the results: run twice in fresh processes
 SCRIPT = textwrap.dedent(
@@ -106,7 +107,7 @@ def test_each_image_of_a_batch_equals_the_image_made_alone(sd, sampler):
     for i, (prompt, seed) in enumerate(zip(["a cat", "a dog", "a cow"], [10, 11, 12])):
         alone = _t2i(sd, [prompt], [seed], sampler)
         assert torch.equal(batch.start[i], alone.start[0])  # the same starting noise, exactly
-        torch.testing.assert_close(batch.images[i], alone.images[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(batch.images[i], alone.images[0], rtol=0, atol=BATCH_ATOL)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler_ancestral"])
@@ -117,7 +118,7 @@ def test_unconditional_batch_images_equal_the_images_made_alone(uncond, sampler)
     assert torch.equal(batch, again)
     for i in range(3):
         alone = uncond(1, generator=generators_from_seeds(20 + i, 1), **kw)
-        torch.testing.assert_close(batch[i], alone[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(batch[i], alone[0], rtol=0, atol=BATCH_ATOL)
 
 
 def test_one_generator_for_the_whole_batch_is_the_reference_order(sd):
