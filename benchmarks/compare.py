@@ -432,7 +432,7 @@ def flops_report(s: Spec, measured, dtypes, device, log) -> dict[str, Any]:
         peak32 = timing.matmul_peak_flops(torch.float32, device=device)
         entry = {"matmul_peak_gflops": peak / 1e9, "matmul_peak_fp32_gflops": peak32 / 1e9}
         for side in ("ours", "reference"):
-            if row.get(f"{side}_s"):
+            if isinstance(row.get(f"{side}_s"), float):  # not a ">limit" bound
                 achieved = flops / row[f"{side}_s"]
                 entry[f"{side}_gflops"] = achieved / 1e9
                 entry[f"{side}_of_peak"] = achieved / peak
