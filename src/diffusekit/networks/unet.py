@@ -763,6 +763,16 @@ class UNet(nn.Module):
             raise ConfigError(
                 f"x height and width must be multiples of {f} (2**(levels-1), levels={c.levels}), got {H}x{W}"
             )
+        # a GroupNorm that sees one value per group has no variance: refuse inputs that small
+        per_group = min(
+            min(c.channels[max(level - 1, 0)], ch) // c.norm_groups * (H >> level) * (W >> level) * B
+            for level, ch in enumerate(c.channels)
+        )
+        if per_group <= 1:
+            raise ConfigError(
+                f"x is too small: at {H}x{W} (batch {B}) a GroupNorm of this UNet sees one value per group; "
+                f"use at least {2 * f}x{f} pixels"
+            )
 
         if not isinstance(t, torch.Tensor):
             try:

@@ -39,7 +39,8 @@ class Denoiser:
         alpha, sigma = alphas_cumprod**0.5, (1 - alphas_cumprod) ** 0.5
         x0, eps = split_output(out, x_t, alpha, sigma, self.prediction_type)
         if self.clip_sample is not None:
-            x0 = x0.clamp(-self.clip_sample, self.clip_sample)
+            r = min(self.clip_sample, torch.finfo(x0.dtype).max)  # a range beyond the dtype means no clamp
+            x0 = x0.clamp(-r, r)
         return Prediction(x0, eps)
 
 

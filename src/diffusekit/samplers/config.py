@@ -266,6 +266,9 @@ def build_grid(config: SamplerConfig, num_steps: int) -> Grid:
     final = _final_alpha_cumprod(config, schedule)
 
     if config.sampler in SIGMA_SAMPLERS or config.sampler == "dpmpp_2m":
+        # sigma = sqrt((1 - abar) / abar) is infinite where abar = 0 (zero terminal SNR): these samplers
+        # start from abar = 2^-24 instead, as the reference does
+        schedule = NoiseSchedule(schedule.alphas_cumprod.clamp(min=2.0**-24))
         if config.sampler == "dpmpp_2m" and config.reference_rules and spacing == "linspace":
             # the reference's DPM-Solver: N + 1 rounded linspace points, the last one dropped
             t = torch.linspace(0, T - 1, num_steps + 1, dtype=torch.float64).round().flip(0)[:-1]
