@@ -528,8 +528,13 @@ def _run(args: argparse.Namespace, mode: str) -> int:
     quiet = bool(args.quiet)
     if not quiet:
         print(f"loading {first.model}", file=sys.stderr)
-    sd = load_model(first.model, first.tokenizer, allow_pickle=bool(args.allow_pickle), device=device,
-                    dtype=DTYPES[first.dtype])  # fmt: skip
+    try:
+        sd = load_model(first.model, first.tokenizer, allow_pickle=bool(args.allow_pickle), device=device,
+                        dtype=DTYPES[first.dtype])  # fmt: skip
+    except DiffusekitError as e:
+        if args.replay is None:
+            raise
+        raise type(e)(f"--replay {args.replay}: the model it names cannot be loaded: {e}") from None
     sampler = first.sampler or sd.sampler_config.sampler
     if first.eta is not None and sampler != "ddim":
         raise ConfigError(f"--eta applies to the ddim sampler only; this run uses {sampler} (pass --sampler ddim)")
