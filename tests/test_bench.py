@@ -119,8 +119,10 @@ def test_library_never_imports_the_reference():
 def test_compare_tiny_against_reference(tmp_path, fixtures_dir):
     out = tmp_path / "compare.json"
     pipeline = fixtures_dir / "pipelines" / "stable_diffusion"
+    # tiny models: the reference runs in-process in every dtype (--reference-limit-seconds 0)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--tiny", "--reps", "1",
-           "--workloads", "W1", "W2", "W3", "W4", "W6", "--pipeline", str(pipeline), "--json", str(out)]  # fmt: skip
+           "--workloads", "W1", "W2", "W3", "W4", "W6", "--pipeline", str(pipeline), "--json", str(out),
+           "--reference-limit-seconds", "0"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
