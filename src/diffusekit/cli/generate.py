@@ -142,7 +142,7 @@ def _short(value: Any) -> str:
 
 def validate(s: Settings, where: Callable[[str], str]) -> Settings:
     """Check every field; ``where(field)`` names it in messages (an option, or a field of a PNG)."""
-    if s.mode not in MODES:
+    if not isinstance(s.mode, str) or s.mode not in MODES:
         raise _fail(where("mode"), f"must be one of {', '.join(MODES)}, got {_short(s.mode)}")
     check_text(where("prompt"), s.prompt)
     check_text(where("negative_prompt"), s.negative_prompt)
@@ -172,7 +172,7 @@ def validate(s: Settings, where: Callable[[str], str]) -> Settings:
         raise _fail(where("model"), "must name a model folder or a .safetensors file")
     if s.tokenizer is not None:
         check_text(where("tokenizer"), s.tokenizer, 4096)
-    if s.dtype not in DTYPES:
+    if not isinstance(s.dtype, str) or s.dtype not in DTYPES:
         raise _fail(where("dtype"), f"must be one of {', '.join(DTYPES)}, got {_short(s.dtype)}")
     return s
 
