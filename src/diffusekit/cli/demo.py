@@ -52,6 +52,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--preset", default="mnist-small", metavar="NAME", help="U-Net preset (default mnist-small)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="training batch (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, metavar="LR", help="AdamW learning rate (default 1e-3)")
+    p.add_argument(
+        "--prediction-type",
+        default="epsilon",
+        choices=("epsilon", "sample", "v_prediction"),
+        help="network target (default epsilon)",
+    )
+    p.add_argument(
+        "--min-snr-gamma", type=float, default=5.0, metavar="G", help="Min-SNR-gamma weighting, 0 = off (default 5)"
+    )
     p.add_argument("--guidance", type=float, default=2.0, metavar="S", help="CFG scale for the grid (default 2)")
     p.add_argument("--sample-steps", type=int, default=50, metavar="N", help="DDIM steps (default 50)")
     p.add_argument("--grid-rows", type=int, default=10, metavar="N", help="grid rows of 10 digits (default 10)")
@@ -86,7 +95,8 @@ def demo_config(args: argparse.Namespace):
     return TrainConfig().replace(
         data={"source": "bundled"},
         model={"preset": args.preset, "class_conditional": True},
-        diffusion={"label_dropout": 0.1, "min_snr_gamma": 5.0},
+        diffusion={"label_dropout": 0.1, "min_snr_gamma": args.min_snr_gamma or None,
+                   "prediction_type": args.prediction_type},
         optim={"lr": args.lr, "batch_size": args.batch_size, "warmup_steps": 200},
         ema={"decay": 0.999},
         run={"output_dir": str(Path(args.output_dir) / "train"), "max_steps": args.steps,
