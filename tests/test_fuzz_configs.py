@@ -73,7 +73,7 @@ def _use_sampler_config(config: SamplerConfig) -> None:
     assert out.shape == x.shape
 
 
-@examples(400)
+@examples(300)
 @given(cfg=_any_mutation(SCHEDULERS))
 def test_scheduler_config(tally, cfg):
     def call():
@@ -144,35 +144,35 @@ def _use_text_config(config: TextEncoderConfig) -> None:
     assert out.last_hidden_state.shape == (1, n, config.hidden_size)
 
 
-@examples(300)
+@examples(100)
 @given(cfg=_any_mutation(UNETS))
 def test_unet_config(tally, cfg):
     tally.check("UNetConfig.from_diffusers", lambda: _use_unet_config(UNetConfig.from_diffusers(cfg)),
                 describe=lambda: repr(cfg))  # fmt: skip
 
 
-@examples(150)
+@examples(80)
 @given(cfg=_any_mutation([UNetConfig.from_diffusers(c).to_dict() for c in UNETS]))
 def test_unet_config_from_our_own_dict(tally, cfg):
     tally.check("UNetConfig.from_dict", lambda: _use_unet_config(UNetConfig.from_dict(cfg)),
                 describe=lambda: repr(cfg))  # fmt: skip
 
 
-@examples(200)
+@examples(80)
 @given(cfg=_any_mutation(VAES))
 def test_vae_config(tally, cfg):
     tally.check("VAEConfig.from_diffusers", lambda: _use_vae_config(VAEConfig.from_diffusers(cfg)),
                 describe=lambda: repr(cfg))  # fmt: skip
 
 
-@examples(100)
+@examples(50)
 @given(cfg=_any_mutation([VAEConfig.from_diffusers(c).to_dict() for c in VAES]))
 def test_vae_config_from_our_own_dict(tally, cfg):
     tally.check("VAEConfig.from_dict", lambda: _use_vae_config(VAEConfig.from_dict(cfg)),
                 describe=lambda: repr(cfg))  # fmt: skip
 
 
-@examples(200)
+@examples(80)
 @given(cfg=_any_mutation(TEXT))
 def test_text_encoder_config(tally, cfg):
     tally.check("TextEncoderConfig.from_hf", lambda: _use_text_config(TextEncoderConfig.from_hf(cfg)),

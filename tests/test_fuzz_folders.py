@@ -228,7 +228,7 @@ def _load_and_generate(folder: Path) -> bool:
 # Whole pipeline folders
 
 
-@examples(60)
+@examples(30)
 @given(ops=operations())
 def test_pipeline_folder(tally, tmp_path_factory, pristine, ops):
     folder = link_tree(pristine, tmp_path_factory.mktemp("case") / "model")
@@ -250,7 +250,7 @@ LOADERS = {
 }
 
 
-@examples(150)
+@examples(100)
 @given(data=st.sampled_from(sorted(LOADERS)).flatmap(lambda c: st.tuples(st.just(c), operations(c))))
 def test_component_folder(tally, tmp_path_factory, pristine, data):
     component, ops = data

@@ -118,7 +118,7 @@ def test_the_unmutated_single_file_loads(tally, tmp_path, original):
     assert tally.check("load_single_file", lambda: _load_and_generate(path), names=[str(path)]) is None
 
 
-@examples(120)
+@examples(40)
 @given(data=st.data())
 def test_single_file(tally, tmp_path_factory, original, data):
     state, metadata = dict(original[0]), original[1]

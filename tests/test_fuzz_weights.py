@@ -125,7 +125,7 @@ HEADERS = st.one_of(
 )
 
 
-@examples(500)
+@examples(300)
 @given(header=HEADERS, data=st.binary(max_size=256))
 def test_hostile_headers(tally, tmp_path_factory, header, data):
     path = tmp_path_factory.mktemp("w") / "w.safetensors"
