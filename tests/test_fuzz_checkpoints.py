@@ -1,0 +1,265 @@
+"""Fuzzing training checkpoints and training configs: what ``diffusekit train --resume`` and ``--config`` read.
+
+Checkpoint cases start from a real checkpoint of a tiny run and change one or more of its files: delete,
+truncate, corrupt, mutate the JSON (state, config, manifest), change tensors -- either leaving the manifest as
+it is (a damaged checkpoint: must be refused by the hash check) or rewriting the manifest to match (a hostile
+or hand-edited checkpoint: must be refused by the reader or the trainer). Contract (see ``test_fuzz_common``):
+the run resumes, or a DiffusekitError names the checkpoint -- and the newest *intact* checkpoint is what
+``latest_checkpoint`` picks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from diffusekit.training.checkpoint import FILES, MANIFEST, latest_checkpoint, load_checkpoint
+from diffusekit.training.config import TrainConfig
+from diffusekit.training.trainer import Trainer
+from test_fuzz_common import Tally, examples, json_values, mutated, session_tally, string_values
+
+
+@pytest.fixture(scope="session")
+def tally(request: pytest.FixtureRequest) -> Tally:
+    return session_tally(request)
+
+
+def tiny_config(run_dir: Path, steps: int) -> TrainConfig:
+    return TrainConfig().replace(
+        data={"limit": 16, "num_workers": 0},
+        model={"preset": "test-tiny"},
+        optim={"batch_size": 4, "warmup_steps": 1},
+        run={"output_dir": str(run_dir), "max_steps": steps, "checkpoint_every": 2, "keep_checkpoints": 3,
+             "log_every": 1, "progress": False, "tensorboard": False, "device": "cpu", "seed": 5},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory) -> Path:
+    """A finished tiny run with checkpoints at steps 2 and 4."""
+    folder = tmp_path_factory.mktemp("run") / "run"
+    Trainer(tiny_config(folder, 4)).fit()
+    return folder
+
+
+def _rehash(ckpt: Path) -> None:
+    """Rewrite the manifest so that it matches the files (a hand-edited or hostile checkpoint)."""
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    for name in FILES:
+        if (ckpt / name).is_file():
+            data = (ckpt / name).read_bytes()
+            manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _tensor_edit(path: Path, kind: str, index: int) -> None:
+    try:
+        state = load_file(str(path))
+    except Exception:  # noqa: BLE001 - an earlier edit already broke the file
+        return
+    keys = sorted(state)
+    if not keys:
+        return
+    key = keys[index % len(keys)]
+    if kind == "drop":
+        del state[key]
+    elif kind == "extra":
+        state["extra"] = torch.zeros(2)
+    elif kind == "reshape":
+        state[key] = state[key].reshape(-1)[: max(1, state[key].numel() - 1)].clone()
+    elif kind == "dtype":
+        state[key] = state[key].to(torch.float64 if state[key].dtype != torch.float64 else torch.int32)
+    elif kind == "nan":
+        state[key] = torch.full_like(state[key], float("nan")) if state[key].is_floating_point() else state[key]
+    save_file(state, str(path))
+
+
+JSON_NAMES = ["state.json", "config.json", MANIFEST]
+TENSOR_EDITS = ["drop", "extra", "reshape", "dtype", "nan"]
+TENSOR_NAMES = [f for f in FILES if f.endswith(".safetensors")]
+
+
+@pytest.fixture(scope="session")
+def bases(run) -> dict[str, dict]:
+    ckpt = run / "checkpoints" / "step-00000004"
+    return {name: json.loads((ckpt / name).read_text()) for name in JSON_NAMES}
+
+
+def operations(bases: dict[str, dict], tensors_only: bool = False) -> st.SearchStrategy[list[tuple]]:
+    strings = string_values(*bases.values())
+    if tensors_only:  # not rng.safetensors: known bugs, see test_hostile_rng_state
+        names = [n for n in TENSOR_NAMES if n != "rng.safetensors"]
+        edit = st.tuples(
+            st.just("tensors"), st.sampled_from(names), st.sampled_from(TENSOR_EDITS), st.integers(0, 10**4)
+        )
+        return st.lists(edit, min_size=1, max_size=3)
+    op = st.one_of(
+        st.tuples(st.just("delete"), st.sampled_from([*FILES, MANIFEST])),
+        st.tuples(st.just("truncate"), st.sampled_from([*FILES, MANIFEST]), st.floats(0, 0.99)),
+        st.tuples(st.just("flip"), st.sampled_from(list(FILES)), st.integers(0, 10**6)),
+        st.sampled_from(JSON_NAMES).flatmap(
+            lambda n: mutated(bases[n], strings, max_ops=3).map(lambda d: ("json", n, d))
+        ),
+        st.tuples(st.just("json"), st.sampled_from(JSON_NAMES), json_values()),
+        st.tuples(
+            st.just("tensors"),
+            st.sampled_from(TENSOR_NAMES),
+            st.sampled_from(["drop", "extra", "reshape", "dtype", "nan"]),
+            st.integers(0, 10_000),
+        ),  # fmt: skip
+    )
+    return st.lists(op, min_size=1, max_size=3)
+
+
+def apply(ckpt: Path, ops: list[tuple]) -> None:
+    for op in ops:
+        path = ckpt / op[1]
+        if op[0] == "delete":
+            path.unlink(missing_ok=True)
+        elif not path.is_file():
+            continue
+        elif op[0] == "truncate":
+            data = path.read_bytes()
+            path.write_bytes(data[: int(len(data) * op[2])])
+        elif op[0] == "flip":
+            data = bytearray(path.read_bytes())
+            if data:
+                data[op[2] % len(data)] ^= 0xFF
+            path.write_bytes(bytes(data))
+        elif op[0] == "json":
+            path.write_text(json.dumps(op[2]))
+        elif op[0] == "tensors":
+            _tensor_edit(path, op[2], op[3])
+
+
+def _resume(folder: Path) -> int:
+    """What --resume does before training: find, verify and load the checkpoint into a trainer."""
+    trainer = Trainer(tiny_config(folder, 6), resume="latest")
+    return trainer.step
+
+
+def _check_resume(tally: Tally, folder: Path, target: str, ops: list[tuple]) -> int | None:
+    import warnings
+
+    def call():
+        found = latest_checkpoint(folder / "checkpoints")
+        if found is not None and found.name == "step-00000004":
+            load_checkpoint(found)
+        return _resume(folder)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "skipping checkpoint: ..." is the expected outcome of damage
+        return tally.check(target, call, names=[str(folder)], describe=lambda: repr(ops)[:1500])
+
+
+def _case(tmp_path_factory, run: Path, ops: list[tuple], rehash: bool) -> Path:
+    folder = tmp_path_factory.mktemp("case") / "run"
+    shutil.copytree(run, folder)
+    ckpt = folder / "checkpoints" / "step-00000004"
+    apply(ckpt, ops)
+    if rehash and (ckpt / MANIFEST).is_file():
+        try:
+            _rehash(ckpt)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # the manifest itself was mutated beyond repair: leave it
+    return folder
+
+
+@examples(60)
+@given(data=st.data())
+def test_damaged_checkpoint(tally, tmp_path_factory, run, bases, data):
+    """Damage the manifest does not vouch for: the newest checkpoint is skipped, the run resumes from step 2."""
+    ops = data.draw(operations(bases))
+    folder = _case(tmp_path_factory, run, ops, rehash=False)
+    step = _check_resume(tally, folder, "resume from a damaged checkpoint", ops)
+    assert step in (2, 4), step  # 4 only when the damage changed nothing (e.g. a JSON rewritten as it was)
+
+
+@examples(60)
+@given(data=st.data())
+def test_hostile_checkpoint_tensors(tally, tmp_path_factory, run, bases, data):
+    """Edited tensors with a manifest that matches them (a hand-edited or hostile checkpoint)."""
+    ops = data.draw(operations(bases, tensors_only=True))
+    folder = _case(tmp_path_factory, run, ops, rehash=True)
+    _check_resume(tally, folder, "resume from a hostile checkpoint (manifest rewritten)", ops)
+
+
+def _without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
+
+
+HOSTILE_JSON = {  # found by fuzzing with the manifest rewritten to match; see KNOWN_BUGS
+    "state.data_position=None": ("state.json", lambda b: {**b, "data_position": None}),
+    "state.data_position missing": ("state.json", lambda b: _without(b, "data_position")),
+    "state.optimizer=None": ("state.json", lambda b: {**b, "optimizer": None}),
+    "state.rng missing": ("state.json", lambda b: _without(b, "rng")),
+    "config.train=None": ("config.json", lambda b: {**b, "train": None}),
+    "config.unet=None": ("config.json", lambda b: {**b, "unet": None}),
+    "config.unet.channels=[10**9]": ("config.json", lambda b: {**b, "unet": {**b["unet"], "channels": [10**9] * 2}}),
+}
+KNOWN_BUGS = {
+    "state.data_position=None": "training/trainer.py Trainer._load_state: int(s['data_position']) outside any check",
+    "state.data_position missing": "training/trainer.py Trainer._load_state: s['data_position'] KeyError",
+    "state.optimizer=None": "training/checkpoint.py load_checkpoint: catches KeyError/ValueError, not "
+    "AttributeError/TypeError from unflatten_optimizer_state",
+    "config.train=None": "training/trainer.py Trainer.__init__: TrainConfig.from_dict(state.config['train']) "
+    "error does not name the checkpoint",
+    "config.unet=None": "training/trainer.py Trainer.__init__: UNetConfig.from_dict(state.config['unet']) "
+    "error does not name the checkpoint",
+    "config.unet.channels=[10**9]": "training/trainer.py Trainer.__init__: UNetConfig.from_dict error does not "
+    "name the checkpoint",
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_JSON))
+def test_hostile_checkpoint_json(tally, tmp_path_factory, run, bases, request, case):
+    name, change = HOSTILE_JSON[case]
+    if case in KNOWN_BUGS:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[case]))
+    ops = [("json", name, change(bases[name]))]
+    folder = _case(tmp_path_factory, run, ops, rehash=True)
+    _check_resume(tally, folder, "resume from a hostile checkpoint (manifest rewritten)", ops)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training configs (diffusekit train --config FILE)
+
+
+@examples(150)
+@given(data=st.data())
+def test_training_config(tally, tmp_path_factory, data):
+    base = TrainConfig().to_dict()
+    section = data.draw(st.sampled_from(sorted(base)))
+    strings = string_values(base)
+    cfg = dict(base)
+    cfg[section] = data.draw(mutated(base[section], strings, max_ops=3)) if base[section] else {}
+    path = tmp_path_factory.mktemp("cfg") / "train.json"
+    path.write_text(json.dumps(cfg))
+
+    from diffusekit.training.config import load_config
+
+    tally.check("training config (--config)", lambda: load_config(path), names=[str(path), section, "config"],
+                describe=lambda: repr(cfg[section]))  # fmt: skip
+
+
+KNOWN_BUG_RNG = (
+    "training/trainer.py Trainer._load_state: restore_rng() runs outside the try that turns errors into "
+    "ConfigError (KeyError 'torch_cpu'/'numpy_keys', TypeError/RuntimeError from torch.set_rng_state, IndexError "
+    "from numpy)"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_BUG_RNG)
+@pytest.mark.parametrize("edit", [("drop", 0), ("drop", 1), ("reshape", 1), ("reshape", 0), ("dtype", 1)])
+def test_hostile_rng_state(tally, tmp_path_factory, run, edit):
+    ops = [("tensors", "rng.safetensors", *edit)]
+    folder = _case(tmp_path_factory, run, ops, rehash=True)
+    _check_resume(tally, folder, "resume from a hostile checkpoint (manifest rewritten)", ops)
