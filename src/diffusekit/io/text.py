@@ -21,6 +21,7 @@ import torch
 
 from diffusekit.errors import ConfigError, WeightsError
 from diffusekit.io.weights import load_weights, read_json, save_weights, write_json
+from diffusekit.limits import MAX_POSITIONS
 from diffusekit.networks.text_encoder import ClipTextEncoder, TextEncoderConfig
 from diffusekit.networks.tokenizer import BOS_TOKEN, EOS_TOKEN, ClipTokenizer
 
@@ -326,6 +327,11 @@ def load_tokenizer(folder: str | os.PathLike) -> ClipTokenizer:
         max_length = int(max_length)
     if isinstance(max_length, int) and max_length > 1_000_000:
         max_length = 77
+    if isinstance(max_length, int) and max_length > MAX_POSITIONS:  # every prompt is padded to this length
+        raise ConfigError(
+            f"{sources['model_max_length']}: model_max_length={max_length} is too large; allowed: 2..{MAX_POSITIONS} "
+            "(or the reference's 'unset' sentinel, above 1000000)"
+        )
     lowercase = settings.get("do_lower_case", True)
     try:
         return ClipTokenizer(vocab, merges, **tokens, model_max_length=max_length, lowercase=lowercase is not False)
