@@ -120,15 +120,12 @@ def _load(
     with torch.device("meta"):  # no memory and no init cost; the loaded tensors are assigned below
         model = build(config)
     _check_state(model, state, weights=where, config=config_path)
-    # Fresh, aligned copies (tensors read from a file may sit at unaligned offsets, which sends CPU
-    # kernels down other code paths: a saved model would then not reproduce bit for bit). Popping lets
-    # each file tensor be released as soon as it is copied.
+    # load_weights gives fresh, aligned tensors that nothing else holds: they become the parameters as they
+    # are (assign=True), so loading costs the model's size once. Popping frees a tensor as soon as it is cast.
     owned = {}
     for key in list(state):
         v = state.pop(key)
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
-        owned[key] = v.clone(memory_format=torch.contiguous_format)
+        owned[key] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
     model.load_state_dict(owned, strict=True, assign=True)
     return model.to(device).eval()
 

@@ -34,12 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from diffusekit.errors import ConfigError, DiffusekitError, WeightsError
 from diffusekit.io.text import SINGLE_FILE_PREFIX, load_tokenizer, to_reference_state_dict
-from diffusekit.io.weights import check_safetensors_header, load_weights, save_weights
+from diffusekit.io.weights import SafetensorsFile, save_weights
 from diffusekit.networks.text_encoder import ClipTextEncoder, TextEncoderConfig
 from diffusekit.networks.tokenizer import ClipTokenizer
 from diffusekit.networks.unet import UNet, UNetConfig
@@ -370,13 +369,8 @@ def read_single_file(
                 "torch.load(weights_only=True)"
             )
         return _read_pickle(path), {}
-    state = load_weights(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-    except Exception as e:  # already validated by load_weights; anything here is still the file's fault
-        raise WeightsError(f"{path}: could not read the safetensors metadata ({e})") from None
-    return state, metadata
+    with SafetensorsFile(path) as f:
+        return {key: f.read(key) for key in f.keys()}, f.metadata
 
 
 def _read_pickle(path: Path) -> dict[str, Tensor]:
@@ -505,12 +499,6 @@ def _component(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
-
-
 class _LazySafetensors:
     """A safetensors file opened for reading one tensor at a time: ``tensors`` holds meta tensors (shape and
     dtype, no data) for config inference and checks, ``read(key)`` the data of one, ``metadata`` the header's
@@ -520,27 +508,16 @@ class _LazySafetensors:
         self.path = path
 
     def __enter__(self) -> _LazySafetensors:
-        path = self.path
-        if not path.is_file():
-            raise WeightsError(f"checkpoint file not found: {path}")
-        check_safetensors_header(path)
-        try:
-            self._file = safe_open(str(path), framework="pt", device="cpu")
-            handle = self._file.__enter__()
-            self.metadata = dict(handle.metadata() or {})
-            self.tensors = {}
-            for key in handle.keys():
-                part = handle.get_slice(key)
-                dtype = _SAFETENSORS_DTYPES.get(part.get_dtype(), torch.uint8)
-                self.tensors[key] = torch.empty(part.get_shape(), dtype=dtype, device="meta")
-        except Exception as e:  # the header was checked; whatever the library still rejects is the file's fault
-            raise WeightsError(f"{path}: could not read safetensors file ({e})") from None
-        self._handle = handle
+        if not self.path.is_file():
+            raise WeightsError(f"checkpoint file not found: {self.path}")
+        self._file = SafetensorsFile(self.path).__enter__()
+        self.metadata = self._file.metadata
+        self.tensors = {key: self._file.meta(key) for key in self._file.keys()}
         self._renamed = _normalize_keys(self.tensors)
         return self
 
     def read(self, key: str) -> Tensor:
-        return self._handle.get_tensor(self._renamed.get(key, key))
+        return self._file.read(self._renamed.get(key, key))
 
     def __exit__(self, *exc: object) -> None:
         self._file.__exit__(*exc)
