@@ -140,6 +140,50 @@ def test_a_real_full_disk(tmp_path):
         subprocess.run(["umount", str(disk)], check=False)
 
 
+def _fill_disk_after(monkeypatch, n_images: int) -> None:
+    """PIL's PNG writer fails with ENOSPC, half written, from image ``n_images`` on (a disk that fills up)."""
+    real_save, calls = Image.Image.save, [0]
+
+    def save(self, fp, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] > n_images:
+            with open(fp, "wb") if isinstance(fp, str | os.PathLike) else open(os.devnull, "wb") as f:
+                f.write(b"\x89PNG\r\n")  # a partial file, as a real full disk leaves one
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+
+
+@needs_fixtures
+def test_txt2img_on_a_full_disk_names_the_folder_and_keeps_the_written_images(tmp_path, capsys, monkeypatch):
+    _fill_disk_after(monkeypatch, 2)
+    out = tmp_path / "out"
+    code, err = _cli(["txt2img", "a cat", "--model", str(SD), "--out", str(out), "--n", "5", "--steps", "1",
+                      "--size", "64x64", "--quiet"], capsys)  # fmt: skip
+    assert code == 2, err
+    assert f"--out {out}: could not write an image (No space left on device)" in err
+    assert "Traceback" not in err
+    written = sorted(out.iterdir())
+    assert [p.name for p in written] == ["00000-0.png", "00001-1.png"]  # the two complete ones, no temp file
+    for p in written:
+        with Image.open(p) as im:
+            im.load()
+
+
+def test_a_grid_on_a_full_disk_leaves_the_older_file(tmp_path, monkeypatch):
+    from diffusekit.errors import OutputError
+    from diffusekit.utils.images import save_image_grid
+
+    path = save_image_grid(torch.rand(4, 1, 8, 8), tmp_path / "grid.png")
+    before = path.read_bytes()
+    _fill_disk_after(monkeypatch, 0)
+    with pytest.raises(OutputError, match=r"grid.png: could not write the image \(No space left on device\)"):
+        save_image_grid(torch.rand(4, 1, 8, 8), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Concurrent writers
 

@@ -23,6 +23,10 @@ class CheckpointError(DiffusekitError, ValueError):
     """A training checkpoint directory is incomplete or corrupt."""
 
 
+class OutputError(DiffusekitError, OSError):
+    """An output file could not be written (a full disk, a read-only folder, ...); nothing partial is left."""
+
+
 def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
     """Return ``value`` if it is one of ``allowed``; otherwise raise a ConfigError naming both."""
     allowed = list(allowed)

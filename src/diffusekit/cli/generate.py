@@ -30,7 +30,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from torch import Tensor
 
-from diffusekit.errors import ConfigError, DiffusekitError, WeightsError
+from diffusekit.errors import ConfigError, DiffusekitError, OutputError, WeightsError
 from diffusekit.pipelines.common import generators_from_seeds
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.samplers.config import ALIASES, SAMPLERS
@@ -286,7 +286,10 @@ class PngWriter:
         info = PngImagePlugin.PngInfo()
         for key, value in text.items():
             info.add_text(key, value)
-        fd, tmp_name = tempfile.mkstemp(dir=self.folder, prefix=".diffusekit-", suffix=".png.tmp")
+        try:
+            fd, tmp_name = tempfile.mkstemp(dir=self.folder, prefix=".diffusekit-", suffix=".png.tmp")
+        except OSError as e:
+            raise OutputError(f"--out {self.folder}: cannot create a file ({e.strerror or e})") from None
         tmp = Path(tmp_name)
         try:
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
@@ -300,6 +303,8 @@ class PngWriter:
                 if self._place(tmp, target):
                     return target
             raise ConfigError(f"--out {self.folder}: no free file name found")
+        except OSError as e:  # a full disk, a quota, an I/O error: the temp file goes, earlier images stay
+            raise OutputError(f"--out {self.folder}: could not write an image ({e.strerror or e})") from None
         finally:
             tmp.unlink(missing_ok=True)
 

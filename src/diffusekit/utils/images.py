@@ -12,7 +12,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from torch import Tensor
 
-from diffusekit.errors import ConfigError
+from diffusekit.errors import ConfigError, OutputError
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -78,23 +78,33 @@ def save_image_grid(
     info = PngImagePlugin.PngInfo()
     for k, v in (metadata or {}).items():
         info.add_text(str(k), str(v))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    img.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    _save_png(img, path, info)
     return path
 
 
 def save_images(images: Tensor, folder: str | os.PathLike, start: int = 0, prefix: str = "") -> list[Path]:
     """Save each image of (N, C, H, W) in [0, 1] as ``folder/{prefix}{index:06d}.png``; return the paths."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, img in enumerate(to_pil(images)):
         p = folder / f"{prefix}{start + i:06d}.png"
-        img.save(p, format="PNG")
+        _save_png(img, p)
         paths.append(p)
     return paths
+
+
+def _save_png(img: Image.Image, path: Path, info: PngImagePlugin.PngInfo | None = None) -> None:
+    """Write one PNG atomically (temp file + rename). A full disk or a read-only folder raises OutputError
+    and leaves no partial file; an older file of that name stays as it was."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"{path}: could not write the image ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_images(paths: Sequence[str | os.PathLike], channels: int = 3) -> Tensor:
