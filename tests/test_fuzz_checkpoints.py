@@ -196,7 +196,7 @@ def _without(d: dict, key: str) -> dict:
     return {k: v for k, v in d.items() if k != key}
 
 
-HOSTILE_JSON = {  # found by fuzzing with the manifest rewritten to match; see KNOWN_BUGS
+HOSTILE_JSON = {  # found by fuzzing with the manifest rewritten to match (were bugs; fixed)
     "state.data_position=None": ("state.json", lambda b: {**b, "data_position": None}),
     "state.data_position missing": ("state.json", lambda b: _without(b, "data_position")),
     "state.optimizer=None": ("state.json", lambda b: {**b, "optimizer": None}),
@@ -205,25 +205,11 @@ HOSTILE_JSON = {  # found by fuzzing with the manifest rewritten to match; see K
     "config.unet=None": ("config.json", lambda b: {**b, "unet": None}),
     "config.unet.channels=[10**9]": ("config.json", lambda b: {**b, "unet": {**b["unet"], "channels": [10**9] * 2}}),
 }
-KNOWN_BUGS = {
-    "state.data_position=None": "training/trainer.py Trainer._load_state: int(s['data_position']) outside any check",
-    "state.data_position missing": "training/trainer.py Trainer._load_state: s['data_position'] KeyError",
-    "state.optimizer=None": "training/checkpoint.py load_checkpoint: catches KeyError/ValueError, not "
-    "AttributeError/TypeError from unflatten_optimizer_state",
-    "config.train=None": "training/trainer.py Trainer.__init__: TrainConfig.from_dict(state.config['train']) "
-    "error does not name the checkpoint",
-    "config.unet=None": "training/trainer.py Trainer.__init__: UNetConfig.from_dict(state.config['unet']) "
-    "error does not name the checkpoint",
-    "config.unet.channels=[10**9]": "training/trainer.py Trainer.__init__: UNetConfig.from_dict error does not "
-    "name the checkpoint",
-}
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_JSON))
-def test_hostile_checkpoint_json(tally, tmp_path_factory, run, bases, request, case):
+def test_hostile_checkpoint_json(tally, tmp_path_factory, run, bases, case):
     name, change = HOSTILE_JSON[case]
-    if case in KNOWN_BUGS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[case]))
     ops = [("json", name, change(bases[name]))]
     folder = _case(tmp_path_factory, run, ops, rehash=True)
     _check_resume(tally, folder, "resume from a hostile checkpoint (manifest rewritten)", ops)
@@ -250,14 +236,6 @@ def test_training_config(tally, tmp_path_factory, data):
                 describe=lambda: repr(cfg[section]))  # fmt: skip
 
 
-KNOWN_BUG_RNG = (
-    "training/trainer.py Trainer._load_state: restore_rng() runs outside the try that turns errors into "
-    "ConfigError (KeyError 'torch_cpu'/'numpy_keys', TypeError/RuntimeError from torch.set_rng_state, IndexError "
-    "from numpy)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=KNOWN_BUG_RNG)
 @pytest.mark.parametrize("edit", [("drop", 0), ("drop", 1), ("reshape", 1), ("reshape", 0), ("dtype", 1)])
 def test_hostile_rng_state(tally, tmp_path_factory, run, edit):
     ops = [("tensors", "rng.safetensors", *edit)]

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from diffusekit import __version__
 from diffusekit.diffusion.schedules import NoiseSchedule
-from diffusekit.errors import ConfigError, DiffusekitError
+from diffusekit.errors import CheckpointError, ConfigError, DiffusekitError
 from diffusekit.networks.unet import UNet, UNetConfig
 from diffusekit.training import distributed as ddp
 from diffusekit.training.checkpoint import (
@@ -180,7 +180,10 @@ class Trainer:
         self.on_step_end = on_step_end
         state = self._find_resume_state(resume, config) if resume is not None else None
         if state is not None:
-            saved = TrainConfig.from_dict(state.config["train"])
+            try:
+                saved = TrainConfig.from_dict(state.config["train"])
+            except ConfigError as e:
+                raise CheckpointError(f"{state.path}: config.json: {e}") from None
             run = {**config.to_dict()["run"]}
             config = saved.replace(run=run)
         self.config = c = config
@@ -206,7 +209,10 @@ class Trainer:
         # model, EMA, optimizer (identical initial weights on every rank)
         torch.manual_seed(c.run.seed)
         if state is not None:
-            self.unet_config = UNetConfig.from_dict(state.config["unet"])
+            try:
+                self.unet_config = UNetConfig.from_dict(state.config["unet"])
+            except ConfigError as e:
+                raise CheckpointError(f"{state.path}: config.json: unet: {e}") from None
             if (self.unet_config.in_channels, self.unet_config.sample_size) != (ds.channels, ds.resolution):
                 raise ConfigError(
                     f"the checkpoint's model takes {self.unet_config.in_channels}-channel "
@@ -272,21 +278,24 @@ class Trainer:
             self.model.load_state_dict(state.model)
             self.ema.load_state_dict(state.ema)
             self.optimizer.load_state_dict(state.optimizer)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ConfigError(f"{state.path}: does not match the model/optimizer of its config ({e})") from None
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{state.path}: does not match the model/optimizer of its config ({e})") from None
         s = state.state
-        self.step = int(state.step)
-        self.data_position = int(s["data_position"])
-        self.train_seconds_total = float(s.get("train_seconds", 0.0))
-        if self.scaler is not None and s.get("grad_scaler"):
-            self.scaler.load_state_dict(s["grad_scaler"])
+        try:
+            self.step = int(state.step)
+            self.data_position = int(s["data_position"])
+            self.train_seconds_total = float(s.get("train_seconds", 0.0))
+            if self.scaler is not None and s.get("grad_scaler"):
+                self.scaler.load_state_dict(s["grad_scaler"])
+            restore_rng(state.rng_tensors, state.rng_scalars)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise CheckpointError(f"{state.path}: state.json / rng.safetensors are damaged ({e!r:.200})") from None
         if s.get("dataset_size") != len(self.dataset):
             print(
                 f"warning: the dataset has {len(self.dataset)} examples, the checkpoint was trained on "
                 f"{s.get('dataset_size')}; the data order will differ from an uninterrupted run",
                 file=sys.stderr,
             )
-        restore_rng(state.rng_tensors, state.rng_scalars)
         if self.env.rank != 0:  # ranks > 0 must not share rank 0's dropout stream
             _seed_everything(self.config.run.seed + self.step, self.env.rank)
         self.resumed_from = state.path
