@@ -285,6 +285,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="on CPUs without native bfloat16, the reference's half-precision cases run once in a separate "
                    "process stopped after this long (0: run them in-process, interleaved, however long)")  # fmt: skip
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides run (default cpu)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only W5's peak resident memory, each side in a fresh process (no timing)")  # fmt: skip
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "compare.json")
 
 
@@ -324,6 +326,15 @@ def compare(args: argparse.Namespace) -> int:
         reference = Reference(args.pipeline, Path(tmp), args.device, apart_s=args.reference_limit_seconds,
                               tiny=args.tiny)  # fmt: skip
         measured: dict[tuple[str, str], dict] = {}
+        if args.memory_only:  # W5's peak resident memory per side, each in a fresh process; no timing
+            folder = reference.w5_folder(spec("W5", tiny=args.tiny))
+            mem_dtypes = ["float32"] if default_dtype(args.device) == torch.float32 else ["float32", "default"]
+            peak = w5_memory(folder, mem_dtypes, args.tiny, args.memory_steps, args.device, log)
+            harness.write_report(args.json, {"machine": info, "W5_peak_rss": peak})
+            for r in peak:
+                print(json.dumps(r))
+            print(f"\nJSON: {args.json}")
+            return 0
 
         def skip(workload: str, dtype: str) -> str | None:
             if (
