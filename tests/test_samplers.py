@@ -151,3 +151,38 @@ def test_sampler_is_reproducible_from_a_seed_and_per_item_generators():
     batch = run_sampler(config, model, x, grid, generator=gens)
     alone = run_sampler(config, model, x[1:2], grid, generator=[torch.Generator().manual_seed(2)])
     assert torch.equal(batch[1:2], alone)
+
+
+SD15_DPM = {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}  # fmt: skip
+
+
+def test_reference_dpm_solver_leading_grid_is_its_own_rule():
+    """The reference's DPM-Solver spaces a ``leading`` config by T // (N + 1) over N + 1 points, drops the last
+    and adds steps_offset -- not DDIM's T // N (SD-1.5, 20 steps: 941, 894, ..., 48)."""
+    grid = build_grid(SamplerConfig.from_reference({**SD15_DPM, "timestep_spacing": "leading"}), 20)
+    assert grid.timesteps.long().tolist() == [47 * k + 1 for k in range(20, 0, -1)]
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", [5, 20, 25])
+def test_dpm_solver_follows_the_reference_scheduler(spacing, steps):
+    """Closed loop against the reference's DPMSolverMultistepScheduler (oracle; skipped without the bench extra)
+    with a smooth deterministic eps-model: same timesteps, same final sample to float32 rounding."""
+    diffusers = pytest.importorskip("diffusers")
+
+    def eps(x, t):
+        return torch.tanh(x.double() * 0.7 + torch.as_tensor(t, dtype=torch.float64) / 1000.0) * 0.9
+
+    cfg = {**SD15_DPM, "timestep_spacing": spacing}
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(cfg)
+    ref.set_timesteps(steps)
+    ours = SamplerConfig.from_reference(cfg)
+    grid = build_grid(ours, steps)
+    assert grid.timesteps.long().tolist() == ref.timesteps.long().tolist()
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = x0 * ref.init_noise_sigma
+    for t in ref.timesteps:
+        x = ref.step(eps(x, t).float(), t, x).prev_sample
+    y = run_sampler(ours, lambda xx, tt, **kw: eps(xx, tt).to(xx.dtype), x0.clone(), grid)
+    torch.testing.assert_close(y, x, rtol=0, atol=1e-4)
