@@ -180,6 +180,9 @@ class Trainer:
         self.on_step_end = on_step_end
         state = self._find_resume_state(resume, config) if resume is not None else None
         if state is not None:
+            for key in ("train", "unet"):  # what the trainer itself writes; a hand-edited file may lack them
+                if not isinstance(state.config.get(key), dict):
+                    raise CheckpointError(f"{state.path}: config.json: {key} must be a JSON object")
             try:
                 saved = TrainConfig.from_dict(state.config["train"])
             except ConfigError as e:
