@@ -78,11 +78,6 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def check_safetensors_header(path: Path) -> None:
-    """Validate a safetensors header (see ``read_safetensors_header``)."""
-    read_safetensors_header(path)
-
-
 class SafetensorsFile:
     """A ``.safetensors`` file opened for reading one tensor at a time (a context manager).
 
