@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusekit.runtime import fastconv
+
 #: CPU flags (as /proc/cpuinfo spells them) that give native bfloat16 dot products.
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -67,6 +69,7 @@ class Plan:
     channels_last: bool = True
     float32_compute: bool | None = None  # None: on for bfloat16/float16 models on CPUs without native bf16
     compile: bool = False
+    fast_conv: bool | None = None  # None: on for CPU inference (runtime.fastconv decides per call where it wins)
     inference: bool = True  # eval mode and no parameter gradients; False: train mode, gradients on
 
 
@@ -87,16 +90,28 @@ def prepare(model: nn.Module, plan: Plan | None = None, *, device: str | torch.d
         f32 = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not native_bf16(device)
     if f32:
         use_float32_compute(model)
+    fast_conv = plan.fast_conv if plan.fast_conv is not None else (device.type == "cpu" and plan.inference)
+    if fast_conv:
+        use_fast_conv(model)
     if plan.compile:
         model.compile()
     return model
 
 
 # ---- float32 compute for half-precision storage ---------------------------------------------------------------
+def _conv2d(self: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if self.__dict__.get("_fast_conv", False) and self.padding_mode == "zeros":
+        return fastconv.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+    return self._conv_forward(x, weight, bias)
+
+
 def _conv2d_f32(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     bias = None if self.bias is None else self.bias.float()
-    y = F.conv2d(x.float(), self.weight.float(), bias, self.stride, self.padding, self.dilation, self.groups)
-    return y.to(x.dtype)
+    return _conv2d(self, x.float(), self.weight.float(), bias).to(x.dtype)
+
+
+def _conv2d_native(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return _conv2d(self, x, self.weight, self.bias)
 
 
 def _linear_f32(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -136,8 +151,27 @@ def use_float32_compute(model: nn.Module) -> nn.Module:
 
 
 def use_native_compute(model: nn.Module) -> nn.Module:
-    """Undo :func:`use_float32_compute`."""
+    """Undo :func:`use_float32_compute` (fast convolutions, if on, stay on)."""
     for m in model.modules():
         if type(m) in _FLOAT32_FORWARDS and "forward" in m.__dict__:
+            del m.forward
+            if m.__dict__.get("_fast_conv", False):
+                m.forward = types.MethodType(_conv2d_native, m)
+    return model
+
+
+# ---- faster 3x3 convolutions ------------------------------------------------------------------------------------
+def use_fast_conv(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Let every 3x3 ``nn.Conv2d`` of ``model`` take the Winograd or im2col path of
+    :mod:`diffusekit.runtime.fastconv` on calls where it is faster (float32 CPU inference at the sizes
+    :func:`~diffusekit.runtime.fastconv.choose` accepts); other calls run the usual convolution. Composes
+    with :func:`use_float32_compute`. ``enabled=False`` undoes it."""
+    for m in model.modules():
+        if type(m) is not nn.Conv2d or m.kernel_size != (3, 3):
+            continue
+        m._fast_conv = enabled
+        if "forward" not in m.__dict__ and enabled:
+            m.forward = types.MethodType(_conv2d_native, m)
+        elif not enabled and m.__dict__.get("forward") is not None and m.forward.__func__ is _conv2d_native:
             del m.forward
     return model

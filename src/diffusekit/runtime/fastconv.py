@@ -1,0 +1,201 @@
+"""Faster 3x3 convolutions for float32 inference on the CPU: Winograd F(4x4, 3x3) and one-matrix-product
+(im2col) convolution, each taken only at the sizes where it beats oneDNN's direct convolution.
+
+**Winograd.** A 3x3 convolution computes each output pixel with 9 multiply-adds per input channel.
+Winograd's minimal filtering algorithm, as applied to convolutional networks by Lavin & Gray ("Fast
+Algorithms for Convolutional Neural Networks", CVPR 2016), computes a 4x4 output tile from a 6x6 input tile
+with 36 multiplications instead of 144:
+
+    Y = A^T [ (G g G^T) ⊙ (B^T d B) ] A                                      (Lavin & Gray, eq. 8)
+
+and, summed over input channels, the element-wise products become 36 independent matrix products, one per
+position (xi, nu) of the 6x6 transformed tile (their eq. 10-12):
+
+    M[xi,nu] = V[xi,nu] @ U[xi,nu],   V = B^T d B (tiles x C_in),   U = G g G^T (C_in x C_out).
+
+The 4x fewer multiplications cost three linear transforms (input tiles, filters, outputs) that move memory,
+so the path wins for wide layers with many tiles (:data:`MIN_CHANNELS`, :data:`MIN_TILES`). The transformed
+filters ``U`` are computed per call (2 * 36 * 9 FLOPs per filter entry, a few percent of the matrix products
+at the sizes where this path is used), so no second copy of the weights is kept. The F(4x4, 3x3) transforms
+with interpolation points 0, +-1, +-2 and infinity (Lavin & Gray, section 4.2) lose about one decimal digit
+against the direct convolution in float32 (relative error ~1e-5).
+
+**One matrix product (im2col).** For very wide layers on few pixels (Stable Diffusion's 1280-2560 channels
+at 8x8-16x16 latents) oneDNN's direct convolution runs well below the matrix-multiply peak. There the 3x3
+neighbourhoods are gathered into a (pixels, 9 * C_in) matrix, ordered (ky, kx, c) so that the gather copies
+whole channel runs and a channels-last weight (C_out, 3, 3, C_in) is already that matrix's partner, and one
+``addmm`` does the rest. Exact up to summation order.
+
+Measured on a 2-core AVX2 CPU (benchmarks/README.md): Winograd 1.3-2x faster than the direct convolution for
+256-640 channels at 32x32-256x256 pixels, im2col 2x faster for 1280-2560 channels at 8x8. Both paths are
+taken only for float32 CPU inference (never when gradients are needed); everything else runs ``F.conv2d``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# F(4x4, 3x3): output tile m = 4, filter r = 3, input tile a = m + r - 1 = 6 (Lavin & Gray, section 4.2).
+_M, _A = 4, 6
+_BT = ((4, 0, -5, 0, 1, 0),
+       (0, -4, -4, 1, 1, 0),
+       (0, 4, -4, -1, 1, 0),
+       (0, -2, -1, 2, 1, 0),
+       (0, 2, -1, -2, 1, 0),
+       (0, 4, 0, -5, 0, 1))  # fmt: skip
+_G = ((1 / 4, 0, 0),
+      (-1 / 6, -1 / 6, -1 / 6),
+      (-1 / 6, 1 / 6, -1 / 6),
+      (1 / 24, 1 / 12, 1 / 6),
+      (1 / 24, -1 / 12, 1 / 6),
+      (0, 0, 1))  # fmt: skip
+_AT = ((1, 1, 1, 1, 1, 0),
+       (0, 1, -1, 2, -2, 0),
+       (0, 1, 1, 4, 4, 0),
+       (0, 1, -1, 8, -8, 1))  # fmt: skip
+
+#: Smallest channel count (input and output) and number of 4x4 output tiles for which the Winograd path is
+#: faster than oneDNN's direct convolution on the machines measured (benchmarks/README.md).
+MIN_CHANNELS = 128
+MIN_TILES = 128
+#: The im2col path: at least this many input channels, at most this many output pixels (N * H * W).
+GEMM_MIN_CHANNELS = 1024
+GEMM_MAX_PIXELS = 512
+#: Bytes of transformed input tiles processed at once: bounds the extra memory and keeps chunks in cache.
+CHUNK_BYTES = 8 << 20
+
+
+def _transforms(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kronecker products B^T (x) B^T (36x36), G (x) G (36x9) and A^T (x) A^T (16x36): with 2-D tiles flattened
+    row-major, B^T d B is (B^T (x) B^T) vec(d), and likewise for G and A."""
+    bt, g, at = (torch.tensor(m, dtype=torch.float64) for m in (_BT, _G, _AT))
+    return tuple(torch.kron(m, m).to(dtype=dtype, device=device) for m in (bt, g, at))  # type: ignore[return-value]
+
+
+_CACHE: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _cached_transforms(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    key = (dtype, device)
+    if key not in _CACHE:
+        _CACHE[key] = _transforms(dtype, device)
+    return _CACHE[key]
+
+
+def tiles(x: torch.Tensor) -> int:
+    """Number of 4x4 output tiles of a 3x3 'same' convolution of ``x`` (N, C, H, W)."""
+    n, _, h, w = x.shape
+    return n * -(-h // _M) * -(-w // _M)
+
+
+def _pair(v: tuple[int, ...] | int | str) -> tuple[int, ...] | str:
+    return v if isinstance(v, (tuple, str)) else (v, v)
+
+
+def choose(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: tuple[int, ...] | int = 1,
+    padding: tuple[int, ...] | int | str = 1,
+    dilation: tuple[int, ...] | int = 1,
+    groups: int = 1,
+) -> str | None:
+    """Which fast path computes this convolution: ``"winograd"``, ``"gemm"`` or ``None`` (the direct
+    convolution). Only float32 CPU 3x3 convolutions with stride 1, padding 1, no dilation or groups and no
+    gradient needed qualify; then the sizes decide (:data:`MIN_CHANNELS`, :data:`MIN_TILES`,
+    :data:`GEMM_MIN_CHANNELS`, :data:`GEMM_MAX_PIXELS`)."""
+    if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return None
+    if tuple(weight.shape[2:]) != (3, 3) or groups != 1 or x.shape[1] != weight.shape[1]:
+        return None
+    if _pair(stride) != (1, 1) or _pair(padding) not in ((1, 1), "same") or _pair(dilation) != (1, 1):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    n, c, h, w = x.shape
+    if c >= GEMM_MIN_CHANNELS and n * h * w <= GEMM_MAX_PIXELS:
+        return "gemm"
+    if min(c, weight.shape[0]) >= MIN_CHANNELS and tiles(x) >= MIN_TILES:
+        return "winograd"
+    return None
+
+
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight`` (C_out, C_in, 3, 3), computed with
+    Winograd's F(4x4, 3x3) (Lavin & Gray 2016, eq. 8-12). ``x`` is (N, C_in, H, W) in any memory format;
+    the result is (N, C_out, H, W) in channels-last memory. No autograd support is intended (it works, but
+    slowly): use it under ``torch.no_grad``/``torch.inference_mode``."""
+    if weight.shape[2:] != (3, 3) or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"winograd_conv3x3: weight must be (C_out, {x.shape[1]}, 3, 3), got {tuple(weight.shape)}")
+    bb, gg, aa = _cached_transforms(x.dtype, x.device)
+    n, c, h, w = x.shape
+    co = weight.shape[0]
+    th, tw = -(-h // _M), -(-w // _M)
+
+    # U = G g G^T for every (C_in, C_out) pair: (36, C_in, C_out).
+    u = (gg @ weight.reshape(co, c, 9).permute(2, 1, 0).reshape(9, c * co)).view(_A * _A, c, co)
+
+    # Zero-padded NHWC input whose size is 4 * tiles + 2 in both directions; only the border is zeroed.
+    hp, wp = _M * th + 2, _M * tw + 2
+    xp = x.new_empty((n, hp, wp, c))
+    xp[:, :1].zero_()
+    xp[:, h + 1 :].zero_()
+    xp[:, :, :1].zero_()
+    xp[:, :, w + 1 :].zero_()
+    xp[:, 1 : h + 1, 1 : w + 1].copy_(x.permute(0, 2, 3, 1))
+    d_all = xp.unfold(1, _A, _M).unfold(2, _A, _M).flatten(0, 1)  # (N*th, tw, C, 6, 6), overlapping views
+
+    out = x.new_empty((n, _M * th, _M * tw, co))
+    out_tiles = out.view(n * th, _M, tw, _M, co)
+    rows = max(1, CHUNK_BYTES // (_A * _A * tw * max(c, co) * x.element_size()))
+    for r in range(0, n * th, rows):
+        d = d_all[r : r + rows]
+        k = d.shape[0]  # tile rows in this chunk
+        p = k * tw  # tiles in this chunk
+        d = d.permute(3, 4, 0, 1, 2).reshape(_A * _A, p * c)  # gather: (36, tiles * C_in)
+        v = (bb @ d).view(_A * _A, p, c)  # V = B^T d B
+        m = torch.bmm(v, u)  # (36, tiles, C_out)
+        y = (aa @ m.view(_A * _A, p * co)).view(_M, _M, k, tw, co)
+        y = y.permute(2, 0, 3, 1, 4)  # (rows, 4, tw, 4, C_out)
+        if bias is None:
+            out_tiles[r : r + rows].copy_(y)
+        else:
+            torch.add(y, bias, out=out_tiles[r : r + rows])
+    if _M * th != h or _M * tw != w:
+        out = out[:, :h, :w].contiguous()
+    return out.permute(0, 3, 1, 2)
+
+
+def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight`` as one matrix product of the gathered
+    3x3 neighbourhoods (im2col, ordered (ky, kx, c)) with the weight seen as (C_out, 9 * C_in). Result in
+    channels-last memory. Meant for few pixels and many channels (see :func:`choose`)."""
+    if weight.shape[2:] != (3, 3) or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"gemm_conv3x3: weight must be (C_out, {x.shape[1]}, 3, 3), got {tuple(weight.shape)}")
+    n, c, h, w = x.shape
+    co = weight.shape[0]
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (N, H+2, W+2, C)
+    cols = xp.unfold(1, 3, 1).unfold(2, 3, 1).permute(0, 1, 2, 4, 5, 3).reshape(n * h * w, 9 * c)
+    wk = weight.permute(0, 2, 3, 1).reshape(co, 9 * c)  # a view for channels-last weights
+    y = cols @ wk.t() if bias is None else torch.addmm(bias, cols, wk.t())
+    return y.view(n, h, w, co).permute(0, 3, 1, 2)
+
+
+def conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: tuple[int, ...] | int = 1,
+    padding: tuple[int, ...] | int | str = 0,
+    dilation: tuple[int, ...] | int = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``F.conv2d`` that takes a fast path (:func:`winograd_conv3x3`, :func:`gemm_conv3x3`) where
+    :func:`choose` says it is faster."""
+    path = choose(x, weight, stride, padding, dilation, groups)
+    if path == "winograd":
+        return winograd_conv3x3(x, weight, bias)
+    if path == "gemm":
+        return gemm_conv3x3(x, weight, bias)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)

@@ -1,0 +1,163 @@
+"""The fast 3x3 convolution paths (Winograd F(4x4, 3x3) and im2col) against torch's direct convolution, and
+their wiring into ``runtime.policy.prepare``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusekit.runtime import fastconv
+from diffusekit.runtime.policy import Plan, prepare, use_fast_conv, use_native_compute
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "co", "h", "w", "bias", "channels_last"),
+    [
+        (1, 8, 5, 8, 8, True, True),  # whole tiles
+        (2, 3, 4, 7, 10, False, False),  # partial tiles in both directions, NCHW input
+        (1, 16, 16, 1, 1, True, True),  # a single pixel
+        (3, 6, 9, 13, 5, True, False),
+    ],
+)
+def test_winograd_matches_direct_convolution(n, c, co, h, w, bias, channels_last):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, h, w, generator=g)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = torch.randn(co, c, 3, 3, generator=g)
+    b = torch.randn(co, generator=g) if bias else None
+    ref = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
+    y = fastconv.winograd_conv3x3(x, weight, b)
+    assert y.shape == ref.shape
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    # float32 Winograd F(4x4,3x3) loses about one digit: 1e-5 relative; a wrong transform is off by O(1).
+    assert _rel_err(y.double(), ref) < 5e-5
+    # and in float64 it is exact to rounding, so the transforms themselves are right
+    y64 = fastconv.winograd_conv3x3(x.double(), weight.double(), None if b is None else b.double())
+    assert _rel_err(y64, ref) < 1e-12
+
+
+def test_winograd_chunks_agree_with_one_pass(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 20, 12, generator=g, dtype=torch.float64)
+    weight = torch.randn(3, 4, 3, 3, generator=g, dtype=torch.float64)
+    whole = fastconv.winograd_conv3x3(x, weight)
+    monkeypatch.setattr(fastconv, "CHUNK_BYTES", 1)  # one tile row per chunk
+    chunked = fastconv.winograd_conv3x3(x, weight)
+    assert _rel_err(chunked, whole) < 1e-12
+    assert _rel_err(chunked, F.conv2d(x, weight, padding=1)) < 1e-12
+
+
+@pytest.mark.parametrize(("n", "c", "co", "h", "w"), [(2, 12, 7, 8, 8), (1, 5, 3, 3, 9)])
+def test_gemm_matches_direct_convolution(n, c, co, h, w):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(n, c, h, w, generator=g).to(memory_format=torch.channels_last)
+    weight = torch.randn(co, c, 3, 3, generator=g)
+    b = torch.randn(co, generator=g)
+    ref = F.conv2d(x, weight, b, padding=1)
+    for wt in (weight, weight.to(memory_format=torch.channels_last)):
+        y = fastconv.gemm_conv3x3(x, wt, b)
+        assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(fastconv.gemm_conv3x3(x, weight), F.conv2d(x, weight, padding=1), atol=1e-5)
+
+
+def test_fast_paths_refuse_mismatched_weights():
+    with pytest.raises(ValueError, match="winograd_conv3x3: weight must be"):
+        fastconv.winograd_conv3x3(torch.zeros(1, 4, 8, 8), torch.zeros(2, 3, 3, 3))
+    with pytest.raises(ValueError, match="gemm_conv3x3: weight must be"):
+        fastconv.gemm_conv3x3(torch.zeros(1, 4, 8, 8), torch.zeros(2, 4, 1, 1))
+
+
+def test_choose_takes_fast_paths_only_where_they_apply():
+    wide = torch.zeros(256, 256, 3, 3)
+    x = torch.zeros(2, 256, 32, 32)  # 128 tiles
+    assert fastconv.choose(x, wide) == "winograd"
+    assert fastconv.choose(torch.zeros(1, 256, 8, 8), wide) is None  # 4 tiles: the direct one is faster
+    assert fastconv.choose(torch.zeros(2, 1280, 8, 8), torch.zeros(1280, 1280, 3, 3)) == "gemm"
+    assert fastconv.choose(torch.zeros(2, 64, 64, 64), torch.zeros(64, 64, 3, 3)) is None  # narrow
+    assert fastconv.choose(x, wide, stride=2) is None
+    assert fastconv.choose(x, wide, padding=0) is None
+    assert fastconv.choose(x, wide, dilation=2) is None
+    assert fastconv.choose(x, torch.zeros(256, 128, 3, 3), groups=2) is None
+    assert fastconv.choose(x, torch.zeros(256, 256, 1, 1)) is None
+    assert fastconv.choose(x.bfloat16(), wide.bfloat16()) is None
+    assert fastconv.choose(x.double(), wide.double()) is None
+    with torch.enable_grad():
+        assert fastconv.choose(x, wide.requires_grad_()) is None  # training keeps the autograd-friendly path
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(128, 128, 3, padding=1)  # 8 x 4 x 4 = 128 tiles at 16x16: Winograd
+        self.b = nn.Conv2d(128, 128, 1)
+        self.c = nn.Conv2d(128, 128, 3, padding=1, padding_mode="reflect")  # not zero padding: direct
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x)))
+
+
+def _count_paths(monkeypatch) -> dict[str, int]:
+    calls = {"winograd": 0, "gemm": 0}
+    for name in calls:
+        original = getattr(fastconv, f"{name}_conv3x3")
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(fastconv, f"{name}_conv3x3", counted)
+    return calls
+
+
+def test_prepare_routes_wide_convolutions_through_winograd(monkeypatch):
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.randn(8, 128, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+    calls = _count_paths(monkeypatch)
+    prepare(net, Plan(dtype=torch.float32))  # CPU inference: fast convolutions on by default
+    with torch.inference_mode():
+        y = net(x)
+    assert calls == {"winograd": 1, "gemm": 0}
+    assert _rel_err(y, ref) < 5e-5
+
+    use_fast_conv(net, enabled=False)
+    with torch.inference_mode():
+        assert torch.allclose(net(x), ref, atol=1e-5)
+    assert calls["winograd"] == 1
+
+
+def test_fast_conv_off_for_training_and_when_asked(monkeypatch):
+    calls = _count_paths(monkeypatch)
+    x = torch.randn(8, 128, 16, 16)
+    for plan in (Plan(dtype=torch.float32, inference=False), Plan(dtype=torch.float32, fast_conv=False)):
+        net = prepare(_Net(), plan)
+        with torch.no_grad():
+            net(x)
+    assert calls == {"winograd": 0, "gemm": 0}
+
+
+def test_fast_conv_composes_with_float32_compute_for_bf16_storage(monkeypatch):
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.randn(8, 128, 16, 16)
+    with torch.no_grad():
+        ref = net.to(torch.bfloat16).float()(x)  # the same bf16-rounded weights in float32
+    calls = _count_paths(monkeypatch)
+    prepare(net, Plan(dtype=torch.bfloat16, float32_compute=True))
+    with torch.inference_mode():
+        y = net(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert calls["winograd"] == 1
+    assert _rel_err(y.float(), ref) < 1e-2  # bf16 rounding of the activations between layers
+    use_native_compute(net)  # back to native bf16 compute; the fast-conv flag stays but bf16 is not eligible
+    assert net.a.forward.__func__.__name__ == "_conv2d_native"
