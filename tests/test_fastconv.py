@@ -43,12 +43,14 @@ def test_winograd_matches_direct_convolution(n, c, co, h, w, bias, channels_last
     assert _rel_err(y64, ref) < 1e-12
 
 
-def test_winograd_chunks_agree_with_one_pass(monkeypatch):
+@pytest.mark.parametrize("tile_rows", [1, 3, 10])  # bands of one image (1, 3 of 5 rows) or 2 whole images (10)
+def test_winograd_chunks_agree_with_one_pass(monkeypatch, tile_rows):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 20, 12, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 4, 19, 12, generator=g, dtype=torch.float64)  # 5 x 3 tiles per image, the last row partial
     weight = torch.randn(3, 4, 3, 3, generator=g, dtype=torch.float64)
     whole = fastconv.winograd_conv3x3(x, weight)
-    monkeypatch.setattr(fastconv, "CHUNK_BYTES", 1)  # one tile row per chunk
+    row_bytes = 36 * 3 * 4 * 8  # 36 x tiles per row x max(C_in, C_out) x bytes
+    monkeypatch.setattr(fastconv, "CHUNK_BYTES", tile_rows * row_bytes)
     chunked = fastconv.winograd_conv3x3(x, weight)
     assert _rel_err(chunked, whole) < 1e-12
     assert _rel_err(chunked, F.conv2d(x, weight, padding=1)) < 1e-12
@@ -82,6 +84,11 @@ def test_choose_takes_fast_paths_only_where_they_apply():
     assert fastconv.choose(torch.zeros(1, 256, 8, 8), wide) is None  # 4 tiles: the direct one is faster
     assert fastconv.choose(torch.zeros(2, 1280, 8, 8), torch.zeros(1280, 1280, 3, 3)) == "gemm"
     assert fastconv.choose(torch.zeros(2, 64, 64, 64), torch.zeros(64, 64, 3, 3)) is None  # narrow
+    narrow = torch.zeros(128, 128, 3, 3)  # 128 channels need twice the tiles that 256 do
+    assert fastconv.choose(torch.zeros(2, 128, 32, 32), narrow) is None
+    assert fastconv.choose(torch.zeros(16, 128, 16, 16), narrow) == "winograd"
+    # few tiles for the output width: the transformed filters would outweigh the tiles
+    assert fastconv.choose(torch.zeros(2, 1280, 32, 32), torch.zeros(1280, 1280, 3, 3)) is None
     assert fastconv.choose(x, wide, stride=2) is None
     assert fastconv.choose(x, wide, padding=0) is None
     assert fastconv.choose(x, wide, dilation=2) is None
@@ -96,9 +103,9 @@ def test_choose_takes_fast_paths_only_where_they_apply():
 class _Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.a = nn.Conv2d(128, 128, 3, padding=1)  # 8 x 4 x 4 = 128 tiles at 16x16: Winograd
-        self.b = nn.Conv2d(128, 128, 1)
-        self.c = nn.Conv2d(128, 128, 3, padding=1, padding_mode="reflect")  # not zero padding: direct
+        self.a = nn.Conv2d(256, 256, 3, padding=1)  # 8 x 4 x 4 = 128 tiles at 16x16: Winograd
+        self.b = nn.Conv2d(256, 256, 1)
+        self.c = nn.Conv2d(256, 256, 3, padding=1, padding_mode="reflect")  # not zero padding: direct
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c(self.b(self.a(x)))
@@ -120,7 +127,7 @@ def _count_paths(monkeypatch) -> dict[str, int]:
 def test_prepare_routes_wide_convolutions_through_winograd(monkeypatch):
     torch.manual_seed(0)
     net = _Net()
-    x = torch.randn(8, 128, 16, 16)
+    x = torch.randn(8, 256, 16, 16)
     with torch.no_grad():
         ref = net(x)
     calls = _count_paths(monkeypatch)
@@ -138,7 +145,7 @@ def test_prepare_routes_wide_convolutions_through_winograd(monkeypatch):
 
 def test_fast_conv_off_for_training_and_when_asked(monkeypatch):
     calls = _count_paths(monkeypatch)
-    x = torch.randn(8, 128, 16, 16)
+    x = torch.randn(8, 256, 16, 16)
     for plan in (Plan(dtype=torch.float32, inference=False), Plan(dtype=torch.float32, fast_conv=False)):
         net = prepare(_Net(), plan)
         with torch.no_grad():
@@ -149,7 +156,7 @@ def test_fast_conv_off_for_training_and_when_asked(monkeypatch):
 def test_fast_conv_composes_with_float32_compute_for_bf16_storage(monkeypatch):
     torch.manual_seed(0)
     net = _Net()
-    x = torch.randn(8, 128, 16, 16)
+    x = torch.randn(8, 256, 16, 16)
     with torch.no_grad():
         ref = net.to(torch.bfloat16).float()(x)  # the same bf16-rounded weights in float32
     calls = _count_paths(monkeypatch)

@@ -14,7 +14,7 @@ position (xi, nu) of the 6x6 transformed tile (their eq. 10-12):
     M[xi,nu] = V[xi,nu] @ U[xi,nu],   V = B^T d B (tiles x C_in),   U = G g G^T (C_in x C_out).
 
 The 4x fewer multiplications cost three linear transforms (input tiles, filters, outputs) that move memory,
-so the path wins for wide layers with many tiles (:data:`MIN_CHANNELS`, :data:`MIN_TILES`). The transformed
+so the path wins for wide layers with many tiles (see :func:`choose`). The transformed
 filters ``U`` are computed per call (2 * 36 * 9 FLOPs per filter entry, a few percent of the matrix products
 at the sizes where this path is used), so no second copy of the weights is kept. The F(4x4, 3x3) transforms
 with interpolation points 0, +-1, +-2 and infinity (Lavin & Gray, section 4.2) lose about one decimal digit
@@ -55,14 +55,19 @@ _AT = ((1, 1, 1, 1, 1, 0),
        (0, 1, 1, 4, 4, 0),
        (0, 1, -1, 8, -8, 1))  # fmt: skip
 
-#: Smallest channel count (input and output) and number of 4x4 output tiles for which the Winograd path is
-#: faster than oneDNN's direct convolution on the machines measured (benchmarks/README.md).
+#: Where the Winograd path is faster than oneDNN's direct convolution on the machines measured
+#: (benchmarks/README.md): at least MIN_CHANNELS channels in and out, at least MIN_TILE_CHANNELS
+#: tiles x min(C_in, C_out) (the size of one transformed matrix product), and at least
+#: MIN_TILES_PER_OUT_CHANNEL tiles per output channel: the transformed filters (36 * C_in * C_out values,
+#: written anew each call) must not outweigh the transformed tiles (36 * tiles * C_in).
 MIN_CHANNELS = 128
-MIN_TILES = 128
+MIN_TILE_CHANNELS = 32768
+MIN_TILES_PER_OUT_CHANNEL = 0.25
 #: The im2col path: at least this many input channels, at most this many output pixels (N * H * W).
 GEMM_MIN_CHANNELS = 1024
-GEMM_MAX_PIXELS = 512
-#: Bytes of transformed input tiles processed at once: bounds the extra memory and keeps chunks in cache.
+GEMM_MAX_PIXELS = 128
+#: Bytes of transformed input tiles processed at once (per image): bounds the extra memory to a few times this
+#: plus the transformed filters, and keeps a chunk's work in cache.
 CHUNK_BYTES = 8 << 20
 
 
@@ -103,8 +108,8 @@ def choose(
 ) -> str | None:
     """Which fast path computes this convolution: ``"winograd"``, ``"gemm"`` or ``None`` (the direct
     convolution). Only float32 CPU 3x3 convolutions with stride 1, padding 1, no dilation or groups and no
-    gradient needed qualify; then the sizes decide (:data:`MIN_CHANNELS`, :data:`MIN_TILES`,
-    :data:`GEMM_MIN_CHANNELS`, :data:`GEMM_MAX_PIXELS`)."""
+    gradient needed qualify; then the sizes decide (:data:`MIN_CHANNELS`, :data:`MIN_TILE_CHANNELS`,
+    :data:`MIN_TILES_PER_OUT_CHANNEL`, :data:`GEMM_MIN_CHANNELS`, :data:`GEMM_MAX_PIXELS`)."""
     if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return None
     if tuple(weight.shape[2:]) != (3, 3) or groups != 1 or x.shape[1] != weight.shape[1]:
@@ -116,7 +121,9 @@ def choose(
     n, c, h, w = x.shape
     if c >= GEMM_MIN_CHANNELS and n * h * w <= GEMM_MAX_PIXELS:
         return "gemm"
-    if min(c, weight.shape[0]) >= MIN_CHANNELS and tiles(x) >= MIN_TILES:
+    co = weight.shape[0]
+    t, narrow = tiles(x), min(c, co)
+    if narrow >= MIN_CHANNELS and t * narrow >= MIN_TILE_CHANNELS and t >= co * MIN_TILES_PER_OUT_CHANNEL:
         return "winograd"
     return None
 
@@ -136,32 +143,37 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     # U = G g G^T for every (C_in, C_out) pair: (36, C_in, C_out).
     u = (gg @ weight.reshape(co, c, 9).permute(2, 1, 0).reshape(9, c * co)).view(_A * _A, c, co)
 
-    # Zero-padded NHWC input whose size is 4 * tiles + 2 in both directions; only the border is zeroed.
-    hp, wp = _M * th + 2, _M * tw + 2
-    xp = x.new_empty((n, hp, wp, c))
-    xp[:, :1].zero_()
-    xp[:, h + 1 :].zero_()
-    xp[:, :, :1].zero_()
-    xp[:, :, w + 1 :].zero_()
-    xp[:, 1 : h + 1, 1 : w + 1].copy_(x.permute(0, 2, 3, 1))
-    d_all = xp.unfold(1, _A, _M).unfold(2, _A, _M).flatten(0, 1)  # (N*th, tw, C, 6, 6), overlapping views
-
+    xh = x.permute(0, 2, 3, 1)  # NHWC view
     out = x.new_empty((n, _M * th, _M * tw, co))
-    out_tiles = out.view(n * th, _M, tw, _M, co)
+    out_tiles = out.view(n, th, _M, tw, _M, co)
+    # A chunk is `per` images x `rows` tile rows: whole images when they are small, bands of one image when not.
     rows = max(1, CHUNK_BYTES // (_A * _A * tw * max(c, co) * x.element_size()))
-    for r in range(0, n * th, rows):
-        d = d_all[r : r + rows]
-        k = d.shape[0]  # tile rows in this chunk
-        p = k * tw  # tiles in this chunk
-        d = d.permute(3, 4, 0, 1, 2).reshape(_A * _A, p * c)  # gather: (36, tiles * C_in)
-        v = (bb @ d).view(_A * _A, p, c)  # V = B^T d B
-        m = torch.bmm(v, u)  # (36, tiles, C_out)
-        y = (aa @ m.view(_A * _A, p * co)).view(_M, _M, k, tw, co)
-        y = y.permute(2, 0, 3, 1, 4)  # (rows, 4, tw, 4, C_out)
-        if bias is None:
-            out_tiles[r : r + rows].copy_(y)
-        else:
-            torch.add(y, bias, out=out_tiles[r : r + rows])
+    per, rows = max(1, rows // th), min(rows, th)
+    wp = _M * tw + 2
+    for i in range(0, n, per):
+        ni = min(per, n - i)
+        for r in range(0, th, rows):
+            k = min(rows, th - r)
+            p = ni * k * tw  # tiles in this chunk
+            # The zero-padded input rows of these tiles (padded row j is input row j - 1); only borders are zeroed.
+            lo, hi = _M * r - 1, _M * (r + k) + 1  # input rows [lo, hi) -> slab rows [0, 4k + 2)
+            a, b = max(lo, 0), min(hi, h)
+            slab = x.new_empty((ni, _M * k + 2, wp, c))
+            slab[:, : a - lo].zero_()
+            slab[:, b - lo :].zero_()
+            slab[:, :, :1].zero_()
+            slab[:, :, w + 1 :].zero_()
+            slab[:, a - lo : b - lo, 1 : w + 1].copy_(xh[i : i + ni, a:b])
+            d = slab.unfold(1, _A, _M).unfold(2, _A, _M)  # (ni, k, tw, C, 6, 6), overlapping views
+            d = d.permute(4, 5, 0, 1, 2, 3).reshape(_A * _A, p * c)  # gather: (36, tiles * C_in)
+            v = (bb @ d).view(_A * _A, p, c)  # V = B^T d B
+            m = torch.bmm(v, u)  # (36, tiles, C_out)
+            y = (aa @ m.view(_A * _A, p * co)).view(_M, _M, ni, k, tw, co)
+            y = y.permute(2, 3, 0, 4, 1, 5)  # (ni, k, 4, tw, 4, C_out)
+            if bias is None:
+                out_tiles[i : i + ni, r : r + k].copy_(y)
+            else:
+                torch.add(y, bias, out=out_tiles[i : i + ni, r : r + k])
     if _M * th != h or _M * tw != w:
         out = out[:, :h, :w].contiguous()
     return out.permute(0, 3, 1, 2)
