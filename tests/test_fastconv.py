@@ -96,8 +96,9 @@ def test_choose_takes_fast_paths_only_where_they_apply():
     assert fastconv.choose(x, torch.zeros(256, 256, 1, 1)) is None
     assert fastconv.choose(x.bfloat16(), wide.bfloat16()) is None
     assert fastconv.choose(x.double(), wide.double()) is None
-    with torch.enable_grad():
-        assert fastconv.choose(x, wide.requires_grad_()) is None  # training keeps the autograd-friendly path
+    with torch.enable_grad():  # training: Winograd (it has a backward pass), not im2col
+        assert fastconv.choose(x, wide.requires_grad_()) == "winograd"
+        assert fastconv.choose(torch.zeros(2, 1280, 8, 8), torch.zeros(1280, 1280, 3, 3).requires_grad_()) is None
 
 
 class _Net(nn.Module):
@@ -143,14 +144,30 @@ def test_prepare_routes_wide_convolutions_through_winograd(monkeypatch):
     assert calls["winograd"] == 1
 
 
-def test_fast_conv_off_for_training_and_when_asked(monkeypatch):
+def test_fast_conv_off_when_asked(monkeypatch):
+    calls = _count_paths(monkeypatch)
+    net = prepare(_Net(), Plan(dtype=torch.float32, fast_conv=False))
+    with torch.no_grad():
+        net(torch.randn(8, 256, 16, 16))
+    assert calls == {"winograd": 0, "gemm": 0}
+
+
+def test_training_gradients_match_the_direct_convolution(monkeypatch):
+    torch.manual_seed(0)
+    ref_net = _Net()
+    net = _Net()
+    net.load_state_dict(ref_net.state_dict())
+    prepare(net, Plan(dtype=torch.float32, inference=False))
     calls = _count_paths(monkeypatch)
     x = torch.randn(8, 256, 16, 16)
-    for plan in (Plan(dtype=torch.float32, inference=False), Plan(dtype=torch.float32, fast_conv=False)):
-        net = prepare(_Net(), plan)
-        with torch.no_grad():
-            net(x)
-    assert calls == {"winograd": 0, "gemm": 0}
+    x_ref, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
+    target = torch.randn(8, 256, 16, 16)
+    F.mse_loss(ref_net(x_ref), target).backward()
+    F.mse_loss(net(x_fast), target).backward()
+    assert calls["winograd"] == 2  # the forward pass and the input gradient of net.a
+    assert _rel_err(x_fast.grad, x_ref.grad) < 1e-4
+    for (name, p), p_ref in zip(net.named_parameters(), ref_net.parameters(), strict=True):
+        assert _rel_err(p.grad, p_ref.grad) < 1e-4, name
 
 
 def test_fast_conv_composes_with_float32_compute_for_bf16_storage(monkeypatch):

@@ -28,7 +28,8 @@ whole channel runs and a channels-last weight (C_out, 3, 3, C_in) is already tha
 
 Measured on a 2-core AVX2 CPU (benchmarks/README.md): Winograd 1.3-2x faster than the direct convolution for
 256-640 channels at 32x32-256x256 pixels, im2col 2x faster for 1280-2560 channels at 8x8. Both paths are
-taken only for float32 CPU inference (never when gradients are needed); everything else runs ``F.conv2d``.
+taken only for float32 on the CPU; in training (gradients needed) Winograd computes the forward pass and the
+input gradient and oneDNN the weight gradient. Everything else runs ``F.conv2d``.
 """
 
 from __future__ import annotations
@@ -116,10 +117,9 @@ def choose(
         return None
     if _pair(stride) != (1, 1) or _pair(padding) not in ((1, 1), "same") or _pair(dilation) != (1, 1):
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return None
+    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     n, c, h, w = x.shape
-    if c >= GEMM_MIN_CHANNELS and n * h * w <= GEMM_MAX_PIXELS:
+    if c >= GEMM_MIN_CHANNELS and n * h * w <= GEMM_MAX_PIXELS and not training:
         return "gemm"
     co = weight.shape[0]
     t, narrow = tiles(x), min(c, co)
@@ -194,6 +194,35 @@ def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y.view(n, h, w, co).permute(0, 3, 1, 2)
 
 
+class _WinogradConv3x3(torch.autograd.Function):
+    """Winograd forward and input gradient, oneDNN weight gradient. For y = conv(x, W, padding=1) the input
+    gradient is the 'same' convolution of dy with W transposed in its channels and flipped in space, itself a
+    3x3 convolution that takes the Winograd path; the weight gradient (a correlation of x with dy) stays
+    with ``aten.convolution_backward``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return winograd_conv3x3(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            w_t = weight.transpose(0, 1).flip(2, 3)
+            with torch.no_grad():
+                dx = conv2d(dy, w_t, None, 1, 1)
+        if ctx.needs_input_grad[1]:
+            dw = torch.ops.aten.convolution_backward(
+                dy, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
+            )[1]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum((0, 2, 3))
+        return dx, dw, db
+
+
 def conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -204,9 +233,12 @@ def conv2d(
     groups: int = 1,
 ) -> torch.Tensor:
     """``F.conv2d`` that takes a fast path (:func:`winograd_conv3x3`, :func:`gemm_conv3x3`) where
-    :func:`choose` says it is faster."""
+    :func:`choose` says it is faster; with gradients, the Winograd path computes the forward pass and the
+    input gradient, oneDNN the weight gradient."""
     path = choose(x, weight, stride, padding, dilation, groups)
     if path == "winograd":
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _WinogradConv3x3.apply(x, weight, bias)
         return winograd_conv3x3(x, weight, bias)
     if path == "gemm":
         return gemm_conv3x3(x, weight, bias)

@@ -9,6 +9,8 @@
 * **channels-last** 4-D weights, so that convolutions, GroupNorm and the token views of attention work on
   NHWC activations without reorders.
 * **inference**: eval mode and no parameter gradients.
+* **faster 3x3 convolutions** on the CPU (:mod:`diffusekit.runtime.fastconv`): Winograd F(4x4, 3x3) for
+  wide layers with many pixels, one matrix product for very wide layers on few pixels.
 * **torch.compile**: opt-in only (it costs minutes of compilation on a small CPU).
 """
 
@@ -69,7 +71,7 @@ class Plan:
     channels_last: bool = True
     float32_compute: bool | None = None  # None: on for bfloat16/float16 models on CPUs without native bf16
     compile: bool = False
-    fast_conv: bool | None = None  # None: on for CPU inference (runtime.fastconv decides per call where it wins)
+    fast_conv: bool | None = None  # None: on for the CPU (runtime.fastconv decides per call where it wins)
     inference: bool = True  # eval mode and no parameter gradients; False: train mode, gradients on
 
 
@@ -90,7 +92,7 @@ def prepare(model: nn.Module, plan: Plan | None = None, *, device: str | torch.d
         f32 = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not native_bf16(device)
     if f32:
         use_float32_compute(model)
-    fast_conv = plan.fast_conv if plan.fast_conv is not None else (device.type == "cpu" and plan.inference)
+    fast_conv = plan.fast_conv if plan.fast_conv is not None else device.type == "cpu"
     if fast_conv:
         use_fast_conv(model)
     if plan.compile:
@@ -163,7 +165,7 @@ def use_native_compute(model: nn.Module) -> nn.Module:
 # ---- faster 3x3 convolutions ------------------------------------------------------------------------------------
 def use_fast_conv(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Let every 3x3 ``nn.Conv2d`` of ``model`` take the Winograd or im2col path of
-    :mod:`diffusekit.runtime.fastconv` on calls where it is faster (float32 CPU inference at the sizes
+    :mod:`diffusekit.runtime.fastconv` on calls where it is faster (float32 on the CPU, at the sizes
     :func:`~diffusekit.runtime.fastconv.choose` accepts); other calls run the usual convolution. Composes
     with :func:`use_float32_compute`. ``enabled=False`` undoes it."""
     for m in model.modules():
