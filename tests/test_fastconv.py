@@ -185,3 +185,17 @@ def test_fast_conv_composes_with_float32_compute_for_bf16_storage(monkeypatch):
     assert _rel_err(y.float(), ref) < 1e-2  # bf16 rounding of the activations between layers
     use_native_compute(net)  # back to native bf16 compute; the fast-conv flag stays but bf16 is not eligible
     assert net.a.forward.__func__.__name__ == "_conv2d_native"
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_winograd_weight_grad_matches_autograd(monkeypatch, chunk_bytes):
+    if chunk_bytes is not None:
+        monkeypatch.setattr(fastconv, "CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 11, 9, generator=g, dtype=torch.float64, requires_grad=True)  # partial tiles
+    weight = torch.randn(4, 5, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 4, 11, 9, generator=g, dtype=torch.float64)
+    F.conv2d(x, weight, padding=1).backward(dy)
+    dw = fastconv.winograd_weight_grad(x.detach(), dy)
+    assert dw.shape == weight.shape
+    assert _rel_err(dw, weight.grad) < 1e-12

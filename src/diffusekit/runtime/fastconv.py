@@ -28,11 +28,14 @@ whole channel runs and a channels-last weight (C_out, 3, 3, C_in) is already tha
 
 Measured on a 2-core AVX2 CPU (benchmarks/README.md): Winograd 1.3-2x faster than the direct convolution for
 256-640 channels at 32x32-256x256 pixels, im2col 2x faster for 1280-2560 channels at 8x8. Both paths are
-taken only for float32 on the CPU; in training (gradients needed) Winograd computes the forward pass and the
-input gradient and oneDNN the weight gradient. Everything else runs ``F.conv2d``.
+taken only for float32 on the CPU; in training (gradients needed) Winograd also computes the input and weight
+gradients (the latter by the transpose of the forward algorithm, :func:`winograd_weight_grad`). Everything
+else runs ``F.conv2d``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +131,39 @@ def choose(
     return None
 
 
+def _chunks(n: int, th: int, tw: int, channels: int, element_size: int) -> Iterator[tuple[int, int, int, int]]:
+    """Chunks (first image, images, first tile row, tile rows) of the tile grid: whole images when they are
+    small, bands of one image when not, each with about :data:`CHUNK_BYTES` of transformed tiles."""
+    rows = max(1, CHUNK_BYTES // (_A * _A * tw * channels * element_size))
+    per, rows = max(1, rows // th), min(rows, th)
+    for i in range(0, n, per):
+        for r in range(0, th, rows):
+            yield i, min(per, n - i), r, min(rows, th - r)
+
+
+def _transformed_tiles(x: torch.Tensor, co: int, bb: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """For each chunk of the 4x4 output tile grid of a 3x3 'same' convolution of ``x`` (N, C, H, W):
+    (first image, first tile row, V) with V = B^T d B of its 6x6 zero-padded input tiles, shaped
+    (36, images, tile rows, tiles per row, C)."""
+    n, c, h, w = x.shape
+    th, tw = -(-h // _M), -(-w // _M)
+    xh = x.permute(0, 2, 3, 1)  # NHWC view
+    wp = _M * tw + 2
+    for i, ni, r, k in _chunks(n, th, tw, max(c, co), x.element_size()):
+        # The zero-padded input rows of these tiles (padded row j is input row j - 1); only borders are zeroed.
+        lo, hi = _M * r - 1, _M * (r + k) + 1  # input rows [lo, hi) -> slab rows [0, 4k + 2)
+        a, b = max(lo, 0), min(hi, h)
+        slab = x.new_empty((ni, _M * k + 2, wp, c))
+        slab[:, : a - lo].zero_()
+        slab[:, b - lo :].zero_()
+        slab[:, :, :1].zero_()
+        slab[:, :, w + 1 :].zero_()
+        slab[:, a - lo : b - lo, 1 : w + 1].copy_(xh[i : i + ni, a:b])
+        d = slab.unfold(1, _A, _M).unfold(2, _A, _M)  # (ni, k, tw, C, 6, 6), overlapping views
+        d = d.permute(4, 5, 0, 1, 2, 3).reshape(_A * _A, ni * k * tw * c)  # gather: (36, tiles * C)
+        yield i, r, (bb @ d).view(_A * _A, ni, k, tw, c)
+
+
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight`` (C_out, C_in, 3, 3), computed with
     Winograd's F(4x4, 3x3) (Lavin & Gray 2016, eq. 8-12). ``x`` is (N, C_in, H, W) in any memory format;
@@ -143,40 +179,44 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     # U = G g G^T for every (C_in, C_out) pair: (36, C_in, C_out).
     u = (gg @ weight.reshape(co, c, 9).permute(2, 1, 0).reshape(9, c * co)).view(_A * _A, c, co)
 
-    xh = x.permute(0, 2, 3, 1)  # NHWC view
     out = x.new_empty((n, _M * th, _M * tw, co))
     out_tiles = out.view(n, th, _M, tw, _M, co)
-    # A chunk is `per` images x `rows` tile rows: whole images when they are small, bands of one image when not.
-    rows = max(1, CHUNK_BYTES // (_A * _A * tw * max(c, co) * x.element_size()))
-    per, rows = max(1, rows // th), min(rows, th)
-    wp = _M * tw + 2
-    for i in range(0, n, per):
-        ni = min(per, n - i)
-        for r in range(0, th, rows):
-            k = min(rows, th - r)
-            p = ni * k * tw  # tiles in this chunk
-            # The zero-padded input rows of these tiles (padded row j is input row j - 1); only borders are zeroed.
-            lo, hi = _M * r - 1, _M * (r + k) + 1  # input rows [lo, hi) -> slab rows [0, 4k + 2)
-            a, b = max(lo, 0), min(hi, h)
-            slab = x.new_empty((ni, _M * k + 2, wp, c))
-            slab[:, : a - lo].zero_()
-            slab[:, b - lo :].zero_()
-            slab[:, :, :1].zero_()
-            slab[:, :, w + 1 :].zero_()
-            slab[:, a - lo : b - lo, 1 : w + 1].copy_(xh[i : i + ni, a:b])
-            d = slab.unfold(1, _A, _M).unfold(2, _A, _M)  # (ni, k, tw, C, 6, 6), overlapping views
-            d = d.permute(4, 5, 0, 1, 2, 3).reshape(_A * _A, p * c)  # gather: (36, tiles * C_in)
-            v = (bb @ d).view(_A * _A, p, c)  # V = B^T d B
-            m = torch.bmm(v, u)  # (36, tiles, C_out)
-            y = (aa @ m.view(_A * _A, p * co)).view(_M, _M, ni, k, tw, co)
-            y = y.permute(2, 3, 0, 4, 1, 5)  # (ni, k, 4, tw, 4, C_out)
-            if bias is None:
-                out_tiles[i : i + ni, r : r + k].copy_(y)
-            else:
-                torch.add(y, bias, out=out_tiles[i : i + ni, r : r + k])
+    for i, r, v in _transformed_tiles(x, co, bb):
+        ni, k, p = v.shape[1], v.shape[2], v.shape[1] * v.shape[2] * tw
+        m = torch.bmm(v.view(_A * _A, p, c), u)  # (36, tiles, C_out)
+        y = (aa @ m.view(_A * _A, p * co)).view(_M, _M, ni, k, tw, co)
+        y = y.permute(2, 3, 0, 4, 1, 5)  # (ni, k, 4, tw, 4, C_out)
+        if bias is None:
+            out_tiles[i : i + ni, r : r + k].copy_(y)
+        else:
+            torch.add(y, bias, out=out_tiles[i : i + ni, r : r + k])
     if _M * th != h or _M * tw != w:
         out = out[:, :h, :w].contiguous()
     return out.permute(0, 3, 1, 2)
+
+
+def winograd_weight_grad(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of ``y = F.conv2d(x, weight, padding=1)`` for a 3x3 weight, given ``dy`` = dL/dy,
+    by the transpose of the Winograd forward pass: with the tiles flattened, vec(y) = (A^T (x) A^T)(U ⊙ V)
+    and U = (G (x) G) vec(g), so dL/dg = (G (x) G)^T sum_tiles V ⊙ ((A^T (x) A^T)^T vec(dy)) -- per transform
+    position one matrix product over the tiles, (C_in x tiles) @ (tiles x C_out). Returns (C_out, C_in, 3, 3)."""
+    bb, gg, aa = _cached_transforms(x.dtype, x.device)
+    n, c, h, w = x.shape
+    co = dy.shape[1]
+    tw = -(-w // _M)
+    dyh = dy.permute(0, 2, 3, 1)  # NHWC view
+    s = x.new_zeros((_A * _A, c, co))
+    for i, r, v in _transformed_tiles(x, co, bb):
+        ni, k = v.shape[1], v.shape[2]
+        p = ni * k * tw
+        # dy tiles of this chunk, zero beyond the image: (16, tiles * C_out)
+        g = dy.new_zeros((ni, _M * k, _M * tw, co))
+        rows = min(_M * (r + k), h) - _M * r
+        g[:, :rows, :w].copy_(dyh[i : i + ni, _M * r : _M * r + rows])
+        g = g.view(ni, k, _M, tw, _M, co).permute(2, 4, 0, 1, 3, 5).reshape(_M * _M, p * co)
+        z = (aa.t() @ g).view(_A * _A, p, co)  # (A^T (x) A^T)^T vec(dy)
+        s.baddbmm_(v.view(_A * _A, p, c).transpose(1, 2), z)
+    return (gg.t() @ s.view(_A * _A, c * co)).view(3, 3, c, co).permute(3, 2, 0, 1)
 
 
 def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,10 +235,9 @@ def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 class _WinogradConv3x3(torch.autograd.Function):
-    """Winograd forward and input gradient, oneDNN weight gradient. For y = conv(x, W, padding=1) the input
+    """Winograd forward pass, input gradient and weight gradient. For y = conv(x, W, padding=1) the input
     gradient is the 'same' convolution of dy with W transposed in its channels and flipped in space, itself a
-    3x3 convolution that takes the Winograd path; the weight gradient (a correlation of x with dy) stays
-    with ``aten.convolution_backward``."""
+    3x3 convolution that takes the fast path; the weight gradient is :func:`winograd_weight_grad`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
@@ -215,9 +254,7 @@ class _WinogradConv3x3(torch.autograd.Function):
             with torch.no_grad():
                 dx = conv2d(dy, w_t, None, 1, 1)
         if ctx.needs_input_grad[1]:
-            dw = torch.ops.aten.convolution_backward(
-                dy, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
-            )[1]
+            dw = winograd_weight_grad(x, dy).contiguous(memory_format=torch.channels_last)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
         return dx, dw, db
@@ -233,8 +270,7 @@ def conv2d(
     groups: int = 1,
 ) -> torch.Tensor:
     """``F.conv2d`` that takes a fast path (:func:`winograd_conv3x3`, :func:`gemm_conv3x3`) where
-    :func:`choose` says it is faster; with gradients, the Winograd path computes the forward pass and the
-    input gradient, oneDNN the weight gradient."""
+    :func:`choose` says it is faster; with gradients, the Winograd path also computes both gradients."""
     path = choose(x, weight, stride, padding, dilation, groups)
     if path == "winograd":
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
