@@ -34,6 +34,7 @@ from diffusekit import __version__
 from diffusekit.diffusion.schedules import NoiseSchedule
 from diffusekit.errors import CheckpointError, ConfigError, DiffusekitError
 from diffusekit.networks.unet import UNet, UNetConfig
+from diffusekit.runtime.policy import use_fast_conv
 from diffusekit.training import distributed as ddp
 from diffusekit.training.checkpoint import (
     TrainingState,
@@ -234,6 +235,8 @@ class Trainer:
         # training step of 64 images: 1.71 s vs 2.20 s NCHW on one core); the weights' values are the same
         self.memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
         self.model = UNet(self.unet_config).to(device, memory_format=self.memory_format)
+        if device.type == "cpu":  # Winograd 3x3 convolutions where they are faster (128+ channels; runtime.fastconv)
+            use_fast_conv(self.model)
         self.ema = make_ema(self.model)
         o = c.optim
         self.optimizer = torch.optim.AdamW(
