@@ -35,6 +35,7 @@ else runs ``F.conv2d``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -70,26 +71,19 @@ MIN_TILES_PER_OUT_CHANNEL = 0.25
 #: The im2col path: at least this many input channels, at most this many output pixels (N * H * W).
 GEMM_MIN_CHANNELS = 1024
 GEMM_MAX_PIXELS = 128
-#: Bytes of transformed input tiles processed at once (per image): bounds the extra memory to a few times this
-#: plus the transformed filters, and keeps a chunk's work in cache.
+#: Bytes of transformed input tiles processed at once: bounds the extra memory to a few times this plus the
+#: transformed filters, and keeps a chunk's work in cache.
 CHUNK_BYTES = 8 << 20
 
 
+@functools.cache
 def _transforms(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kronecker products B^T (x) B^T (36x36), G (x) G (36x9) and A^T (x) A^T (16x36): with 2-D tiles flattened
-    row-major, B^T d B is (B^T (x) B^T) vec(d), and likewise for G and A."""
-    bt, g, at = (torch.tensor(m, dtype=torch.float64) for m in (_BT, _G, _AT))
-    return tuple(torch.kron(m, m).to(dtype=dtype, device=device) for m in (bt, g, at))  # type: ignore[return-value]
-
-
-_CACHE: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-
-def _cached_transforms(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    key = (dtype, device)
-    if key not in _CACHE:
-        _CACHE[key] = _transforms(dtype, device)
-    return _CACHE[key]
+    row-major, B^T d B is (B^T (x) B^T) vec(d), and likewise for G and A. Made once per dtype and device,
+    outside inference mode so that training may use them too."""
+    with torch.inference_mode(False):
+        bt, g, at = (torch.tensor(m, dtype=torch.float64) for m in (_BT, _G, _AT))
+        return tuple(torch.kron(m, m).to(dtype=dtype, device=device) for m in (bt, g, at))  # type: ignore[return-value]
 
 
 def tiles(x: torch.Tensor) -> int:
@@ -171,7 +165,7 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     slowly): use it under ``torch.no_grad``/``torch.inference_mode``."""
     if weight.shape[2:] != (3, 3) or x.shape[1] != weight.shape[1]:
         raise ValueError(f"winograd_conv3x3: weight must be (C_out, {x.shape[1]}, 3, 3), got {tuple(weight.shape)}")
-    bb, gg, aa = _cached_transforms(x.dtype, x.device)
+    bb, gg, aa = _transforms(x.dtype, x.device)
     n, c, h, w = x.shape
     co = weight.shape[0]
     th, tw = -(-h // _M), -(-w // _M)
@@ -200,7 +194,7 @@ def winograd_weight_grad(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     by the transpose of the Winograd forward pass: with the tiles flattened, vec(y) = (A^T (x) A^T)(U ⊙ V)
     and U = (G (x) G) vec(g), so dL/dg = (G (x) G)^T sum_tiles V ⊙ ((A^T (x) A^T)^T vec(dy)) -- per transform
     position one matrix product over the tiles, (C_in x tiles) @ (tiles x C_out). Returns (C_out, C_in, 3, 3)."""
-    bb, gg, aa = _cached_transforms(x.dtype, x.device)
+    bb, gg, aa = _transforms(x.dtype, x.device)
     n, c, h, w = x.shape
     co = dy.shape[1]
     tw = -(-w // _M)
