@@ -199,3 +199,11 @@ def test_winograd_weight_grad_matches_autograd(monkeypatch, chunk_bytes):
     dw = fastconv.winograd_weight_grad(x.detach(), dy)
     assert dw.shape == weight.shape
     assert _rel_err(dw, weight.grad) < 1e-12
+
+
+def test_environment_switch_turns_the_fast_paths_off(monkeypatch):
+    x, wide = torch.zeros(2, 256, 32, 32), torch.zeros(256, 256, 3, 3)
+    assert fastconv.choose(x, wide) == "winograd"
+    monkeypatch.setenv("DIFFUSEKIT_FAST_CONV", "0")
+    assert fastconv.choose(x, wide) is None
+    assert fastconv.choose(torch.zeros(2, 1280, 8, 8), torch.zeros(1280, 1280, 3, 3)) is None

@@ -36,6 +36,7 @@ else runs ``F.conv2d``.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator
 
 import torch
@@ -71,6 +72,9 @@ MIN_TILES_PER_OUT_CHANNEL = 0.25
 #: The im2col path: at least this many input channels, at most this many output pixels (N * H * W).
 GEMM_MIN_CHANNELS = 1024
 GEMM_MAX_PIXELS = 128
+#: Set this environment variable to 0 to turn both fast paths off everywhere (every convolution then runs
+#: ``F.conv2d``, bit for bit what PyTorch computes).
+ENV_SWITCH = "DIFFUSEKIT_FAST_CONV"
 #: Bytes of transformed input tiles processed at once: bounds the extra memory to a few times this plus the
 #: transformed filters, and keeps a chunk's work in cache.
 CHUNK_BYTES = 8 << 20
@@ -105,9 +109,12 @@ def choose(
     groups: int = 1,
 ) -> str | None:
     """Which fast path computes this convolution: ``"winograd"``, ``"gemm"`` or ``None`` (the direct
-    convolution). Only float32 CPU 3x3 convolutions with stride 1, padding 1, no dilation or groups and no
-    gradient needed qualify; then the sizes decide (:data:`MIN_CHANNELS`, :data:`MIN_TILE_CHANNELS`,
+    convolution). Only float32 CPU 3x3 convolutions with stride 1, padding 1 and no dilation or groups qualify
+    (``"gemm"`` only when no gradient is needed), and none when the environment variable
+    ``DIFFUSEKIT_FAST_CONV=0`` is set; then the sizes decide (:data:`MIN_CHANNELS`, :data:`MIN_TILE_CHANNELS`,
     :data:`MIN_TILES_PER_OUT_CHANNEL`, :data:`GEMM_MIN_CHANNELS`, :data:`GEMM_MAX_PIXELS`)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
     if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return None
     if tuple(weight.shape[2:]) != (3, 3) or groups != 1 or x.shape[1] != weight.shape[1]:
