@@ -152,6 +152,12 @@ def test_fast_conv_off_when_asked(monkeypatch):
     assert calls == {"winograd": 0, "gemm": 0}
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's import of torch.jit
+def test_fast_conv_left_to_inductor_when_compiling():
+    compiled = prepare(_Net(), Plan(dtype=torch.float32, compile=True))  # compiles lazily: nothing runs here
+    assert not compiled.a.__dict__.get("_fast_conv", False)  # inductor chooses its own kernels
+
+
 def test_training_gradients_match_the_direct_convolution(monkeypatch):
     torch.manual_seed(0)
     ref_net = _Net()

@@ -71,7 +71,7 @@ class Plan:
     channels_last: bool = True
     float32_compute: bool | None = None  # None: on for bfloat16/float16 models on CPUs without native bf16
     compile: bool = False
-    fast_conv: bool | None = None  # None: on for the CPU (runtime.fastconv decides per call where it wins)
+    fast_conv: bool | None = None  # None: on for the CPU unless compiling (runtime.fastconv decides per call)
     inference: bool = True  # eval mode and no parameter gradients; False: train mode, gradients on
 
 
@@ -92,7 +92,8 @@ def prepare(model: nn.Module, plan: Plan | None = None, *, device: str | torch.d
         f32 = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not native_bf16(device)
     if f32:
         use_float32_compute(model)
-    fast_conv = plan.fast_conv if plan.fast_conv is not None else device.type == "cpu"
+    # not under torch.compile by default: inductor picks its own convolution kernels
+    fast_conv = plan.fast_conv if plan.fast_conv is not None else device.type == "cpu" and not plan.compile
     if fast_conv:
         use_fast_conv(model)
     if plan.compile:
