@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from diffusekit.runtime import fastconv
+from diffusekit.runtime import fastconv, timing
 from diffusekit.runtime.harness import machine
 
 # (batch, C_in, C_out, size): the 3x3 stride-1 layers of W1 (DDPM CIFAR-10, batch 16), W3 (SD U-Net,
@@ -29,18 +27,6 @@ SHAPES = [
     (2, 128, 128, 32), (2, 320, 320, 64), (2, 640, 640, 32), (2, 1280, 1280, 16), (2, 1280, 1280, 8),
     (2, 2560, 1280, 8), (1, 512, 512, 64), (1, 512, 512, 128), (1, 256, 256, 256), (1, 128, 128, 512),
 ]  # fmt: skip
-
-
-def _median_ms(fns: dict, reps: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for r in range(reps):
-        for k in list(fns) if r % 2 == 0 else list(fns)[::-1]:
-            t = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def _layer(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> dict:
@@ -63,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         w = torch.randn(co, c, 3, 3, generator=g).to(memory_format=torch.channels_last) * (c * 9) ** -0.5
         b = torch.randn(co, generator=g)
         with torch.inference_mode():
-            ms = _median_ms(_layer(x, w, b), args.reps)
+            times = timing.interleaved(_layer(x, w, b), reps=args.reps)
+            ms = {k: 1e3 * timing.median(v) for k, v in times.items()}
             chosen = fastconv.choose(x, w) or "direct"
         row = {"n": n, "c_in": c, "c_out": co, "size": size, "chosen": chosen, **{f"{k}_ms": v for k, v in ms.items()}}
         rows.append(row)
