@@ -90,10 +90,24 @@ def _transforms(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor,
         return tuple(torch.kron(m, m).to(dtype=dtype, device=device) for m in (bt, g, at))  # type: ignore[return-value]
 
 
+def _grid(h: int, w: int) -> tuple[int, int]:
+    """Rows and columns of 4x4 output tiles covering an h x w image (the last ones partial)."""
+    return -(-h // _M), -(-w // _M)
+
+
 def tiles(x: torch.Tensor) -> int:
     """Number of 4x4 output tiles of a 3x3 'same' convolution of ``x`` (N, C, H, W)."""
-    n, _, h, w = x.shape
-    return n * -(-h // _M) * -(-w // _M)
+    th, tw = _grid(x.shape[2], x.shape[3])
+    return x.shape[0] * th * tw
+
+
+def _check_weight(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.shape[2:] != (3, 3) or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"{name}: weight must be (C_out, {x.shape[1]}, 3, 3), got {tuple(weight.shape)}")
+
+
+def _needs_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
 def _pair(v: tuple[int, ...] | int | str) -> tuple[int, ...] | str:
@@ -121,9 +135,8 @@ def choose(
         return None
     if _pair(stride) != (1, 1) or _pair(padding) not in ((1, 1), "same") or _pair(dilation) != (1, 1):
         return None
-    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     n, c, h, w = x.shape
-    if c >= GEMM_MIN_CHANNELS and n * h * w <= GEMM_MAX_PIXELS and not training:
+    if c >= GEMM_MIN_CHANNELS and n * h * w <= GEMM_MAX_PIXELS and not _needs_grad(x, weight):
         return "gemm"
     co = weight.shape[0]
     t, narrow = tiles(x), min(c, co)
@@ -147,7 +160,7 @@ def _transformed_tiles(x: torch.Tensor, co: int, bb: torch.Tensor) -> Iterator[t
     (first image, first tile row, V) with V = B^T d B of its 6x6 zero-padded input tiles, shaped
     (36, images, tile rows, tiles per row, C)."""
     n, c, h, w = x.shape
-    th, tw = -(-h // _M), -(-w // _M)
+    th, tw = _grid(h, w)
     xh = x.permute(0, 2, 3, 1)  # NHWC view
     wp = _M * tw + 2
     for i, ni, r, k in _chunks(n, th, tw, max(c, co), x.element_size()):
@@ -168,14 +181,13 @@ def _transformed_tiles(x: torch.Tensor, co: int, bb: torch.Tensor) -> Iterator[t
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight`` (C_out, C_in, 3, 3), computed with
     Winograd's F(4x4, 3x3) (Lavin & Gray 2016, eq. 8-12). ``x`` is (N, C_in, H, W) in any memory format;
-    the result is (N, C_out, H, W) in channels-last memory. No autograd support is intended (it works, but
-    slowly): use it under ``torch.no_grad``/``torch.inference_mode``."""
-    if weight.shape[2:] != (3, 3) or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"winograd_conv3x3: weight must be (C_out, {x.shape[1]}, 3, 3), got {tuple(weight.shape)}")
+    the result is (N, C_out, H, W) in channels-last memory. Autograd through this function works but keeps
+    every intermediate; :func:`conv2d` trains through a custom backward instead."""
+    _check_weight("winograd_conv3x3", x, weight)
     bb, gg, aa = _transforms(x.dtype, x.device)
     n, c, h, w = x.shape
     co = weight.shape[0]
-    th, tw = -(-h // _M), -(-w // _M)
+    th, tw = _grid(h, w)
 
     # U = G g G^T for every (C_in, C_out) pair: (36, C_in, C_out).
     u = (gg @ weight.reshape(co, c, 9).permute(2, 1, 0).reshape(9, c * co)).view(_A * _A, c, co)
@@ -204,7 +216,7 @@ def winograd_weight_grad(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     bb, gg, aa = _transforms(x.dtype, x.device)
     n, c, h, w = x.shape
     co = dy.shape[1]
-    tw = -(-w // _M)
+    _, tw = _grid(h, w)
     dyh = dy.permute(0, 2, 3, 1)  # NHWC view
     s = x.new_zeros((_A * _A, c, co))
     for i, r, v in _transformed_tiles(x, co, bb):
@@ -224,8 +236,7 @@ def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight`` as one matrix product of the gathered
     3x3 neighbourhoods (im2col, ordered (ky, kx, c)) with the weight seen as (C_out, 9 * C_in). Result in
     channels-last memory. Meant for few pixels and many channels (see :func:`choose`)."""
-    if weight.shape[2:] != (3, 3) or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"gemm_conv3x3: weight must be (C_out, {x.shape[1]}, 3, 3), got {tuple(weight.shape)}")
+    _check_weight("gemm_conv3x3", x, weight)
     n, c, h, w = x.shape
     co = weight.shape[0]
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (N, H+2, W+2, C)
@@ -274,7 +285,7 @@ def conv2d(
     :func:`choose` says it is faster; with gradients, the Winograd path also computes both gradients."""
     path = choose(x, weight, stride, padding, dilation, groups)
     if path == "winograd":
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        if _needs_grad(x, weight):
             return _WinogradConv3x3.apply(x, weight, bias)
         return winograd_conv3x3(x, weight, bias)
     if path == "gemm":
