@@ -3,7 +3,7 @@ replaced by hostile ones, or swapped for components that do not fit; tokenizer f
 vocabularies, merges and settings.
 
 Each case is a fresh folder of symlinks to a pristine copy of the fixture, with the mutated files written
-in place of their links. Contract (see ``test_fuzz_common``): the loader returns a model, or raises a
+in place of their links. Contract (see ``fuzzing``): the loader returns a model, or raises a
 DiffusekitError whose message names the folder or a file in it. A model that loads must also generate (one
 small text-to-image step), or refuse with a DiffusekitError.
 """
@@ -28,9 +28,9 @@ from diffusekit.networks.unet import UNet
 from diffusekit.networks.vae import AutoencoderKL
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.pipelines.text_to_image import TextToImage
-from test_fuzz_common import Tally, examples, json_values, mutated, session_tally, string_values
+from fuzzing import Tally, examples, json_values, mutated, session_tally, string_values
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
 SD = FIXTURES / "pipelines" / "stable_diffusion"
 pytestmark = pytest.mark.skipif(not SD.is_dir(), reason=f"fixtures not found at {SD}")
 

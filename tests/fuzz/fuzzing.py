@@ -1,4 +1,4 @@
-"""Shared machinery of the fuzz tests (``tests/test_fuzz_*.py``); holds no tests itself.
+"""Shared machinery of the fuzz tests (``tests/fuzz/test_fuzz_*.py``); holds no tests itself.
 
 Every fuzz case runs through :meth:`Tally.check`, which enforces the contract of issue 6 for one input:
 the call either succeeds or raises a :class:`~diffusekit.errors.DiffusekitError` whose message names the

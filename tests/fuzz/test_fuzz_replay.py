@@ -3,7 +3,7 @@
 A real PNG is made once with ``diffusekit txt2img`` on the tiny fixture pipeline. Cases: its bytes truncated
 and corrupted; its ``diffusekit`` metadata replaced by mutated settings (wrong types, huge sizes and step
 counts, NaN, unknown samplers, paths to missing, hostile or pickled files), random text, invalid or deeply
-nested JSON, a compressed chunk that inflates to a huge size. Contract (see ``test_fuzz_common``): the
+nested JSON, a compressed chunk that inflates to a huge size. Contract (see ``fuzzing``): the
 replay makes an image, or raises a DiffusekitError naming the PNG, a field or an option -- and never reads a
 pickle, whatever the PNG says.
 """
@@ -22,9 +22,9 @@ from PIL import Image, PngImagePlugin
 
 from diffusekit.cli.generate import METADATA_KEY, read_png_metadata, settings_from_metadata
 from diffusekit.cli.main import build_parser
-from test_fuzz_common import Tally, examples, json_values, mutated, session_tally, string_values
+from fuzzing import Tally, examples, json_values, mutated, session_tally, string_values
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
 SD = FIXTURES / "pipelines" / "stable_diffusion"
 pytestmark = pytest.mark.skipif(not SD.is_dir(), reason=f"fixtures not found at {SD}")
 

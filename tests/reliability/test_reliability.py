@@ -24,7 +24,7 @@ from diffusekit.training.checkpoint import latest_checkpoint, list_checkpoints, 
 from diffusekit.training.config import TrainConfig
 from diffusekit.training.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 SD = FIXTURES / "pipelines" / "stable_diffusion"
 needs_fixtures = pytest.mark.skipif(not SD.is_dir(), reason=f"fixtures not found at {SD}")

@@ -20,7 +20,7 @@ from diffusekit.runtime import harness, timing
 from diffusekit.runtime.policy import Plan, default_dtype, native_bf16, prepare, use_native_compute
 from diffusekit.runtime.workloads import ours, spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAS_REFERENCE = (
     importlib.util.find_spec("diffusers") is not None and importlib.util.find_spec("transformers") is not None
 )

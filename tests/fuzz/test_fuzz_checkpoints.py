@@ -3,7 +3,7 @@
 Checkpoint cases start from a real checkpoint of a tiny run and change one or more of its files: delete,
 truncate, corrupt, mutate the JSON (state, config, manifest), change tensors -- either leaving the manifest as
 it is (a damaged checkpoint: must be refused by the hash check) or rewriting the manifest to match (a hostile
-or hand-edited checkpoint: must be refused by the reader or the trainer). Contract (see ``test_fuzz_common``):
+or hand-edited checkpoint: must be refused by the reader or the trainer). Contract (see ``fuzzing``):
 the run resumes, or a DiffusekitError names the checkpoint -- and the newest *intact* checkpoint is what
 ``latest_checkpoint`` picks.
 """
@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from diffusekit.training.checkpoint import FILES, MANIFEST, latest_checkpoint, load_checkpoint
 from diffusekit.training.config import TrainConfig
 from diffusekit.training.trainer import Trainer
-from test_fuzz_common import Tally, examples, json_values, mutated, session_tally, string_values
+from fuzzing import Tally, examples, json_values, mutated, session_tally, string_values
 
 
 @pytest.fixture(scope="session")

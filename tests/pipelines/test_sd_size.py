@@ -1,5 +1,5 @@
 """Size checks at real Stable Diffusion 1.5 sizes on the CPU (slow; run by hand: ``pytest -m slow -s
-tests/test_sd_size.py``). Random weights: these check memory, time and shapes, not image quality."""
+tests/pipelines/test_sd_size.py``). Random weights: these check memory, time and shapes, not image quality."""
 
 from __future__ import annotations
 

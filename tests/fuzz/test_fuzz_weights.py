@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from diffusekit.errors import WeightsError
 from diffusekit.io.weights import load_weights
-from test_fuzz_common import EXTREME_INTS, Tally, examples, json_values, session_tally
+from fuzzing import EXTREME_INTS, Tally, examples, json_values, session_tally
 
 DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "U16", "U32",
           "U64", "C64", "F4", "X", "", "f32", "F32 "]  # fmt: skip
@@ -249,7 +249,7 @@ def test_pickles_are_never_unpickled_by_the_model_loaders(tally, tmp_path):
         assert not marker.exists(), f"{name}: unpickling ran code"
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(payload)
-    tok = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "pipelines" / "stable_diffusion" / "tokenizer"
+    tok = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "pipelines" / "stable_diffusion" / "tokenizer"
     for allow in (False, True):  # allowed: torch.load(weights_only=True) must still refuse to run code
         result = tally.check(
             "pickles: load_single_file",

@@ -20,7 +20,7 @@ import torch
 
 from diffusekit.pipelines.common import draw, generators_from_seeds
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "pipelines"
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "pipelines"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures not found at {FIXTURES}")
 BATCH_ATOL = 1e-4  # batch vs alone, images in [0, 1]: measured <= 1.4e-5; one 8-bit level is 3.9e-3
 

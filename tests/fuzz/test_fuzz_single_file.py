@@ -3,7 +3,7 @@
 The tiny fixture pipeline is written once as a single file; each case rewrites it with tensors removed,
 added, renamed, reshaped or of another dtype, its ``diffusekit.*`` config metadata mutated or removed (so that
 the configs are inferred from the tensor shapes), or its bytes corrupted. Contract (see
-``test_fuzz_common``): a model, or a DiffusekitError naming the file; a model that loads must generate one
+``fuzzing``): a model, or a DiffusekitError naming the file; a model that loads must generate one
 small image or refuse with a DiffusekitError.
 """
 
@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 from diffusekit.io.single_file import load_single_file, save_single_file
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.pipelines.text_to_image import TextToImage
-from test_fuzz_common import EXTREME_INTS, Tally, examples, json_values, mutated, session_tally, string_values
+from fuzzing import EXTREME_INTS, Tally, examples, json_values, mutated, session_tally, string_values
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
 SD = FIXTURES / "pipelines" / "stable_diffusion"
 pytestmark = pytest.mark.skipif(not SD.is_dir(), reason=f"fixtures not found at {SD}")
 

@@ -1,0 +1,132 @@
+"""Atomic writes: every file and folder diffusekit writes goes through here.
+
+A file is written to a temporary name in the destination folder, flushed and fsync'ed, given a normal
+file's permissions (``0o666 & ~umask``), then renamed over the destination and the folder fsync'ed, so a
+crash, a full disk or a kill leaves either the old file or the new one, never a torn one. A folder is built
+under a temporary name and swapped in the same way (the old one is moved aside until the new one is in
+place). Clean-up after a failure never raises: on a read-only file system the original error is the one
+the caller sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from diffusekit.errors import OutputError
+
+
+def file_mode() -> int:
+    """The mode a newly created regular file gets under the current umask (``0o666 & ~umask``)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a folder so a rename inside it is durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_name(path: Path) -> Path:
+    """The temporary sibling of ``path`` used while it is written; keeps the suffix (PIL and numpy pick the
+    format from it) and starts with a dot so that folder listings skip it."""
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None], *, what: str = "file") -> Path:
+    """Call ``write(tmp)`` to produce the file at a temporary path, then move it onto ``path`` atomically.
+
+    Raises OutputError naming ``path`` when the folder cannot be created or the file cannot be written (a
+    full disk, a read-only folder, a quota); the previous file of that name is left as it was.
+    """
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise OutputError(f"{path}: could not write the {what} ({e.strerror or e})") from None
+    finally:
+        _remove_quietly(tmp)
+    return path
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, what: str = "file") -> Path:
+    """Write ``data`` to ``path`` atomically (see ``write_atomic``)."""
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data), what=what)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, what: str = "file") -> Path:
+    """Write ``text`` as UTF-8 with ``\\n`` line ends to ``path`` atomically (see ``write_atomic``)."""
+    return write_bytes_atomic(path, text.encode("utf-8"), what=what)
+
+
+@contextlib.contextmanager
+def folder_atomic(folder: str | os.PathLike, *, what: str = "folder") -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``folder``; when the block ends without an error, swap it in
+    place of ``folder`` (the old one is moved aside, then removed once the new one is in place). On an
+    error the temporary folder is removed and ``folder`` is left as it was."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    _remove_quietly(tmp)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise OutputError(f"{folder}: could not create the {what} ({e.strerror or e})") from None
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        replace_folder(tmp, folder)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def replace_folder(tmp: Path, folder: Path) -> None:
+    """Move the complete folder ``tmp`` to ``folder``, replacing an existing one: the old folder is renamed
+    aside first and removed only after the new one is in place."""
+    old = None
+    try:
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            _remove_quietly(old)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        fsync_dir(folder.parent)
+    except OSError as e:
+        if old is not None and not folder.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, folder)
+        raise OutputError(f"{folder}: could not replace the folder ({e.strerror or e})") from None
+    if old is not None:
+        _remove_quietly(old)
