@@ -3,11 +3,16 @@ their wiring into ``runtime.policy.prepare``."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusekit.networks.layers import Conv2d
 from diffusekit.runtime import fastconv
 from diffusekit.runtime.policy import Plan, prepare, use_fast_conv, use_native_compute
 
@@ -104,9 +109,9 @@ def test_choose_takes_fast_paths_only_where_they_apply():
 class _Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.a = nn.Conv2d(256, 256, 3, padding=1)  # 8 x 4 x 4 = 128 tiles at 16x16: Winograd
-        self.b = nn.Conv2d(256, 256, 1)
-        self.c = nn.Conv2d(256, 256, 3, padding=1, padding_mode="reflect")  # not zero padding: direct
+        self.a = Conv2d(256, 256, 3, padding=1)  # 8 x 4 x 4 = 128 tiles at 16x16: Winograd
+        self.b = Conv2d(256, 256, 1)
+        self.c = Conv2d(256, 256, 3, padding=1, padding_mode="reflect")  # not zero padding: direct
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c(self.b(self.a(x)))
@@ -155,7 +160,7 @@ def test_fast_conv_off_when_asked(monkeypatch):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's import of torch.jit
 def test_fast_conv_left_to_inductor_when_compiling():
     compiled = prepare(_Net(), Plan(dtype=torch.float32, compile=True))  # compiles lazily: nothing runs here
-    assert not compiled.a.__dict__.get("_fast_conv", False)  # inductor chooses its own kernels
+    assert not compiled.a.fast  # inductor chooses its own kernels
 
 
 def test_training_gradients_match_the_direct_convolution(monkeypatch):
@@ -190,7 +195,11 @@ def test_fast_conv_composes_with_float32_compute_for_bf16_storage(monkeypatch):
     assert calls["winograd"] == 1
     assert _rel_err(y.float(), ref) < 1e-2  # bf16 rounding of the activations between layers
     use_native_compute(net)  # back to native bf16 compute; the fast-conv flag stays but bf16 is not eligible
-    assert net.a.forward.__func__.__name__ == "_conv2d_native"
+    assert net.a.fast and net.a.compute_dtype is None
+    calls["winograd"] = 0
+    with torch.inference_mode():
+        assert net(x.bfloat16()).dtype == torch.bfloat16
+    assert calls["winograd"] == 0
 
 
 @pytest.mark.parametrize("chunk_bytes", [None, 1])
@@ -210,6 +219,23 @@ def test_winograd_weight_grad_matches_autograd(monkeypatch, chunk_bytes):
 def test_environment_switch_turns_the_fast_paths_off(monkeypatch):
     x, wide = torch.zeros(2, 256, 32, 32), torch.zeros(256, 256, 3, 3)
     assert fastconv.choose(x, wide) == "winograd"
-    monkeypatch.setenv("DIFFUSEKIT_FAST_CONV", "0")
+    monkeypatch.setattr(fastconv, "ENABLED", False)
     assert fastconv.choose(x, wide) is None
     assert fastconv.choose(torch.zeros(2, 1280, 8, 8), torch.zeros(1280, 1280, 3, 3)) is None
+
+
+def test_environment_switch_is_read_once_at_import():
+    code = "from diffusekit.runtime import fastconv; print(fastconv.ENABLED)"
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = {**os.environ, "DIFFUSEKIT_FAST_CONV": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
+
+
+def test_plan_sets_plain_attributes_and_replaces_no_method():
+    net = prepare(_Net(), Plan(dtype=torch.bfloat16, float32_compute=True))
+    for m in net.modules():
+        assert "forward" not in m.__dict__  # what runs is the class's forward
+    assert net.a.fast and not net.b.fast  # 3x3 only
+    assert net.a.compute_dtype == torch.float32
+    assert set(net.state_dict()) == set(_Net().state_dict())  # state-dict keys unchanged

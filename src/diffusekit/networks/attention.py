@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusekit.networks.layers import Conv2d, GroupNorm, LayerNorm, Linear
+
 
 class Attention(nn.Module):
     """Multi-head attention: queries from ``x`` (B, N, query_dim), keys/values from ``context``
@@ -45,10 +47,10 @@ class Attention(nn.Module):
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
         self.upcast = upcast
-        self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
-        self.to_k = nn.Linear(context_dim, inner, bias=qkv_bias)
-        self.to_v = nn.Linear(context_dim, inner, bias=qkv_bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
+        self.to_q = Linear(query_dim, inner, bias=qkv_bias)
+        self.to_k = Linear(context_dim, inner, bias=qkv_bias)
+        self.to_v = Linear(context_dim, inner, bias=qkv_bias)
+        self.to_out = nn.ModuleList([Linear(inner, query_dim), nn.Dropout(dropout)])
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
@@ -76,7 +78,7 @@ class SpatialSelfAttention(Attention):
 
     def __init__(self, channels: int, *, heads: int, norm_groups: int, norm_eps: float) -> None:
         super().__init__(channels, heads=heads, head_dim=channels // heads, qkv_bias=True)
-        self.group_norm = nn.GroupNorm(norm_groups, channels, eps=norm_eps)
+        self.group_norm = GroupNorm(norm_groups, channels, eps=norm_eps)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -90,7 +92,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner)
+        self.proj = Linear(dim, 2 * inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = self.proj(x).chunk(2, dim=-1)
@@ -102,7 +104,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, *, mult: int = 4, dropout: float = 0.0) -> None:
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(dropout), nn.Linear(mult * dim, dim))
+        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(dropout), Linear(mult * dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -123,9 +125,9 @@ class TransformerBlock(nn.Module):
     ) -> None:
         super().__init__()
         head_dim = dim // heads
-        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm1 = LayerNorm(dim, eps=1e-5)
         self.attn1 = Attention(dim, heads=heads, head_dim=head_dim, dropout=dropout, upcast=upcast_attention)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm2 = LayerNorm(dim, eps=1e-5)
         self.attn2 = Attention(
             dim,
             heads=heads,
@@ -134,7 +136,7 @@ class TransformerBlock(nn.Module):
             dropout=dropout,
             upcast=upcast_attention,
         )
-        self.norm3 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm3 = LayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim, dropout=dropout)
 
     def forward(self, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -161,13 +163,13 @@ class SpatialTransformer(nn.Module):
     ) -> None:
         super().__init__()
         self.linear_projection = linear_projection
-        self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6)
+        self.norm = GroupNorm(norm_groups, channels, eps=1e-6)
         if linear_projection:
-            self.proj_in: nn.Module = nn.Linear(channels, channels)
-            self.proj_out: nn.Module = nn.Linear(channels, channels)
+            self.proj_in: nn.Module = Linear(channels, channels)
+            self.proj_out: nn.Module = Linear(channels, channels)
         else:
-            self.proj_in = nn.Conv2d(channels, channels, 1)
-            self.proj_out = nn.Conv2d(channels, channels, 1)
+            self.proj_in = Conv2d(channels, channels, 1)
+            self.proj_out = Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(
                 channels,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusekit.networks.attention import SpatialSelfAttention, SpatialTransformer
+from diffusekit.networks.layers import Conv2d, GroupNorm, Linear
 
 #: builds the attention layer of one resnet slot, given its channel count; called as ``attn(h, context)``
 AttentionFactory = Callable[[int], nn.Module]
@@ -38,13 +39,13 @@ class ResnetBlock(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(norm_groups, in_channels, eps=norm_eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(emb_dim, out_channels) if emb_dim is not None else None
-        self.norm2 = nn.GroupNorm(norm_groups, out_channels, eps=norm_eps)
+        self.norm1 = GroupNorm(norm_groups, in_channels, eps=norm_eps)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = Linear(emb_dim, out_channels) if emb_dim is not None else None
+        self.norm2 = GroupNorm(norm_groups, out_channels, eps=norm_eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
@@ -66,7 +67,7 @@ class Downsample(nn.Module):
     def __init__(self, channels: int, *, asymmetric_pad: bool = False) -> None:
         super().__init__()
         self.asymmetric_pad = asymmetric_pad
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric_pad else 1)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric_pad else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.asymmetric_pad:
@@ -79,7 +80,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)

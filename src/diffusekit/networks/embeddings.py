@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from diffusekit.networks.layers import Linear
+
 
 def timestep_embedding(
     t: torch.Tensor,
@@ -45,9 +47,9 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, in_features: int, embed_dim: int) -> None:
         super().__init__()
-        self.linear_1 = nn.Linear(in_features, embed_dim)
+        self.linear_1 = Linear(in_features, embed_dim)
         self.act = nn.SiLU()
-        self.linear_2 = nn.Linear(embed_dim, embed_dim)
+        self.linear_2 = Linear(embed_dim, embed_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(features)))  # (B, embed_dim)

@@ -17,6 +17,7 @@ from torch import nn
 
 from diffusekit.errors import ConfigError, check_choice, check_positive_int
 from diffusekit.limits import MAX_POSITIONS, MAX_TEXT_LAYERS, MAX_VOCAB, MAX_WIDTH, check_int, translating
+from diffusekit.networks.layers import LayerNorm, Linear
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 
@@ -188,10 +189,10 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.k = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.v = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.q = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out = Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
@@ -204,8 +205,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.mlp_size)
-        self.fc2 = nn.Linear(cfg.mlp_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.mlp_size)
+        self.fc2 = Linear(cfg.mlp_size, cfg.hidden_size)
         self.act = quick_gelu if cfg.activation == "quick_gelu" else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,9 +218,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.attn = CausalSelfAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,7 +237,7 @@ class ClipTextEncoder(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.hidden_size)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.final_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.initialize_weights()
 
     @torch.no_grad()

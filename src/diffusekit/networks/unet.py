@@ -39,6 +39,7 @@ from diffusekit.limits import (
 from diffusekit.networks.attention import SpatialSelfAttention, SpatialTransformer
 from diffusekit.networks.blocks import AttentionFactory, DownLevel, MidBlock, UpLevel, init_weights
 from diffusekit.networks.embeddings import TimestepEmbedding, timestep_embedding
+from diffusekit.networks.layers import Conv2d, GroupNorm
 
 DOWNSAMPLE_PADS = ("symmetric", "right_bottom")
 # our field names -> the reference config.json keys they come from (for error messages)
@@ -631,7 +632,7 @@ class UNet(nn.Module):
         self.config = c = config
         self.time_embedding = TimestepEmbedding(c.channels[0], c.emb_dim)
         self.class_embedding = nn.Embedding(c.num_classes, c.emb_dim) if c.num_classes is not None else None
-        self.conv_in = nn.Conv2d(c.in_channels, c.channels[0], 3, padding=1)
+        self.conv_in = Conv2d(c.in_channels, c.channels[0], 3, padding=1)
         common = dict(emb_dim=c.emb_dim, norm_groups=c.norm_groups, norm_eps=c.norm_eps, dropout=c.dropout)
 
         skip_channels = [c.channels[0]]  # channels of every tensor pushed on the skip stack
@@ -673,8 +674,8 @@ class UNet(nn.Module):
             )
             prev = ch
         self.up_blocks = nn.ModuleList(up)
-        self.conv_norm_out = nn.GroupNorm(c.norm_groups, c.channels[0], eps=c.norm_eps)
-        self.conv_out = nn.Conv2d(c.channels[0], c.out_channels, 3, padding=1)
+        self.conv_norm_out = GroupNorm(c.norm_groups, c.channels[0], eps=c.norm_eps)
+        self.conv_out = Conv2d(c.channels[0], c.out_channels, 3, padding=1)
         init_weights(self, zero=(self.conv_out,))
 
     def _attention_factory(self, level: int) -> AttentionFactory:

@@ -38,6 +38,7 @@ from diffusekit.limits import (
 )
 from diffusekit.networks.attention import SpatialSelfAttention
 from diffusekit.networks.blocks import DownLevel, MidBlock, UpLevel, init_weights
+from diffusekit.networks.layers import Conv2d, GroupNorm
 
 VAE_NORM_EPS = 1e-6  # every GroupNorm of the LDM/SD autoencoder
 
@@ -247,7 +248,7 @@ class Encoder(nn.Module):
     def __init__(self, c: VAEConfig) -> None:
         super().__init__()
         norm = dict(norm_groups=c.norm_groups, norm_eps=VAE_NORM_EPS)
-        self.conv_in = nn.Conv2d(c.in_channels, c.channels[0], 3, padding=1)
+        self.conv_in = Conv2d(c.in_channels, c.channels[0], 3, padding=1)
         down, prev = [], c.channels[0]
         for level, ch in enumerate(c.channels):
             last = level == len(c.channels) - 1
@@ -265,8 +266,8 @@ class Encoder(nn.Module):
             prev = ch
         self.down_blocks = nn.ModuleList(down)
         self.mid_block = MidBlock(prev, emb_dim=None, make_attention=_mid_attention(c), **norm)
-        self.conv_norm_out = nn.GroupNorm(c.norm_groups, prev, eps=VAE_NORM_EPS)
-        self.conv_out = nn.Conv2d(prev, 2 * c.latent_channels, 3, padding=1)
+        self.conv_norm_out = GroupNorm(c.norm_groups, prev, eps=VAE_NORM_EPS)
+        self.conv_out = Conv2d(prev, 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # (B, C0, H, W)
@@ -283,7 +284,7 @@ class Decoder(nn.Module):
         super().__init__()
         norm = dict(norm_groups=c.norm_groups, norm_eps=VAE_NORM_EPS)
         prev = c.channels[-1]
-        self.conv_in = nn.Conv2d(c.latent_channels, prev, 3, padding=1)
+        self.conv_in = Conv2d(c.latent_channels, prev, 3, padding=1)
         self.mid_block = MidBlock(prev, emb_dim=None, make_attention=_mid_attention(c), **norm)
         up = []
         for level in reversed(range(len(c.channels))):
@@ -295,8 +296,8 @@ class Decoder(nn.Module):
             )
             prev = ch
         self.up_blocks = nn.ModuleList(up)  # up_blocks.0 is the deepest level
-        self.conv_norm_out = nn.GroupNorm(c.norm_groups, prev, eps=VAE_NORM_EPS)
-        self.conv_out = nn.Conv2d(prev, c.out_channels, 3, padding=1)
+        self.conv_norm_out = GroupNorm(c.norm_groups, prev, eps=VAE_NORM_EPS)
+        self.conv_out = Conv2d(prev, c.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)  # (B, C_last, h, w)
@@ -355,8 +356,8 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(c)
         self.decoder = Decoder(c)
         n = c.latent_channels
-        self.quant_conv = nn.Conv2d(2 * n, 2 * n, 1) if c.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(n, n, 1) if c.use_post_quant_conv else None
+        self.quant_conv = Conv2d(2 * n, 2 * n, 1) if c.use_quant_conv else None
+        self.post_quant_conv = Conv2d(n, n, 1) if c.use_post_quant_conv else None
         init_weights(self)
 
     # ---- whole-tensor paths -----------------------------------------------------------------------------

@@ -73,8 +73,10 @@ MIN_TILES_PER_OUT_CHANNEL = 0.25
 GEMM_MIN_CHANNELS = 1024
 GEMM_MAX_PIXELS = 128
 #: Set this environment variable to 0 to turn both fast paths off everywhere (every convolution then runs
-#: ``F.conv2d``, bit for bit what PyTorch computes).
+#: ``F.conv2d``, bit for bit what PyTorch computes). It is read once, when this module is imported, into
+#: :data:`ENABLED`.
 ENV_SWITCH = "DIFFUSEKIT_FAST_CONV"
+ENABLED = os.environ.get(ENV_SWITCH, "1") != "0"
 #: Bytes of transformed input tiles processed at once: bounds the extra memory to a few times this plus the
 #: transformed filters, and keeps a chunk's work in cache.
 CHUNK_BYTES = 8 << 20
@@ -124,10 +126,10 @@ def choose(
 ) -> str | None:
     """Which fast path computes this convolution: ``"winograd"``, ``"gemm"`` or ``None`` (the direct
     convolution). Only float32 CPU 3x3 convolutions with stride 1, padding 1 and no dilation or groups qualify
-    (``"gemm"`` only when no gradient is needed), and none when the environment variable
-    ``DIFFUSEKIT_FAST_CONV=0`` is set; then the sizes decide (:data:`MIN_CHANNELS`, :data:`MIN_TILE_CHANNELS`,
+    (``"gemm"`` only when no gradient is needed), and none when :data:`ENABLED` is false (the environment
+    variable ``DIFFUSEKIT_FAST_CONV=0`` at start-up); then the sizes decide (:data:`MIN_CHANNELS`, :data:`MIN_TILE_CHANNELS`,
     :data:`MIN_TILES_PER_OUT_CHANNEL`, :data:`GEMM_MIN_CHANNELS`, :data:`GEMM_MAX_PIXELS`)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    if not ENABLED:
         return None
     if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return None

@@ -17,15 +17,13 @@
 from __future__ import annotations
 
 import functools
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from diffusekit.runtime import fastconv
+from diffusekit.networks.layers import PLANNED_LAYERS, Conv2d
 
 #: CPU flags (as /proc/cpuinfo spells them) that give native bfloat16 dot products.
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -101,80 +99,29 @@ def prepare(model: nn.Module, plan: Plan | None = None, *, device: str | torch.d
     return model
 
 
-# ---- float32 compute for half-precision storage ---------------------------------------------------------------
-def _conv2d(self: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if self.__dict__.get("_fast_conv", False) and self.padding_mode == "zeros":
-        return fastconv.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-    return self._conv_forward(x, weight, bias)
-
-
-def _conv2d_f32(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    bias = None if self.bias is None else self.bias.float()
-    return _conv2d(self, x.float(), self.weight.float(), bias).to(x.dtype)
-
-
-def _conv2d_native(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    return _conv2d(self, x, self.weight, self.bias)
-
-
-def _linear_f32(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    bias = None if self.bias is None else self.bias.float()
-    return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-
-
-def _group_norm_f32(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    w = None if self.weight is None else self.weight.float()
-    b = None if self.bias is None else self.bias.float()
-    return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-
-
-def _layer_norm_f32(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    w = None if self.weight is None else self.weight.float()
-    b = None if self.bias is None else self.bias.float()
-    return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
-
-
-_FLOAT32_FORWARDS = {
-    nn.Conv2d: _conv2d_f32,
-    nn.Linear: _linear_f32,
-    nn.GroupNorm: _group_norm_f32,
-    nn.LayerNorm: _layer_norm_f32,
-}
-
-
-def use_float32_compute(model: nn.Module) -> nn.Module:
-    """Make every Conv2d, Linear, GroupNorm and LayerNorm of ``model`` compute in float32 whatever its
-    storage dtype, returning results in the input's dtype. Gradients still reach the stored parameters.
-    Undo with :func:`use_native_compute`."""
+# ---- the plan's switches on the layers of networks.layers -----------------------------------------------------
+def use_float32_compute(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Make every planned layer of ``model`` (:data:`diffusekit.networks.layers.PLANNED_LAYERS`: Conv2d,
+    Linear, GroupNorm, LayerNorm) compute in float32 whatever its storage dtype, returning results in the
+    input's dtype; gradients still reach the stored parameters. ``enabled=False`` goes back to computing in
+    the weights' dtype. Layers of other types are left alone."""
     for m in model.modules():
-        forward = _FLOAT32_FORWARDS.get(type(m))
-        if forward is not None:
-            m.forward = types.MethodType(forward, m)
+        if isinstance(m, PLANNED_LAYERS):
+            m.compute_dtype = torch.float32 if enabled else None
     return model
 
 
 def use_native_compute(model: nn.Module) -> nn.Module:
     """Undo :func:`use_float32_compute` (fast convolutions, if on, stay on)."""
-    for m in model.modules():
-        if type(m) in _FLOAT32_FORWARDS and "forward" in m.__dict__:
-            del m.forward
-            if m.__dict__.get("_fast_conv", False):
-                m.forward = types.MethodType(_conv2d_native, m)
-    return model
+    return use_float32_compute(model, enabled=False)
 
 
-# ---- faster 3x3 convolutions ------------------------------------------------------------------------------------
 def use_fast_conv(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Let every 3x3 ``nn.Conv2d`` of ``model`` take the Winograd or im2col path of
-    :mod:`diffusekit.runtime.fastconv` on calls where it is faster (float32 on the CPU, at the sizes
+    """Let every 3x3 :class:`diffusekit.networks.layers.Conv2d` of ``model`` take the Winograd or im2col path
+    of :mod:`diffusekit.runtime.fastconv` on calls where it is faster (float32 on the CPU, at the sizes
     :func:`~diffusekit.runtime.fastconv.choose` accepts); other calls run the usual convolution. Composes
     with :func:`use_float32_compute`. ``enabled=False`` undoes it."""
     for m in model.modules():
-        if type(m) is not nn.Conv2d or m.kernel_size != (3, 3):
-            continue
-        m._fast_conv = enabled
-        if "forward" not in m.__dict__ and enabled:
-            m.forward = types.MethodType(_conv2d_native, m)
-        elif not enabled and m.__dict__.get("forward") is not None and m.forward.__func__ is _conv2d_native:
-            del m.forward
+        if isinstance(m, Conv2d) and m.kernel_size == (3, 3):
+            m.fast = enabled
     return model
