@@ -26,11 +26,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from diffusekit.bench import harness, timing
+from diffusekit.bench.workloads import QUICK, TITLES, WORKLOADS, Case, Spec, inputs, ours, spec
 from diffusekit.networks.text_encoder import TEXT_ENCODER_PRESETS
 from diffusekit.networks.unet import UNet
-from diffusekit.runtime import harness, timing
 from diffusekit.runtime.policy import default_dtype, native_bf16
-from diffusekit.runtime.workloads import QUICK, TITLES, WORKLOADS, Case, Spec, inputs, ours, spec
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_PIPELINE = ROOT.parent / "shared" / "fixtures" / "pipelines" / "stable_diffusion"

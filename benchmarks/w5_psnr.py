@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from diffusekit.runtime import harness, timing
-from diffusekit.runtime.workloads import ours, save_random_pipeline, spec
+from diffusekit.bench import harness, timing
+from diffusekit.bench.workloads import ours, save_random_pipeline, spec
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_PIPELINE = ROOT.parent / "shared" / "fixtures" / "pipelines" / "stable_diffusion"

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffusekit.bench import harness, timing
+from diffusekit.bench.workloads import ours, spec
 from diffusekit.cli.main import main as cli
 from diffusekit.networks.unet import UNET_PRESETS, UNet
-from diffusekit.runtime import harness, timing
 from diffusekit.runtime.policy import Plan, default_dtype, native_bf16, prepare, use_native_compute
-from diffusekit.runtime.workloads import ours, spec
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_REFERENCE = (

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from diffusekit.bench import harness
+from diffusekit.bench.workloads import QUICK, WORKLOADS, Case, Spec, ours, save_random_pipeline, spec
 from diffusekit.errors import ConfigError
-from diffusekit.runtime import harness
-from diffusekit.runtime.workloads import QUICK, WORKLOADS, Case, Spec, ours, save_random_pipeline, spec
 
 CHECKOUT = Path(__file__).resolve().parents[3]
 COMPARE = CHECKOUT / "benchmarks" / "compare.py"

@@ -25,9 +25,9 @@ from typing import Any, Protocol
 
 import torch
 
-from diffusekit.runtime import timing
+from diffusekit.bench import timing
+from diffusekit.bench.workloads import TITLES, Case, Spec, spec
 from diffusekit.runtime.policy import cpu_flags, native_bf16
-from diffusekit.runtime.workloads import TITLES, Case, Spec, spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "default": None}
 

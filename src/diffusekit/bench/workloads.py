@@ -8,6 +8,7 @@ another implementation fed the same inputs and weights must give the same output
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffusekit.io.text import load_tokenizer
+from diffusekit.networks.text_encoder import TEXT_ENCODER_PRESETS, ClipTextEncoder
 from diffusekit.networks.unet import UNET_PRESETS, UNet, UNetConfig
 from diffusekit.networks.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
+from diffusekit.pipelines.common import LatentCodec
+from diffusekit.pipelines.stable_diffusion import StableDiffusion
+from diffusekit.pipelines.text_to_image import TextToImage
 from diffusekit.runtime.policy import Plan, prepare
+from diffusekit.samplers.config import SamplerConfig
 
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
 QUICK = ("W1", "W2", "W6")
@@ -157,9 +164,6 @@ def ours(
 
         return Case(decode, vae)
     if name in ("W5", "W6"):
-        from diffusekit.pipelines.stable_diffusion import StableDiffusion
-        from diffusekit.pipelines.text_to_image import TextToImage
-
         sd = StableDiffusion.load(folder, dtype=dtype, device=device)
         pipe = TextToImage(sd)
         lat = inputs(name, s, torch.float32, latent_channels=sd.codec.channels,
@@ -176,12 +180,6 @@ def ours(
 def save_random_pipeline(folder: str | Path, s: Spec, tokenizer_folder: str | Path, *, seed: int = 0) -> Path:
     """A diffusers-layout Stable Diffusion folder with diffusekit's fresh random weights at the sizes of
     ``s`` (W5) and the tokenizer of ``tokenizer_folder``: the W5 model when no reference is installed."""
-    from diffusekit.io.text import load_tokenizer
-    from diffusekit.networks.text_encoder import TEXT_ENCODER_PRESETS, ClipTextEncoder
-    from diffusekit.pipelines.common import LatentCodec
-    from diffusekit.pipelines.stable_diffusion import StableDiffusion
-    from diffusekit.samplers.config import SamplerConfig
-
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(tokenizer_folder)
     text = TEXT_ENCODER_PRESETS["tiny" if s.unet.cross_attention_dim == 32 else "sd1"]
@@ -195,6 +193,4 @@ def save_random_pipeline(folder: str | Path, s: Spec, tokenizer_folder: str | Pa
 
 
 def tokenizer_vocab_size(folder: str | Path) -> int:
-    import json
-
     return len(json.loads((Path(folder) / "vocab.json").read_text()))
