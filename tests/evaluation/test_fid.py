@@ -115,8 +115,8 @@ def test_end_to_end_folders_match_fid_helper(tmp_path, datasets_dir):
 
     from diffusekit.evaluation.features import InceptionFeatures, folder_stats
     from diffusekit.evaluation.fid import fid_from_stats
+    from diffusekit.io.images import save_images
     from diffusekit.training.data import DataSpec, from_model_range, load_dataset
-    from diffusekit.utils.images import save_images
 
     for name, split in (("a", "train"), ("b", "test")):
         ds = load_dataset(DataSpec(source="mnist", split=split, data_root=str(datasets_dir), limit=20))
@@ -131,7 +131,7 @@ def test_end_to_end_folders_match_fid_helper(tmp_path, datasets_dir):
 def test_fid_cli_with_a_user_torchscript_extractor(tmp_path, capsys):
     """`diffusekit fid` on folders, a dataset split and saved statistics, with a tiny scripted feature net."""
     from diffusekit.cli.main import main
-    from diffusekit.utils.images import save_images
+    from diffusekit.io.images import save_images
 
     class Features(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, 299, 299) -> (N, 8)
@@ -155,3 +155,20 @@ def test_fid_cli_with_a_user_torchscript_extractor(tmp_path, capsys):
     assert main(["fid", "bundled:test", str(tmp_path / "a.npz"), "--limit", "20", *common]) == 0
     assert "A: 20 images" in capsys.readouterr().out
     assert main(["fid", str(tmp_path / "nothing"), str(tmp_path / "a"), *common]) == 2
+
+
+def test_folder_batches_read_16_bit_greyscale_at_its_own_scale(tmp_path):
+    """A 16-bit PNG of mid-grey (32768 of 65535) is mid-grey for FID, not the white of an 8-bit clip."""
+    from PIL import Image
+
+    from diffusekit.evaluation.features import folder_batches
+
+    a = np.full((6, 5), 32768, np.uint16)
+    a[0, 0] = 65535
+    Image.fromarray(a).save(tmp_path / "a.png")
+    Image.fromarray(np.full((6, 5), 128, np.uint8), "L").save(tmp_path / "b.png")
+    (batch,) = folder_batches([tmp_path / "a.png", tmp_path / "b.png"], batch_size=4)
+    assert batch.shape == (2, 3, 6, 5)
+    np.testing.assert_allclose(batch[0, :, 1:, 1:].numpy(), 32768 / 65535, atol=1e-6)
+    assert float(batch[0, 0, 0, 0]) == 1.0
+    np.testing.assert_allclose(batch[1].numpy(), 128 / 255, atol=1e-6)

@@ -173,7 +173,7 @@ def test_txt2img_on_a_full_disk_names_the_folder_and_keeps_the_written_images(tm
 
 def test_a_grid_on_a_full_disk_leaves_the_older_file(tmp_path, monkeypatch):
     from diffusekit.errors import OutputError
-    from diffusekit.utils.images import save_image_grid
+    from diffusekit.io.images import save_image_grid
 
     path = save_image_grid(torch.rand(4, 1, 8, 8), tmp_path / "grid.png")
     before = path.read_bytes()

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     import shutil
 
     from diffusekit.training.trainer import Trainer
-    from diffusekit.utils.images import save_image_grid
+    from diffusekit.io.images import save_image_grid
 
     for name in ("steps", "batch_size", "sample_steps", "grid_rows"):
         check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from diffusekit.pipelines.common import generators_from_seeds
     from diffusekit.training.distributed import pick_device
     from diffusekit.training.export import load_for_sampling
-    from diffusekit.utils.images import save_image_grid, save_images
+    from diffusekit.io.images import save_image_grid, save_images
 
     check_positive_int("--n", args.n)
     check_positive_int("--batch-size", args.batch_size)

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
 from diffusekit.errors import ConfigError
 from diffusekit.evaluation.fid import FeatureStats
+from diffusekit.io.images import read_image
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -160,16 +160,10 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 
 def folder_batches(files: list[Path], batch_size: int = 50) -> Iterator[Tensor]:
-    """[0, 1] RGB batches of the files, each image resized alone if sizes differ (to 299, TF bilinear)."""
+    """[0, 1] RGB batches of the files (read by ``io.images.read_image``: 16-bit images keep their scale), each
+    image resized alone if sizes differ (to 299, TF bilinear)."""
     for i in range(0, len(files), batch_size):
-        imgs = []
-        for p in files[i : i + batch_size]:
-            try:
-                with Image.open(p) as im:
-                    a = np.array(im.convert("RGB"), dtype=np.uint8)
-            except OSError as e:
-                raise ConfigError(f"cannot read image {p}: {e}") from None
-            imgs.append(torch.from_numpy(a).permute(2, 0, 1).float()[None] / 255)
+        imgs = [read_image(p, "RGB")[None] for p in files[i : i + batch_size]]
         if len({t.shape for t in imgs}) > 1:
             imgs = [resize_tf_bilinear(t * 255, INCEPTION_SIZE).round() / 255 for t in imgs]
         yield torch.cat(imgs)

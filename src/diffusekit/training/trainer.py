@@ -572,7 +572,7 @@ class Trainer:
         return mean_loss, grad_norm
 
     def _write_samples(self, logger: MetricsLogger | None) -> Path:
-        from diffusekit.utils.images import make_grid, save_image_grid
+        from diffusekit.io.images import make_grid, save_image_grid
 
         n = self.config.run.num_sample_images
         labels = self.preview_labels(n)

@@ -1,1 +1,0 @@
-"""diffusekit.utils: small helpers shared by the library and the CLI."""
