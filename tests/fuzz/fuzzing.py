@@ -1,6 +1,6 @@
 """Shared machinery of the fuzz tests (``tests/fuzz/test_fuzz_*.py``); holds no tests itself.
 
-Every fuzz case runs through :meth:`Tally.check`, which enforces the contract of issue 6 for one input:
+Every fuzz case runs through :meth:`Tally.check`, which enforces the robustness contract for one input:
 the call either succeeds or raises a :class:`~diffusekit.errors.DiffusekitError` whose message names the
 file or argument at fault. Anything else fails the test with the input that caused it: an exception of
 another type (a traceback from inside a dependency), a run longer than the per-case time limit (a hang), or

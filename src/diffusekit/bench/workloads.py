@@ -53,7 +53,7 @@ class Spec:
 
 
 def spec(name: str, *, tiny: bool = False) -> Spec:
-    """The sizes of workload ``name`` (the issue's sizes, or a tiny stand-in when ``tiny``)."""
+    """The sizes of workload ``name`` (the full sizes of benchmarks/README.md, or a tiny stand-in when ``tiny``)."""
     if name in ("W1", "W2"):
         cfg = UNET_PRESETS["tiny" if tiny else "ddpm-cifar10"]
         if name == "W2":  # no dropout: both implementations must take the same step from the same weights

@@ -1,4 +1,4 @@
-"""``diffusekit bench``: time the workloads W1-W6 (issue 5) on this machine.
+"""``diffusekit bench``: time the workloads W1-W6 on this machine.
 
 Without ``--compare`` only diffusekit runs (fresh random weights; no extra packages). With ``--compare``
 the same workloads also run on the reference implementation (diffusers + transformers, installed by the
