@@ -19,7 +19,7 @@ from torch import nn
 
 from diffusekit.errors import ConfigError, WeightsError
 from diffusekit.io.diffusers_keys import from_diffusers_state_dict, to_diffusers_state_dict
-from diffusekit.io.weights import load_weights, read_json, save_weights, write_json
+from diffusekit.io.weights import load_weights, missing_weights, read_json, save_weights, write_json
 from diffusekit.networks.unet import UNet, UNetConfig
 from diffusekit.networks.vae import AutoencoderKL, VAEConfig
 
@@ -83,7 +83,6 @@ def save_vae(model: AutoencoderKL, folder: str | os.PathLike) -> None:
 
 def _save(model: nn.Module, config: dict, folder: str | os.PathLike) -> None:
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = to_diffusers_state_dict(model.state_dict())
     save_weights(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
     write_json({**config, "_written_by": "diffusekit"}, folder / CONFIG_NAME)
@@ -100,8 +99,11 @@ def _load(
     variant: str | None,
 ) -> M:
     folder = Path(folder)
+    if folder.is_file():
+        raise WeightsError(f"{folder}: is a file; a {component} folder (or a model folder holding {component}/) "
+                           "was expected")  # fmt: skip
     if not folder.is_dir():
-        raise WeightsError(f"model folder not found: {folder}")
+        raise WeightsError(f"{component} folder not found: {folder}")
     if not (folder / CONFIG_NAME).is_file() and (folder / component / CONFIG_NAME).is_file():
         folder = folder / component  # a whole pipeline folder was given
     config_path = folder / CONFIG_NAME
@@ -145,13 +147,7 @@ def _weight_files(folder: Path, variant: str | None) -> list[Path]:
         if any(not isinstance(s, str) or not s or "/" in s or "\\" in s or s.startswith(".") for s in shards):
             raise WeightsError(f"{index}: shard names must be plain file names in the same folder")
         return [folder / s for s in sorted(set(shards))]
-    pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.ckpt"))
-    hint = (
-        f" (found {', '.join(pickled)}: pickle files are not loaded; convert them to .safetensors)"
-        if pickled
-        else ""
-    )
-    raise WeightsError(f"weight file not found: {single}{hint}")
+    raise missing_weights(single)
 
 
 def _check_state(model: nn.Module, state: dict[str, torch.Tensor], *, weights: Path, config: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from diffusekit.errors import ConfigError, WeightsError
-from diffusekit.io.weights import load_weights, read_json, save_weights, write_json
+from diffusekit.io.weights import load_weights, missing_weights, read_json, save_weights, write_json, write_text
 from diffusekit.limits import MAX_POSITIONS
 from diffusekit.networks.text_encoder import ClipTextEncoder, TextEncoderConfig
 from diffusekit.networks.tokenizer import BOS_TOKEN, EOS_TOKEN, ClipTokenizer
@@ -166,10 +166,15 @@ def from_open_clip_state_dict(
 
 
 def _resolve(folder: str | os.PathLike, marker: str, subfolder: str) -> Path:
-    """``folder`` itself, or its ``subfolder`` when ``folder`` is a model root without ``marker``."""
+    """``folder`` itself, or its ``subfolder`` when ``folder`` is a model root without ``marker``.
+    Missing folders are named by what was looked for (``text_encoder`` / ``tokenizer`` folder)."""
     folder = Path(folder)
+    what = subfolder.replace("_", " ")
+    if folder.is_file():
+        raise WeightsError(f"{folder}: is a file; a {what} folder (or a model folder holding {subfolder}/) "
+                           "was expected")  # fmt: skip
     if not folder.is_dir():
-        raise WeightsError(f"model folder not found: {folder}")
+        raise WeightsError(f"{what} folder not found: {folder}")
     if not (folder / marker).exists() and (folder / subfolder / marker).exists():
         return folder / subfolder
     return folder
@@ -191,9 +196,7 @@ def _load_state(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
         for shard in sorted(set(shards)):
             state.update(load_weights(folder / shard))
         return state, index
-    pickled = [p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".ckpt", ".pth"}]
-    hint = f" (found {', '.join(pickled)}: pickle files are not loaded; convert to .safetensors)" if pickled else ""
-    raise WeightsError(f"weight file not found: {single}{hint}")
+    raise missing_weights(single)
 
 
 def _format_keys(keys: list[str], limit: int = 5) -> str:
@@ -250,7 +253,6 @@ def save_text_encoder(model: ClipTextEncoder, folder: str | os.PathLike, *, pref
     """Write ``config.json`` + ``model.safetensors`` in the reference layout (keys ``text_model.*``, as
     SD-1.x/2.x folders carry them; pass ``prefix=""`` for the unprefixed names newer versions write)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = to_reference_state_dict(model.state_dict(), prefix=prefix)
     save_weights(state, folder / WEIGHTS_FILE, metadata={"format": "pt"})
     write_json(model.config.to_hf(), folder / CONFIG_FILE)
@@ -342,10 +344,9 @@ def load_tokenizer(folder: str | os.PathLike) -> ClipTokenizer:
 def save_tokenizer(tok: ClipTokenizer, folder: str | os.PathLike) -> None:
     """Write ``vocab.json``, ``merges.txt``, ``tokenizer_config.json`` and ``special_tokens_map.json``."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     write_json(tok.vocab, folder / VOCAB_FILE)
     merges = "\n".join([MERGES_HEADER, *(f"{a} {b}" for a, b in tok.merges)]) + "\n"
-    _write_text(merges, folder / MERGES_FILE)
+    write_text(merges, folder / MERGES_FILE)
     special = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
     if tok.unk_token is not None:
         special["unk_token"] = tok.unk_token
@@ -357,20 +358,6 @@ def save_tokenizer(tok: ClipTokenizer, folder: str | os.PathLike) -> None:
         "tokenizer_class": "CLIPTokenizer",
     }
     write_json(config, folder / TOKENIZER_CONFIG_FILE)
-
-
-def _write_text(text: str, path: Path) -> None:
-    """Write ``text`` as UTF-8 atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 __all__ = [

@@ -1,4 +1,10 @@
-"""Safetensors weights: validated loading and atomic saving. Nothing here ever unpickles."""
+"""Safetensors weights: validated loading and atomic saving. Nothing here ever unpickles.
+
+Every floating-point tensor read is checked to be finite: a NaN or infinity in a weight makes every image
+black (or NaN) with no error, so such a file is refused, naming it and the tensor. A file's kind is told from
+its first bytes (:func:`sniff_format`), never from its name alone, so a text file called ``.ckpt`` is "not a
+weights file" and a pickle called ``.safetensors`` is named a pickle.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,15 @@ import math
 import os
 import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from diffusekit.errors import WeightsError
+from diffusekit.errors import OutputError, WeightsError
+from diffusekit.io.atomic import write_atomic, write_text_atomic
 
 _MAX_HEADER = 100 * 1024 * 1024  # a safetensors header larger than this is refused
 _MAX_JSON = 256 * 1024 * 1024  # so is a JSON file larger than this (configs and vocabularies are a few MB)
@@ -26,6 +34,96 @@ _DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive holding a pickle
+_PICKLE_PROTOCOLS = range(2, 6)  # a pickle of protocol 2+ starts with PROTO (0x80) and the protocol number
+
+
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path if it is a regular file (or a link to one); otherwise a WeightsError that says what
+    is there instead: nothing, a folder, or something else (a FIFO, a device, a link loop)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a folder, not a {what}")
+    if path.exists() or path.is_symlink():
+        raise WeightsError(f"{path}: not a regular file (a {what} was expected)")
+    raise WeightsError(f"{what} not found: {path}")
+
+
+def sniff_format(path: str | os.PathLike) -> str | None:
+    """The kind of weights file ``path`` holds, from its first bytes: ``"safetensors"`` (an 8-byte header
+    length, then ``{``), ``"pickle"`` (a zip archive as torch.save writes, or a raw pickle of protocol 2 to
+    5), or None for anything else. Reads 9 bytes; the name is not looked at."""
+    path = require_file(path, "weights file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:  # unreadable: permissions, I/O errors, special files
+        raise WeightsError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS):
+        return "pickle"
+    return None
+
+
+def not_a_weights_file(path: Path, *, pickles: bool) -> WeightsError:
+    """The error for a file that is neither safetensors nor a pickle, showing how it starts."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        head = b""
+    expected = "a .safetensors file, or a PyTorch pickle (.ckpt)" if pickles else "a .safetensors file"
+    return WeightsError(f"{path}: not a weights file (it starts with {head!r}; expected {expected})")
+
+
+def pickle_refused(path: Path, *, offered: bool) -> WeightsError:
+    """The error for a pickle that is not read: what it risks and what diffusekit offers instead.
+    ``offered``: the caller has an allow-pickle switch (single-file checkpoints); model folders do not."""
+    convert = (
+        f"convert it once to safetensors with 'diffusekit convert --allow-pickle {path} "
+        f"{path.with_suffix('.safetensors')}' (reads it with torch.load(weights_only=True): tensors only, no code; "
+        "only for files from a source you trust)"
+    )
+    switch = ", or pass --allow-pickle (allow_pickle=True), which reads it the same way" if offered else ""
+    return WeightsError(
+        f"{path}: is a Python pickle, which can run arbitrary code when loaded, so diffusekit does not open it "
+        f"by default; {convert}{switch}"
+    )
+
+
+def missing_weights(expected: Path) -> WeightsError:
+    """The error for a model folder without its ``expected`` safetensors file; names any pickles found there
+    instead (model folders never read pickles) and how to convert one."""
+    try:
+        pickled = sorted(p for p in expected.parent.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
+    except OSError:  # an unreadable folder: say only what is missing
+        pickled = []
+    if not pickled:
+        return WeightsError(f"weights file not found: {expected}")
+    return WeightsError(
+        f"weights file not found: {expected}; found {', '.join(p.name for p in pickled)}, pickle files, which model "
+        f"folders never load (they can run code). Convert one with 'diffusekit convert --allow-pickle {pickled[0]} "
+        f"{expected}' (reads it with torch.load(weights_only=True); only for files from a source you trust)"
+    )
+
+
+def check_finite(tensor: torch.Tensor, key: str, path: str | os.PathLike) -> torch.Tensor:
+    """``tensor`` unchanged if it holds no NaN or infinity; otherwise a WeightsError naming the file and the
+    tensor. One pass over a floating tensor (float8 is widened first: torch has no isfinite for it)."""
+    if tensor.is_floating_point() and tensor.numel():
+        values = tensor.to(torch.float16) if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else tensor
+        if not bool(torch.isfinite(values).all()):
+            bad = int((~torch.isfinite(values)).sum())
+            raise WeightsError(
+                f"{path}: tensor {key!r} holds {bad} non-finite values (NaN or infinity) of {tensor.numel()}; "
+                "a model with such weights makes only black or NaN images. The file is corrupt, or was saved "
+                "from a run that diverged"
+            )
+    return tensor
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -90,9 +188,7 @@ class SafetensorsFile:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise WeightsError(f"weight file not found: {self.path}")
+        self.path = require_file(path, "weights file")
         if sys.byteorder != "little":
             raise WeightsError(f"{self.path}: safetensors files are little-endian; this machine is not")
         header, self._data_start = read_safetensors_header(self.path)
@@ -136,46 +232,50 @@ class SafetensorsFile:
                 raise WeightsError(f"{self.path}: cannot read the file ({e.strerror or e})") from None
             if got != end - begin:
                 raise WeightsError(f"{self.path}: the file ended inside tensor {key!r} (was it truncated?)")
-        return tensor
+        return check_finite(tensor, key, self.path)
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a ``.safetensors`` file into a dict of CPU tensors (see :class:`SafetensorsFile`), raising
-    WeightsError for anything wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weight file not found: {path}")
-    if path.suffix in {".ckpt", ".pt", ".pth", ".bin", ".pkl"}:
-        raise WeightsError(
-            f"{path}: pickle-based weight files are not loaded (they can run code). "
-            "Convert it to .safetensors, or pass allow_pickle=True / --allow-pickle where offered."
-        )
+    WeightsError for anything wrong: a missing file, a pickle (never opened here), another kind of file, a
+    corrupt header, or a non-finite floating-point tensor."""
+    path = require_file(path, "weights file")
+    kind = sniff_format(path)
+    if kind == "pickle":
+        raise pickle_refused(path, offered=False)
+    if kind is None and path.suffix.lower() in PICKLE_SUFFIXES:
+        raise not_a_weights_file(path, pickles=False)
     with SafetensorsFile(path) as f:
         return {key: f.read(key) for key in f.keys()}
 
 
 def save_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write ``tensors`` to ``path`` atomically (temp file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write ``tensors`` to ``path`` atomically (``io.atomic.write_atomic``: temp file, fsync, the umask's
+    permissions, rename). A full disk or a read-only folder raises WeightsError naming ``path``; the
+    previous file of that name is left as it was."""
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(contiguous, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # safetensors reports its I/O failures this way
+            raise OSError(str(e)) from None
+
+    _as_weights_error(lambda: write_atomic(path, write, what="weights file"))
+
+
+def _as_weights_error(write: Callable[[], object]) -> None:
+    """Run ``write()``; an OutputError becomes a WeightsError with the same message (the error type the
+    callers of this module catch)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:  # a full disk, a read-only folder, ...: the previous file is intact
-        raise WeightsError(f"{path}: could not write the file ({e})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        write()
+    except OutputError as e:
+        raise WeightsError(str(e)) from None
 
 
 def read_json(path: str | os.PathLike) -> dict:
     """Read a JSON object from ``path`` with a WeightsError naming the file when it is missing or invalid."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"config file not found: {path}")
+    path = require_file(path, "JSON file")
     try:
         size = path.stat().st_size
         if size > _MAX_JSON:
@@ -192,18 +292,11 @@ def read_json(path: str | os.PathLike) -> dict:
 
 
 def write_json(data: dict, path: str | os.PathLike) -> None:
-    """Write ``data`` as pretty JSON atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk, a read-only folder, ...: the previous file is intact
-        raise WeightsError(f"{path}: could not write the file ({e.strerror or e})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``data`` as pretty JSON atomically (see :func:`write_text`)."""
+    write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", path)
+
+
+def write_text(text: str, path: str | os.PathLike) -> None:
+    """Write ``text`` as UTF-8 atomically (``io.atomic.write_text_atomic``); WeightsError naming ``path``
+    when it cannot be written."""
+    _as_weights_error(lambda: write_text_atomic(path, text))
