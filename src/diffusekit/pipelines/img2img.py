@@ -9,14 +9,11 @@ from torch import Tensor
 
 from diffusekit.errors import ConfigError
 from diffusekit.pipelines.common import GeneratorArg, draw
+from diffusekit.pipelines.denoise import GenerationResult, denoise, grid_for, sampler_for
 from diffusekit.pipelines.stable_diffusion import (
-    GenerationResult,
     Prompts,
     StableDiffusion,
-    denoise,
     encode_prompts,
-    grid_for,
-    sampler_for,
 )
 from diffusekit.samplers.common import StepInfo
 from diffusekit.samplers.config import noised_state
@@ -61,9 +58,9 @@ class ImageToImage:
         image = check_image(image, sd.latent_multiple)
         if image.shape[0] != cond.context.shape[0]:
             raise ConfigError(f"got {image.shape[0]} images for {cond.context.shape[0]} prompts")
-        config = sampler_for(sd, sampler, eta)
+        config = sampler_for(sd.sampler_config, sampler, eta)
         grid = grid_for(config, steps, strength)
         init = sd.codec.encode(2 * image.to(sd.device, torch.float32) - 1, generator=generator).to(sd.dtype)
         noise = draw(init.shape, generator, init.dtype, init.device)
         x = noised_state(config, grid, init, noise)
-        return denoise(sd, config, cond.model(sd.unet), x, grid, generator, callback, show_progress)
+        return denoise(sd.codec, config, cond.model(sd.unet), x, grid, generator, callback, show_progress)

@@ -17,16 +17,13 @@ from torch import Tensor
 from diffusekit.diffusion.grids import interpolate_sigma
 from diffusekit.errors import ConfigError
 from diffusekit.pipelines.common import GeneratorArg, draw
+from diffusekit.pipelines.denoise import GenerationResult, denoise, grid_for, sampler_for
 from diffusekit.pipelines.img2img import check_image
 from diffusekit.pipelines.stable_diffusion import (
-    GenerationResult,
     Prompts,
     StableDiffusion,
-    denoise,
     encode_prompts,
-    grid_for,
     latent_shape,
-    sampler_for,
 )
 from diffusekit.samplers.common import Model, StepInfo
 from diffusekit.samplers.config import noised_state
@@ -75,7 +72,7 @@ class Inpaint:
         if b != cond.context.shape[0]:
             raise ConfigError(f"got {b} images for {cond.context.shape[0]} prompts")
         shape = latent_shape(sd, b, h, w)
-        config = sampler_for(sd, sampler, eta)
+        config = sampler_for(sd.sampler_config, sampler, eta)
         grid = grid_for(config, steps, strength)
 
         if latents is None:
@@ -91,7 +88,7 @@ class Inpaint:
             masked_latents = sd.codec.encode(masked, generator=generator).to(sd.dtype)
             model = cond.model(sd.unet, concat=torch.cat([mask_latent, masked_latents], dim=1))
             x = self._start(config, grid, strength, latents, image, generator)
-            return denoise(sd, config, model, x, grid, generator, callback, show_progress)
+            return denoise(sd.codec, config, model, x, grid, generator, callback, show_progress)
         if in_channels != shape[1]:
             raise ConfigError(f"the U-Net has {in_channels} input channels; inpainting needs {shape[1]} or "
                               f"{2 * shape[1] + 1}")  # fmt: skip
@@ -103,7 +100,7 @@ class Inpaint:
         def finish(z: Tensor) -> Tensor:
             return mask_latent * z + (1 - mask_latent) * known
 
-        return denoise(sd, config, model, x, grid, generator, callback, show_progress, finish)
+        return denoise(sd.codec, config, model, x, grid, generator, callback, show_progress, finish)
 
     def _start(self, config, grid, strength: float, latents: Tensor, image: Tensor, generator) -> Tensor:
         if strength >= 1.0:

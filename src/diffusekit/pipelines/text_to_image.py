@@ -9,15 +9,12 @@ from torch import Tensor
 
 from diffusekit.errors import ConfigError
 from diffusekit.pipelines.common import GeneratorArg, draw
+from diffusekit.pipelines.denoise import GenerationResult, denoise, grid_for, sampler_for
 from diffusekit.pipelines.stable_diffusion import (
-    GenerationResult,
     Prompts,
     StableDiffusion,
-    denoise,
     encode_prompts,
-    grid_for,
     latent_shape,
-    sampler_for,
 )
 from diffusekit.samplers.common import StepInfo
 
@@ -49,11 +46,11 @@ class TextToImage:
         sd = self.sd
         cond = encode_prompts(sd, prompt, negative_prompt, guidance_scale)
         shape = latent_shape(sd, cond.context.shape[0], height, width)
-        config = sampler_for(sd, sampler, eta)
+        config = sampler_for(sd.sampler_config, sampler, eta)
         grid = grid_for(config, steps)
         if latents is None:
             latents = draw(shape, generator, sd.dtype, sd.device)
         elif tuple(latents.shape) != shape:
             raise ConfigError(f"latents must have shape {shape} for {height}x{width}, got {tuple(latents.shape)}")
         x = latents.to(sd.device, sd.dtype) * grid.init_noise_sigma
-        return denoise(sd, config, cond.model(sd.unet), x, grid, generator, callback, show_progress)
+        return denoise(sd.codec, config, cond.model(sd.unet), x, grid, generator, callback, show_progress)

@@ -13,10 +13,11 @@ from diffusekit.errors import ConfigError, check_positive_int
 from diffusekit.io.models import load_unet, save_unet
 from diffusekit.io.weights import read_json, write_json
 from diffusekit.networks.unet import UNet
-from diffusekit.pipelines.common import GeneratorArg, chain, check_size, draw, progress, to_unit_range
-from diffusekit.runtime.policy import use_fast_conv
+from diffusekit.pipelines.common import GeneratorArg, IdentityCodec, check_size, draw
+from diffusekit.pipelines.denoise import denoise, grid_for, sampler_for
+from diffusekit.runtime.policy import Plan, prepare
 from diffusekit.samplers.common import StepInfo
-from diffusekit.samplers.config import SamplerConfig, build_grid, run_sampler
+from diffusekit.samplers.config import SamplerConfig
 from diffusekit.samplers.guidance import guided
 
 
@@ -55,25 +56,22 @@ class UnconditionalPipeline:
         the initial noise explicitly (before scaling by the grid's initial sigma).
         """
         check_positive_int("n", n)
-        cfg = self.sampler_config
-        if sampler is not None or eta is not None:
-            cfg = cfg.with_sampler(sampler or cfg.sampler, **({"eta": eta} if eta is not None else {}))
+        config = sampler_for(self.sampler_config, sampler, eta)
         uc = self.unet.config
         size = uc.sample_size or 32
         height, width = height or size, width or size
         check_size(height, width, 2 ** (uc.levels - 1))
         device, dtype = _device_dtype(self.unet)
-        grid = build_grid(cfg, steps)
+        grid = grid_for(config, steps)
+        shape = (n, uc.out_channels, height, width)
         if latents is None:
-            latents = draw((n, uc.out_channels, height, width), generator, dtype, device)
-        elif latents.shape != (n, uc.out_channels, height, width):
-            expected = (n, uc.out_channels, height, width)
-            raise ConfigError(f"latents must have shape {expected}, got {tuple(latents.shape)}")
+            latents = draw(shape, generator, dtype, device)
+        elif latents.shape != shape:
+            raise ConfigError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         model = self._model(n, class_labels, guidance_scale, device)
-        bar = progress(len(grid), show_progress, f"sampling ({cfg.sampler})")
-        x = run_sampler(cfg, model, latents * grid.init_noise_sigma, grid, generator=generator,
-                        callback=chain(callback, bar))  # fmt: skip
-        return to_unit_range(x.float())
+        codec = IdentityCodec(channels=uc.out_channels)
+        x = latents * grid.init_noise_sigma
+        return denoise(codec, config, model, x, grid, generator, callback, show_progress).images
 
     def _model(self, n: int, class_labels, guidance_scale: float, device: torch.device):
         num_classes = self.unet.config.num_classes
@@ -99,14 +97,17 @@ def _device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
-def load_pipeline(folder: str | os.PathLike, *, device: str | torch.device = "cpu") -> UnconditionalPipeline:
-    """Load a ``{model_index.json, unet/, scheduler/scheduler_config.json}`` folder (the DDPMPipeline layout)."""
+def load_pipeline(
+    folder: str | os.PathLike, *, device: str | torch.device = "cpu", plan: Plan | None = None
+) -> UnconditionalPipeline:
+    """Load a ``{model_index.json, unet/, scheduler/scheduler_config.json}`` folder (the DDPMPipeline layout)
+    and apply the runtime ``plan`` to its U-Net (default: float32 inference with the machine's fast
+    convolutions, :mod:`diffusekit.runtime.policy`)."""
     folder = Path(folder)
     sched = folder / "scheduler" / "scheduler_config.json"
     config = SamplerConfig.from_reference(read_json(sched)) if sched.exists() else SamplerConfig()
     unet = load_unet(folder / "unet", device=device)
-    if torch.device(device).type == "cpu":  # faster 3x3 convolutions where they win (runtime.fastconv)
-        use_fast_conv(unet)
+    prepare(unet, plan or Plan(dtype=torch.float32), device=device)
     return UnconditionalPipeline(unet, config)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffusekit.errors import ConfigError
 from diffusekit.networks.layers import PLANNED_LAYERS, Conv2d
 
 #: CPU flags (as /proc/cpuinfo spells them) that give native bfloat16 dot products.
@@ -52,8 +53,27 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
     return False
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def default_device(local_rank: int = 0) -> torch.device:
+    """The process's CUDA device when CUDA is available (``local_rank`` picks one under DDP), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def pick_device(name: str = "auto", *, option: str = "--device", local_rank: int = 0) -> torch.device:
+    """The device a user named: ``auto`` (:func:`default_device`), ``cpu``, ``cuda`` or ``cuda:N``. A name
+    that is not a device, or CUDA where none is available, is a ConfigError naming ``option``."""
+    if name == "auto":
+        return default_device(local_rank)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{option} must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{option} must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{option} {name}: no CUDA device is available; use {option} cpu")
+    return device
 
 
 def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
