@@ -7,9 +7,11 @@ import itertools
 import pytest
 import torch
 
-from diffusekit.diffusion.grids import interpolate_sigma
+from diffusekit.diffusion.grids import Grid, interpolate_sigma
 from diffusekit.errors import ConfigError
+from diffusekit.samplers.common import Denoiser
 from diffusekit.samplers.config import SAMPLERS, SamplerConfig, build_grid, run_sampler
+from diffusekit.samplers.ddpm import sample_ddpm
 
 MU = torch.tensor([1.5, -0.5], dtype=torch.float64)
 COV = torch.tensor([[0.6, 0.3], [0.3, 0.4]], dtype=torch.float64)
@@ -186,3 +188,15 @@ def test_dpm_solver_follows_the_reference_scheduler(spacing, steps):
         x = ref.step(eps(x, t).float(), t, x).prev_sample
     y = run_sampler(ours, lambda xx, tt, **kw: eps(xx, tt).to(xx.dtype), x0.clone(), grid)
     torch.testing.assert_close(y, x, rtol=0, atol=1e-4)
+
+
+def test_ddpm_keeps_the_sample_coefficient_when_the_step_spans_almost_all_the_noise():
+    """DDPM eq. 7's sqrt(alpha'_t), alpha'_t = abar_t / abar' ~ 2e-9 (cosine schedule, first step of a short
+    grid): taken as 1 - beta'_t in float32 it is 0; the coefficient must be computed from the ratio itself."""
+    a_t, a_prev = 1e-9, 0.5
+    grid = Grid(torch.tensor([999.0]), torch.tensor([a_t]), torch.tensor([a_prev])).to_precision(torch.float32)
+    x = torch.ones(3)
+    x0_is_zero = Denoiser(lambda x_t, t: torch.zeros_like(x_t), "sample")
+    out = sample_ddpm(x0_is_zero, x, grid, inject_noise=[False])
+    expected = (a_t / a_prev) ** 0.5 * (1 - a_prev) / (1 - a_t)  # float64
+    torch.testing.assert_close(out, torch.full((3,), expected, dtype=torch.float32), rtol=1e-5, atol=0)

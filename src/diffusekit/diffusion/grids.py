@@ -8,6 +8,7 @@ and any foreign stepping rule (built once, in ``samplers.config``) run through t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -17,6 +18,38 @@ from diffusekit.diffusion.schedules import NoiseSchedule
 from diffusekit.errors import ConfigError, check_choice, check_positive_int
 
 SPACINGS = ("leading", "trailing", "linspace")
+
+
+def linspace64(start: float, stop: float, num: int) -> Tensor:
+    """``num`` evenly spaced float64 values over [start, stop], computed as ``numpy.linspace`` computes them.
+
+    numpy forms ``start + i * ((stop - start) / (num - 1))`` and sets the last value to ``stop``;
+    ``torch.linspace`` fills its second half backwards from ``stop``, so the two can differ in the last bit
+    (T = 1000, 27 points: numpy's middle value is 499.49999999999994, torch's 499.50000000000006). Rounded
+    to integer timesteps, one bit decides the grid point, so grids are built with numpy's arithmetic.
+    """
+    if num == 1:
+        return torch.tensor([float(start)], dtype=torch.float64)
+    step = (float(stop) - float(start)) / (num - 1)
+    t = torch.arange(num, dtype=torch.float64) * step + float(start)
+    t[-1] = float(stop)
+    return t
+
+
+def arange64(start: float, stop: float, step: float) -> Tensor:
+    """float64 values from ``start`` towards ``stop`` (excluded) by ``step``, as ``numpy.arange`` computes them.
+
+    numpy takes ceil((stop - start) / step) values and fills them as ``start + i * delta`` with
+    ``delta = (start + step) - start`` (which can differ from ``step`` in the last bit); the second value is
+    ``start + step`` itself.
+    """
+    start, stop, step = float(start), float(stop), float(step)
+    n = max(math.ceil((stop - start) / step), 0)
+    delta = (start + step) - start
+    t = torch.arange(n, dtype=torch.float64) * delta + start
+    if n > 1:
+        t[1] = start + step
+    return t
 
 
 def spaced_timesteps(
@@ -30,8 +63,11 @@ def spaced_timesteps(
 
     ``leading``: (N-1)r, ..., r, 0 plus ``steps_offset`` with r = T // N (DDIM, Song et al. 2021).
     ``trailing``: round(T, T - T/N, ..., T/N) - 1, which starts at the last training step
-    (Lin et al. 2024, table 2). ``linspace``: N points evenly spaced over [0, T-1], rounded to integers
-    when ``integer`` (round half to even). ``steps_offset`` is used by ``leading`` only.
+    (Lin et al. 2024, table 2). ``linspace``: N points evenly spaced over [0, T-1]; rounded to integers
+    when ``integer``, else held at float32 precision (the precision of the network's time input).
+    ``steps_offset`` is used by ``leading`` only. The points are computed with numpy's float64 arithmetic
+    (``linspace64``, ``arange64``) and rounded half to even on the computed value, so a point that lands a
+    hair below x.5 rounds down exactly as in implementations built on numpy.
     """
     check_choice("timestep_spacing", spacing, SPACINGS)
     T = check_positive_int("num_train_timesteps", num_train_timesteps, minimum=2)
@@ -44,14 +80,13 @@ def spaced_timesteps(
         t = torch.arange(N, dtype=torch.float64) * (T // N) + steps_offset
         if t[-1] > T - 1:
             raise ConfigError(f"steps_offset={steps_offset} pushes the first timestep past T-1={T - 1}")
-    elif spacing == "trailing":
-        # T - k T/N for k < N, computed directly (an arange with a float step can overshoot by one entry)
-        t = (T - torch.arange(N, dtype=torch.float64) * (T / N)).round().flip(0) - 1
-    else:
-        t = torch.linspace(0, T - 1, N, dtype=torch.float64)
-        if integer:
-            t = t.round()
-    return t.flip(0)
+        return t.flip(0)
+    if spacing == "trailing":
+        # numpy's arange with a float step can produce N + 1 values (the last one ~1e-13, i.e. t = -1 after the
+        # shift): the N steps asked for are the first N
+        return arange64(T, 0, -T / N)[:N].round() - 1
+    t = linspace64(0, T - 1, N)
+    return (t.round() if integer else t.float().double()).flip(0)
 
 
 def interpolate_sigma(schedule: NoiseSchedule, t: Tensor) -> Tensor:
@@ -80,8 +115,46 @@ def sigma_to_timestep(schedule: NoiseSchedule, sigma: Tensor) -> Tensor:
     log_s = sigma.double().log()
     idx = torch.searchsorted(log_sigmas, log_s).clamp(1, len(log_sigmas) - 1)
     lo, hi = log_sigmas[idx - 1], log_sigmas[idx]
-    w = ((log_s - lo) / (hi - lo)).clamp(0, 1)
-    return idx - 1 + w
+    w = ((lo - log_s) / (lo - hi)).clamp(0, 1)
+    return (1 - w) * (idx - 1) + w * idx  # = idx - 1 + w, written as the reference rounds it
+
+
+def _check_descending(t: Tensor, abar: Tensor, abar_next: Tensor) -> None:
+    """A grid runs from noise towards data: timesteps never increase, noise levels never increase, and
+    no step adds noise. Anything else would sample without error and return meaningless numbers.
+
+    Equal neighbours are allowed (rounded Karras timesteps can repeat; a step from t = 0 to
+    abar_0 is a no-op), increasing ones are refused with the first offending position.
+    """
+    for name, v in (("timesteps", t), ("alphas_cumprod", abar), ("alphas_cumprod_next", abar_next)):
+        if not torch.isfinite(v).all():
+            k = int((~torch.isfinite(v)).nonzero()[0])
+            raise ConfigError(f"grid {name}[{k}] is {float(v[k])}; every entry must be finite")
+    for name, v in (("alphas_cumprod", abar), ("alphas_cumprod_next", abar_next)):
+        bad = ((v < 0) | (v > 1)).nonzero()
+        if len(bad):
+            k = int(bad[0])
+            raise ConfigError(f"grid {name}[{k}]={float(v[k])} is outside [0, 1]")
+    up = (t[1:] > t[:-1]).nonzero()
+    if len(up):
+        k = int(up[0]) + 1
+        raise ConfigError(
+            f"grid timesteps must decrease: timesteps[{k}]={float(t[k]):g} > timesteps[{k - 1}]={float(t[k - 1]):g}"
+        )
+    noisier = (abar[1:] < abar[:-1]).nonzero()
+    if len(noisier):
+        k = int(noisier[0]) + 1
+        raise ConfigError(
+            f"grid noise levels must decrease: step {k} starts noisier than step {k - 1} "
+            f"(alphas_cumprod[{k}]={float(abar[k]):.6g} < alphas_cumprod[{k - 1}]={float(abar[k - 1]):.6g})"
+        )
+    adds = (abar_next < abar).nonzero()
+    if len(adds):
+        k = int(adds[0])
+        raise ConfigError(
+            f"grid step {k} adds noise: alphas_cumprod_next[{k}]={float(abar_next[k]):.6g} < "
+            f"alphas_cumprod[{k}]={float(abar[k]):.6g}"
+        )
 
 
 @dataclass(frozen=True)
@@ -103,6 +176,7 @@ class Grid:
         n = self.timesteps.numel()
         if n == 0 or self.alphas_cumprod.shape != (n,) or self.alphas_cumprod_next.shape != (n,):
             raise ConfigError("a Grid needs timesteps, alphas_cumprod and alphas_cumprod_next of equal length >= 1")
+        _check_descending(self.timesteps, self.alphas_cumprod, self.alphas_cumprod_next)
 
     def __len__(self) -> int:
         return self.timesteps.numel()

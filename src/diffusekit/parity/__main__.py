@@ -41,7 +41,12 @@ def find_cases(root: Path) -> list[tuple[Path, dict]]:
     """Every case folder under ``root`` with its metadata, in path order."""
     cases = []
     for meta_path in sorted(root.rglob("meta.json")):
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            meta = {"kind": None, "unreadable": f"{type(e).__name__}: {e}"}
+        if not isinstance(meta, dict):
+            meta = {"kind": None, "unreadable": f"meta.json holds a {type(meta).__name__}, not an object"}
         cases.append((meta_path.parent, meta))
     for ids_path in sorted(root.rglob("expected_ids.json")):
         if not (ids_path.parent / "meta.json").exists():
@@ -57,8 +62,10 @@ def run(root: Path, verbose: bool = False) -> tuple[int, int, int]:
         kind = meta.get("kind")
         handler = handlers.get(kind)
         try:
+            if "unreadable" in meta:
+                raise ValueError(f"meta.json cannot be read: {meta['unreadable']}")
             if handler is None:
-                raise Skip(f"unknown kind {kind!r}")
+                raise Skip(f"unknown kind {kind!r}: no handler; known: {', '.join(sorted(handlers))}")
             cmp = handler(case, meta)
         except Skip as e:
             skipped += 1

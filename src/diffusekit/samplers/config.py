@@ -20,6 +20,7 @@ from diffusekit.diffusion.grids import (
     Grid,
     interpolate_sigma,
     karras_sigmas,
+    linspace64,
     sigma_to_timestep,
     spaced_timesteps,
 )
@@ -271,7 +272,7 @@ def build_grid(config: SamplerConfig, num_steps: int) -> Grid:
         schedule = NoiseSchedule(schedule.alphas_cumprod.clamp(min=2.0**-24))
         if config.sampler == "dpmpp_2m" and config.reference_rules and spacing == "linspace":
             # the reference's DPM-Solver: N + 1 rounded linspace points, the last one dropped
-            t = torch.linspace(0, T - 1, num_steps + 1, dtype=torch.float64).round().flip(0)[:-1]
+            t = linspace64(0, T - 1, num_steps + 1).round().flip(0)[:-1]
         elif config.sampler == "dpmpp_2m" and config.reference_rules and spacing == "leading":
             # ... and for leading spacing N + 1 multiples of T // (N + 1), the last (0) dropped, plus the offset
             # (SD-1.5 with 20 steps: 941, 894, ..., 48 where DDIM's rule gives 951, 901, ..., 1)
@@ -283,6 +284,8 @@ def build_grid(config: SamplerConfig, num_steps: int) -> Grid:
         if config.karras_sigmas:
             sigmas = karras_sigmas(float(schedule.sigmas[0]), float(schedule.sigmas[-1]), num_steps)
             t = sigma_to_timestep(schedule, sigmas)
+            if config.sampler == "dpmpp_2m" and config.reference_rules:
+                t = t.round()  # the reference's DPM-Solver calls the network at the nearest integer time
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
         if config.sampler in SIGMA_SAMPLERS:
             init = float((sigmas[0] ** 2 + 1).sqrt())

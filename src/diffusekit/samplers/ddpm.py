@@ -28,9 +28,9 @@ def sample_ddpm(
 ) -> Tensor:
     """Run the reverse process p(x_{t'} | x_t) along ``grid``.
 
-    A step from abar_t to abar' (possibly several training steps apart) uses beta'_t = 1 - abar_t / abar'.
-    Mean (DDPM eq. 7, posterior q(x_t' | x_t, x0) with x0 = x0_hat):
-        sqrt(abar') beta'_t / (1 - abar_t) x0 + sqrt(1 - beta'_t) (1 - abar') / (1 - abar_t) x_t.
+    A step from abar_t to abar' (possibly several training steps apart) uses alpha'_t = abar_t / abar' and
+    beta'_t = 1 - alpha'_t. Mean (DDPM eq. 7, posterior q(x_t' | x_t, x0) with x0 = x0_hat):
+        sqrt(abar') beta'_t / (1 - abar_t) x0 + sqrt(alpha'_t) (1 - abar') / (1 - abar_t) x_t.
     Variance: ``fixed_small`` = beta~ = (1 - abar') / (1 - abar_t) beta'_t, ``fixed_large`` = beta'_t (sec. 3.2).
     ``inject_noise[k]`` says whether step k adds noise (default: every step whose target is not clean data).
     """
@@ -39,8 +39,9 @@ def sample_ddpm(
     for k in range(len(grid)):
         a_t, a_prev = grid.alphas_cumprod[k], grid.alphas_cumprod_next[k]  # 0-d, in the grid's precision
         pred = denoiser(x, time_input(grid.timesteps, k), a_t, cond)
-        beta = 1 - a_t / a_prev
-        mean = (a_prev**0.5 * beta / (1 - a_t)) * pred.x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
+        alpha = a_t / a_prev  # alpha'_t = 1 - beta'_t, taken directly: 1 - (1 - alpha) loses it when alpha ~ 1e-8
+        beta = 1 - alpha
+        mean = (a_prev**0.5 * beta / (1 - a_t)) * pred.x0 + (alpha**0.5 * (1 - a_prev) / (1 - a_t)) * x  # DDPM eq. 7
         add = inject_noise[k] if inject_noise is not None else bool(a_prev < 1)
         if add:
             var = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20) if variance == "fixed_small" else beta
