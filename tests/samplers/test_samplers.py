@@ -200,3 +200,19 @@ def test_ddpm_keeps_the_sample_coefficient_when_the_step_spans_almost_all_the_no
     out = sample_ddpm(x0_is_zero, x, grid, inject_noise=[False])
     expected = (a_t / a_prev) ** 0.5 * (1 - a_prev) / (1 - a_t)  # float64
     torch.testing.assert_close(out, torch.full((3,), expected, dtype=torch.float32), rtol=1e-5, atol=0)
+
+
+def test_one_noise_draw_for_the_whole_library():
+    """Pipelines draw their latents with the samplers' function; noise is drawn in float32 then cast (a seed
+    gives the same noise in any dtype), one generator per item reproduces that item alone."""
+    from diffusekit.pipelines.common import draw
+    from diffusekit.samplers.common import draw_noise
+
+    assert draw is draw_noise
+    a = draw_noise((2, 3), torch.Generator().manual_seed(7), torch.float64)
+    b = torch.randn((2, 3), generator=torch.Generator().manual_seed(7), dtype=torch.float32)
+    assert a.dtype == torch.float64 and torch.equal(a, b.double())
+    per_item = draw_noise((3, 4), [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    assert torch.equal(per_item[1], draw_noise((1, 4), [torch.Generator().manual_seed(2)])[0])
+    with pytest.raises(ConfigError, match="got 2 generators for a batch of 3"):
+        draw_noise((3, 4), [torch.Generator(), torch.Generator()])

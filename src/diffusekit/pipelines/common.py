@@ -12,9 +12,9 @@ from tqdm.auto import tqdm
 
 from diffusekit.errors import ConfigError, check_positive_int
 from diffusekit.networks.vae import AutoencoderKL
+from diffusekit.samplers.common import Generator as GeneratorArg
 from diffusekit.samplers.common import StepInfo
-
-GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
+from diffusekit.samplers.common import draw_noise as draw  # noqa: F401  (the pipelines' name for it)
 
 
 class Codec(Protocol):
@@ -75,21 +75,6 @@ class LatentCodec:
 
     def decode(self, latents: Tensor) -> Tensor:
         return self.vae.decode(latents / self.scaling_factor, tile=self.tile)
-
-
-def draw(shape: Sequence[int], generator: GeneratorArg, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Standard normal noise. One generator draws the whole batch at once (the reference's order); a list
-    of generators draws each image from its own generator on the CPU, so a seed gives the same image
-    whatever the batch and the device."""
-    shape = tuple(shape)
-    if generator is None or isinstance(generator, torch.Generator):
-        dev = generator.device if generator is not None else torch.device("cpu")
-        return torch.randn(shape, generator=generator, dtype=torch.float32, device=dev).to(device, dtype)
-    if len(generator) != shape[0]:
-        raise ConfigError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per image")
-    return torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generator]).to(
-        device, dtype
-    )
 
 
 def generators_from_seeds(seeds: int | Sequence[int], n: int) -> list[torch.Generator]:

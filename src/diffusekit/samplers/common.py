@@ -59,26 +59,32 @@ def time_input(grid_t: Tensor, k: int) -> Tensor:
     return grid_t[k].to(torch.float32)
 
 
-def draw_noise(like: Tensor, generator: Generator = None) -> Tensor:
-    """A standard normal tensor shaped like ``like``.
+def draw_noise(
+    shape: Sequence[int], generator: Generator = None, dtype: torch.dtype = torch.float32, device: Any = None
+) -> Tensor:
+    """A standard normal tensor of ``shape``, returned in ``dtype`` on ``device`` (the one noise draw of the
+    library: initial latents, ancestral and DDPM step noise, VAE posterior samples).
 
-    A single generator draws the whole batch in one call (the reference's convention). A sequence of
-    generators, one per batch item, draws each item on the CPU from its own generator, so an image's
-    noise depends only on its own seed, not on the batch it is in nor on the device.
+    Noise is always drawn in float32 and then cast, so a seed gives the same noise whatever the compute
+    dtype. A single generator draws the whole batch in one call on its own device (the reference's
+    convention); no generator draws from the global CPU generator (``torch.manual_seed`` reproduces it on
+    every device). A sequence of generators, one per batch item, draws each item from its own generator,
+    so an image's noise depends only on its own seed, not on the batch it is in nor on the device.
     """
+    shape = tuple(shape)
     if generator is None or isinstance(generator, torch.Generator):
-        dev = generator.device if generator is not None else like.device
-        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=dev).to(like.device)
-    if len(generator) != like.shape[0]:
-        raise ConfigError(f"got {len(generator)} generators for a batch of {like.shape[0]}; pass one per image")
-    items = [torch.randn(like.shape[1:], generator=g, dtype=torch.float32, device=g.device) for g in generator]
-    return torch.stack(items).to(device=like.device, dtype=like.dtype)
+        dev = generator.device if generator is not None else torch.device("cpu")
+        return torch.randn(shape, generator=generator, dtype=torch.float32, device=dev).to(device, dtype)
+    if len(generator) != shape[0]:
+        raise ConfigError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per image")
+    items = [torch.randn(shape[1:], generator=g, dtype=torch.float32, device=g.device) for g in generator]
+    return torch.stack([item.to(device) for item in items]).to(dtype=dtype)
 
 
 def noise_source(noise: Sequence[Tensor] | NoiseSource | None, generator: Generator) -> NoiseSource:
     """Explicit per-step noise (a sequence indexed by step, or a function) or draws from ``generator``."""
     if noise is None:
-        return lambda k, like: draw_noise(like, generator)
+        return lambda k, like: draw_noise(like.shape, generator, like.dtype, like.device)
     if callable(noise):
         return noise
     return lambda k, like: noise[k].to(device=like.device, dtype=like.dtype)
