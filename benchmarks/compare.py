@@ -28,6 +28,9 @@ import torch.nn.functional as F
 
 from diffusekit.bench import harness, timing
 from diffusekit.bench.workloads import QUICK, TITLES, WORKLOADS, Case, Spec, inputs, ours, spec
+from diffusekit.io.text_encoder_config import text_encoder_to_diffusers
+from diffusekit.io.unet_config import unet_to_diffusers
+from diffusekit.io.vae_config import vae_to_diffusers
 from diffusekit.networks.text_encoder import TEXT_ENCODER_PRESETS
 from diffusekit.networks.unet import UNet
 from diffusekit.runtime.policy import default_dtype, native_bf16
@@ -92,11 +95,11 @@ class Reference:
 
         torch.manual_seed(0)
         if workload in ("W1", "W2"):
-            self._model = diffusers.UNet2DModel.from_config(s.unet.to_diffusers())
+            self._model = diffusers.UNet2DModel.from_config(unet_to_diffusers(s.unet))
         elif workload == "W3":
-            self._model = diffusers.UNet2DConditionModel.from_config(s.unet.to_diffusers())
+            self._model = diffusers.UNet2DConditionModel.from_config(unet_to_diffusers(s.unet))
         elif workload == "W4":
-            self._model = diffusers.AutoencoderKL.from_config(s.vae.to_diffusers())
+            self._model = diffusers.AutoencoderKL.from_config(vae_to_diffusers(s.vae))
         elif workload == "W5":
             return {"folder": self.w5_folder(s)}
         elif workload == "W6":
@@ -167,10 +170,10 @@ def save_reference_pipeline(folder: Path, s: Spec, tokenizer_from: Path) -> Path
     text = dataclasses.replace(text, vocab_size=vocab, bos_id=vocab - 2, eos_id=vocab - 1, pad_id=vocab - 1)
     scheduler_config = json.loads((tokenizer_from / "scheduler" / "scheduler_config.json").read_text())
     pipe = diffusers.StableDiffusionPipeline(
-        vae=diffusers.AutoencoderKL.from_config(s.vae.to_diffusers()),
-        text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**text.to_hf())),
+        vae=diffusers.AutoencoderKL.from_config(vae_to_diffusers(s.vae)),
+        text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_encoder_to_diffusers(text))),
         tokenizer=tokenizer,
-        unet=diffusers.UNet2DConditionModel.from_config(s.unet.to_diffusers()),
+        unet=diffusers.UNet2DConditionModel.from_config(unet_to_diffusers(s.unet)),
         scheduler=diffusers.DPMSolverMultistepScheduler.from_config(scheduler_config),
         safety_checker=None,
         feature_extractor=None,

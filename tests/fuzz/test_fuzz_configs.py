@@ -19,6 +19,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from diffusekit.errors import ConfigError
+from diffusekit.io.text_encoder_config import text_encoder_from_diffusers
+from diffusekit.io.unet_config import unet_from_diffusers
+from diffusekit.io.vae_config import vae_from_diffusers
 from diffusekit.io.weights import read_json
 from diffusekit.networks.text_encoder import ClipTextEncoder, TextEncoderConfig
 from diffusekit.networks.unet import UNet, UNetConfig
@@ -48,7 +51,7 @@ def _translatable(config: dict) -> bool:
     """Seeds are the fixture configs our U-Net translation accepts (the shared set also holds configs of model
     families that are refused with a ConfigError until they are supported; mutating those finds nothing new)."""
     try:
-        UNetConfig.from_diffusers(config)
+        unet_from_diffusers(config)
     except ConfigError:
         return False
     return True
@@ -161,12 +164,12 @@ def _use_text_config(config: TextEncoderConfig) -> None:
 @examples(100)
 @given(cfg=_any_mutation(UNETS))
 def test_unet_config(tally, cfg):
-    tally.check("UNetConfig.from_diffusers", lambda: _use_unet_config(UNetConfig.from_diffusers(cfg)),
+    tally.check("unet_from_diffusers", lambda: _use_unet_config(unet_from_diffusers(cfg)),
                 describe=lambda: repr(cfg))  # fmt: skip
 
 
 @examples(80)
-@given(cfg=_any_mutation([UNetConfig.from_diffusers(c).to_dict() for c in UNETS]))
+@given(cfg=_any_mutation([unet_from_diffusers(c).to_dict() for c in UNETS]))
 def test_unet_config_from_our_own_dict(tally, cfg):
     tally.check("UNetConfig.from_dict", lambda: _use_unet_config(UNetConfig.from_dict(cfg)),
                 describe=lambda: repr(cfg))  # fmt: skip
@@ -175,12 +178,12 @@ def test_unet_config_from_our_own_dict(tally, cfg):
 @examples(80)
 @given(cfg=_any_mutation(VAES))
 def test_vae_config(tally, cfg):
-    tally.check("VAEConfig.from_diffusers", lambda: _use_vae_config(VAEConfig.from_diffusers(cfg)),
+    tally.check("vae_from_diffusers", lambda: _use_vae_config(vae_from_diffusers(cfg)),
                 describe=lambda: repr(cfg))  # fmt: skip
 
 
 @examples(50)
-@given(cfg=_any_mutation([VAEConfig.from_diffusers(c).to_dict() for c in VAES]))
+@given(cfg=_any_mutation([vae_from_diffusers(c).to_dict() for c in VAES]))
 def test_vae_config_from_our_own_dict(tally, cfg):
     tally.check("VAEConfig.from_dict", lambda: _use_vae_config(VAEConfig.from_dict(cfg)),
                 describe=lambda: repr(cfg))  # fmt: skip
@@ -189,7 +192,7 @@ def test_vae_config_from_our_own_dict(tally, cfg):
 @examples(80)
 @given(cfg=_any_mutation(TEXT))
 def test_text_encoder_config(tally, cfg):
-    tally.check("TextEncoderConfig.from_hf", lambda: _use_text_config(TextEncoderConfig.from_hf(cfg)),
+    tally.check("text_encoder_from_diffusers", lambda: _use_text_config(text_encoder_from_diffusers(cfg)),
                 describe=lambda: repr(cfg))  # fmt: skip
 
 
@@ -205,7 +208,7 @@ HUGE = [10**9, 10**12, 2**63, 10**30]
 def test_unet_config_with_a_huge_size_is_refused_before_allocating(tally, key, value):
     base = next(c for c in UNETS if c.get("_class_name") == "UNet2DConditionModel")
     cfg = {**base, key: [value] * len(base["block_out_channels"]) if key == "block_out_channels" else value}
-    result = tally.check("UNetConfig.from_diffusers (huge sizes)", lambda: UNetConfig.from_diffusers(cfg), names=[key])
+    result = tally.check("unet_from_diffusers (huge sizes)", lambda: unet_from_diffusers(cfg), names=[key])
     assert result is None, f"{key}={value} was accepted"
 
 
@@ -214,7 +217,7 @@ def test_unet_config_with_a_huge_size_is_refused_before_allocating(tally, key, v
 def test_vae_config_with_a_huge_size_is_refused_before_allocating(tally, key, value):
     base = VAES[0]
     cfg = {**base, key: [value] * len(base["block_out_channels"]) if key == "block_out_channels" else value}
-    result = tally.check("VAEConfig.from_diffusers (huge sizes)", lambda: VAEConfig.from_diffusers(cfg), names=[key])
+    result = tally.check("vae_from_diffusers (huge sizes)", lambda: vae_from_diffusers(cfg), names=[key])
     assert result is None, f"{key}={value} was accepted"
 
 
@@ -224,7 +227,9 @@ def test_vae_config_with_a_huge_size_is_refused_before_allocating(tally, key, va
 )
 def test_text_config_with_a_huge_size_is_refused_before_allocating(tally, key, value):
     cfg = {**TEXT[0], key: value}
-    result = tally.check("TextEncoderConfig.from_hf (huge sizes)", lambda: TextEncoderConfig.from_hf(cfg), names=[key])
+    result = tally.check(
+        "text_encoder_from_diffusers (huge sizes)", lambda: text_encoder_from_diffusers(cfg), names=[key]
+    )
     assert result is None, f"{key}={value} was accepted"
 
 
@@ -256,9 +261,9 @@ def test_deeply_nested_config_values(tally):
     nested = deep(100_000)
     for name, parse, base in [
         ("SamplerConfig.from_reference", SamplerConfig.from_reference, SCHEDULERS[0]),
-        ("UNetConfig.from_diffusers", UNetConfig.from_diffusers, UNETS[0]),
-        ("VAEConfig.from_diffusers", VAEConfig.from_diffusers, VAES[0]),
-        ("TextEncoderConfig.from_hf", TextEncoderConfig.from_hf, TEXT[0]),
+        ("unet_from_diffusers", unet_from_diffusers, UNETS[0]),
+        ("vae_from_diffusers", vae_from_diffusers, VAES[0]),
+        ("text_encoder_from_diffusers", text_encoder_from_diffusers, TEXT[0]),
     ]:
         for key in list(base)[:8]:
             tally.check(name, lambda: parse({**base, key: nested}), describe=f"{key} nested 100000 deep")  # noqa: B023

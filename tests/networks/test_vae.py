@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from diffusekit.errors import ConfigError, WeightsError
 from diffusekit.io.models import WEIGHTS_NAME, load_vae, save_vae
-from diffusekit.networks.vae import VAE_PRESETS, AutoencoderKL, DiagonalGaussian, VAEConfig, tiled_map
+from diffusekit.networks.vae import VAE_PRESETS, AutoencoderKL, DiagonalGaussian, tiled_map
 
 ATOL = 1e-4  # fixtures README section 1: single model forward passes
 
@@ -174,24 +174,6 @@ def test_bad_inputs_name_the_argument(vae: AutoencoderKL) -> None:
 # ---- config ------------------------------------------------------------------------------------------------
 
 
-def test_config_round_trip(fixtures_dir: Path) -> None:
-    raw = json.loads((fixtures_dir / "models/vae/model/config.json").read_text())
-    config = VAEConfig.from_diffusers(raw)
-    assert config.scaling_factor == 0.18215 and config.downsample_factor == 2
-    assert VAEConfig.from_diffusers(config.to_diffusers()) == config
-    assert VAEConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    written = config.to_diffusers()
-    for key, value in raw.items():
-        if key in written and not key.startswith("_"):
-            assert written[key] == value, key
-    with pytest.raises(ConfigError, match="down_block_types"):
-        VAEConfig.from_diffusers(
-            {**raw, "down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]}
-        )
-    with pytest.raises(ConfigError, match="act_fn"):
-        VAEConfig.from_diffusers({**raw, "act_fn": "relu"})
-
-
 def test_sd_preset_parameter_count() -> None:
     with torch.device("meta"):
         model = AutoencoderKL(VAE_PRESETS["sd"])
@@ -229,5 +211,5 @@ def test_load_errors_name_the_file(fixtures_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="shape mismatches: .*quant_conv"):
         load_vae(folder)
     weights.unlink()
-    with pytest.raises(WeightsError, match="weight file not found"):
+    with pytest.raises(WeightsError, match="weights? file not found"):
         load_vae(folder)

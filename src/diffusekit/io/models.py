@@ -1,7 +1,8 @@
 """Load and save U-Net and VAE model folders in the reference (diffusers) layout:
 ``config.json`` + ``diffusion_pytorch_model.safetensors`` (or a sharded ``.safetensors.index.json``).
 
-Saved folders always carry the reference ``config.json`` (written by ``to_diffusers``), so they load in
+Saved folders always carry the reference ``config.json`` (written by ``unet_to_diffusers`` /
+``vae_to_diffusers``), so they load in
 the reference implementation as well as here. Loading is strict: missing, unexpected or mis-shaped
 tensors raise :class:`~diffusekit.errors.WeightsError` naming the files and a few offending keys.
 Nothing is ever unpickled.
@@ -19,9 +20,11 @@ from torch import nn
 
 from diffusekit.errors import ConfigError, WeightsError
 from diffusekit.io.diffusers_keys import from_diffusers_state_dict, to_diffusers_state_dict
+from diffusekit.io.unet_config import unet_from_diffusers, unet_to_diffusers
+from diffusekit.io.vae_config import vae_from_diffusers, vae_to_diffusers
 from diffusekit.io.weights import load_weights, missing_weights, read_json, save_weights, write_json
-from diffusekit.networks.unet import UNet, UNetConfig
-from diffusekit.networks.vae import AutoencoderKL, VAEConfig
+from diffusekit.networks.unet import UNet
+from diffusekit.networks.vae import AutoencoderKL
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -52,7 +55,7 @@ def load_unet(
     ``dtype`` casts floating tensors (None keeps the file's dtype); ``variant`` picks
     ``diffusion_pytorch_model.<variant>.safetensors`` (e.g. "fp16"). Returns the model in eval mode.
     """
-    return _load(folder, "unet", UNetConfig.from_diffusers, UNet, dtype=dtype, device=device, variant=variant)
+    return _load(folder, "unet", unet_from_diffusers, UNet, dtype=dtype, device=device, variant=variant)
 
 
 def load_vae(
@@ -64,18 +67,18 @@ def load_vae(
 ) -> AutoencoderKL:
     """Load an ``AutoencoderKL`` folder (or a pipeline folder with ``vae/``); see :func:`load_unet`."""
     return _load(
-        folder, "vae", VAEConfig.from_diffusers, AutoencoderKL, dtype=dtype, device=device, variant=variant
+        folder, "vae", vae_from_diffusers, AutoencoderKL, dtype=dtype, device=device, variant=variant
     )
 
 
 def save_unet(model: UNet, folder: str | os.PathLike) -> None:
     """Write ``config.json`` (reference format) and ``diffusion_pytorch_model.safetensors``."""
-    _save(model, model.config.to_diffusers(), folder)
+    _save(model, unet_to_diffusers(model.config), folder)
 
 
 def save_vae(model: AutoencoderKL, folder: str | os.PathLike) -> None:
     """Write ``config.json`` (reference format, incl. ``scaling_factor``) and the safetensors weights."""
-    _save(model, model.config.to_diffusers(), folder)
+    _save(model, vae_to_diffusers(model.config), folder)
 
 
 # ---- shared machinery ----------------------------------------------------------------------------------

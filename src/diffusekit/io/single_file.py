@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from diffusekit.errors import ConfigError, DiffusekitError, WeightsError
 from diffusekit.io.text import SINGLE_FILE_PREFIX, load_tokenizer, to_reference_state_dict
+from diffusekit.io.text_encoder_config import text_encoder_from_diffusers, text_encoder_to_diffusers
 from diffusekit.io.weights import SafetensorsFile, save_weights
 from diffusekit.networks.text_encoder import ClipTextEncoder, TextEncoderConfig
 from diffusekit.networks.tokenizer import ClipTokenizer
@@ -429,8 +430,8 @@ def _text_config_from_dict(d: dict) -> TextEncoderConfig:
     if unknown:
         raise ConfigError(f"unknown text encoder config keys {unknown}")
     try:
-        # the round trip through the reference form applies from_hf's bounds and type checks
-        return TextEncoderConfig.from_hf(TextEncoderConfig(**d).to_hf())
+        # the round trip through the reference form applies its bounds and type checks
+        return text_encoder_from_diffusers(text_encoder_to_diffusers(TextEncoderConfig(**d)))
     except (TypeError, ValueError, OverflowError) as e:
         if isinstance(e, ConfigError):
             raise

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from diffusekit.errors import ConfigError, WeightsError
+from diffusekit.io.text_encoder_config import text_encoder_from_diffusers, text_encoder_to_diffusers
 from diffusekit.io.weights import load_weights, missing_weights, read_json, save_weights, write_json, write_text
 from diffusekit.limits import MAX_POSITIONS
-from diffusekit.networks.text_encoder import ClipTextEncoder, TextEncoderConfig
+from diffusekit.networks.text_encoder import ClipTextEncoder
 from diffusekit.networks.tokenizer import BOS_TOKEN, EOS_TOKEN, ClipTokenizer
 
 CONFIG_FILE = "config.json"
@@ -239,7 +240,7 @@ def load_text_encoder(
     folder = _resolve(folder, CONFIG_FILE, "text_encoder")
     config_path = folder / CONFIG_FILE
     try:
-        config = TextEncoderConfig.from_hf(read_json(config_path))
+        config = text_encoder_from_diffusers(read_json(config_path))
     except ConfigError as e:
         raise ConfigError(f"{config_path}: {e}") from None
     state, source = _load_state(folder)
@@ -255,7 +256,7 @@ def save_text_encoder(model: ClipTextEncoder, folder: str | os.PathLike, *, pref
     folder = Path(folder)
     state = to_reference_state_dict(model.state_dict(), prefix=prefix)
     save_weights(state, folder / WEIGHTS_FILE, metadata={"format": "pt"})
-    write_json(model.config.to_hf(), folder / CONFIG_FILE)
+    write_json(text_encoder_to_diffusers(model.config), folder / CONFIG_FILE)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ Supervision", sec. 2.4), as Stable Diffusion uses it for its ``context`` (cross-
 A GPT-2-style causal transformer: token + learned position embeddings, pre-LayerNorm blocks
 (``x += attn(ln1(x))``, ``x += mlp(ln2(x))``) with causal self-attention, and a final LayerNorm. The pooled
 feature is the final state at the first end-of-text token.
+
+The reference's ``config.json`` (``CLIPTextModel``) is translated to and from :class:`TextEncoderConfig` at
+the boundary, in ``diffusekit.io.text_encoder_config``.
 """
 
 from __future__ import annotations
@@ -15,29 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusekit.errors import ConfigError, check_choice, check_positive_int
-from diffusekit.limits import MAX_POSITIONS, MAX_TEXT_LAYERS, MAX_VOCAB, MAX_WIDTH, check_int, translating
+from diffusekit.errors import ConfigError, check_choice
+from diffusekit.limits import MAX_POSITIONS, MAX_TEXT_LAYERS, MAX_VOCAB, MAX_WIDTH, check_int
 from diffusekit.networks.layers import LayerNorm, Linear
 
 ACTIVATIONS = ("quick_gelu", "gelu")
-
-# The reference config keys we read, and the name of each in our config.
-_HF_KEYS = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "hidden_size",
-    "num_hidden_layers": "num_layers",
-    "num_attention_heads": "num_heads",
-    "intermediate_size": "mlp_size",
-    "max_position_embeddings": "max_positions",
-    "hidden_act": "activation",
-    "layer_norm_eps": "layer_norm_eps",
-}
-_HF_ID_KEYS = {"bos_token_id": "bos_id", "eos_token_id": "eos_id", "pad_token_id": "pad_id"}
-# Old CLIP configs (SD-1.x and SD-2.x text_encoder/config.json among them) carry placeholder special ids
-# bos=0, pad=1, eos=2; the reference then pools at argmax(input_ids), i.e. at the first occurrence of the
-# largest id, <|endoftext|> = vocab_size - 1. We translate that placeholder (or a missing eos id) into
-# CLIP's real ids here.
-_LEGACY_EOS_ID = 2
 
 
 @dataclass(frozen=True)
@@ -57,8 +42,7 @@ class TextEncoderConfig:
     pad_id: int = 49407  # informational: no padding mask is used (as in SD)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_size", "max_positions"):
-            check_positive_int(name, getattr(self, name))
+        _check_sizes(self)
         check_choice("activation", self.activation, ACTIVATIONS)
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
@@ -73,76 +57,17 @@ class TextEncoderConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    @classmethod
-    @translating("text encoder config")
-    def from_hf(cls, config: dict[str, Any]) -> TextEncoderConfig:
-        """Translate a reference ``CLIPTextModel`` ``config.json`` (or a ``CLIPModel`` one with a
-        ``text_config``). Unknown keys are ignored; a missing size key raises ConfigError naming it."""
-        if not isinstance(config, dict):
-            raise ConfigError(f"text encoder config must be a JSON object, got {type(config).__name__}")
-        if isinstance(config.get("text_config"), dict):
-            config = config["text_config"]
-        kwargs: dict[str, Any] = {}
-        for hf_key, ours in _HF_KEYS.items():
-            if hf_key in config:
-                kwargs[ours] = config[hf_key]
-            elif hf_key not in ("hidden_act", "layer_norm_eps"):
-                raise ConfigError(f"text encoder config lacks {hf_key!r} (needed for {ours})")
-        if "activation" in kwargs:
-            check_choice("hidden_act", kwargs["activation"], ACTIVATIONS)
-        vocab = kwargs["vocab_size"]
-        ids = {ours: config.get(hf_key) for hf_key, ours in _HF_ID_KEYS.items()}
-        if isinstance(vocab, int) and ids["eos_id"] in (None, _LEGACY_EOS_ID):
-            ids = {"bos_id": vocab - 2, "eos_id": vocab - 1, "pad_id": vocab - 1}  # CLIP's <|...|> tokens
-        elif isinstance(ids["eos_id"], int):
-            ids["bos_id"] = ids["eos_id"] - 1 if ids["bos_id"] is None else ids["bos_id"]
-            ids["pad_id"] = ids["eos_id"] if ids["pad_id"] is None else ids["pad_id"]
-        try:
-            return _check_limits(cls(**kwargs, **ids))
-        except ConfigError as e:  # name the key as the reference config spells it
-            message = str(e)
-            for hf_key, ours in {**_HF_KEYS, **_HF_ID_KEYS}.items():
-                if hf_key != ours and message.startswith(ours):
-                    message = f"{hf_key} ({ours}){message[len(ours) :]}"
-            raise ConfigError(message) from None
-
-    def to_hf(self) -> dict[str, Any]:
-        """The reference ``config.json`` for this encoder (``CLIPTextModel``)."""
-        return {
-            "architectures": ["CLIPTextModel"],
-            "model_type": "clip_text_model",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "intermediate_size": self.mlp_size,
-            "max_position_embeddings": self.max_positions,
-            "hidden_act": self.activation,
-            "layer_norm_eps": self.layer_norm_eps,
-            "bos_token_id": self.bos_id,
-            "eos_token_id": self.eos_id,
-            "pad_token_id": self.pad_id,
-            "projection_dim": self.hidden_size,
-            "attention_dropout": 0.0,
-            "dropout": 0.0,
-            "initializer_range": 0.02,
-            "initializer_factor": 1.0,
-            "torch_dtype": "float32",
-        }
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _check_limits(c: TextEncoderConfig) -> TextEncoderConfig:
-    """Refuse sizes beyond ``diffusekit.limits`` before any module is built (our field names, which
-    ``from_hf`` turns into the reference's)."""
+def _check_sizes(c: TextEncoderConfig) -> None:
+    """Refuse sizes beyond ``diffusekit.limits`` (and values of the wrong type) before any module is built."""
     check_int("vocab_size", c.vocab_size, 1, MAX_VOCAB)
     for name in ("hidden_size", "mlp_size", "num_heads"):
         check_int(name, getattr(c, name), 1, MAX_WIDTH)
     check_int("num_layers", c.num_layers, 1, MAX_TEXT_LAYERS)
     check_int("max_positions", c.max_positions, 1, MAX_POSITIONS)
-    return c
 
 
 # Named sizes. "sd1": OpenAI CLIP ViT-L/14 text tower (SD-1.x). "sd2": OpenCLIP ViT-H/14 text tower as SD-2.x

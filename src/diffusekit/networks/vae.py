@@ -11,7 +11,8 @@ blended linearly, so memory stays bounded by the tile size (a 1024x1024 decode n
 one tile at a time).
 
 Module names follow the reference weight layout (``encoder.down_blocks.0.resnets.0.conv1``,
-``quant_conv``), so a diffusers ``AutoencoderKL`` state dict loads as it is.
+``quant_conv``), so a diffusers ``AutoencoderKL`` state dict loads as it is; its ``config.json`` is
+translated to and from :class:`VAEConfig` at the boundary, in ``diffusekit.io.vae_config``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusekit.errors import ConfigError, check_choice
+from diffusekit.errors import ConfigError
 from diffusekit.limits import (
     MAX_LAYERS_PER_BLOCK,
     MAX_LEVELS,
@@ -77,12 +78,7 @@ class VAEConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(self.channels))
-        if not self.channels:
-            raise ConfigError("channels must list at least one level")
-        for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_groups"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        _check_sizes(self)
         for level, ch in enumerate(self.channels):
             if ch % self.norm_groups:
                 raise ConfigError(
@@ -109,94 +105,19 @@ class VAEConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown VAEConfig keys {unknown}; known keys: {sorted(known)}")
-        return _check_vae_limits(cls(**d))
-
-    @classmethod
-    @translating("VAE config", names={"channels": "block_out_channels", "norm_groups": "norm_num_groups"})
-    def from_diffusers(cls, d: dict[str, Any]) -> VAEConfig:
-        """Translate a reference ``AutoencoderKL`` ``config.json`` dict (unknown keys ignored; values we
-        do not implement raise ConfigError naming the key and the allowed values)."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"a VAE config must be a JSON object, got {type(d).__name__}")
-        check_choice("_class_name", d.get("_class_name", "AutoencoderKL"), ("AutoencoderKL",))
-        d = {**_VAE_DEFAULTS, **{k: v for k, v in d.items() if not k.startswith("_")}}
-        check_choice("act_fn", d["act_fn"], ("silu",))
-        for key in ("latents_mean", "latents_std"):
-            check_choice(key, d[key], (None,))
-        channels = d["block_out_channels"]
-        if not isinstance(channels, list | tuple):
-            raise ConfigError(f"block_out_channels must be a list of integers, got {channels!r}")
-        channels = tuple(channels)
-        n = check_int("len(block_out_channels)", len(channels), 1, MAX_LEVELS)
-        for key in ("down_block_types", "up_block_types"):
-            if not isinstance(d[key], list | tuple):
-                raise ConfigError(f"{key} must be a list of block names, got {d[key]!r}")
-        if list(d["down_block_types"]) != ["DownEncoderBlock2D"] * n:
-            raise ConfigError(
-                f"down_block_types={d['down_block_types']!r} is not supported; "
-                f"allowed value: {['DownEncoderBlock2D'] * n!r}"
-            )
-        if list(d["up_block_types"]) != ["UpDecoderBlock2D"] * n:
-            raise ConfigError(
-                f"up_block_types={d['up_block_types']!r} is not supported; "
-                f"allowed value: {['UpDecoderBlock2D'] * n!r}"
-            )
-        sample_size = d["sample_size"]
-        if isinstance(sample_size, list | tuple) and sample_size:
-            sample_size = sample_size[0]
-        config = cls(
-            in_channels=d["in_channels"],
-            out_channels=d["out_channels"],
-            latent_channels=d["latent_channels"],
-            channels=channels,
-            layers_per_block=d["layers_per_block"],
-            norm_groups=d["norm_num_groups"],
-            mid_attention=check_flag("mid_block_add_attention", d["mid_block_add_attention"]),
-            use_quant_conv=check_flag("use_quant_conv", d["use_quant_conv"]),
-            use_post_quant_conv=check_flag("use_post_quant_conv", d["use_post_quant_conv"]),
-            scaling_factor=check_float("scaling_factor", d["scaling_factor"], 0.0, 1e6, open_low=True),
-            shift_factor=(
-                None if d["shift_factor"] is None else check_float("shift_factor", d["shift_factor"], -1e6, 1e6)
-            ),
-            sample_size=sample_size,
-        )
-        return _check_vae_limits(config)
-
-    def to_diffusers(self) -> dict[str, Any]:
-        """The reference ``AutoencoderKL`` ``config.json`` for this config."""
-        n = len(self.channels)
-        return {
-            "_class_name": "AutoencoderKL",
-            "act_fn": "silu",
-            "block_out_channels": list(self.channels),
-            "down_block_types": ["DownEncoderBlock2D"] * n,
-            "force_upcast": True,
-            "in_channels": self.in_channels,
-            "latent_channels": self.latent_channels,
-            "latents_mean": None,
-            "latents_std": None,
-            "layers_per_block": self.layers_per_block,
-            "mid_block_add_attention": self.mid_attention,
-            "norm_num_groups": self.norm_groups,
-            "out_channels": self.out_channels,
-            "sample_size": self.sample_size,
-            "scaling_factor": self.scaling_factor,
-            "shift_factor": self.shift_factor,
-            "up_block_types": ["UpDecoderBlock2D"] * n,
-            "use_post_quant_conv": self.use_post_quant_conv,
-            "use_quant_conv": self.use_quant_conv,
-        }
+        return cls(**d)
 
 
-def _check_vae_limits(c: VAEConfig) -> VAEConfig:
-    """Refuse sizes beyond ``diffusekit.limits`` (and non-finite floats) before any module is built."""
+def _check_sizes(c: VAEConfig) -> None:
+    """Refuse sizes beyond ``diffusekit.limits``, values of the wrong type and non-finite floats, before any
+    module is built (and before the shape checks do arithmetic on them)."""
+    check_int("number of levels (channels)", len(c.channels), 1, MAX_LEVELS)
     for name in ("in_channels", "out_channels", "latent_channels"):
         check_int(name, getattr(c, name), 1, MAX_WIDTH)
-    check_int("number of levels (block_out_channels)", len(c.channels), 1, MAX_LEVELS)
     for level, ch in enumerate(c.channels):
-        check_int(f"block_out_channels[{level}]", ch, 1, MAX_WIDTH)
+        check_int(f"channels[{level}]", ch, 1, MAX_WIDTH)
     check_int("layers_per_block", c.layers_per_block, 1, MAX_LAYERS_PER_BLOCK)
-    check_int("norm_num_groups", c.norm_groups, 1, MAX_WIDTH)
+    check_int("norm_groups", c.norm_groups, 1, MAX_WIDTH)
     if c.sample_size is not None:
         check_int("sample_size", c.sample_size, 1, MAX_SAMPLE_SIZE)
     check_float("scaling_factor", c.scaling_factor, 0.0, 1e6, open_low=True)
@@ -204,28 +125,7 @@ def _check_vae_limits(c: VAEConfig) -> VAEConfig:
         check_float("shift_factor", c.shift_factor, -1e6, 1e6)
     for name in ("mid_attention", "use_quant_conv", "use_post_quant_conv"):
         check_flag(name, getattr(c, name))
-    return c
 
-
-_VAE_DEFAULTS: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D"],
-    "block_out_channels": [64],
-    "layers_per_block": 1,
-    "act_fn": "silu",
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 32,
-    "scaling_factor": 0.18215,
-    "shift_factor": None,
-    "latents_mean": None,
-    "latents_std": None,
-    "use_quant_conv": True,
-    "use_post_quant_conv": True,
-    "mid_block_add_attention": True,
-}
 
 #: Named presets (the registry of STYLE.md point 5).
 VAE_PRESETS: dict[str, VAEConfig] = {
