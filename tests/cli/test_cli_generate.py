@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +15,15 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
-from diffusekit.cli.generate import (
-    METADATA_KEY,
-    PngWriter,
-    parse_size,
-    read_png_metadata,
-    settings_from_metadata,
-)
+from diffusekit.cli import generate
 from diffusekit.cli.main import main
-from diffusekit.errors import ConfigError
+from diffusekit.errors import ConfigError, OutputError
+from diffusekit.io.png import PngWriter
+from diffusekit.pipelines.recipe import METADATA_KEY, parse_size, read_png_metadata, recipe_from_metadata
+
+
+def settings_from_metadata(meta: dict, path: Path):
+    return recipe_from_metadata(meta, f"--replay {path}")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -61,7 +66,10 @@ def txt2img_run(sd_folder, tmp_path_factory) -> tuple[Path, list[Path]]:
     argv = ["txt2img", "--model", str(sd_folder), "a red fox in the snow", "--negative", "blurry", "--n", "2",
             "--steps", "2", "--size", "16x16", "--seed", "7", "--sampler", "euler-a", "--out", str(out),
             "--quiet"]  # fmt: skip
-    assert main(argv) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv) == 0
+    assert not [str(w.message) for w in caught]  # nothing for the CLI's warning hook to print
     return out, sorted(out.glob("*.png"))
 
 
@@ -140,14 +148,22 @@ def test_png_writer_takes_the_next_free_name(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        (["--size", "20x16"], "--size width must be a multiple of 8"),
+        (["--size", "20x16"], "--size must be WIDTHxHEIGHT in pixels (or one number for a square), each a multiple "
+                              "of 8 from 8 to 16384, e.g. 512x768; got '20x16' (20 is not allowed)"),
         (["--size", "big"], "--size must be WIDTHxHEIGHT"),
+        (["--size", "-16x16"], "--size must be WIDTHxHEIGHT in pixels (or one number for a square), each a multiple "
+                               "of 8 from 8 to 16384, e.g. 512x768; got '-16x16' (-16 is not allowed)"),
+        (["--size", "16x0"], "got '16x0' (0 is not allowed)"),
         (["--steps", "0"], "--steps must be an integer in [1, 1000]"),
-        (["--guidance", "-1"], "--guidance must be in [0.0, 1000.0]"),
+        (["--guidance", "-1"], "--guidance must be a finite number in [0.0, 1000.0]"),
+        (["--guidance", "-1e3"], "--guidance must be a finite number in [0.0, 1000.0]"),
+        (["--guidance", "inf"], "--guidance must be a finite number"),
         (["--sampler", "heun"], "invalid choice: 'heun'"),
         (["--seed", "-1"], "--seed must be an integer in [0,"),
         (["--eta", "0.3"], "--eta applies to the ddim sampler only"),
         (["--n", "0"], "--n must be an integer in [1, 10000]"),
+        (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+        (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_txt2img_bad_input_is_a_one_line_error(sd_folder, tmp_path, capsys, extra, expected):
@@ -166,18 +182,31 @@ def test_other_bad_inputs(sd_folder, tmp_path, capsys):
     common = ["--model", str(sd_folder), "--out", str(tmp_path / "out"), "--quiet", "--steps", "2"]
     cases = [
         (["txt2img", *common], "no prompt given"),
-        (["img2img", *common, "a", "--image", str(png), "--strength", "1.5"], "--strength must be in [0.0, 1.0]"),
+        (["img2img", *common, "a", "--image", str(png), "--strength", "1.5"],
+         "--strength must be a finite number in [0.0, 1.0]"),
         (["img2img", *common, "a"], "--image FILE is required"),
         (["inpaint", *common, "a", "--image", str(png), "--mask", str(tmp_path / "mask.png")],
          "--mask is 24x24 but --image is 16x16"),
         (["txt2img", "--model", str(tmp_path / "nowhere"), "a", "--out", str(tmp_path)], "no such folder or file"),
         (["img2img", *common, "a", "--image", str(tmp_path / "mask.png"), "--size", "12x12"], "multiple of 8"),
         (["img2img", *common, "a", "--image", str(tmp_path / "small.png")], "--image is 12x12 pixels"),
+        # messages name the options, not the library's parameters (strength=, steps=, num_inference_steps=)
+        (["img2img", *common, "a", "--image", str(png), "--strength", "0.2"],
+         "--strength 0.2 with --steps 2 runs no denoising step"),
+        (["img2img", *common, "a", "--image", str(png), "--strength", "0"], "raise --strength or --steps"),
+        (["txt2img", *common, "x" * 10_001], "PROMPT must be a string of at most 10000 characters"),
+        (["txt2img", *common, "a", "--negative", "x" * 10_001], "--negative must be a string of at most"),
+        (["txt2img", *common, "a", "--eta", "0.5"], "--eta applies to the ddim sampler only; this model's own "
+                                                   "sampler is pndm (set --sampler to ddim)"),
+        (["img2img", *common, "a", "--image", str(tmp_path / "absent.png")], "--image"),
+        (["inpaint", *common, "a", "--image", str(png), "--mask", str(tmp_path)], "--mask"),
     ]  # fmt: skip
     for argv, expected in cases:
         code, written, err = run(argv, capsys)
         assert code == 2 and not written, argv
         assert expected in err, (argv, err)
+        assert "=" not in err.replace("--size=", ""), err  # no library parameter names (steps=2)
+        assert "Traceback" not in err and "Warning" not in err, err
     assert not (tmp_path / "out").exists()  # nothing created for a failed run
 
 
@@ -218,6 +247,7 @@ def test_hostile_pngs_give_config_errors(txt2img_run, tmp_path, capsys):
         (_png_with(tmp_path, "missing.png", {METADATA_KEY: json.dumps({"format": good["format"],
                                                                       "format_version": 1})}), "lacks"),
         (_png_with(tmp_path, "mode.png", {METADATA_KEY: variant(mode="img2img")}), "field 'strength'"),
+        (_png_with(tmp_path, "inf.png", {METADATA_KEY: variant(guidance=float("inf"))}), "field 'guidance'"),
         (tmp_path / "absent.png", "file not found"),
     ]  # fmt: skip
     for path, expected in cases:
@@ -233,6 +263,8 @@ def test_parse_size():
     assert parse_size("64") == (64, 64)
     with pytest.raises(ConfigError, match="multiple of 8"):
         parse_size("512x500")
+    with pytest.raises(ConfigError, match=r"^--size must be WIDTHxHEIGHT .* from 8 to 16384"):
+        parse_size("16384x16392", "--size")
 
 
 def test_help_reads_like_a_manual(capsys):
@@ -249,3 +281,105 @@ def test_help_reads_like_a_manual(capsys):
                    "--seed", "--size", "--n", "--out", "--replay", "--quiet", "--allow-pickle", "default 25",
                    "pixels"):  # fmt: skip
         assert option in text, option
+
+
+def _refuse_to_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the output folder was checked")
+
+
+def test_an_unusable_out_fails_before_the_model_loads(sd_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(generate, "load_model", _refuse_to_load)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cases = [
+        (blocker, f"--out {blocker}: is a file, not a folder"),
+        (blocker / "sub", f"--out {blocker / 'sub'}: is inside {blocker}, which is a file, not a folder"),
+    ]
+    for out, expected in cases:
+        code, written, err = run(["txt2img", "--model", str(sd_folder), "a", "--out", str(out), "--quiet"], capsys)
+        assert code == 2 and not written and expected in err, err
+    assert blocker.read_text() == "not a folder"
+
+
+@contextlib.contextmanager
+def _as_nobody():
+    """Run the block with the effective uid of 'nobody' when we are root (root writes into read-only folders)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
+def test_a_read_only_out_fails_before_the_model_loads(sd_folder, capsys):
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o755)
+        read_only = Path(tmp) / "read-only"
+        read_only.mkdir(mode=0o555)
+        read_only.chmod(0o555)
+        missing_model = Path(tmp) / "no-model"  # if the model were looked at first, this would be the error
+        with _as_nobody():
+            for out in (read_only, read_only / "new"):
+                code, written, err = run(["txt2img", "--model", str(missing_model), "a", "--out", str(out),
+                                          "--quiet"], capsys)  # fmt: skip
+                assert code == 2 and not written, err
+                assert f"--out {out}: cannot" in err and "Permission denied" in err, err
+        assert list(read_only.iterdir()) == []
+
+
+def test_a_failed_run_leaves_no_folder_it_created(tmp_path, capsys):
+    out = tmp_path / "new" / "deeper"
+    code, written, err = run(["txt2img", "--model", str(tmp_path / "nowhere"), "a", "--out", str(out)], capsys)
+    assert code == 2 and "no such folder or file" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_png_writer_prepare_and_discard(tmp_path):
+    writer = PngWriter(tmp_path / "a" / "b", where="--out a/b")
+    writer.prepare()
+    assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "a" / "b").iterdir()) == []  # no probe left
+    writer.discard()
+    assert not (tmp_path / "a").exists()
+    writer = PngWriter(tmp_path / "c")
+    writer.write(Image.new("RGB", (8, 8)), 1, {})
+    writer.discard()  # a folder holding an image stays
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["00000-1.png"]
+    assert (tmp_path / "c" / "00000-1.png").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        PngWriter(tmp_path / "c" / "00000-1.png").prepare()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_replay_after_the_weights_changed_names_the_weights(sd_folder, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(sd_folder, model)
+    for p in model.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    code, made, _ = run(["txt2img", "--model", str(model), "a boat", "--size", "16x16", "--steps", "2", "--out",
+                         str(tmp_path / "out"), "--quiet"], capsys)  # fmt: skip
+    assert code == 0
+    code, again, err = run(["txt2img", "--replay", str(made[0])], capsys)
+    assert code == 0 and "identical" in err
+
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    key = next(k for k in sorted(tensors) if k.startswith("conv_out") and k.endswith("weight"))
+    tensors[key] = tensors[key] * 3
+    save_file(tensors, str(weights))
+    code, again, err = run(["txt2img", "--replay", str(made[0])], capsys)
+    assert code == 0 and not np.array_equal(pixels(again[0]), pixels(made[0]))
+    assert "warning: the model's weights differ from the ones that made this image" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"replay: differs from {made[0]}") and "the model's weights differ" in last, err
+    assert "a different machine" not in err

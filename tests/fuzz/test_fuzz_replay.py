@@ -3,13 +3,15 @@
 A real PNG is made once with ``diffusekit txt2img`` on the tiny fixture pipeline. Cases: its bytes truncated
 and corrupted; its ``diffusekit`` metadata replaced by mutated settings (wrong types, huge sizes and step
 counts, NaN, unknown samplers, paths to missing, hostile or pickled files), random text, invalid or deeply
-nested JSON, a compressed chunk that inflates to a huge size. Contract (see ``fuzzing``): the
+nested JSON, a compressed chunk that inflates to a huge size; and the same recipes as JSON objects sent to
+``Recipe.from_dict`` (as a server receives them). Contract (see ``fuzzing``): the
 replay makes an image, or raises a DiffusekitError naming the PNG, a field or an option -- and never reads a
 pickle, whatever the PNG says.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import zlib
@@ -20,8 +22,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
-from diffusekit.cli.generate import METADATA_KEY, read_png_metadata, settings_from_metadata
 from diffusekit.cli.main import build_parser
+from diffusekit.pipelines.recipe import METADATA_KEY, Recipe, read_png_metadata, recipe_from_metadata
 from fuzzing import Tally, examples, json_values, mutated, session_tally, string_values
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
@@ -48,6 +50,10 @@ def made(tmp_path_factory) -> tuple[Path, dict]:
              "--out", str(out), "--quiet"])  # fmt: skip
     png = next(out.glob("*.png"))
     return png, read_png_metadata(png)
+
+
+def settings_from_metadata(meta: dict, path: Path) -> Recipe:
+    return recipe_from_metadata(meta, f"--replay {path}")
 
 
 def write_png(path: Path, text: str | None, *, compressed: bool = False) -> Path:
@@ -108,6 +114,23 @@ def test_replay_run(tally, tmp_path_factory, made, data):
     names = [str(path), "--replay", "--", *([str(change["model"])] if change.get("model") else [])]
     tally.check("--replay run", lambda: _replay(path, out), names=names,
                 describe=lambda: repr(change))  # fmt: skip
+
+
+@examples(200)
+@given(data=st.data())
+def test_recipe_from_a_json_body(tally, made, data):
+    """A recipe sent as a JSON object (as a server receives it): a recipe or a ConfigError naming the field;
+    what is accepted serialises to standard JSON that reads back to the same recipe."""
+    _, meta = made
+    body = {f.name: meta[f.name] for f in dataclasses.fields(Recipe)}
+    strings = [*string_values(body), "dpm++2m", "euler-a", "float16", "img2img", "inpaint"]
+    mutated_body = data.draw(mutated(body, strings, max_ops=4))
+    recipe = tally.check("recipe from JSON", lambda: Recipe.from_dict(mutated_body), names=["field '"],
+                         describe=lambda: repr(mutated_body))  # fmt: skip
+    if recipe is not None:
+        text = recipe.to_json()
+        assert Recipe.from_dict(json.loads(text)) == recipe
+        assert "NaN" not in text and "Infinity" not in text
 
 
 HOSTILE_TEXTS = st.one_of(

@@ -1,0 +1,474 @@
+"""The generation recipe: everything that decides one generated image, as a validated record.
+
+A :class:`Recipe` is built from a dict (a JSON body, a PNG's metadata, the command line's options) and
+checked field by field; every message names the field in the caller's vocabulary through a ``name``
+function (the command line maps ``steps`` to ``--steps``, a PNG reader to ``--replay X.png: field 'steps'``,
+a JSON API to ``field 'steps'``). It serialises back to standard JSON (never NaN or Infinity), is stored in
+the PNGs it makes (a ``diffusekit`` JSON text chunk and a human-readable ``parameters`` chunk, as other SD
+tools write it), and runs against a loaded :class:`StableDiffusion` with :func:`resolve` and :func:`generate`.
+
+Image i of a run gets its own generator seeded with its own seed (``generators_from_seeds``), so a replay of
+one image on the same machine, device and dtype reproduces it bit for bit. A replay that differs says why
+(:func:`replay_differences`): the model's files, the input images, the device or the batch it was made in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from diffusekit.errors import ConfigError, DiffusekitError
+from diffusekit.limits import check_float, check_int
+from diffusekit.pipelines.common import generators_from_seeds
+from diffusekit.pipelines.stable_diffusion import StableDiffusion
+from diffusekit.samplers.config import ALIASES, SAMPLERS
+
+MODES = ("txt2img", "img2img", "inpaint")
+USER_SAMPLERS = ("dpm++2m", "euler", "euler-a", "ddim", "pndm", "ddpm")  # the spellings users type, first
+# every accepted spelling -> our sampler name
+SAMPLER_NAMES = {"dpm++2m": "dpmpp_2m", "euler": "euler", "euler-a": "euler_ancestral", "ddim": "ddim",
+                 "pndm": "pndm", "ddpm": "ddpm", **ALIASES, **{s: s for s in SAMPLERS}}  # fmt: skip
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_SEED = 2**63 - 1
+MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 8, 16384, 8  # pixels; guards replays of hostile files as much as typos
+MAX_STEPS = 1000
+MAX_GUIDANCE = 1000.0
+MAX_PROMPT_CHARS = 10_000
+MAX_PATH_CHARS = 4096
+DEFAULTS: dict[str, Any] = {"negative_prompt": "", "seed": 0, "steps": 25, "guidance": 7.5, "sampler": None,
+                            "width": None, "height": None, "eta": None, "tokenizer": None, "image": None,
+                            "mask": None, "dtype": "float32"}  # fmt: skip
+DEFAULT_STRENGTH = {"txt2img": None, "img2img": 0.6, "inpaint": 1.0}
+
+METADATA_KEY = "diffusekit"  # PNG text chunk holding the JSON metadata
+PARAMETERS_KEY = "parameters"  # PNG text chunk in the human-readable form other SD tools use
+METADATA_FORMAT = "diffusekit-generation"
+METADATA_VERSION = 1
+MAX_METADATA_CHARS = 1_000_000
+
+Namer = Callable[[str], str]
+
+
+def json_field(field: str) -> str:
+    """The default vocabulary: a recipe's own field names, as the keys of its JSON form."""
+    return f"field '{field}'"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The record and its validation
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides one generated image (besides the machine). ``sampler=None`` means the
+    model's own sampler; ``width``/``height`` None mean the model's native size (txt2img) or the input
+    image's size (img2img, inpaint). ``model``, ``tokenizer``, ``image`` and ``mask`` are paths."""
+
+    mode: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    sampler: str | None
+    width: int | None
+    height: int | None
+    eta: float | None
+    strength: float | None
+    model: str
+    tokenizer: str | None
+    image: str | None
+    mask: str | None
+    dtype: str
+
+    @classmethod
+    def from_dict(
+        cls, data: Any, *, name: Namer = json_field, complete: bool = False, allow_unknown: bool = False
+    ) -> Recipe:
+        """A validated recipe from a JSON-like dict. ``complete``: every field must be present (a PNG's
+        metadata); else ``mode``, ``prompt`` and ``model`` must be, and the others take their defaults.
+        Keys that are no field are refused unless ``allow_unknown`` (a PNG carries provenance beside them)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a recipe must be a JSON object, got {_short(type(data).__name__)}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not allow_unknown:
+            unknown = sorted(str(k) for k in data if k not in names)
+            if unknown:
+                raise ConfigError(f"unknown {', '.join(map(name, unknown))}; the fields are {', '.join(names)}")
+        required = names if complete else ["mode", "prompt", "model"]
+        missing = [n for n in required if n not in data]
+        if missing:
+            raise ConfigError(f"missing {', '.join(map(name, missing))}")
+        mode = data["mode"]
+        defaults = {**DEFAULTS, "strength": DEFAULT_STRENGTH.get(mode) if isinstance(mode, str) else None}
+        values = {n: data[n] if n in data else defaults[n] for n in names}
+        for n in ("guidance", "eta", "strength"):  # JSON writes 7.0 as 7
+            if type(values[n]) is int:
+                values[n] = float(values[n])
+        return cls(**values).validated(name)
+
+    def validated(self, name: Namer = json_field) -> Recipe:
+        """This recipe if every field is valid; else a ConfigError naming the field as ``name(field)``."""
+        if not isinstance(self.mode, str) or self.mode not in MODES:
+            raise ConfigError(f"{name('mode')} must be one of {', '.join(MODES)}, got {_short(self.mode)}")
+        check_text(name("prompt"), self.prompt)
+        check_text(name("negative_prompt"), self.negative_prompt)
+        check_int(name("seed"), self.seed, 0, MAX_SEED)
+        check_int(name("steps"), self.steps, 1, MAX_STEPS)
+        check_float(name("guidance"), self.guidance, 0.0, MAX_GUIDANCE)
+        check_sampler(name("sampler"), self.sampler)
+        for field in ("width", "height"):
+            if getattr(self, field) is not None:
+                check_side(name(field), getattr(self, field))
+        if (self.width is None) != (self.height is None):
+            raise ConfigError(f"{name('width')} and {name('height')} must be given together")
+        if self.eta is not None:
+            check_float(name("eta"), self.eta, 0.0, 1.0)
+            if self.sampler not in (None, "ddim"):
+                raise ConfigError(f"{name('eta')} applies to the ddim sampler only, not {self.sampler}")
+        if self.mode == "txt2img":
+            for field in ("strength", "image", "mask"):
+                if getattr(self, field) is not None:
+                    raise ConfigError(f"{name(field)} is not used by txt2img (it takes no input image)")
+        else:
+            check_float(name("strength"), self.strength, 0.0, 1.0)
+            if int(self.steps * self.strength) < 1:  # the rule of stable_diffusion.grid_for
+                raise ConfigError(
+                    f"{name('strength')} {self.strength} with {name('steps')} {self.steps} runs no denoising "
+                    f"step ({name('steps')} x {name('strength')} rounds down to 0); raise {name('strength')} or "
+                    f"{name('steps')}"
+                )
+            check_path(name("image"), self.image)
+            if self.mode == "inpaint":
+                check_path(name("mask"), self.mask)
+            elif self.mask is not None:
+                raise ConfigError(f"{name('mask')} is used by inpaint only, not by {self.mode}")
+        check_path(name("model"), self.model)
+        if self.tokenizer is not None:
+            check_path(name("tokenizer"), self.tokenizer)
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
+            raise ConfigError(f"{name('dtype')} must be one of {', '.join(DTYPES)}, got {_short(self.dtype)}")
+        return self
+
+    def replace(self, **changes: Any) -> Recipe:
+        """A copy with ``changes`` (not validated: call :meth:`validated`)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict of JSON values (what :meth:`from_dict` reads back)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """Standard JSON (never NaN or Infinity: the fields are validated finite)."""
+        return json.dumps(self.to_dict(), ensure_ascii=True, sort_keys=True, allow_nan=False)
+
+
+def check_text(where: str, value: Any, limit: int = MAX_PROMPT_CHARS) -> str:
+    """``value`` if it is a string of at most ``limit`` characters; else a ConfigError naming ``where``."""
+    if not isinstance(value, str) or len(value) > limit:
+        raise ConfigError(f"{where} must be a string of at most {limit} characters, got {_short(value)}")
+    return value
+
+
+def check_path(where: str, value: Any) -> str:
+    """A non-empty path string of sane length."""
+    check_text(where, value, MAX_PATH_CHARS)
+    if not value:
+        raise ConfigError(f"{where} must name a file or folder, got an empty string")
+    return value
+
+
+def check_sampler(where: str, value: Any) -> str | None:
+    """A sampler name as users type it -> ours (None stays None: the model's own sampler)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in SAMPLER_NAMES:
+        raise ConfigError(f"{where} must be one of {', '.join(USER_SAMPLERS)}, got {_short(value)}")
+    return SAMPLER_NAMES[value]
+
+
+def check_side(where: str, value: Any) -> int:
+    """An image side in pixels: an integer in [MIN_SIDE, MAX_SIDE], a multiple of SIDE_MULTIPLE."""
+    check_int(where, value, MIN_SIDE, MAX_SIDE)
+    if value % SIDE_MULTIPLE:
+        raise ConfigError(f"{where} must be a multiple of {SIDE_MULTIPLE}, got {value}")
+    return value
+
+
+SIZE_FORM = (f"WIDTHxHEIGHT in pixels (or one number for a square), each a multiple of {SIDE_MULTIPLE} from "
+             f"{MIN_SIDE} to {MAX_SIDE}, e.g. 512x768")  # fmt: skip
+
+
+def parse_size(text: str, where: str = "size") -> tuple[int, int]:
+    """``"512x768"`` (width x height) or ``"512"`` (a square) -> (width, height); else a ConfigError naming
+    ``where`` with the allowed form and bounds."""
+    m = re.fullmatch(r"\s*([+-]?\d{1,9})\s*(?:[xX\u00d7*]\s*([+-]?\d{1,9}))?\s*", text)
+    if not m:
+        raise ConfigError(f"{where} must be {SIZE_FORM}; got {_short(text)}")
+    width, height = int(m.group(1)), int(m.group(2) or m.group(1))
+    for side in (width, height):
+        if not MIN_SIDE <= side <= MAX_SIDE or side % SIDE_MULTIPLE:
+            raise ConfigError(f"{where} must be {SIZE_FORM}; got {_short(text)} ({side} is not allowed)")
+    return width, height
+
+
+def _short(value: Any) -> str:
+    text = str(value) if isinstance(value, Exception) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PNG metadata
+
+
+def to_metadata(recipe: Recipe, *, width: int, height: int, sampler: str, provenance: Mapping[str, Any]) -> dict:
+    """The JSON object stored in a PNG: the recipe with the size and sampler it ran with, plus
+    ``provenance`` (device, batch size, input-file hashes, model fingerprints, ...)."""
+    from diffusekit import __version__
+
+    data = recipe.replace(width=width, height=height, sampler=sampler).to_dict()
+    return {"format": METADATA_FORMAT, "format_version": METADATA_VERSION, "diffusekit_version": __version__,
+            **data, **provenance}  # fmt: skip
+
+
+def png_text(meta: Mapping[str, Any]) -> dict[str, str]:
+    """The PNG text chunks of ``meta``: the JSON object (standard JSON only) and the readable summary."""
+    return {METADATA_KEY: json.dumps(meta, ensure_ascii=True, sort_keys=True, allow_nan=False),
+            PARAMETERS_KEY: parameters_text(meta)}  # fmt: skip
+
+
+def parameters_text(meta: Mapping[str, Any]) -> str:
+    """The human-readable ``parameters`` chunk: prompt, negative prompt, then ``Key: value`` pairs."""
+    fields = [
+        ("Steps", meta["steps"]),
+        ("Sampler", meta["sampler"]),
+        ("CFG scale", meta["guidance"]),
+        ("Seed", meta["seed"]),
+        ("Size", f"{meta['width']}x{meta['height']}"),
+        ("Model", Path(meta["model"]).name),
+        ("Denoising strength", meta["strength"]),
+        ("Eta", meta["eta"]),
+        ("Mode", meta["mode"]),
+        ("Version", f"diffusekit {meta['diffusekit_version']}"),
+    ]
+    pairs = ", ".join(f"{k}: {v}" for k, v in fields if v is not None)
+    lines = [meta["prompt"]]
+    if meta["negative_prompt"]:
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    return "\n".join([*lines, pairs])
+
+
+def read_png_metadata(path: str | os.PathLike, where: str = "--replay") -> dict[str, Any]:
+    """The ``diffusekit`` JSON object of a PNG this library wrote; a ConfigError starting with ``where`` for
+    anything else (missing or unreadable file, not a PNG, no or malformed chunk) -- never a crash on a
+    hostile file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: file not found: {path}")
+    where = f"{where} {path}"
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                raise ConfigError(f"{where}: not a PNG image (format {im.format})")
+            text = im.info.get(METADATA_KEY)
+    except DiffusekitError:
+        raise
+    except Exception as e:  # Pillow raises many types for malformed files; all mean "unreadable"
+        raise ConfigError(f"{where}: not a readable PNG ({type(e).__name__}: {_short(str(e))})") from None
+    if text is None:
+        raise ConfigError(f"{where}: the PNG has no '{METADATA_KEY}' metadata; only images written by "
+                          "diffusekit txt2img/img2img/inpaint can be replayed")  # fmt: skip
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    if not isinstance(text, str) or len(text) > MAX_METADATA_CHARS:
+        raise ConfigError(f"{where}: the '{METADATA_KEY}' metadata is not text of a sane length")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{where}: the '{METADATA_KEY}' metadata is not valid JSON ({_short(e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the '{METADATA_KEY}' metadata is not a JSON object")
+    if data.get("format") != METADATA_FORMAT or data.get("format_version") != METADATA_VERSION:
+        raise ConfigError(
+            f"{where}: unknown metadata format {_short(data.get('format'))} version "
+            f"{_short(data.get('format_version'))}; this diffusekit reads {METADATA_FORMAT} version {METADATA_VERSION}"
+        )
+    return data
+
+
+def recipe_from_metadata(data: Mapping[str, Any], where: str) -> Recipe:
+    """The validated recipe of a PNG's metadata; messages read ``{where}: field 'steps' ...``."""
+    missing = [f.name for f in dataclasses.fields(Recipe) if f.name not in data]
+    if missing:
+        raise ConfigError(f"{where}: the metadata lacks {', '.join(missing)}")
+    return Recipe.from_dict(data, name=lambda field: f"{where}: field '{field}'", complete=True, allow_unknown=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Provenance: what else decides the pixels, recorded to explain a replay that differs
+
+_CAUSES = (
+    ("model_weights", "the model's weights differ from the ones that made this image"),
+    ("model_config", "the model's config or tokenizer files differ from the ones that made this image"),
+    ("image_sha256", "the input image file differs from the one this image was made from"),
+    ("mask_sha256", "the mask file differs from the one this image was made from"),
+)
+
+
+def replay_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Why a replay may not reproduce a PNG: the provenance it recorded against the replay's, most decisive
+    cause first (changed model files, changed inputs, another device or diffusekit version, a batch). Empty
+    where nothing recorded differs (then only another machine is left)."""
+    causes = [text for key, text in _CAUSES if recorded.get(key) not in (None, current.get(key))]
+    if recorded.get("device") not in (None, current.get("device")):
+        causes.append(f"it was made on {str(recorded['device'])[:60]}, replayed on {current.get('device')}")
+    from diffusekit import __version__
+
+    if recorded.get("diffusekit_version") not in (None, __version__):
+        made_by = str(recorded["diffusekit_version"])[:60]
+        causes.append(f"it was made by diffusekit {made_by}, replayed with {__version__}")
+    batch = recorded.get("batch_size")
+    if isinstance(batch, int) and batch > 1:
+        causes.append(f"it was made in a batch of {batch}; images of a batch equal the one made alone only "
+                      "up to rounding")  # fmt: skip
+    return causes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running a recipe against a loaded pipeline
+
+
+@dataclass
+class Resolved:
+    """A recipe made concrete for one model: the sampler and size it runs with, and its input tensors
+    (``image`` (1, 3, H, W) and ``mask`` (1, 1, H, W) in [0, 1])."""
+
+    sampler: str
+    width: int
+    height: int
+    inputs: dict[str, Tensor]
+
+
+def resolve(recipe: Recipe, sd: StableDiffusion, name: Namer = json_field) -> Resolved:
+    """Check ``recipe`` against the model ``sd`` and read its input images; ConfigErrors name fields as
+    ``name(field)``."""
+    sampler = recipe.sampler or sd.sampler_config.sampler
+    if recipe.eta is not None and sampler != "ddim":
+        raise ConfigError(f"{name('eta')} applies to the ddim sampler only; this model's own sampler is "
+                          f"{sampler} (set {name('sampler')} to ddim)")  # fmt: skip
+    timesteps = sd.sampler_config.num_train_timesteps
+    if recipe.steps > timesteps:
+        raise ConfigError(f"{name('steps')} must be at most {timesteps} for this model (its training steps), "
+                          f"got {recipe.steps}")  # fmt: skip
+    multiple = math.lcm(SIDE_MULTIPLE, sd.latent_multiple)
+    why = (f"for this model (VAE factor {sd.codec.downsample_factor} x U-Net factor "
+           f"{sd.unet.config.downsample_factor})")  # fmt: skip
+    size = (recipe.width, recipe.height) if recipe.width is not None else None
+    if size is None and recipe.mode == "txt2img":
+        native = (sd.unet.config.sample_size or 64) * sd.codec.downsample_factor
+        size = (native, native)
+    if size is not None and (size[0] % multiple or size[1] % multiple):
+        raise ConfigError(f"{name('width')} {size[0]}x{size[1]}: width and height must be multiples of "
+                          f"{multiple} {why}")  # fmt: skip
+    inputs = load_inputs(recipe, size, name)
+    if size is None:  # img2img / inpaint at the input's own size
+        size = (inputs["image"].shape[3], inputs["image"].shape[2])
+        if size[0] % multiple or size[1] % multiple:
+            raise ConfigError(f"{name('image')} is {size[0]}x{size[1]} pixels, but its width and height must be "
+                              f"multiples of {multiple} {why}; set {name('width')} to resize it")  # fmt: skip
+    return Resolved(sampler, size[0], size[1], inputs)
+
+
+def load_inputs(recipe: Recipe, size: tuple[int, int] | None, name: Namer = json_field) -> dict[str, Tensor]:
+    """The recipe's input image (and mask), resized to ``size`` = (width, height) when given."""
+    from diffusekit.io.images import read_image
+
+    inputs: dict[str, Tensor] = {}
+    if recipe.image is None:
+        return inputs
+    for field, mode in (("image", "RGB"), ("mask", "L")):
+        path = getattr(recipe, field)
+        if path is None:
+            continue
+        t = read_image(path, mode, option=name(field))  # (C, H, W) in [0, 1], 16-bit files scaled by 65535
+        if size is not None and (t.shape[2], t.shape[1]) != size:
+            t = _resize(t, size, Image.NEAREST if field == "mask" else Image.LANCZOS)
+        inputs[field] = t[None]
+    if "mask" in inputs and inputs["mask"].shape[2:] != inputs["image"].shape[2:]:
+        m, i = inputs["mask"].shape, inputs["image"].shape
+        raise ConfigError(f"{name('mask')} is {m[3]}x{m[2]} but {name('image')} is {i[3]}x{i[2]}; they must have "
+                          f"the same size (or set {name('width')} to resize both)")  # fmt: skip
+    return inputs
+
+
+def _resize(t: Tensor, size: tuple[int, int], method: int) -> Tensor:
+    """Resize (C, H, W) in [0, 1] to ``size`` = (width, height), each channel as a 32-bit float image (so a
+    16-bit input keeps its precision)."""
+    channels = [Image.fromarray(c.numpy(), "F").resize(size, method) for c in t]
+    return torch.from_numpy(np.stack([np.asarray(c, dtype=np.float32) for c in channels])).clamp_(0, 1)
+
+
+def generate(
+    sd: StableDiffusion, batch: Sequence[Recipe], resolved: Resolved, *, show_progress: bool = False
+) -> list[Image.Image]:
+    """Generate ``batch`` (recipes equal but for prompt, negative prompt and seed; one network batch), one
+    CPU generator per image seeded with its recipe's seed, and return RGB PIL images."""
+    from diffusekit.io.images import to_pil
+    from diffusekit.pipelines.img2img import ImageToImage
+    from diffusekit.pipelines.inpaint import Inpaint
+    from diffusekit.pipelines.text_to_image import TextToImage
+
+    r = batch[0]
+    common = dict(
+        negative_prompt=[b.negative_prompt for b in batch],
+        steps=r.steps,
+        guidance_scale=r.guidance,
+        sampler=resolved.sampler,
+        eta=r.eta,
+        generator=generators_from_seeds([b.seed for b in batch], len(batch)),
+        show_progress=show_progress,
+    )
+    prompts = [b.prompt for b in batch]
+    n = len(batch)
+    if r.mode == "txt2img":
+        result = TextToImage(sd)(prompts, height=resolved.height, width=resolved.width, **common)
+    elif r.mode == "img2img":
+        image = resolved.inputs["image"].expand(n, -1, -1, -1)
+        result = ImageToImage(sd)(prompts, image, strength=r.strength, **common)
+    else:
+        image = resolved.inputs["image"].expand(n, -1, -1, -1)
+        mask = resolved.inputs["mask"].expand(n, -1, -1, -1)
+        result = Inpaint(sd)(prompts, image, mask, strength=r.strength, **common)
+    return to_pil(result.images)
+
+
+__all__ = [
+    "DTYPES",
+    "METADATA_KEY",
+    "PARAMETERS_KEY",
+    "Recipe",
+    "Resolved",
+    "generate",
+    "json_field",
+    "load_inputs",
+    "parameters_text",
+    "parse_size",
+    "png_text",
+    "read_png_metadata",
+    "recipe_from_metadata",
+    "replay_differences",
+    "resolve",
+    "to_metadata",
+]
