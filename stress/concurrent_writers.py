@@ -36,7 +36,7 @@ def _writer(args: tuple[str, int, int, float]) -> list[str]:
     import numpy as np
     from PIL import Image
 
-    from diffusekit.cli.generate import PngWriter
+    from diffusekit.io.png import PngWriter
 
     folder, who, n, start_at = args
     writer = PngWriter(folder)
