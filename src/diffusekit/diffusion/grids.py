@@ -20,19 +20,23 @@ from diffusekit.errors import ConfigError, check_choice, check_positive_int
 SPACINGS = ("leading", "trailing", "linspace")
 
 
-def linspace64(start: float, stop: float, num: int) -> Tensor:
-    """``num`` evenly spaced float64 values over [start, stop], computed as ``numpy.linspace`` computes them.
+def linspace64(start: float, stop: float, num: int, endpoint: bool = True) -> Tensor:
+    """``num`` evenly spaced float64 values over [start, stop] (``endpoint=False``: [start, stop)), computed as
+    ``numpy.linspace`` computes them.
 
-    numpy forms ``start + i * ((stop - start) / (num - 1))`` and sets the last value to ``stop``;
+    numpy forms ``start + i * ((stop - start) / div)``, div = num - 1 (num without the endpoint), and sets
+    the last value to ``stop``;
     ``torch.linspace`` fills its second half backwards from ``stop``, so the two can differ in the last bit
     (T = 1000, 27 points: numpy's middle value is 499.49999999999994, torch's 499.50000000000006). Rounded
     to integer timesteps, one bit decides the grid point, so grids are built with numpy's arithmetic.
     """
-    if num == 1:
+    div = num - 1 if endpoint else num
+    if div == 0:
         return torch.tensor([float(start)], dtype=torch.float64)
-    step = (float(stop) - float(start)) / (num - 1)
+    step = (float(stop) - float(start)) / div
     t = torch.arange(num, dtype=torch.float64) * step + float(start)
-    t[-1] = float(stop)
+    if endpoint:
+        t[-1] = float(stop)
     return t
 
 
@@ -87,6 +91,22 @@ def spaced_timesteps(
         return arange64(T, 0, -T / N)[:N].round() - 1
     t = linspace64(0, T - 1, N)
     return (t.round() if integer else t.float().double()).flip(0)
+
+
+def consistency_timesteps(num_train_timesteps: int, num_steps: int, original_steps: int = 50) -> Tensor:
+    """Descending timesteps of a latent consistency model (Luo et al. 2023, sec. 4.2, "skipping-step"):
+    the model was distilled on the O = ``original_steps`` times (i + 1) T // O - 1, i < O; sampling with N
+    steps takes the entries at floor(linspace(0, O, N, endpoint=False)) of that list in descending order
+    (O = 50, N = 4: 999, 759, 499, 259)."""
+    T = check_positive_int("num_train_timesteps", num_train_timesteps, minimum=2)
+    O = check_positive_int("original_inference_steps", original_steps)
+    N = check_positive_int("num_inference_steps", num_steps)
+    if O > T:
+        raise ConfigError(f"original_inference_steps={O} must be <= num_train_timesteps={T}")
+    if N > O:
+        raise ConfigError(f"num_inference_steps={N} must be <= original_inference_steps={O} for a consistency model")
+    distilled = (torch.arange(1, O + 1, dtype=torch.float64) * (T // O) - 1).flip(0)
+    return distilled[linspace64(0, O, N, endpoint=False).floor().long()]
 
 
 def interpolate_sigma(schedule: NoiseSchedule, t: Tensor) -> Tensor:
@@ -165,18 +185,24 @@ class Grid:
     alphas_cumprod[k]      abar of the sample given to step k
     alphas_cumprod_next[k] abar of the sample step k produces (1.0 = clean data)
     init_noise_sigma       scale of the initial unit Gaussian for this grid's sampler state
+    midpoint_timesteps[k]  (two-stage solvers, else None) the network time at step k's geometric-mean
+                           noise level sqrt(sigma_k sigma_next_k)
     """
 
     timesteps: Tensor
     alphas_cumprod: Tensor
     alphas_cumprod_next: Tensor
     init_noise_sigma: float = 1.0
+    midpoint_timesteps: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.timesteps.numel()
         if n == 0 or self.alphas_cumprod.shape != (n,) or self.alphas_cumprod_next.shape != (n,):
             raise ConfigError("a Grid needs timesteps, alphas_cumprod and alphas_cumprod_next of equal length >= 1")
         _check_descending(self.timesteps, self.alphas_cumprod, self.alphas_cumprod_next)
+        mid = self.midpoint_timesteps
+        if mid is not None and (mid.shape != (n,) or not torch.isfinite(mid).all()):
+            raise ConfigError(f"grid midpoint_timesteps must be {n} finite values, got shape {tuple(mid.shape)}")
 
     def __len__(self) -> int:
         return self.timesteps.numel()
@@ -210,6 +236,7 @@ class Grid:
             timesteps=self.timesteps[index],
             alphas_cumprod=self.alphas_cumprod[index],
             alphas_cumprod_next=self.alphas_cumprod_next[index],
+            midpoint_timesteps=None if self.midpoint_timesteps is None else self.midpoint_timesteps[index],
         )
 
     @classmethod

@@ -11,6 +11,7 @@ from diffusekit.io.weights import load_weights, read_json
 from diffusekit.parity.report import Comparison, Skip
 from diffusekit.samplers.common import StepInfo
 from diffusekit.samplers.config import REFERENCE_CLASSES, SamplerConfig, build_grid, run_sampler
+from diffusekit.samplers.lcm import boundary_scalings
 
 
 def forward_process_case(case: Path, meta: dict) -> Comparison:
@@ -74,20 +75,39 @@ def scheduler_case(case: Path, meta: dict) -> Comparison:
     model_in = ref.get("model_input", ref["sample_in"])
     cmp.check("model_input", torch.stack([c[0] for c in calls]), model_in)
     cmp.check("timesteps", torch.stack([c[1] for c in calls]), ref["timesteps"].float())
-    # PNDM's extra first call: the reference reports a result per call (the first is the intermediate
-    # prediction), we report one per grid step
-    prev = ref["prev_sample"]
-    if k_calls == len(steps) + 1:
-        prev = prev[1:]
-    cmp.check("prev_sample", torch.stack([s.x for s in steps]), prev)
+    # the reference reports a result per network call, we report one per grid step
+    ends = _step_ends(ref, k_calls, len(steps))
+    cmp.check("prev_sample", torch.stack([s.x for s in steps]), ref["prev_sample"][ends])
     cmp.check("final_sample", steps[-1].x, ref["final_sample"])
+    for key in ("denoised", "data_prediction"):  # LCM's consistency output, UniPC's x0 prediction
+        if key in ref:
+            cmp.check(key, torch.stack([s.x0 for s in steps]), ref[key])
+    if "c_skip" in ref:
+        c_skip, c_out = boundary_scalings(grid.timesteps.float(), cfg.timestep_scaling)
+        cmp.check("c_skip", c_skip, ref["c_skip"])
+        cmp.check("c_out", c_out, ref["c_out"])
     if cfg.sampler in ONE_STEP_SAMPLERS:
         _open_loop(cmp, cfg, grid, ref, meta)
     return cmp
 
 
+def _step_ends(ref: dict[str, Tensor], num_calls: int, num_steps: int) -> list[int]:
+    """Which reference call ends each of our grid steps.
+
+    Two-stage samplers (Heun, KDPM2) store the stage of each call: a step ends at the call before the next
+    stage-1 call, or at the last call. PNDM's N + 1 calls start with an intermediate prediction (the
+    second call finishes the first step). Otherwise one call is one step.
+    """
+    if "stage" in ref:
+        stage = ref["stage"].tolist()
+        return [j for j in range(num_calls) if j == num_calls - 1 or stage[j + 1] == 1]
+    if num_calls == num_steps + 1:
+        return list(range(1, num_calls))
+    return list(range(num_calls))
+
+
 # samplers whose step depends only on (x, network output, noise): these are also checked open loop
-ONE_STEP_SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral")
+ONE_STEP_SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "lcm")
 
 
 def _open_loop(cmp: Comparison, cfg: SamplerConfig, grid, ref: dict[str, Tensor], meta: dict) -> None:

@@ -18,6 +18,7 @@ from torch import Tensor
 from diffusekit.diffusion.grids import (
     SPACINGS,
     Grid,
+    consistency_timesteps,
     interpolate_sigma,
     karras_sigmas,
     linspace64,
@@ -33,9 +34,10 @@ from diffusekit.samplers.ddim import sample_ddim
 from diffusekit.samplers.ddpm import VARIANCES, sample_ddpm
 from diffusekit.samplers.dpm_solver import sample_dpmpp_2m
 from diffusekit.samplers.euler import sample_euler, sample_euler_ancestral
+from diffusekit.samplers.lcm import sample_lcm
 from diffusekit.samplers.pndm import sample_pndm
 
-SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm")
+SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm", "lcm")
 SIGMA_SAMPLERS = ("euler", "euler_ancestral")  # state is the VE sample x0 + sigma eps
 MAX_TRAIN_TIMESTEPS = 100_000  # the schedule is materialised: refuse a file claiming more before allocating
 ALIASES = {"euler-a": "euler_ancestral", "euler_a": "euler_ancestral", "dpm++2m": "dpmpp_2m", "plms": "pndm"}
@@ -48,6 +50,7 @@ REFERENCE_CLASSES = {
     "EulerAncestralDiscreteScheduler": "euler_ancestral",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
     "PNDMScheduler": "pndm",
+    "LCMScheduler": "lcm",
 }
 
 
@@ -70,6 +73,8 @@ class SamplerConfig:
     variance: str = "fixed_small"  # DDPM
     eta: float = 0.0  # DDIM
     karras_sigmas: bool = False  # Euler, Euler-ancestral, DPM-Solver++
+    original_inference_steps: int = 50  # LCM: the number of times the consistency model was distilled on
+    timestep_scaling: float = 10.0  # LCM: s = timestep_scaling * t in the boundary conditions
     reference_rules: bool = False  # reproduce the reference's stepping quirks (set by from_reference)
     ignored_keys: tuple[str, ...] = field(default=(), compare=False)
 
@@ -93,6 +98,8 @@ class SamplerConfig:
                 f"trained_betas has {len(self.trained_betas)} entries, num_train_timesteps={self.num_train_timesteps}"
             )
         check_positive_int("steps_offset", self.steps_offset, minimum=0)
+        check_positive_int("original_inference_steps", self.original_inference_steps)  # <= T: checked by the grid
+        check_range("timestep_scaling", self.timestep_scaling, 1e-6, 1e6)
         for name in ("zero_terminal_snr", "set_alpha_to_one", "karras_sigmas", "reference_rules"):
             check_flag(name, getattr(self, name))
         self.schedule()  # validates beta_start/beta_end/trained_betas now, not at the first use
@@ -158,6 +165,7 @@ class SamplerConfig:
             "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
             "rescale_betas_zero_snr", "prediction_type", "timestep_spacing", "steps_offset", "clip_sample",
             "clip_sample_range", "set_alpha_to_one", "variance_type", "use_karras_sigmas",
+            "original_inference_steps", "timestep_scaling",
         }  # fmt: skip
 
         def get(key: str, default: Any) -> Any:
@@ -198,6 +206,8 @@ class SamplerConfig:
                 set_alpha_to_one=bool(get("set_alpha_to_one", True)),
                 variance=variance if variance in VARIANCES else "fixed_small",
                 karras_sigmas=bool(get("use_karras_sigmas", False)),
+                original_inference_steps=int(get("original_inference_steps", 50)),
+                timestep_scaling=float(get("timestep_scaling", 10.0)),
                 reference_rules="_diffusekit_version" not in cfg,
                 ignored_keys=tuple(sorted(k for k in cfg if k not in used and not k.startswith("_"))),
             )
@@ -229,6 +239,8 @@ class SamplerConfig:
             "set_alpha_to_one": self.set_alpha_to_one,
             "variance_type": self.variance,
             "use_karras_sigmas": self.karras_sigmas,
+            "original_inference_steps": self.original_inference_steps,
+            "timestep_scaling": self.timestep_scaling,
             "skip_prk_steps": True,
         }
 
@@ -295,6 +307,12 @@ def build_grid(config: SamplerConfig, num_steps: int) -> Grid:
             init = 1.0
         return Grid.from_sigmas(t, sigmas, init_noise_sigma=init)
 
+    if config.sampler == "lcm":
+        # the consistency model's own times (spacing and offset play no part); the last step lands on data
+        t = consistency_timesteps(T, num_steps, config.original_inference_steps)
+        grid = Grid.on_schedule(schedule, t, 1.0)
+        return grid.to_precision(torch.float32) if config.reference_rules else grid
+
     t = spaced_timesteps(T, num_steps, spacing, offset)
     if config.reference_rules and config.sampler in ("ddim", "pndm"):
         grid = _reference_stride_grid(schedule, t, num_steps, final)
@@ -341,6 +359,9 @@ def run_sampler(
                                       callback=callback)  # fmt: skip
     if s == "dpmpp_2m":
         return sample_dpmpp_2m(denoiser, x, grid, cond=cond, callback=callback)
+    if s == "lcm":
+        return sample_lcm(denoiser, x, grid, cond=cond, timestep_scaling=config.timestep_scaling, generator=generator,
+                          noise=noise, callback=callback)  # fmt: skip
     return sample_pndm(denoiser, x, grid, cond=cond, callback=callback)
 
 
