@@ -9,10 +9,16 @@ Each is the PyTorch layer with two plain attributes that :func:`diffusekit.runti
 * ``fast`` (Conv2d only): route the convolution through :func:`diffusekit.runtime.fastconv.conv2d`, which
   takes a Winograd or im2col path where it is faster and calls ``F.conv2d`` otherwise.
 
+Conv2d and Linear also carry ``adapters``, a plain tuple of extra terms (LoRA, :mod:`diffusekit.networks.lora`)
+that ``forward`` adds to the output while they are ``active``; empty unless adapters are attached, and not
+part of the state dict.
+
 A network built from these layers runs exactly as PyTorch's layers until a plan says otherwise.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +31,30 @@ def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     return t if t is None or dtype is None else t.to(dtype)
 
 
+class OutputTerm(Protocol):
+    """An extra term of a layer's output, computed from the layer's (compute-dtype) input."""
+
+    active: bool
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
+def _add_terms(y: Tensor, h: Tensor, adapters: tuple[OutputTerm, ...]) -> Tensor:
+    for term in adapters:
+        if term.active:
+            y = y + term(h)
+    return y
+
+
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` with the plan's ``compute_dtype`` and ``fast`` switches (module docstring)."""
+    """``nn.Conv2d`` with the plan's ``compute_dtype`` and ``fast`` switches and ``adapters`` (module
+    docstring)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.compute_dtype: torch.dtype | None = None
         self.fast = False
+        self.adapters: tuple[OutputTerm, ...] = ()
 
     def forward(self, x: Tensor) -> Tensor:
         cd = self.compute_dtype
@@ -41,19 +64,22 @@ class Conv2d(nn.Conv2d):
             y = fastconv.conv2d(h, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         else:
             y = self._conv_forward(h, weight, bias)
-        return y.to(x.dtype)
+        return _add_terms(y, h, self.adapters).to(x.dtype)
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` with the plan's ``compute_dtype`` switch (module docstring)."""
+    """``nn.Linear`` with the plan's ``compute_dtype`` switch and ``adapters`` (module docstring)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.compute_dtype: torch.dtype | None = None
+        self.adapters: tuple[OutputTerm, ...] = ()
 
     def forward(self, x: Tensor) -> Tensor:
         cd = self.compute_dtype
-        return F.linear(_cast(x, cd), _cast(self.weight, cd), _cast(self.bias, cd)).to(x.dtype)
+        h = _cast(x, cd)
+        y = F.linear(h, _cast(self.weight, cd), _cast(self.bias, cd))
+        return _add_terms(y, h, self.adapters).to(x.dtype)
 
 
 class GroupNorm(nn.GroupNorm):
