@@ -4,6 +4,7 @@ built (however it is built), with messages naming OUR fields; networks/ holds no
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -72,14 +73,25 @@ def test_text_encoder_config_refuses_sizes_beyond_the_limits_when_built(changes:
     assert str(info.value).startswith(field)
 
 
-def test_our_own_saved_form_is_checked_under_our_own_names() -> None:
+@pytest.mark.parametrize(
+    ("config", "changes", "field"),
+    [
+        (TINY_UNET, {"channels": [16, HUGE]}, "channels[1]"),
+        (TINY_VAE, {"channels": [16, HUGE]}, "channels[1]"),
+        (TINY_TEXT, {"num_layers": 10**6}, "num_layers"),
+    ],
+)
+def test_our_own_saved_form_is_checked_under_our_own_names(config, changes: dict, field: str) -> None:
     """A config saved by us (``to_dict``) names its fields as we do: an error must name them that way too."""
-    for cls, base in ((UNetConfig, TINY_UNET), (VAEConfig, TINY_VAE)):
-        d = {**base.to_dict(), "channels": [16, HUGE]}
-        with pytest.raises(ConfigError) as info:
-            cls.from_dict(d)
-        assert "channels[1]" in str(info.value) and "block_out_channels" not in str(info.value)
-        assert cls.from_dict(base.to_dict()) == base
+    cls = type(config)
+    assert cls.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ConfigError) as info:
+        cls.from_dict({**config.to_dict(), **changes})
+    assert str(info.value).startswith(field)
+    with pytest.raises(ConfigError, match=r"unknown \w+Config keys \['block_out_channels'\]"):
+        cls.from_dict({**config.to_dict(), "block_out_channels": [16]})
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        cls.from_dict([1, 2])
 
 
 def test_presets_are_within_the_limits() -> None:

@@ -11,7 +11,7 @@ the boundary, in ``diffusekit.io.text_encoder_config``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusekit.errors import ConfigError, check_choice
-from diffusekit.limits import MAX_POSITIONS, MAX_TEXT_LAYERS, MAX_VOCAB, MAX_WIDTH, check_int
+from diffusekit.limits import MAX_POSITIONS, MAX_TEXT_LAYERS, MAX_VOCAB, MAX_WIDTH, check_int, translating
+from diffusekit.networks.config_dict import config_from_dict, config_to_dict
 from diffusekit.networks.layers import LayerNorm, Linear
 
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -58,7 +59,12 @@ class TextEncoderConfig:
         return self.hidden_size // self.num_heads
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return config_to_dict(self)
+
+    @classmethod
+    @translating("text encoder config")
+    def from_dict(cls, d: dict[str, Any]) -> TextEncoderConfig:
+        return config_from_dict(cls, d)
 
 
 def _check_sizes(c: TextEncoderConfig) -> None:

@@ -25,6 +25,7 @@ from diffusekit.limits import (
     check_int,
     translating,
 )
+from diffusekit.networks.config_dict import config_from_dict, config_to_dict
 
 DOWNSAMPLE_PADS = ("symmetric", "right_bottom")
 
@@ -112,20 +113,12 @@ class UNetConfig:
 
     # ---- our own JSON form (plain field names) --------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
-            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)
-        }
+        return config_to_dict(self)
 
     @classmethod
     @translating("UNet config")
     def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
-        if not isinstance(d, dict):
-            raise ConfigError(f"a UNet config must be a JSON object, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown UNetConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def _check_sizes(c: UNetConfig) -> None:

@@ -17,7 +17,6 @@ translated to and from :class:`VAEConfig` at the boundary, in ``diffusekit.io.va
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +38,7 @@ from diffusekit.limits import (
 )
 from diffusekit.networks.attention import SpatialSelfAttention
 from diffusekit.networks.blocks import DownLevel, MidBlock, UpLevel, init_weights
+from diffusekit.networks.config_dict import config_from_dict, config_to_dict
 from diffusekit.networks.layers import Conv2d, GroupNorm
 
 VAE_NORM_EPS = 1e-6  # every GroupNorm of the LDM/SD autoencoder
@@ -91,21 +91,12 @@ class VAEConfig:
         return 2 ** (len(self.channels) - 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-            for f in dataclasses.fields(self)
-        }
+        return config_to_dict(self)
 
     @classmethod
     @translating("VAE config")
     def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
-        if not isinstance(d, dict):
-            raise ConfigError(f"a VAE config must be a JSON object, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown VAEConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def _check_sizes(c: VAEConfig) -> None:
