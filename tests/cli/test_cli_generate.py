@@ -122,6 +122,9 @@ def test_img2img_and_inpaint_run_and_replay(txt2img_run, sd_folder, inpaint_fold
     assert len(meta["image_sha256"]) == 64
     code, again, _ = run(["img2img", "--replay", str(made[0])], capsys)
     assert code == 0 and np.array_equal(pixels(again[0]), pixels(made[0]))
+    code, other, err = run(["img2img", "--replay", str(made[0]), "--sampler", "euler", "--quiet"], capsys)
+    assert code == 0, err  # the recorded eta is dropped with the ddim sampler
+    assert read_png_metadata(other[0])["eta"] is None and read_png_metadata(other[0])["sampler"] == "euler"
 
     for folder in (inpaint_folder, sd_folder):  # 9-channel inpainting U-Net, and mask blending
         code, made, _ = run(["inpaint", "--model", str(folder), "a cat", "--image", str(paths[0]), "--mask",
@@ -200,6 +203,7 @@ def test_other_bad_inputs(sd_folder, tmp_path, capsys):
                                                    "sampler is pndm (set --sampler to ddim)"),
         (["img2img", *common, "a", "--image", str(tmp_path / "absent.png")], "--image"),
         (["inpaint", *common, "a", "--image", str(png), "--mask", str(tmp_path)], "--mask"),
+        (["txt2img", *common, "a", "--tokenizer", str(tmp_path / "none")], f"--tokenizer {tmp_path / 'none'}: no such"),
     ]  # fmt: skip
     for argv, expected in cases:
         code, written, err = run(argv, capsys)

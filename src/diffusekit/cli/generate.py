@@ -94,6 +94,7 @@ class Job:
     images: list[Recipe]
     batch_size: int
     compare_with: Path | None = None  # a replayed PNG to compare the result with
+    name: Callable[[str], str] = option_name  # how messages name a recipe field
 
 
 def _job_from_args(args: argparse.Namespace, mode: str) -> Job:
@@ -183,6 +184,8 @@ def _job_from_replay(args: argparse.Namespace, mode: str) -> Job:
             if option == "sampler":
                 value = check_sampler("--sampler", value)
             changes[field] = value
+    if changes.get("sampler") not in (None, "ddim") and "eta" not in changes:
+        changes["eta"] = None  # the recorded DDIM eta means nothing to the sampler asked for
     if args.prompt:
         if len(args.prompt) != 1:
             raise ConfigError("--replay takes at most one PROMPT (it makes one image)")
@@ -198,13 +201,12 @@ def _job_from_replay(args: argparse.Namespace, mode: str) -> Job:
     recipe = recorded.replace(**changes).validated(name)
     # the files may have moved; any other change makes a different image, so there is nothing to compare
     same_recipe = set(changes) <= {"model", "tokenizer", "image", "mask"}
-    return Job([recipe], 1, compare_with=source if same_recipe else None)
+    return Job([recipe], 1, compare_with=source if same_recipe else None, name=name)
 
 
 def _run(args: argparse.Namespace, mode: str) -> int:
     job = _job_from_replay(args, mode) if args.replay is not None else _job_from_args(args, mode)
-    first = job.images[0]
-    name: Callable[[str], str] = option_name
+    first, name = job.images[0], job.name
     out = Path(args.out) if args.out is not None else Path(args.replay).parent
     writer = PngWriter(out, where=f"--out {out}")
     writer.prepare()  # a folder that cannot be written fails now, not after the images are made
@@ -212,6 +214,9 @@ def _run(args: argparse.Namespace, mode: str) -> int:
     try:
         device = pick_device(args.device or "auto")
         quiet = bool(args.quiet)
+        if first.tokenizer is not None and not Path(first.tokenizer).is_dir():
+            raise ConfigError(f"{name('tokenizer')} {first.tokenizer}: no such folder (a tokenizer folder holds "
+                              "vocab.json and merges.txt)")  # fmt: skip
         if not quiet:
             print(f"loading {first.model}", file=sys.stderr)
         try:
@@ -421,7 +426,6 @@ def _add_options(p: argparse.ArgumentParser, mode: str) -> None:
 
 
 __all__ = [
-    "PngWriter",
     "add_parser",
     "load_model",
     "option_name",
