@@ -131,8 +131,8 @@ def test_reference_config_translation_and_errors():
         SamplerConfig.from_reference({"_class_name": "LMSDiscreteScheduler"})
     with pytest.raises(ConfigError, match="thresholding"):
         SamplerConfig.from_reference({"_class_name": "DDPMScheduler", "thresholding": True})
-    with pytest.raises(ConfigError, match="sampler='heun'"):
-        SamplerConfig(sampler="heun")
+    with pytest.raises(ConfigError, match="sampler='lms'"):
+        SamplerConfig(sampler="lms")
     with pytest.raises(ConfigError, match="num_inference_steps=2000"):
         build_grid(SamplerConfig(), 2000)
     with pytest.raises(ConfigError, match="eta"):

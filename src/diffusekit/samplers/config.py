@@ -34,11 +34,13 @@ from diffusekit.samplers.ddim import sample_ddim
 from diffusekit.samplers.ddpm import VARIANCES, sample_ddpm
 from diffusekit.samplers.dpm_solver import sample_dpmpp_2m
 from diffusekit.samplers.euler import sample_euler, sample_euler_ancestral
+from diffusekit.samplers.heun import sample_heun
+from diffusekit.samplers.kdpm2 import midpoint_sigma, sample_kdpm2
 from diffusekit.samplers.lcm import sample_lcm
 from diffusekit.samplers.pndm import sample_pndm
 
-SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm", "lcm")
-SIGMA_SAMPLERS = ("euler", "euler_ancestral")  # state is the VE sample x0 + sigma eps
+SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm", "lcm", "heun", "kdpm2")
+SIGMA_SAMPLERS = ("euler", "euler_ancestral", "heun", "kdpm2")  # state is the VE sample x0 + sigma eps
 MAX_TRAIN_TIMESTEPS = 100_000  # the schedule is materialised: refuse a file claiming more before allocating
 ALIASES = {"euler-a": "euler_ancestral", "euler_a": "euler_ancestral", "dpm++2m": "dpmpp_2m", "plms": "pndm"}
 
@@ -51,6 +53,8 @@ REFERENCE_CLASSES = {
     "DPMSolverMultistepScheduler": "dpmpp_2m",
     "PNDMScheduler": "pndm",
     "LCMScheduler": "lcm",
+    "HeunDiscreteScheduler": "heun",
+    "KDPM2DiscreteScheduler": "kdpm2",
 }
 
 
@@ -72,7 +76,7 @@ class SamplerConfig:
     set_alpha_to_one: bool = True  # DDIM/PNDM: the last step lands on abar = 1 (else on abar_0)
     variance: str = "fixed_small"  # DDPM
     eta: float = 0.0  # DDIM
-    karras_sigmas: bool = False  # Euler, Euler-ancestral, DPM-Solver++
+    karras_sigmas: bool = False  # Euler, Euler-ancestral, Heun, KDPM2, DPM-Solver++
     original_inference_steps: int = 50  # LCM: the number of times the consistency model was distilled on
     timestep_scaling: float = 10.0  # LCM: s = timestep_scaling * t in the boundary conditions
     reference_rules: bool = False  # reproduce the reference's stepping quirks (set by from_reference)
@@ -305,7 +309,12 @@ def build_grid(config: SamplerConfig, num_steps: int) -> Grid:
                 init = float(sigmas[0])  # the reference's init_noise_sigma for these spacings
         else:
             init = 1.0
-        return Grid.from_sigmas(t, sigmas, init_noise_sigma=init)
+        grid = Grid.from_sigmas(t, sigmas, init_noise_sigma=init)
+        if config.sampler == "kdpm2":
+            mid = [midpoint_sigma(float(a), float(b)) for a, b in zip(sigmas[:-1], sigmas[1:])]
+            mid_t = sigma_to_timestep(schedule, torch.tensor(mid[:-1], dtype=torch.float64))
+            grid = replace(grid, midpoint_timesteps=torch.cat([mid_t, mid_t.new_zeros(1)]))  # (unused at sigma' = 0)
+        return grid
 
     if config.sampler == "lcm":
         # the consistency model's own times (spacing and offset play no part); the last step lands on data
@@ -359,6 +368,10 @@ def run_sampler(
                                       callback=callback)  # fmt: skip
     if s == "dpmpp_2m":
         return sample_dpmpp_2m(denoiser, x, grid, cond=cond, callback=callback)
+    if s == "heun":
+        return sample_heun(denoiser, x, grid, cond=cond, callback=callback)
+    if s == "kdpm2":
+        return sample_kdpm2(denoiser, x, grid, cond=cond, callback=callback)
     if s == "lcm":
         return sample_lcm(denoiser, x, grid, cond=cond, timestep_scaling=config.timestep_scaling, generator=generator,
                           noise=noise, callback=callback)  # fmt: skip

@@ -17,10 +17,15 @@ from diffusekit.diffusion.grids import Grid
 from diffusekit.samplers.common import Denoiser, Generator, NoiseSource, StepInfo, noise_source, time_input
 
 
-def _x0(denoiser: Denoiser, x: Tensor, grid: Grid, k: int, cond: dict[str, Any] | None) -> Tensor:
-    sigma = float(grid.sigmas[k])
+def denoise_ve(denoiser: Denoiser, x: Tensor, sigma: float, t: Tensor, cond: dict[str, Any] | None) -> Tensor:
+    """x0_hat for the variance-exploding sample x = x0 + sigma eps, from a network of the VP sample
+    x / sqrt(sigma^2 + 1) at time t (abar = 1 / (sigma^2 + 1), Karras et al. 2022, table 1 "VP" column)."""
     x_in = x / (sigma**2 + 1) ** 0.5  # the VP sample the network was trained on
-    return denoiser(x_in, time_input(grid.timesteps, k), float(grid.alphas_cumprod[k]), cond).x0
+    return denoiser(x_in, t, 1 / (sigma**2 + 1), cond).x0
+
+
+def _x0(denoiser: Denoiser, x: Tensor, grid: Grid, k: int, cond: dict[str, Any] | None) -> Tensor:
+    return denoise_ve(denoiser, x, float(grid.sigmas[k]), time_input(grid.timesteps, k), cond)
 
 
 def sample_euler(
