@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from diffusekit.pipelines.common import generators_from_seeds
-    from diffusekit.pipelines.stable_diffusion import StableDiffusion
+    from diffusekit.pipelines.loading import load_pipeline
     from diffusekit.pipelines.text_to_image import TextToImage
     from diffusekit.training.config import TrainConfig
     from diffusekit.training.trainer import Trainer
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         n = counters["generations"]
         if n % args.reload_every == 0:
             sd_box.clear()  # drop the old pipeline before loading the new one
-            sd_box["t2i"] = TextToImage(StableDiffusion.load(FIXTURE_SD))
+            sd_box["t2i"] = TextToImage(load_pipeline(FIXTURE_SD))
             counters["sd_loads"] += 1
         out = sd_box["t2i"](["a red cube", "a blue sphere"], height=32, width=32, steps=5,
                             generator=generators_from_seeds(n, 2), show_progress=False)  # fmt: skip

@@ -26,6 +26,7 @@ from diffusekit.io.text import load_text_encoder, load_tokenizer, save_text_enco
 from diffusekit.networks.text_encoder import ClipTextEncoder, TextEncoderConfig
 from diffusekit.networks.unet import UNet
 from diffusekit.networks.vae import AutoencoderKL
+from diffusekit.pipelines.loading import load_pipeline
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.pipelines.text_to_image import TextToImage
 from fuzzing import Tally, examples, json_values, mutated, session_tally, string_values
@@ -220,7 +221,7 @@ def _generate(sd: StableDiffusion) -> None:
 
 
 def _load_and_generate(folder: Path) -> bool:
-    _generate(StableDiffusion.load(folder))
+    _generate(load_pipeline(folder))
     return True
 
 
@@ -233,13 +234,13 @@ def _load_and_generate(folder: Path) -> bool:
 def test_pipeline_folder(tally, tmp_path_factory, pristine, ops):
     folder = link_tree(pristine, tmp_path_factory.mktemp("case") / "model")
     apply(folder, pristine, ops)
-    tally.check("StableDiffusion.load (mutated folder)", lambda: _load_and_generate(folder), names=[str(folder)],
+    tally.check("load_pipeline (mutated folder)", lambda: _load_and_generate(folder), names=[str(folder)],
                 describe=lambda: repr(ops)[:1500])  # fmt: skip
 
 
 def test_pristine_folder_loads_and_generates(tally, tmp_path, pristine):
     folder = link_tree(pristine, tmp_path / "model")
-    assert tally.check("StableDiffusion.load (mutated folder)", lambda: _load_and_generate(folder)) is True
+    assert tally.check("load_pipeline (mutated folder)", lambda: _load_and_generate(folder)) is True
 
 
 LOADERS = {
@@ -349,9 +350,19 @@ def test_hostile_paths(tally, tmp_path, pristine):
     for i, (name, make) in enumerate(cases.items()):
         folder = link_tree(pristine, tmp_path / f"case{i}")
         make(folder)
-        result = tally.check("StableDiffusion.load (hostile paths)", lambda f=folder: StableDiffusion.load(f),
+        result = tally.check("load_pipeline (hostile paths)", lambda f=folder: load_pipeline(f),
                              names=[str(folder)], describe=name)  # fmt: skip
         assert result is None, name
+
+
+def test_files_of_a_model_folder_given_as_the_model(tally, tmp_path, pristine):
+    """model_index.json or a component's weights passed where the model folder belongs: refused, naming the
+    folder that holds them."""
+    folder = link_tree(pristine, tmp_path / "model")
+    for inner in ["model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json"]:
+        result = tally.check("load_pipeline (a file of a model folder)", lambda i=inner: load_pipeline(folder / i),
+                             names=[f"pass the folder that holds it: {folder}"], describe=inner)  # fmt: skip
+        assert result is None, inner
 
 
 def _unreadable(path: Path) -> None:
@@ -397,6 +408,6 @@ def _save_component(folder: Path, component: str) -> None:
 def test_components_that_do_not_fit_together(tally, tmp_path, pristine, component):
     folder = link_tree(pristine, tmp_path / "model")
     _save_component(folder, component)
-    result = tally.check("StableDiffusion.load (mismatched components)", lambda: _load_and_generate(folder),
+    result = tally.check("load_pipeline (mismatched components)", lambda: _load_and_generate(folder),
                          names=[str(folder)], describe=component)  # fmt: skip
     assert result is None, f"{component}: a pipeline whose parts do not fit was accepted"

@@ -3,8 +3,9 @@
 Safetensors inputs: a small valid file truncated at every byte, every single bit of its header flipped,
 random byte corruption anywhere, and headers built by hypothesis with wrong dtypes, shapes that do not match
 their byte counts, offsets out of range, huge or negative numbers, a claimed header length far beyond the
-file, and non-object JSON. Contract: a dict of tensors whose sizes match their headers, or a WeightsError
-naming the file.
+file, and non-object JSON; valid files with NaN or infinity anywhere in a floating tensor (always refused);
+short files of any bytes under weight-file names (refused as "not a weights file" or a pickle, never
+unpickled). Contract: a dict of tensors whose sizes match their headers, or a WeightsError naming the file.
 
 Pickles: files whose unpickling would run code (they create a marker file) are offered to every loader
 under every name; the marker must never appear.
@@ -184,6 +185,42 @@ def test_not_a_regular_file(tally, tmp_path):
     assert tally.check("load_weights: not a file", lambda: load_weights(link), names=[str(link)]) is None
 
 
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e5m2, torch.float8_e4m3fn]
+
+
+@examples(150)
+@given(
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    where=st.integers(0, 10_000),
+    value=st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+)
+def test_non_finite_values_are_refused(tally, tmp_path_factory, dtype, shape, where, value):
+    path = tmp_path_factory.mktemp("w") / "w.safetensors"
+    t = torch.zeros(shape)
+    t.view(-1)[where % t.numel()] = value
+    t = t.to(dtype)
+    if t.is_floating_point() and bool(torch.isfinite(t.to(torch.float32)).all()):
+        return  # float8_e4m3fn has no infinity: the cast saturates to a finite value, which is fine
+    save_file({"ok": torch.ones(2), "bad": t}, str(path))
+    result = tally.check("load_weights: non-finite values", lambda: load_weights(path), names=[str(path)],
+                         describe=f"{value} in {dtype} {shape} at {where}")  # fmt: skip
+    assert result is None
+
+
+@examples(150)
+@given(data=st.binary(max_size=40), suffix=st.sampled_from([".ckpt", ".pt", ".bin", ".safetensors", ""]))
+def test_short_files_of_any_bytes(tally, tmp_path_factory, data, suffix):
+    from diffusekit.io.single_file import read_single_file
+
+    path = tmp_path_factory.mktemp("w") / f"model{suffix}"
+    path.write_bytes(data)
+    for allow in (False, True):  # torch.load(weights_only=True) of a corrupt pickle must not escape either
+        tally.check("read_single_file: short files", lambda a=allow: read_single_file(path, allow_pickle=a),
+                    names=[str(path)], describe=repr(data))  # fmt: skip
+    tally.check("load_weights: short files", lambda: load_weights(path), names=[str(path)], describe=repr(data))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Nothing is unpickled
 
@@ -220,9 +257,8 @@ def test_pickles_are_never_unpickled_by_load_weights(tally, tmp_path, suffix):
 
 def test_pickles_are_never_unpickled_by_the_model_loaders(tally, tmp_path):
     from diffusekit.io.models import load_unet, load_vae
-    from diffusekit.io.single_file import load_single_file
     from diffusekit.io.text import load_text_encoder, load_tokenizer
-    from diffusekit.pipelines.stable_diffusion import StableDiffusion
+    from diffusekit.pipelines.loading import load_pipeline
 
     marker = tmp_path / "CODE-RAN"
     payload = _hostile_pickles(tmp_path, marker)[0]
@@ -238,7 +274,7 @@ def test_pickles_are_never_unpickled_by_the_model_loaders(tally, tmp_path):
             (root / sub / name).write_bytes(payload)
     (root / "model_index.json").write_text("{}")
     calls = {
-        "StableDiffusion.load": lambda: StableDiffusion.load(root),
+        "load_pipeline (folder)": lambda: load_pipeline(root),
         "load_unet": lambda: load_unet(root / "unet"),
         "load_vae": lambda: load_vae(root / "vae"),
         "load_text_encoder": lambda: load_text_encoder(root / "text_encoder"),
@@ -252,12 +288,12 @@ def test_pickles_are_never_unpickled_by_the_model_loaders(tally, tmp_path):
     tok = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "pipelines" / "stable_diffusion" / "tokenizer"
     for allow in (False, True):  # allowed: torch.load(weights_only=True) must still refuse to run code
         result = tally.check(
-            "pickles: load_single_file",
-            lambda allow=allow: load_single_file(ckpt, tok, allow),
+            "pickles: load_pipeline (single file)",
+            lambda allow=allow: load_pipeline(ckpt, tokenizer=tok, allow_pickle=allow),
             names=[str(ckpt)],
         )
         assert result is None
-        assert not marker.exists(), f"load_single_file(allow_pickle={allow}) ran code"
+        assert not marker.exists(), f"load_pipeline(allow_pickle={allow}) ran code"
 
 
 def test_weights_error_is_a_value_error():

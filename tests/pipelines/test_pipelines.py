@@ -7,10 +7,10 @@ import torch
 
 from diffusekit.errors import ConfigError
 from diffusekit.io.models import load_unet
+from diffusekit.pipelines import loading
 from diffusekit.pipelines.common import generators_from_seeds
 from diffusekit.pipelines.img2img import ImageToImage
 from diffusekit.pipelines.inpaint import Inpaint
-from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.pipelines.text_to_image import TextToImage
 from diffusekit.pipelines.unconditional import UnconditionalPipeline, load_pipeline, save_pipeline
 from diffusekit.samplers.config import SAMPLERS, SamplerConfig
@@ -18,12 +18,12 @@ from diffusekit.samplers.config import SAMPLERS, SamplerConfig
 
 @pytest.fixture(scope="module")
 def sd(fixtures_dir):
-    return StableDiffusion.load(fixtures_dir / "pipelines" / "stable_diffusion")
+    return loading.load_pipeline(fixtures_dir / "pipelines" / "stable_diffusion")
 
 
 @pytest.fixture(scope="module")
 def sd_inpaint(fixtures_dir):
-    return StableDiffusion.load(fixtures_dir / "pipelines" / "stable_diffusion_inpaint")
+    return loading.load_pipeline(fixtures_dir / "pipelines" / "stable_diffusion_inpaint")
 
 
 def image(b=1, h=16, w=16, seed=0):

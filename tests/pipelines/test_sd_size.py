@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffusekit.io.single_file import SD1_SCHEDULER, load_single_file, to_single_file_state_dict
+from diffusekit.io.single_file import SD1_SCHEDULER, to_single_file_state_dict
 from diffusekit.io.text import load_tokenizer
 from diffusekit.networks.text_encoder import TEXT_ENCODER_PRESETS, ClipTextEncoder
 from diffusekit.networks.unet import UNET_PRESETS, UNet
 from diffusekit.networks.vae import VAE_PRESETS, AutoencoderKL
 from diffusekit.pipelines.common import LatentCodec
+from diffusekit.pipelines.loading import load_pipeline, parts_of
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.pipelines.text_to_image import TextToImage
 from diffusekit.samplers.config import SamplerConfig
@@ -40,7 +41,7 @@ def sd15_sized(tokenizer_folder: Path) -> StableDiffusion:
         tokenizer=load_tokenizer(tokenizer_folder),
         text_encoder=ClipTextEncoder(TEXT_ENCODER_PRESETS["sd1"]).eval(),
         sampler_config=SamplerConfig.from_reference(SD1_SCHEDULER),
-    ).prepare()  # the runtime plan StableDiffusion.load applies
+    ).prepare()  # the runtime plan load_pipeline applies
 
 
 def test_sd15_sized_model_makes_a_512px_image_on_the_cpu(fixtures_dir):
@@ -76,10 +77,10 @@ def test_sd15_sized_single_file_loads_with_inferred_configs(fixtures_dir, tmp_pa
     tokenizer = fixtures_dir / "clip_tokenizer_real"
     sd = sd15_sized(tokenizer)
     path = tmp_path / "sd15-random.safetensors"
-    save_file(to_single_file_state_dict(sd, torch.float16), str(path))
+    save_file(to_single_file_state_dict(parts_of(sd), torch.float16), str(path))
     del sd
     start = time.perf_counter()
-    loaded = load_single_file(path, tokenizer)
+    loaded = load_pipeline(path, tokenizer=tokenizer)
     took = time.perf_counter() - start
     print(f"\nloaded a {path.stat().st_size / 2**30:.2f} GiB single file in {took:.1f} s; "
           f"peak RSS so far {peak_rss_gb():.2f} GB")  # fmt: skip

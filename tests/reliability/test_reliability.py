@@ -222,9 +222,9 @@ def test_two_generation_processes_share_an_output_folder(tmp_path):
 def sd():
     if not SD.is_dir():
         pytest.skip(f"fixtures not found at {SD}")
-    from diffusekit.pipelines.stable_diffusion import StableDiffusion
+    from diffusekit.pipelines.loading import load_pipeline
 
-    return StableDiffusion.load(SD)
+    return load_pipeline(SD)
 
 
 def _image(h=16, w=16):

@@ -30,12 +30,12 @@ SCRIPT = textwrap.dedent(
     import sys, torch
     from safetensors.torch import save_file
     from diffusekit.pipelines.common import generators_from_seeds
-    from diffusekit.pipelines.stable_diffusion import StableDiffusion
+    from diffusekit.pipelines import loading
     from diffusekit.pipelines.text_to_image import TextToImage
     from diffusekit.pipelines.unconditional import load_pipeline
 
     fixtures, out = sys.argv[1], sys.argv[2]
-    sd = StableDiffusion.load(fixtures + "/stable_diffusion")
+    sd = loading.load_pipeline(fixtures + "/stable_diffusion")
     t2i = TextToImage(sd)(["a cat", "a dog"], height=16, width=16, steps=3, sampler="euler_ancestral",
                           generator=generators_from_seeds(5, 2), show_progress=False)
     uncond = load_pipeline(fixtures + "/ddpm_unconditional")(2, steps=3, sampler="ddpm",
@@ -48,9 +48,9 @@ SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def sd():
-    from diffusekit.pipelines.stable_diffusion import StableDiffusion
+    from diffusekit.pipelines.loading import load_pipeline
 
-    return StableDiffusion.load(FIXTURES / "stable_diffusion")
+    return load_pipeline(FIXTURES / "stable_diffusion")
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from diffusekit.networks.text_encoder import TEXT_ENCODER_PRESETS, ClipTextEncod
 from diffusekit.networks.unet import UNET_PRESETS, UNet, UNetConfig
 from diffusekit.networks.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
 from diffusekit.pipelines.common import LatentCodec
+from diffusekit.pipelines.loading import load_pipeline, save_pipeline
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.pipelines.text_to_image import TextToImage
 from diffusekit.runtime.policy import Plan, prepare
@@ -164,7 +165,7 @@ def ours(
 
         return Case(decode, vae)
     if name in ("W5", "W6"):
-        sd = StableDiffusion.load(folder, dtype=dtype, device=device)
+        sd = load_pipeline(folder, dtype=dtype, device=device)
         pipe = TextToImage(sd)
         lat = inputs(name, s, torch.float32, latent_channels=sd.codec.channels,
                      latent_factor=sd.codec.downsample_factor)["latents"]  # fmt: skip
@@ -188,7 +189,7 @@ def save_random_pipeline(folder: str | Path, s: Spec, tokenizer_folder: str | Pa
     sampler = SamplerConfig(sampler="dpmpp_2m", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                             steps_offset=1, set_alpha_to_one=False)  # fmt: skip
     sd = StableDiffusion(UNet(s.unet), LatentCodec(AutoencoderKL(s.vae)), tokenizer, ClipTextEncoder(text), sampler)
-    sd.save(folder)
+    save_pipeline(sd, folder)
     return Path(folder)
 
 

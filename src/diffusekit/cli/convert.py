@@ -65,28 +65,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     """Run ``diffusekit convert``; returns the exit status."""
-    from diffusekit.io.single_file import (
-        PICKLE_SUFFIXES,
-        load_single_file,
-        read_single_file,
-        read_single_file_shapes,
-        save_single_file,
-        stable_diffusion_from_single_file,
-        stored_dtype,
-    )
-    from diffusekit.io.text import load_tokenizer
-    from diffusekit.pipelines.stable_diffusion import StableDiffusion
+    from diffusekit.pipelines.loading import Layout, identify, load_pipeline, save_pipeline
 
     src, dst = Path(args.source), Path(args.dest)
     dtype = DTYPES[args.dtype] if args.dtype else None
-    if not src.exists():
-        raise WeightsError(f"SRC {src}: no such file or folder")
-    if src.is_dir():
+    try:
+        kind = identify(src)
+    except WeightsError as e:  # its messages start with the path
+        raise WeightsError(f"SRC {e}") from None
+    if kind.layout is Layout.FOLDER:
         if dst.suffix != ".safetensors":
             raise ConfigError(f"DST {dst}: converting a folder makes a single file; DST must end in .safetensors")
         _check_file_destination(dst, args.overwrite)
-        sd = StableDiffusion.load(src)
-        save_single_file(sd, dst, dtype=dtype)
+        save_pipeline(load_pipeline(src, fast=False), dst, dtype=dtype)
         print(f"wrote {dst} (no tokenizer inside: load it with --tokenizer {src / 'tokenizer'})", file=sys.stderr)
     elif dst.suffix == ".safetensors":
         if dst.resolve() == src.resolve():
@@ -102,14 +93,9 @@ def run_convert(args: argparse.Namespace) -> int:
                 f"SRC {src} is a single file, which carries no tokenizer; pass --tokenizer DIR (a folder with "
                 "vocab.json and merges.txt, e.g. the tokenizer/ folder of any SD-1.x model)"
             )
-        if src.suffix.lower() in PICKLE_SUFFIXES:
-            state, metadata = read_single_file(src, allow_pickle=args.allow_pickle)
-            sd = stable_diffusion_from_single_file(state, metadata, load_tokenizer(args.tokenizer), source=src,
-                                                   dtype=dtype or stored_dtype(state))  # fmt: skip
-        else:  # read tensor by tensor, in the precision the file stores unless --dtype says otherwise
-            dtype = dtype or stored_dtype(read_single_file_shapes(src)[0])
-            sd = load_single_file(src, args.tokenizer, dtype=dtype, fast=False)
-        sd.save(dst)
+        # in the precision the file stores (dtype None) unless --dtype says otherwise
+        sd = load_pipeline(src, tokenizer=args.tokenizer, allow_pickle=args.allow_pickle, dtype=dtype, fast=False)
+        save_pipeline(sd, dst)
         print(f"wrote {dst}/", file=sys.stderr)
     return 0
 

@@ -11,7 +11,8 @@ One ``.safetensors`` file holds the three networks under these prefixes:
 The key mapping between these names and ours lives here and only here: ``_unet_modules`` and
 ``_vae_modules`` list, for a config, which of our modules is which module of the file, and two small
 tables rename the parameters inside a residual block or attention layer. The same mapping runs both ways
-(``load_single_file`` / ``save_single_file``).
+(:func:`read_single_file_parts` / :func:`save_single_file`). This module deals in configs and state dicts
+only (:class:`SingleFileParts`); ``pipelines.loading`` builds the pipeline from them.
 
 Single files carry no configs, so the network sizes are inferred from the tensor shapes; what shapes do
 not tell (head counts, GroupNorm groups, the noise schedule) takes the SD-1.x values. Files written by
@@ -19,16 +20,20 @@ not tell (head counts, GroupNorm groups, the noise schedule) takes the SD-1.x va
 entries, ignored by other tools), which are then used instead. Single files carry no tokenizer either: pass
 the folder of one (any SD-1.x ``tokenizer/`` folder).
 
-Pickle files (``.ckpt``, ``.pt``, ...) are refused unless ``allow_pickle=True``, which reads them with
-``torch.load(weights_only=True)`` (tensors and plain containers only; never arbitrary objects).
+Pickles (told from their first bytes, whatever the name) are refused unless ``allow_pickle=True``, which
+reads them with ``torch.load(weights_only=True)`` (tensors and plain containers only; never arbitrary
+objects). Files that hold the text encoder twice (``text_model.`` names and the older ones) are refused when
+the copies differ.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -37,37 +42,31 @@ import torch
 from torch import Tensor, nn
 
 from diffusekit.errors import ConfigError, DiffusekitError, WeightsError
-from diffusekit.io.text import SINGLE_FILE_PREFIX, load_tokenizer, to_reference_state_dict
+from diffusekit.io.text import SINGLE_FILE_PREFIX, to_reference_state_dict
 from diffusekit.io.text_encoder_config import text_encoder_from_diffusers, text_encoder_to_diffusers
-from diffusekit.io.weights import SafetensorsFile, save_weights
+from diffusekit.io.weights import (
+    PICKLE_SUFFIXES,
+    SafetensorsFile,
+    check_finite,
+    not_a_weights_file,
+    pickle_refused,
+    require_file,
+    save_weights,
+    sniff_format,
+)
 from diffusekit.networks.text_encoder import ClipTextEncoder, TextEncoderConfig
 from diffusekit.networks.tokenizer import ClipTokenizer
 from diffusekit.networks.unet import UNet, UNetConfig
 from diffusekit.networks.vae import AutoencoderKL, VAEConfig
-from diffusekit.pipelines.common import LatentCodec
-from diffusekit.pipelines.stable_diffusion import StableDiffusion
-from diffusekit.runtime.policy import default_dtype
 from diffusekit.samplers.config import SamplerConfig
+from diffusekit.samplers.presets import SD1
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = SINGLE_FILE_PREFIX  # "cond_stage_model.transformer.text_model."
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
-# The scheduler every SD-1.x model was released with (its diffusers ``scheduler_config.json``).
-SD1_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "clip_sample": False,
-}
+# The scheduler every SD-1.x model was released with, as its diffusers ``scheduler_config.json`` says it
+SD1_SCHEDULER = dataclasses.replace(SD1, reference_rules=True).to_reference()
 SD1_UNET_HEADS = 8  # SD-1.x: 8 heads at every level (head size = channels / 8)
 SD1_NORM_GROUPS = 32
 SD1_VAE_SCALING_FACTOR = 0.18215
@@ -350,38 +349,82 @@ def infer_text_encoder_config(state: dict[str, Tensor], tokenizer: ClipTokenizer
 # Reading
 
 
+@dataclass
+class SingleFileParts:
+    """What a single file holds, in our terms: each network's config and state dict (our parameter names;
+    tensors owned, contiguous and cast as asked) and the sampler. The VAE is always float32. A pipeline is
+    assembled from these by ``pipelines.loading``; :func:`save_single_file` writes them back."""
+
+    unet_config: UNetConfig
+    unet: dict[str, Tensor]
+    vae_config: VAEConfig
+    vae: dict[str, Tensor]
+    text_encoder_config: TextEncoderConfig
+    text_encoder: dict[str, Tensor]
+    sampler: SamplerConfig
+
+
+def read_single_file_parts(
+    path: str | os.PathLike,
+    tokenizer: ClipTokenizer,
+    *,
+    allow_pickle: bool = False,
+    dtype: torch.dtype | None = torch.float32,
+) -> SingleFileParts:
+    """Read a single-file SD-1.x checkpoint (safetensors; a pickle only with ``allow_pickle``, through
+    ``torch.load(weights_only=True)``) into :class:`SingleFileParts`.
+
+    Network sizes are inferred from the tensor shapes (or read from the ``diffusekit.*`` metadata of files
+    written by :func:`save_single_file`); the sampler is SD-1.x's PNDM schedule. ``tokenizer`` gives the text
+    encoder's special-token ids and must fit its vocabulary. The U-Net and text encoder are cast to ``dtype``
+    (None: the dtype the file stores its U-Net in). A safetensors file is read one tensor at a time, each cast
+    as it is read. Missing, unexpected, mis-shaped or non-finite tensors, and two different copies of the text
+    encoder, raise WeightsError naming the file."""
+    path = require_file(path, "checkpoint file")
+    kind = sniff_format(path)
+    if kind == "pickle":
+        state, metadata = _read_pickle(path, allow_pickle), {}
+        _drop_duplicate_text_encoder(state, state.__getitem__, path)
+        _normalize_keys(state)
+        parts = _parts(state, state.pop, metadata, tokenizer, path=path, dtype=dtype)
+        state.clear()  # what is left are ignored keys (training buffers, EMA copies)
+        return parts
+    if kind is None and path.suffix.lower() != ".safetensors":
+        raise not_a_weights_file(path, pickles=True)
+    with _LazySafetensors(path) as lazy:  # a .safetensors name with other content gets the reader's message
+        return _parts(lazy.tensors, lazy.read, lazy.metadata, tokenizer, path=path, dtype=dtype)
+
+
 def read_single_file(
     path: str | os.PathLike, *, allow_pickle: bool = False
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The tensors of a single-file checkpoint and its safetensors metadata (empty for pickles).
+    """All the tensors of a single-file checkpoint under the file's own keys, and its safetensors metadata
+    (empty for pickles): what ``diffusekit convert`` copies from one file to another.
 
-    ``.ckpt``/``.pt``/``.pth``/``.bin``/``.pkl`` files are pickles: refused unless ``allow_pickle``, then read with
-    ``torch.load(weights_only=True, map_location="cpu")``, taking the nested ``state_dict`` when there is one."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"checkpoint file not found: {path}")
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise WeightsError(
-                f"{path}: {path.suffix} files are Python pickles, which can run arbitrary code when loaded, so "
-                "diffusekit does not open them by default. Convert it once to .safetensors with "
-                f"'diffusekit convert --allow-pickle {path} {path.with_suffix('.safetensors')}' (only if you "
-                "trust its source), or pass --allow-pickle (allow_pickle=True) to read it with "
-                "torch.load(weights_only=True)"
-            )
-        return _read_pickle(path), {}
+    The kind of file is told from its first bytes. Pickles are refused unless ``allow_pickle``, then read
+    with ``torch.load(weights_only=True, map_location="cpu")``, taking the nested ``state_dict`` when there is
+    one. Non-finite floating-point tensors are refused in both."""
+    path = require_file(path, "checkpoint file")
+    kind = sniff_format(path)
+    if kind == "pickle":
+        return _read_pickle(path, allow_pickle), {}
+    if kind is None and path.suffix.lower() != ".safetensors":
+        raise not_a_weights_file(path, pickles=True)
     with SafetensorsFile(path) as f:
         return {key: f.read(key) for key in f.keys()}, f.metadata
 
 
-def _read_pickle(path: Path) -> dict[str, Tensor]:
+def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, Tensor]:
+    if not allow_pickle:
+        raise pickle_refused(path, offered=True)
     try:
         data = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # UnpicklingError for disallowed objects, RuntimeError / EOFError for corrupt files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(
-            f"{path}: could not be read with torch.load(weights_only=True): {first_line}. Files holding Python "
-            "objects besides tensors cannot be read safely; convert them to .safetensors where you trust them"
+            f"{path}: could not be read as plain tensors ({_pickle_reason(e)}). With --allow-pickle diffusekit "
+            "reads pickles with torch.load(weights_only=True), which refuses any Python object besides tensors "
+            "and plain containers, and never runs the file's code. Save the weights as .safetensors in the "
+            "program that wrote this file, or get a .safetensors release of the model"
         ) from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
@@ -390,16 +433,70 @@ def _read_pickle(path: Path) -> dict[str, Tensor]:
     state = {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, Tensor)}
     if not state:
         raise WeightsError(f"{path}: holds no tensors")
+    for key, value in state.items():
+        check_finite(value, key, path)
     return state
+
+
+def _pickle_reason(error: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, without torch's advice to load it unsafely: the
+    object it found ("Unsupported global: GLOBAL pathlib.PosixPath") or the kind of failure."""
+    text = str(error)
+    found = re.search(r"Unsupported (?:global|operand)[^\n]*?(?= was not|\.?$)", text, re.MULTILINE)
+    if found:
+        return found.group(0).strip()
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    if "weights_only" in first or "Weights only" in first:  # torch's advice, not the reason
+        return f"{type(error).__name__}: it holds objects that are not tensors"
+    return f"{type(error).__name__}: {first.split('. ')[0][:200]}" if first else type(error).__name__
+
+
+_OLD_TEXT_PREFIX = "cond_stage_model.transformer."  # early files: the text encoder without ``text_model.``
+
+
+def _drop_duplicate_text_encoder(tensors: dict[str, Tensor], read: Callable[[str], Tensor], path: Path) -> None:
+    """Files that hold the text encoder twice, under ``cond_stage_model.transformer.text_model.*`` and the
+    older ``cond_stage_model.transformer.*`` names: refuse two copies that differ (which one the model was
+    trained with cannot be told); keep the ``text_model.`` copy of equal ones, with a warning that says so.
+    ``tensors`` may hold meta tensors; ``read(file key)`` gives the data and must not consume it."""
+    pairs = {}
+    for key in tensors:
+        if key.startswith(_OLD_TEXT_PREFIX) and not key.startswith(TEXT_ENCODER_PREFIX):
+            new = TEXT_ENCODER_PREFIX + key[len(_OLD_TEXT_PREFIX) :]
+            if new in tensors:
+                pairs[key] = new
+    if not pairs:
+        return
+    differ = []
+    for old, new in pairs.items():
+        if _IGNORED_KEYS.fullmatch(new):  # buffers such as position_ids: not weights, never compared
+            continue
+        a, b = tensors[old], tensors[new]
+        if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(read(old), read(new)):
+            differ.append(old)
+    if differ:
+        raise WeightsError(
+            f"{path}: holds the text encoder twice, under {TEXT_ENCODER_PREFIX}* and the older {_OLD_TEXT_PREFIX}* "
+            f"names, and the copies differ ({_few(differ)}); which one the model was trained with cannot be told. "
+            "Keep one copy (write the file again without the other's keys)"
+        )
+    for old in pairs:
+        del tensors[old]
+    warnings.warn(
+        f"{path}: holds the text encoder twice, under {TEXT_ENCODER_PREFIX}* and the older {_OLD_TEXT_PREFIX}* "
+        f"names ({len(pairs)} tensors each); the copies are equal, using the {TEXT_ENCODER_PREFIX}* one",
+        stacklevel=3,
+    )
 
 
 def _normalize_keys(state: dict[str, Tensor]) -> dict[str, str]:
     """Rename, in place, the text-encoder keys of older files (``cond_stage_model.transformer.embeddings...``,
-    without ``text_model.``); returns {new name: the file's name} for what was renamed."""
-    old = "cond_stage_model.transformer."
+    without ``text_model.``); returns {new name: the file's name} for what was renamed. Run after
+    :func:`_drop_duplicate_text_encoder`, so that no new name is already taken."""
     renamed = {}
-    for k in [k for k in state if k.startswith(old) and not k.startswith(TEXT_ENCODER_PREFIX)]:
-        new = TEXT_ENCODER_PREFIX + k[len(old) :]
+    for k in [k for k in state if k.startswith(_OLD_TEXT_PREFIX) and not k.startswith(TEXT_ENCODER_PREFIX)]:
+        new = TEXT_ENCODER_PREFIX + k[len(_OLD_TEXT_PREFIX) :]
+        assert new not in state, new
         state[new] = state.pop(k)
         renamed[new] = k
     return renamed
@@ -439,14 +536,11 @@ def _text_config_from_dict(d: dict) -> TextEncoderConfig:
 
 
 def _take(
-    read: Callable[[str], Tensor], key_map: KeyMap, build: Callable[[Any], nn.Module], config: Any, *,
-    dtype: torch.dtype, device: str | torch.device, source: Path,
-) -> nn.Module:  # fmt: skip
-    """Build the network and fill it tensor by tensor with ``read(file key)``, so that at most one of the
-    file's tensors is held beside the network at a time."""
-    with torch.device("meta"):
-        model = build(config)
-    expected = model.state_dict()
+    read: Callable[[str], Tensor], key_map: KeyMap, expected: dict[str, Tensor], *, dtype: torch.dtype, source: Path
+) -> dict[str, Tensor]:
+    """The network's state dict under our names, read tensor by tensor with ``read(file key)`` and cast as it
+    is read, so that at most one of the file's tensors is held beside the result at a time. ``expected``: the
+    network's state dict on the meta device (which tensors are floating point)."""
     owned = {}
     for ours, theirs in key_map.names.items():
         v = read(theirs)
@@ -460,8 +554,7 @@ def _take(
         owned[ours] = w.contiguous()
         del v, w
     assert set(owned) == set(expected)
-    model.load_state_dict(owned, strict=True, assign=True)
-    return model.to(device).eval()
+    return owned
 
 
 def _check_keys(state: dict[str, Tensor], maps: list[tuple[KeyMap, dict[str, Tensor]]], path: Path) -> None:
@@ -502,19 +595,22 @@ def _component(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 class _LazySafetensors:
     """A safetensors file opened for reading one tensor at a time: ``tensors`` holds meta tensors (shape and
-    dtype, no data) for config inference and checks, ``read(key)`` the data of one, ``metadata`` the header's
-    string metadata. Use as a context manager."""
+    dtype, no data) for config inference and checks, under the names :func:`_normalize_keys` gives them,
+    ``read(key)`` the data of one, ``metadata`` the header's string metadata. Use as a context manager."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def __enter__(self) -> _LazySafetensors:
-        if not self.path.is_file():
-            raise WeightsError(f"checkpoint file not found: {self.path}")
         self._file = SafetensorsFile(self.path).__enter__()
-        self.metadata = self._file.metadata
-        self.tensors = {key: self._file.meta(key) for key in self._file.keys()}
-        self._renamed = _normalize_keys(self.tensors)
+        try:
+            self.metadata = self._file.metadata
+            self.tensors = {key: self._file.meta(key) for key in self._file.keys()}
+            _drop_duplicate_text_encoder(self.tensors, self._file.read, self.path)
+            self._renamed = _normalize_keys(self.tensors)
+        except BaseException:
+            self._file.__exit__()
+            raise
         return self
 
     def read(self, key: str) -> Tensor:
@@ -527,79 +623,33 @@ class _LazySafetensors:
 def read_single_file_shapes(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
     """A ``.safetensors`` single file's tensors as meta tensors (shapes and dtypes only; no data is read) and its
     metadata: enough to inspect a checkpoint, infer its configs or find its :func:`stored_dtype`."""
-    with _LazySafetensors(Path(path)) as lazy:
+    with _LazySafetensors(require_file(path, "checkpoint file")) as lazy:
         return lazy.tensors, lazy.metadata
 
 
-def load_single_file(
-    path: str | os.PathLike,
-    tokenizer_folder: str | os.PathLike | None = None,
-    allow_pickle: bool = False,
-    *,
-    dtype: torch.dtype | None = torch.float32,
-    device: str | torch.device = "cpu",
-    fast: bool = True,
-) -> StableDiffusion:
-    """Load a single-file SD-1.x checkpoint (``.safetensors``; pickles only with ``allow_pickle``) as a
-    :class:`StableDiffusion`, with the tokenizer read from ``tokenizer_folder`` (a ``tokenizer/`` folder with
-    ``vocab.json`` + ``merges.txt``, or a diffusers model folder holding one).
-
-    Network sizes are inferred from the tensor shapes (or read from the ``diffusekit.*`` metadata of files
-    written by :func:`save_single_file`); the sampler is SD-1.x's PNDM schedule. As in
-    ``StableDiffusion.load``: the U-Net and text encoder are cast to ``dtype`` (None: the machine's default),
-    the VAE stays float32, and ``fast`` applies the runtime plan for inference. Missing, unexpected or
-    mis-shaped tensors raise WeightsError naming the file and a few keys."""
-    path = Path(path)
-    if tokenizer_folder is None:
-        raise ConfigError(
-            f"{path}: single-file checkpoints carry no tokenizer; pass tokenizer_folder (CLI: --tokenizer DIR), "
-            "a folder with vocab.json and merges.txt such as the tokenizer/ folder of any SD-1.x diffusers model"
-        )
-    tokenizer = load_tokenizer(tokenizer_folder)
-    dtype = dtype or default_dtype(device)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        state, metadata = read_single_file(path, allow_pickle=allow_pickle)
-        sd = stable_diffusion_from_single_file(state, metadata, tokenizer, source=path, dtype=dtype, device=device)
-    else:  # safetensors: read one tensor at a time, never the whole file at once
-        with _LazySafetensors(path) as lazy:
-            sd = _build(lazy.tensors, lazy.read, lazy.metadata, tokenizer, source=path, dtype=dtype, device=device)
-    return sd.prepare() if fast else sd
+def single_file_family(keys: Iterable[str]) -> str | None:
+    """What a single file's keys say it is when it is not SD-1.x (a sentence for messages), or None."""
+    keys = list(keys)
+    for prefix, what in _OTHER_FAMILIES.items():
+        if any(k.startswith(prefix) for k in keys):
+            return what
+    return None
 
 
-def stable_diffusion_from_single_file(
-    state: dict[str, Tensor],
-    metadata: dict[str, str],
-    tokenizer: ClipTokenizer,
-    *,
-    source: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-) -> StableDiffusion:
-    """Build the :class:`StableDiffusion` a single file's tensors and metadata (from :func:`read_single_file`)
-    describe; see :func:`load_single_file`. ``state`` is emptied: its tensors move into the networks one by
-    one, so the file's copy is released as the model fills. ``source`` names the file in messages."""
-    sd = _build(state, state.pop, metadata, tokenizer, source=source, dtype=dtype, device=device)
-    state.clear()  # what is left are ignored keys (training buffers, EMA copies)
-    return sd
-
-
-def _build(
+def _parts(
     state: dict[str, Tensor],
     read: Callable[[str], Tensor],
     metadata: dict[str, str],
     tokenizer: ClipTokenizer,
     *,
-    source: str | os.PathLike,
-    dtype: torch.dtype,
-    device: str | torch.device,
-) -> StableDiffusion:
-    """The model that ``state`` (the file's tensors, or meta tensors with their shapes and dtypes) describes,
-    filled through ``read`` (a file key -> its tensor)."""
-    path = Path(source)
-    _normalize_keys(state)  # ``read`` takes the new names (the lazy reader renames as it opens)
-    for prefix, what in _OTHER_FAMILIES.items():
-        if any(k.startswith(prefix) for k in state):
-            raise WeightsError(f"{path}: this is {what}")
+    path: Path,
+    dtype: torch.dtype | None,
+) -> SingleFileParts:
+    """The parts that ``state`` (the file's tensors, or meta tensors with their shapes and dtypes; keys
+    normalized) describes, filled through ``read`` (a file key -> its tensor)."""
+    other = single_file_family(state)
+    if other is not None:
+        raise WeightsError(f"{path}: this is {other}")
 
     def config(key: str, parse: Callable[[dict], Any], infer: Callable[[], Any]) -> Any:
         stored = _config_from_metadata(metadata, _META_KEYS[key], parse, path)
@@ -624,7 +674,7 @@ def _build(
             f"the tokenizer has token ids up to {ids}, but the text encoder in {path} knows only "
             f"{text_config.vocab_size} tokens; use the tokenizer this model was trained with"
         )
-
+    dtype = dtype or stored_dtype(state)
     maps = [
         (unet_key_map(unet_config), UNet, unet_config, dtype),
         (vae_key_map(vae_config), AutoencoderKL, vae_config, torch.float32),
@@ -633,17 +683,10 @@ def _build(
     with torch.device("meta"):
         shapes = [build(cfg).state_dict() for _, build, cfg, _ in maps]
     _check_keys(state, [(m[0], s) for m, s in zip(maps, shapes)], path)
-    unet, vae, text_encoder = (
-        _take(read, key_map, build, cfg, dtype=dt, device=device, source=path) for key_map, build, cfg, dt in maps
+    unet, vae, text = (
+        _take(read, key_map, expected, dtype=dt, source=path) for (key_map, _, _, dt), expected in zip(maps, shapes)
     )
-    return StableDiffusion(
-        unet=unet,
-        codec=LatentCodec(vae),
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        sampler_config=sampler,
-        name=path.stem,
-    )
+    return SingleFileParts(unet_config, unet, vae_config, vae, text_config, text, sampler)
 
 
 def stored_dtype(state: dict[str, Tensor]) -> torch.dtype:
@@ -656,17 +699,20 @@ def stored_dtype(state: dict[str, Tensor]) -> torch.dtype:
 # Writing
 
 
-def to_single_file_state_dict(sd: StableDiffusion, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+def to_single_file_state_dict(parts: SingleFileParts, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """The three networks' tensors under their single-file (CompVis) keys, contiguous; ``dtype`` casts floating
     tensors."""
     out: dict[str, Tensor] = {}
-    parts = [
-        (sd.unet, unet_key_map(sd.unet.config)),
-        (sd.codec.vae, vae_key_map(sd.codec.vae.config)),
-        (sd.text_encoder, text_encoder_key_map(sd.text_encoder.config)),
+    networks = [
+        (parts.unet, unet_key_map(parts.unet_config)),
+        (parts.vae, vae_key_map(parts.vae_config)),
+        (parts.text_encoder, text_encoder_key_map(parts.text_encoder_config)),
     ]
-    for model, key_map in parts:
-        for ours, v in model.state_dict().items():
+    for state, key_map in networks:
+        unknown = sorted(set(state) - set(key_map.names))
+        if unknown:
+            raise WeightsError(f"parameters with no single-file name: {_few(unknown)}")
+        for ours, v in state.items():
             v = v.detach().cpu()
             if ours in key_map.conv_weights:
                 v = v[:, :, None, None]  # stored as a 1x1 convolution, as LDM defines it
@@ -676,10 +722,10 @@ def to_single_file_state_dict(sd: StableDiffusion, dtype: torch.dtype | None = N
     return out
 
 
-def save_single_file(sd: StableDiffusion, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
-    """Write ``sd`` as one ``.safetensors`` file in the SD-1.x single-file layout (atomically), with our exact
-    configs in its metadata so that :func:`load_single_file` rebuilds the same networks. The tokenizer is not
-    stored (no single file carries one). ``dtype`` (e.g. ``torch.float16``) casts the weights."""
+def save_single_file(parts: SingleFileParts, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
+    """Write ``parts`` as one ``.safetensors`` file in the SD-1.x single-file layout (atomically), with our
+    exact configs in its metadata so that :func:`read_single_file_parts` rebuilds the same networks. No
+    tokenizer is stored (no single file carries one). ``dtype`` (e.g. ``torch.float16``) casts the weights."""
     from diffusekit import __version__
 
     path = Path(path)
@@ -688,29 +734,30 @@ def save_single_file(sd: StableDiffusion, path: str | os.PathLike, *, dtype: tor
     metadata = {
         "format": "pt",
         "diffusekit_version": __version__,
-        _META_KEYS["unet"]: json.dumps(sd.unet.config.to_dict()),
-        _META_KEYS["vae"]: json.dumps(sd.codec.vae.config.to_dict()),
-        _META_KEYS["text"]: json.dumps(sd.text_encoder.config.to_dict()),
-        _META_KEYS["sampler"]: json.dumps(sd.sampler_config.to_dict()),
+        _META_KEYS["unet"]: json.dumps(parts.unet_config.to_dict()),
+        _META_KEYS["vae"]: json.dumps(parts.vae_config.to_dict()),
+        _META_KEYS["text"]: json.dumps(parts.text_encoder_config.to_dict()),
+        _META_KEYS["sampler"]: json.dumps(parts.sampler.to_dict()),
     }
-    save_weights(to_single_file_state_dict(sd, dtype), path, metadata=metadata)
+    save_weights(to_single_file_state_dict(parts, dtype), path, metadata=metadata)
 
 
 __all__ = [
     "KeyMap",
     "PICKLE_SUFFIXES",
     "SD1_SCHEDULER",
+    "SingleFileParts",
     "TEXT_ENCODER_PREFIX",
     "UNET_PREFIX",
     "VAE_PREFIX",
     "infer_text_encoder_config",
     "infer_unet_config",
     "infer_vae_config",
-    "load_single_file",
     "read_single_file",
+    "read_single_file_parts",
     "read_single_file_shapes",
     "save_single_file",
-    "stable_diffusion_from_single_file",
+    "single_file_family",
     "stored_dtype",
     "text_encoder_key_map",
     "to_single_file_state_dict",

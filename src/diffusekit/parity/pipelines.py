@@ -12,6 +12,7 @@ from diffusekit.io.weights import load_weights, read_json
 from diffusekit.parity.report import Comparison
 from diffusekit.pipelines.img2img import ImageToImage
 from diffusekit.pipelines.inpaint import Inpaint
+from diffusekit.pipelines.loading import load_pipeline
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.pipelines.text_to_image import TextToImage
 from diffusekit.pipelines.unconditional import UnconditionalPipeline
@@ -72,7 +73,7 @@ def unconditional_case(case: Path, meta: dict) -> Comparison:
 
 
 def _sd(case: Path, meta: dict) -> tuple[StableDiffusion, Recorder]:
-    sd = StableDiffusion.load(case / meta["pipeline_dir"])
+    sd = load_pipeline(case / meta["pipeline_dir"])
     sd.sampler_config = _sampler_config(case, meta)
     rec = Recorder(sd.unet)
     sd.unet = rec
