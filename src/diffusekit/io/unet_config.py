@@ -48,7 +48,6 @@ _SUPPORTED: dict[str, dict[str, tuple]] = {
     CONDITIONAL: {
         **_SUPPORTED_BY_BOTH,
         "mid_block_type": ("UNetMidBlock2DCrossAttn",),
-        "only_cross_attention": (False,),
         "dual_cross_attention": (False,),
         "mid_block_only_cross_attention": (None, False),
         "encoder_hid_dim": (None,),
@@ -104,6 +103,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "transformer_layers_per_block": 1,
         "use_linear_projection": False,
         "upcast_attention": False,
+        "only_cross_attention": False,
     },
 }
 for _kind in _DEFAULTS:
@@ -147,6 +147,7 @@ def unet_from_diffusers(d: dict[str, Any]) -> UNetConfig:
             transformer_depth=_same("transformer_layers_per_block", d["transformer_layers_per_block"], n),
             use_linear_projection=check_flag("use_linear_projection", d["use_linear_projection"]),
             upcast_attention=check_flag("upcast_attention", d["upcast_attention"]),
+            text_only_attention=_text_only_attention(d, n),
         )
     else:
         head_dim = d["attention_head_dim"]
@@ -228,6 +229,7 @@ def unet_to_diffusers(c: UNetConfig) -> dict[str, Any]:
         "attention_head_dim": c.num_heads[0] if len(set(c.num_heads)) == 1 else list(c.num_heads),
         "cross_attention_dim": c.cross_attention_dim,
         "num_attention_heads": None,
+        "only_cross_attention": False if c.text_only_attention is None else list(c.text_only_attention),
         "transformer_layers_per_block": c.transformer_depth,
         "upcast_attention": c.upcast_attention,
         "use_linear_projection": c.use_linear_projection,
@@ -266,6 +268,26 @@ def _attention_levels(d: dict[str, Any], kind: str, n: int) -> tuple[bool, ...]:
             f"up_block_types={list(d['up_block_types'])!r} must mirror down_block_types; allowed value: {expected_up!r}"
         )
     return attention_levels
+
+
+def _text_only_attention(d: dict[str, Any], n: int) -> tuple[bool, ...] | None:
+    """Our ``text_only_attention`` from ``only_cross_attention`` (one flag, or one per down level; up levels
+    use them reversed). ``mid_block_only_cross_attention`` None means the single flag's value, or False
+    beside a list; a bottleneck without self-attention is not supported."""
+    value = d["only_cross_attention"]
+    flags = [value] * n if isinstance(value, bool) else value
+    if not isinstance(flags, list | tuple) or len(flags) != n or not all(isinstance(f, bool) for f in flags):
+        raise ConfigError(f"only_cross_attention must be true, false or a list of {n} of them, got {value!r}")
+    mid = d["mid_block_only_cross_attention"]
+    if mid is None:
+        mid = value if isinstance(value, bool) else False
+    if mid is not False:
+        raise ConfigError(
+            f"only_cross_attention={value!r} with mid_block_only_cross_attention=None makes the mid block attend "
+            "to the text only, which is not supported; allowed: mid_block_only_cross_attention false, or "
+            "only_cross_attention as a list of flags"
+        )
+    return tuple(flags) if any(flags) else None
 
 
 def _head_size(c: UNetConfig) -> int | None:

@@ -112,7 +112,10 @@ class FeedForward(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm block: self-attention, cross-attention to ``context``, GEGLU feed-forward, each
-    with a residual (Rombach et al. 2022, Appendix / their ``BasicTransformerBlock``)."""
+    with a residual (Rombach et al. 2022, Appendix / their ``BasicTransformerBlock``).
+
+    With ``text_only`` the first attention attends to ``context`` too instead of to the image tokens, so
+    both attentions are cross-attention (the reference's ``only_cross_attention``; the SD x4 upscaler)."""
 
     def __init__(
         self,
@@ -122,11 +125,14 @@ class TransformerBlock(nn.Module):
         context_dim: int,
         dropout: float = 0.0,
         upcast_attention: bool = False,
+        text_only: bool = False,
     ) -> None:
         super().__init__()
         head_dim = dim // heads
+        self.text_only = text_only
         self.norm1 = LayerNorm(dim, eps=1e-5)
-        self.attn1 = Attention(dim, heads=heads, head_dim=head_dim, dropout=dropout, upcast=upcast_attention)
+        self.attn1 = Attention(dim, heads=heads, head_dim=head_dim, context_dim=context_dim if text_only else None,
+                               dropout=dropout, upcast=upcast_attention)  # fmt: skip
         self.norm2 = LayerNorm(dim, eps=1e-5)
         self.attn2 = Attention(
             dim,
@@ -140,7 +146,7 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dropout=dropout)
 
     def forward(self, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        h = h + self.attn1(self.norm1(h))  # (B, N, C) self-attention
+        h = h + self.attn1(self.norm1(h), context if self.text_only else None)  # (B, N, C) self- (or cross-)
         h = h + self.attn2(self.norm2(h), context)  # (B, N, C) cross-attention to (B, L, D)
         return h + self.ff(self.norm3(h))  # (B, N, C)
 
@@ -160,6 +166,7 @@ class SpatialTransformer(nn.Module):
         linear_projection: bool = False,
         dropout: float = 0.0,
         upcast_attention: bool = False,
+        text_only: bool = False,
     ) -> None:
         super().__init__()
         self.linear_projection = linear_projection
@@ -177,6 +184,7 @@ class SpatialTransformer(nn.Module):
                 context_dim=context_dim,
                 dropout=dropout,
                 upcast_attention=upcast_attention,
+                text_only=text_only,
             )
             for _ in range(depth)
         )

@@ -66,7 +66,7 @@ class UNet(nn.Module):
         self.down_blocks = nn.ModuleList(down)
         self.mid_block = MidBlock(
             c.channels[-1],
-            make_attention=self._attention_factory(c.levels - 1) if c.mid_attention else None,
+            make_attention=self._attention_factory(c.levels - 1, mid=True) if c.mid_attention else None,
             **common,
         )
         up = []
@@ -89,9 +89,12 @@ class UNet(nn.Module):
         self.conv_out = Conv2d(c.channels[0], c.out_channels, 3, padding=1)
         init_weights(self, zero=(self.conv_out,))
 
-    def _attention_factory(self, level: int) -> AttentionFactory:
+    def _attention_factory(self, level: int, mid: bool = False) -> AttentionFactory:
+        """The attention layer of ``level`` (or, with ``mid``, of the bottleneck, which uses the last
+        level's heads and self-attention first)."""
         c = self.config
         heads = c.num_heads[level]
+        text_only = not mid and c.text_only_attention is not None and c.text_only_attention[level]
         if c.cross_attention_dim is None:
             return lambda ch: SpatialSelfAttention(
                 ch, heads=heads, norm_groups=c.norm_groups, norm_eps=c.norm_eps
@@ -104,6 +107,7 @@ class UNet(nn.Module):
             norm_groups=c.norm_groups,
             linear_projection=c.use_linear_projection,
             upcast_attention=c.upcast_attention,
+            text_only=text_only,
         )
 
     def forward(

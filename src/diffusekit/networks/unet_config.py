@@ -51,6 +51,10 @@ class UNetConfig:
         transformer_depth: transformer blocks per attention layer (cross-attention models only).
         use_linear_projection: Linear instead of 1x1-conv token projections in the transformers (SD-2.x).
         upcast_attention: compute attention in float32 even for half-precision inputs (SD-2.1).
+        text_only_attention: per level, whether the first attention of its transformer blocks attends to the
+            text tokens instead of the image, so that every attention there is cross-attention (the SD x4
+            upscaler; the reference's ``only_cross_attention``). None: no level. The bottleneck always uses
+            self-attention first.
         num_classes: size of the class-embedding table; None = not class-conditional.
         norm_groups, norm_eps: GroupNorm groups and epsilon of residual blocks and attention norms.
         flip_sin_to_cos, freq_shift: sinusoidal timestep features (see ``timestep_embedding``).
@@ -71,6 +75,7 @@ class UNetConfig:
     transformer_depth: int = 1
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    text_only_attention: tuple[bool, ...] | None = None
     num_classes: int | None = None
     norm_groups: int = 32
     norm_eps: float = 1e-5
@@ -83,6 +88,8 @@ class UNetConfig:
     def __post_init__(self) -> None:
         for name in ("channels", "attention_levels", "num_heads"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.text_only_attention, list | tuple):
+            object.__setattr__(self, "text_only_attention", tuple(self.text_only_attention))
         _check_sizes(self)
         n = self.levels
         for level, ch in enumerate(self.channels):
@@ -134,6 +141,14 @@ def _check_sizes(c: UNetConfig) -> None:
         check_int(f"channels[{level}]", c.channels[level], 1, MAX_WIDTH)
         check_int(f"num_heads[{level}]", c.num_heads[level], 1, MAX_WIDTH)
         check_flag(f"attention_levels[{level}]", c.attention_levels[level])
+    if c.text_only_attention is not None:
+        if not isinstance(c.text_only_attention, tuple) or len(c.text_only_attention) != n:
+            raise ConfigError(f"text_only_attention must be None or one flag per level ({n}), "
+                              f"got {c.text_only_attention!r}")  # fmt: skip
+        for level in range(n):
+            check_flag(f"text_only_attention[{level}]", c.text_only_attention[level])
+        if c.cross_attention_dim is None and any(c.text_only_attention):
+            raise ConfigError("text_only_attention needs cross_attention_dim (text tokens to attend to)")
     check_int("layers_per_block", c.layers_per_block, 1, MAX_LAYERS_PER_BLOCK)
     check_int("transformer_depth", c.transformer_depth, 1, MAX_TRANSFORMER_DEPTH)
     check_int("norm_groups", c.norm_groups, 1, MAX_WIDTH)

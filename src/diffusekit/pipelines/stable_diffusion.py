@@ -76,12 +76,14 @@ class StableDiffusion:
 
 
 def check_parts(
-    where: str | os.PathLike, unet: UNet, vae: AutoencoderKL, tokenizer: ClipTokenizer, text_encoder: ClipTextEncoder
-) -> None:
+    where: str | os.PathLike, unet: UNet, vae: AutoencoderKL, tokenizer: ClipTokenizer, text_encoder: ClipTextEncoder,
+    *, image_channels: int = 0,
+) -> None:  # fmt: skip
     """Raise ConfigError naming ``where`` when the parts of a model do not fit together (each may be valid on
     its own): the U-Net's cross-attention width against the text encoder's, its channels against the VAE's
-    latents (or, for inpainting, latents + mask + masked latents), the tokenizer's ids and length against the
-    text encoder's vocabulary and positions."""
+    latents (or, for inpainting, latents + mask + masked latents; with ``image_channels``, latents + an image
+    of that many channels, as the x4 upscaler), the tokenizer's ids and length against the text encoder's
+    vocabulary and positions."""
     u, t = unet.config, text_encoder.config
     latent = vae.config.latent_channels
     problems = []
@@ -89,7 +91,9 @@ def check_parts(
         problems.append(f"unet cross_attention_dim={u.cross_attention_dim}, text_encoder hidden_size={t.hidden_size}")
     if u.out_channels != latent:
         problems.append(f"unet out_channels={u.out_channels}, vae latent_channels={latent}")
-    if u.in_channels not in (latent, 2 * latent + 1):
+    if image_channels and u.in_channels != latent + image_channels:
+        problems.append(f"unet in_channels={u.in_channels}, expected {latent + image_channels} (latents + image)")
+    elif not image_channels and u.in_channels not in (latent, 2 * latent + 1):
         problems.append(f"unet in_channels={u.in_channels}, allowed: {latent} or {2 * latent + 1} (inpainting)")
     top_id = max(tokenizer.vocab.values(), default=0)
     if top_id >= t.vocab_size:
