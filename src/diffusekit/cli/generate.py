@@ -34,6 +34,7 @@ from diffusekit.pipelines.recipe import (
     MAX_SEED,
     MAX_STEPS,
     SAMPLER_NAMES,
+    USER_SAMPLERS,
     Recipe,
     check_sampler,
     generate,
@@ -387,8 +388,8 @@ def _add_options(p: argparse.ArgumentParser, mode: str) -> None:
                      help=f"classifier-free guidance scale, >= 0 (default {DEFAULTS['guidance']}); 1 disables "
                      "guidance and the negative prompt")  # fmt: skip
     gen.add_argument("--sampler", choices=list(SAMPLER_NAMES), metavar="NAME",
-                     help="sampler: dpm++2m, euler, euler-a, ddim, pndm (= plms) or ddpm (default: the model's "
-                     "own, pndm for SD-1.x)")  # fmt: skip
+                     help=f"sampler: {', '.join(USER_SAMPLERS)} (plms = pndm) (default: the model's own, pndm for "
+                     "SD-1.x)")  # fmt: skip
     gen.add_argument("--eta", type=float, metavar="ETA",
                      help="DDIM noise, 0 (deterministic, default) to 1 (DDPM-like); ddim sampler only")
     gen.add_argument("--seed", metavar="N",

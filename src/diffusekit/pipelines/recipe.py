@@ -36,10 +36,11 @@ from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.samplers.config import ALIASES, SAMPLERS
 
 MODES = ("txt2img", "img2img", "inpaint")
-USER_SAMPLERS = ("dpm++2m", "euler", "euler-a", "ddim", "pndm", "ddpm")  # the spellings users type, first
-# every accepted spelling -> our sampler name
-SAMPLER_NAMES = {"dpm++2m": "dpmpp_2m", "euler": "euler", "euler-a": "euler_ancestral", "ddim": "ddim",
-                 "pndm": "pndm", "ddpm": "ddpm", **ALIASES, **{s: s for s in SAMPLERS}}  # fmt: skip
+# the spellings users type for the common samplers -> our sampler names
+_SPELLINGS = {"dpm++2m": "dpmpp_2m", "euler": "euler", "euler-a": "euler_ancestral", "ddim": "ddim", "pndm": "pndm",
+              "ddpm": "ddpm"}  # fmt: skip
+USER_SAMPLERS = (*_SPELLINGS, *(s for s in SAMPLERS if s not in _SPELLINGS.values()))  # as messages list them
+SAMPLER_NAMES = {**_SPELLINGS, **ALIASES, **{s: s for s in SAMPLERS}}  # every accepted spelling -> ours
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_SEED = 2**63 - 1
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 8, 16384, 8  # pixels; guards replays of hostile files as much as typos
@@ -117,7 +118,8 @@ class Recipe:
         for n in ("guidance", "eta", "strength"):  # JSON writes 7.0 as 7
             if type(values[n]) is int:
                 values[n] = float(values[n])
-        return cls(**values).validated(name)
+        recipe = cls(**values).validated(name)
+        return recipe.replace(sampler=check_sampler(name("sampler"), recipe.sampler))  # our name for it
 
     def validated(self, name: Namer = json_field) -> Recipe:
         """This recipe if every field is valid; else a ConfigError naming the field as ``name(field)``."""
