@@ -8,8 +8,10 @@ import torch
 from torch import Tensor
 
 from diffusekit.io.models import load_unet
+from diffusekit.io.text import from_reference_state_dict
 from diffusekit.io.weights import load_weights, read_json
 from diffusekit.parity.report import Comparison
+from diffusekit.pipelines import lora
 from diffusekit.pipelines.img2img import ImageToImage
 from diffusekit.pipelines.inpaint import Inpaint
 from diffusekit.pipelines.loading import load_pipeline
@@ -72,8 +74,19 @@ def unconditional_case(case: Path, meta: dict) -> Comparison:
     return cmp
 
 
+def _load_loras(sd: StableDiffusion, case: Path, meta: dict) -> None:
+    """The case's LoRA adapters (``meta.lora_adapters``, files relative to the case) with their weights and
+    ``meta.lora_scale`` (fixtures README section 11)."""
+    for adapter in meta.get("lora_adapters") or []:
+        lora.load_lora(sd, case / adapter["file"], weight=float(adapter["adapter_weight"]),
+                       name=adapter["adapter_name"])  # fmt: skip
+    if meta.get("lora_adapters"):
+        lora.set_lora_weights(sd, scale=float(meta.get("lora_scale", 1.0)))
+
+
 def _sd(case: Path, meta: dict) -> tuple[StableDiffusion, Recorder]:
     sd = load_pipeline(case / meta["pipeline_dir"])
+    _load_loras(sd, case, meta)
     sd.sampler_config = _sampler_config(case, meta)
     rec = Recorder(sd.unet)
     sd.unet = rec
@@ -114,16 +127,26 @@ def _check_sd_run(cmp: Comparison, sd: StableDiffusion, rec: Recorder, steps: li
 
 
 def text2img_case(case: Path, meta: dict) -> Comparison:
+    """Text-to-image (section 6.1); with ``meta.lora_adapters`` the LoRA cases of section 11 (kind
+    ``lora_text2img``); with ``meta.generator_seed`` the sampler's step noise comes from that generator (the
+    LCM case of section 12, kind ``lcm_text2img``, which also stores every step's ``denoised``)."""
     ref = load_weights(case / "io.safetensors")
     sd, rec = _sd(case, meta)
     steps: list[StepInfo] = []
+    seed = meta.get("generator_seed")
     out = TextToImage(sd)(
         meta["prompt"], negative_prompt=_negative(meta), height=int(meta["height"]), width=int(meta["width"]),
         steps=int(meta["num_inference_steps"]), guidance_scale=float(meta["guidance_scale"]),
         latents=ref["latents_in"], callback=steps.append, show_progress=False,
+        generator=None if seed is None else torch.Generator().manual_seed(int(seed)),
     )  # fmt: skip
     cmp = Comparison(**PIPELINE_TOL)
     cmp.check("start latents", out.start, ref["latents_in"] * float(meta["init_noise_sigma"]))
+    if "step_denoised" in ref and len(steps) == ref["step_denoised"].shape[0]:
+        if any(s.x0 is None for s in steps):
+            cmp.failures.append("the sampler reports no denoised estimate (StepInfo.x0) to compare with step_denoised")
+        else:
+            cmp.check("step_denoised", torch.stack([s.x0 for s in steps]), ref["step_denoised"])
     with torch.inference_mode():
         _check_sd_run(cmp, sd, rec, steps, out, ref, meta)
     return cmp
@@ -166,4 +189,35 @@ def inpaint_case(case: Path, meta: dict) -> Comparison:
                   if meta.get("classifier_free_guidance") else ref["mask_latent"])  # fmt: skip
     with torch.inference_mode():
         _check_sd_run(cmp, sd, rec, steps, out, ref, meta)
+    return cmp
+
+
+def _reference_param(parts: dict[str, torch.nn.Module], key: str) -> Tensor:
+    """A copy of parameter ``<component>.<reference parameter name>`` of our networks."""
+    component, param = key.split(".", 1)
+    state = parts[component].state_dict()
+    if component != "unet":  # the text encoder's reference names -> ours (io.text's key map)
+        (param,) = from_reference_state_dict({param: torch.empty(0)})
+    if param not in state:
+        raise KeyError(f"{key}: no such parameter in our {component} (looked for {param!r})")
+    return state[param].detach().clone()
+
+
+def lora_fuse_case(case: Path, meta: dict) -> Comparison:
+    """LoRA fused into the weights (section 11): ``fused.<component>.<param>`` after loading the adapters and
+    fusing at ``meta.lora_scale``, ``original.*`` before; unfusing must give the originals back."""
+    ref = load_weights(case / "io.safetensors")
+    sd = load_pipeline(case / meta["pipeline_dir"], fast=False)
+    parts = lora.components(sd)
+    keys = [k.removeprefix("original.") for k in ref if k.startswith("original.")]
+    cmp = Comparison(rtol=1e-5, atol=1e-5)
+    for key in keys:
+        cmp.check(f"original.{key}", _reference_param(parts, key), ref[f"original.{key}"])
+    _load_loras(sd, case, meta)
+    lora.fuse_lora(sd)
+    for key in keys:
+        cmp.check(f"fused.{key}", _reference_param(parts, key), ref[f"fused.{key}"])
+    lora.unfuse_lora(sd)
+    for key in keys:
+        cmp.check(f"unfused.{key} (= original)", _reference_param(parts, key), ref[f"original.{key}"])
     return cmp
