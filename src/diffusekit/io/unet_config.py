@@ -67,7 +67,7 @@ _SUPPORTED: dict[str, dict[str, tuple]] = {
         "reverse_transformer_layers_per_block": (None,),
     },
 }
-# The reference's defaults for the other keys missing from a config.json.
+# The reference's defaults for the other keys missing from a config.json (see _reference_defaults).
 _DEFAULTS_OF_BOTH: dict[str, Any] = {
     "dropout": 0.0,
     "flip_sin_to_cos": True,
@@ -106,8 +106,6 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "only_cross_attention": False,
     },
 }
-for _kind in _DEFAULTS:
-    _DEFAULTS[_kind].update({key: allowed[0] for key, allowed in _SUPPORTED[_kind].items()})
 # the attention block of an attention level, per reference class; other levels are plain
 _ATTENTION_DOWN = {UNCONDITIONAL: "AttnDownBlock2D", CONDITIONAL: "CrossAttnDownBlock2D"}
 
@@ -125,7 +123,7 @@ def unet_from_diffusers(d: dict[str, Any]) -> UNetConfig:
         raise ConfigError(f"a UNet config must be a JSON object, got {type(d).__name__}")
     kind = d.get("_class_name") or (CONDITIONAL if "cross_attention_dim" in d else UNCONDITIONAL)
     check_choice("_class_name", kind, (UNCONDITIONAL, CONDITIONAL))
-    d = {**_DEFAULTS[kind], **{k: v for k, v in d.items() if not k.startswith("_")}}
+    d = {**_reference_defaults(kind), **{k: v for k, v in d.items() if not k.startswith("_")}}
     for key, allowed in _SUPPORTED[kind].items():
         check_choice(key, _plain(d.get(key)), allowed)
 
@@ -194,7 +192,7 @@ def unet_to_diffusers(c: UNetConfig) -> dict[str, Any]:
     attn_up = attn_down.replace("Down", "Up")
     out = {
         "_class_name": kind,
-        **{key: allowed[0] for key, allowed in _SUPPORTED[kind].items()},
+        **_supported_defaults(kind),
         "block_out_channels": list(c.channels),
         "down_block_types": [attn_down if a else "DownBlock2D" for a in c.attention_levels],
         "downsample_padding": 1 if c.downsample_pad == "symmetric" else 0,
@@ -234,6 +232,16 @@ def unet_to_diffusers(c: UNetConfig) -> dict[str, Any]:
         "upcast_attention": c.upcast_attention,
         "use_linear_projection": c.use_linear_projection,
     }
+
+
+def _supported_defaults(kind: str) -> dict[str, Any]:
+    """The reference's default of every key in ``_SUPPORTED[kind]`` (its first allowed value)."""
+    return {key: allowed[0] for key, allowed in _SUPPORTED[kind].items()}
+
+
+def _reference_defaults(kind: str) -> dict[str, Any]:
+    """What the reference assumes for each key a ``kind`` config.json leaves out."""
+    return {**_supported_defaults(kind), **_DEFAULTS[kind]}
 
 
 def first_size(sample_size: Any) -> Any:
