@@ -38,9 +38,11 @@ from diffusekit.samplers.heun import sample_heun
 from diffusekit.samplers.kdpm2 import midpoint_sigma, sample_kdpm2
 from diffusekit.samplers.lcm import sample_lcm
 from diffusekit.samplers.pndm import sample_pndm
+from diffusekit.samplers.unipc import sample_unipc
 
-SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm", "lcm", "heun", "kdpm2")
+SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm", "lcm", "heun", "kdpm2", "unipc")
 SIGMA_SAMPLERS = ("euler", "euler_ancestral", "heun", "kdpm2")  # state is the VE sample x0 + sigma eps
+MULTISTEP_SAMPLERS = ("dpmpp_2m", "unipc")  # VP state, integer times, grids on the sigma table
 MAX_TRAIN_TIMESTEPS = 100_000  # the schedule is materialised: refuse a file claiming more before allocating
 ALIASES = {"euler-a": "euler_ancestral", "euler_a": "euler_ancestral", "dpm++2m": "dpmpp_2m", "plms": "pndm"}
 
@@ -55,6 +57,7 @@ REFERENCE_CLASSES = {
     "LCMScheduler": "lcm",
     "HeunDiscreteScheduler": "heun",
     "KDPM2DiscreteScheduler": "kdpm2",
+    "UniPCMultistepScheduler": "unipc",
 }
 
 
@@ -189,6 +192,16 @@ class SamplerConfig:
                 f"DPM-Solver with algorithm_type={algorithm!r}, solver_order={cfg.get('solver_order')!r} is not "
                 "supported; allowed: algorithm_type='dpmsolver++', solver_order=2"
             )
+        if sampler == "unipc":
+            unipc = {"solver_order": 2, "solver_type": "bh2", "predict_x0": True, "lower_order_final": True}
+            for key, allowed in unipc.items():
+                if get(key, allowed) != allowed:
+                    raise ConfigError(f"UniPC with {key}={cfg.get(key)!r} is not supported; allowed: {key}={allowed!r}")
+            if cfg.get("disable_corrector"):
+                raise ConfigError("UniPC with disable_corrector is not supported; allowed: disable_corrector=[]")
+        final_sigmas = get("final_sigmas_type", "zero")
+        if sampler in MULTISTEP_SAMPLERS and final_sigmas != "zero":
+            raise ConfigError(f"final_sigmas_type={final_sigmas!r} is not supported; allowed: final_sigmas_type='zero'")
         if sampler == "pndm" and cfg.get("skip_prk_steps") is False:
             raise ConfigError("PNDM with skip_prk_steps=false is not supported; allowed: skip_prk_steps=true")
         if cfg.get("thresholding"):
@@ -282,26 +295,26 @@ def build_grid(config: SamplerConfig, num_steps: int) -> Grid:
     spacing, offset = config.timestep_spacing, config.steps_offset
     final = _final_alpha_cumprod(config, schedule)
 
-    if config.sampler in SIGMA_SAMPLERS or config.sampler == "dpmpp_2m":
+    if config.sampler in SIGMA_SAMPLERS or config.sampler in MULTISTEP_SAMPLERS:
         # sigma = sqrt((1 - abar) / abar) is infinite where abar = 0 (zero terminal SNR): these samplers
         # start from abar = 2^-24 instead, as the reference does
         schedule = NoiseSchedule(schedule.alphas_cumprod.clamp(min=2.0**-24))
-        if config.sampler == "dpmpp_2m" and config.reference_rules and spacing == "linspace":
-            # the reference's DPM-Solver: N + 1 rounded linspace points, the last one dropped
+        if config.sampler in MULTISTEP_SAMPLERS and config.reference_rules and spacing == "linspace":
+            # the reference's DPM-Solver and UniPC: N + 1 rounded linspace points, the last one dropped
             t = linspace64(0, T - 1, num_steps + 1).round().flip(0)[:-1]
-        elif config.sampler == "dpmpp_2m" and config.reference_rules and spacing == "leading":
+        elif config.sampler in MULTISTEP_SAMPLERS and config.reference_rules and spacing == "leading":
             # ... and for leading spacing N + 1 multiples of T // (N + 1), the last (0) dropped, plus the offset
             # (SD-1.5 with 20 steps: 941, 894, ..., 48 where DDIM's rule gives 951, 901, ..., 1)
             t = (torch.arange(num_steps + 1, dtype=torch.float64) * (T // (num_steps + 1))).flip(0)[:-1] + offset
         else:
-            integer = config.sampler == "dpmpp_2m"
+            integer = config.sampler in MULTISTEP_SAMPLERS
             t = spaced_timesteps(T, num_steps, spacing, offset, integer=integer)
         sigmas = interpolate_sigma(schedule, t)
         if config.karras_sigmas:
             sigmas = karras_sigmas(float(schedule.sigmas[0]), float(schedule.sigmas[-1]), num_steps)
             t = sigma_to_timestep(schedule, sigmas)
-            if config.sampler == "dpmpp_2m" and config.reference_rules:
-                t = t.round()  # the reference's DPM-Solver calls the network at the nearest integer time
+            if config.sampler in MULTISTEP_SAMPLERS and config.reference_rules:
+                t = t.round()  # the reference's DPM-Solver and UniPC call the network at the nearest integer time
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
         if config.sampler in SIGMA_SAMPLERS:
             init = float((sigmas[0] ** 2 + 1).sqrt())
@@ -372,6 +385,8 @@ def run_sampler(
         return sample_heun(denoiser, x, grid, cond=cond, callback=callback)
     if s == "kdpm2":
         return sample_kdpm2(denoiser, x, grid, cond=cond, callback=callback)
+    if s == "unipc":
+        return sample_unipc(denoiser, x, grid, cond=cond, callback=callback)
     if s == "lcm":
         return sample_lcm(denoiser, x, grid, cond=cond, timestep_scaling=config.timestep_scaling, generator=generator,
                           noise=noise, callback=callback)  # fmt: skip
