@@ -104,8 +104,9 @@ def test_two_processes_compute_the_gradient_of_one_process_with_the_same_global_
     # float32 (the claim is about summation order; "auto" precision is bf16 on some CPUs and float32 on others);
     # no gradient clipping: the recorded gradients are the raw ones (the clipping factor comes from the
     # gradient norm, compared below); Adam's epsilon as explained in the module docstring
-    (tmp_path / "cfg.json").write_text(json.dumps({"optim": {"eps": 1e-3, "grad_clip_norm": None},
-                                                   "run": {"mixed_precision": "no"}}))
+    (tmp_path / "cfg.json").write_text(
+        json.dumps({"optim": {"eps": 1e-3, "grad_clip_norm": None}, "run": {"mixed_precision": "no"}})
+    )
     (tmp_path / "runner.py").write_text(RUNNER)
     common = ["train", "--config", str(tmp_path / "cfg.json"), "--data", str(tmp_path / "d.npz"), "--preset",
               "test-tiny", "--steps", "4", "--grad-accum-steps", "2", "--min-snr-gamma", "5", "--random-flip",

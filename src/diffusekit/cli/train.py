@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import re
+import shlex
 import sys
 from pathlib import Path
 
 import torch
 
-from diffusekit.errors import ConfigError
+from diffusekit.diffusion.parametrization import PREDICTION_TYPES
+from diffusekit.diffusion.schedules import BETA_SCHEDULES
+from diffusekit.errors import CheckpointError, ConfigError, DiffusekitError
+from diffusekit.limits import check_int
 from diffusekit.training.config import LR_SCHEDULES, MIXED_PRECISION, TrainConfig, load_config
 from diffusekit.training.presets import preset_names
 
@@ -51,7 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument(
         "--data",
         metavar="SOURCE",
-        help="bundled (default) | mnist | fashion-mnist | image folder | IDX file | .npz/.npy",
+        help="bundled | mnist | fashion-mnist | image folder | IDX file | .npz/.npy",
     )
     g.add_argument("--data-root", metavar="DIR", help="folder holding mnist/ and fashion-mnist/ IDX folders")
     g.add_argument("--resolution-px", type=int, metavar="N", help="square training size (default: the data's)")
@@ -63,37 +68,50 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         help="random horizontal flips (default: on for image folders, off for digits)",
     )
-    g.add_argument("--num-workers", type=int, metavar="N", help="DataLoader processes for image folders")
+    g.add_argument(
+        "--num-workers", type=int, metavar="N", help="DataLoader processes for image folders (default: min(4, CPUs))"
+    )
+    g.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        default=None,
+        help="train without the files of an image folder that cannot be read (they are listed); without this "
+        "option such a folder is refused",
+    )
     g = p.add_argument_group("model and loss")
-    g.add_argument("--preset", choices=preset_names(), help="U-Net preset (default mnist-small)")
+    g.add_argument("--preset", choices=preset_names(), help="U-Net preset")
     g.add_argument(
         "--class-conditional",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="condition on class labels (default: when the data has labels)",
     )
-    g.add_argument("--prediction-type", choices=("epsilon", "sample", "v_prediction"), help="network target")
-    g.add_argument("--beta-schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"))
+    g.add_argument("--prediction-type", choices=PREDICTION_TYPES, help="network target")
+    g.add_argument("--beta-schedule", choices=BETA_SCHEDULES, help="noise schedule of the forward process")
     g.add_argument("--min-snr-gamma", type=float, metavar="G", help="Min-SNR-gamma loss weighting (e.g. 5)")
     g.add_argument("--offset-noise", type=float, metavar="S", help="offset-noise strength (e.g. 0.05)")
     g.add_argument(
         "--label-dropout",
         type=float,
         metavar="P",
-        help="probability of dropping the class label, for classifier-free guidance (default 0.1)",
+        help="probability of dropping the class label, for classifier-free guidance",
     )
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, metavar="N", help="optimizer steps to train to (default 10000)")
-    g.add_argument("--max-minutes", type=float, metavar="M", help="wall-clock training budget of this run")
-    g.add_argument("--batch-size", type=int, metavar="N", help="images per micro-batch per process (default 64)")
+    g.add_argument("--steps", type=int, metavar="N", help="optimizer steps to train to")
+    g.add_argument("--max-minutes", type=float, metavar="M", help="wall-clock training budget of this invocation")
+    g.add_argument("--batch-size", type=int, metavar="N", help="images per micro-batch per process")
     g.add_argument("--grad-accum-steps", type=int, metavar="N", help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, metavar="LR", help="AdamW learning rate (default 2e-4)")
-    g.add_argument("--warmup-steps", type=int, metavar="N", help="linear LR warmup (default 500)")
-    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="after warmup (default constant)")
-    g.add_argument("--ema-decay", type=float, metavar="D", help="maximum EMA decay (default 0.9999)")
-    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, help="default auto")
+    g.add_argument("--lr", type=float, metavar="LR", help="AdamW learning rate")
+    g.add_argument("--warmup-steps", type=int, metavar="N", help="linear LR warmup")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="after warmup")
+    g.add_argument("--ema-decay", type=float, metavar="D", help="maximum EMA decay")
+    g.add_argument(
+        "--mixed-precision",
+        choices=MIXED_PRECISION,
+        help="autocast: auto = bf16 where the device has it, else float32 (fp16 with loss scaling on older GPUs)",
+    )
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", metavar="DIR", help="run folder (default runs/train)")
+    g.add_argument("--output-dir", metavar="DIR", help="run folder")
     g.add_argument(
         "--resume",
         nargs="?",
@@ -102,29 +120,45 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="continue a run: without a value, the newest intact checkpoint in --output-dir; or a "
         "checkpoint / run folder. Only run options (steps, minutes, intervals) may change",
     )
-    g.add_argument("--seed", type=int, metavar="N")
-    g.add_argument("--device", metavar="DEV", help="auto (default), cpu, cuda, cuda:1, ...")
+    g.add_argument("--seed", type=int, metavar="N", help="seed of the weights, the data order and the noise")
+    g.add_argument("--device", metavar="DEV", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument(
         "--cpu-threads",
         type=int,
         metavar="N",
         help="torch CPU threads (default: torch's choice; on a machine busy with other work, 1 is often faster)",
     )
-    g.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="default 1000")
-    g.add_argument("--keep-checkpoints", type=int, metavar="N", help="newest checkpoints kept (default 2)")
-    g.add_argument("--log-every-steps", type=int, metavar="N", help="metrics interval (default 10)")
-    g.add_argument("--sample-every-steps", type=int, metavar="N", help="EMA sample grids (default 0 = off)")
+    g.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="checkpoint interval")
+    g.add_argument("--keep-checkpoints", type=int, metavar="N", help="newest checkpoints kept")
+    g.add_argument("--log-every-steps", type=int, metavar="N", help="metrics interval")
+    g.add_argument("--sample-every-steps", type=int, metavar="N", help="EMA sample grids (0 = off)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
+    _show_defaults(p)
     p.set_defaults(run=run)
     return p
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append each config option's default (read from TrainConfig, the one source of defaults) to its help."""
+    defaults = TrainConfig().to_dict()
+    for action in parser._actions:
+        if action.dest in _FIELDS:
+            section, name = _FIELDS[action.dest]
+            value = defaults[section][name]
+            if value is None:  # "the data's", "none": each option's help says what None means
+                if "default" not in (action.help or ""):
+                    action.help = f"{action.help or ''} (default: none)".strip()
+                continue
+            shown = ("on" if value else "off") if isinstance(value, bool) else value
+            action.help = f"{action.help or ''} (default: {shown})".strip()
 
 
 # option -> (section, field)
 _FIELDS = {
     "data": ("data", "source"), "data_root": ("data", "data_root"), "resolution_px": ("data", "resolution"),
     "channels": ("data", "channels"), "limit": ("data", "limit"), "random_flip": ("data", "random_flip"),
-    "num_workers": ("data", "num_workers"),
+    "num_workers": ("data", "num_workers"), "skip_bad_images": ("data", "skip_bad_images"),
     "preset": ("model", "preset"), "class_conditional": ("model", "class_conditional"),
     "prediction_type": ("diffusion", "prediction_type"), "beta_schedule": ("diffusion", "beta_schedule"),
     "min_snr_gamma": ("diffusion", "min_snr_gamma"), "offset_noise": ("diffusion", "offset_noise"),
@@ -175,7 +209,9 @@ def resume_config(args: argparse.Namespace, config: TrainConfig) -> tuple[TrainC
         ignored.append("--config")
     if ignored:
         print(f"note: resuming uses the checkpoint's config; ignoring {', '.join(ignored)}", file=sys.stderr)
-    saved = TrainConfig.from_dict(read_json(path / "config.json")["train"])
+    saved = read_json(path / "config.json").get("train")
+    if not isinstance(saved, dict) or not isinstance(saved.get("run", {}), dict):
+        raise CheckpointError(f"{path}: config.json: train must be a JSON object with a run section")
     changes = {name: getattr(args, o) for o, (section, name) in _FIELDS.items()
                if section == "run" and getattr(args, o, None) is not None}  # fmt: skip
     if args.no_progress:
@@ -184,10 +220,26 @@ def resume_config(args: argparse.Namespace, config: TrainConfig) -> tuple[TrainC
         changes["tensorboard"] = False
     if args.resume != "latest" and args.output_dir is None:
         changes["output_dir"] = str(path.parent.parent)
-    return saved.replace(run=changes), path
+    try:  # the options given replace saved run settings before they are checked (an old run's max_minutes=0)
+        return TrainConfig.from_dict({**saved, "run": {**saved.get("run", {}), **changes}}), path
+    except ConfigError as e:
+        raise ConfigError(f"{path}: the checkpoint's settings with the options given: {e}") from None
+
+
+# config names in library messages -> the options a user of this command types
+_OPTION_NAMES = {f"{section}.{name}": "--" + option.replace("_", "-") for option, (section, name) in _FIELDS.items()}
+_OPTION_PATTERN = re.compile(r"\b(" + "|".join(map(re.escape, _OPTION_NAMES)) + r")\b")
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except DiffusekitError as e:  # say --steps, not run.max_steps
+        message = _OPTION_PATTERN.sub(lambda m: _OPTION_NAMES[m.group(1)], str(e))
+        raise type(e)(message) from None
+
+
+def _run(args: argparse.Namespace) -> int:
     from diffusekit.training.checkpoint import list_checkpoints
     from diffusekit.training.trainer import CHECKPOINTS_DIR, Trainer
 
@@ -198,9 +250,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     if args.cpu_threads is not None:
-        if args.cpu_threads < 1:
-            raise ConfigError(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
-        torch.set_num_threads(args.cpu_threads)
+        torch.set_num_threads(check_int("--cpu-threads", args.cpu_threads, 1, 4096))
     out = Path(config.run.output_dir)
     if args.resume is None and list_checkpoints(out / CHECKPOINTS_DIR):
         raise ConfigError(
@@ -212,9 +262,10 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(config, resume=resume)
     result = trainer.fit()
     if trainer.env.is_main:
+        loss = "(no metrics record in this run)" if result.loss is None else round(result.loss, 5)
         print(
             f"trained to step {result.step} ({result.stopped_by}; {result.steps_per_second:.2f} steps/s); "
-            f"last loss {result.loss if result.loss is None else round(result.loss, 5)}\n"
+            f"last loss {loss}\n"
             f"  checkpoint: {result.checkpoint}\n  EMA model:  {result.export_dir}\n"
             f"  metrics:    {result.run_dir / 'metrics.jsonl'}, loss curve {result.run_dir / 'loss_curve.png'}\n"
             f"sample with: diffusekit sample {result.export_dir} --n 64 --out grid.png"
@@ -222,4 +273,14 @@ def run(args: argparse.Namespace) -> int:
     from diffusekit.training.distributed import shutdown
 
     shutdown(trainer.env)
+    if result.stopped_by == "interrupted":
+        if trainer.env.is_main:
+            n = trainer.env.world_size
+            launcher = f"torchrun --nproc_per_node {n} -m diffusekit" if n > 1 else "diffusekit"
+            print(
+                f"interrupted at step {result.step}; the checkpoint is saved. Resume with:\n"
+                f"  {launcher} train --resume {shlex.quote(str(result.checkpoint))}",
+                file=sys.stderr,
+            )
+        return 130
     return 0

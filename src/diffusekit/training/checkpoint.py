@@ -9,14 +9,17 @@ A checkpoint is a directory ``<run>/checkpoints/step-00001000/`` holding
 - ``config.json``: the full training config and the resolved U-Net config;
 - ``manifest.json``, written last: the size and SHA-256 of every other file.
 
-Nothing is pickled. It is written atomically: into ``.tmp-step-...``, each file fsynced, the folder fsynced,
-then renamed into place; older checkpoints are deleted only after the new one is complete. A folder with
-a missing or truncated file, or a file whose hash differs from the manifest, is refused with a
-CheckpointError, and ``latest_checkpoint`` falls back to the newest one that is intact.
+Nothing is pickled. It is written atomically (``io.atomic.folder_atomic``: a temporary folder, each file
+fsynced, the folder fsynced, then renamed into place); older checkpoints are deleted only after the new one
+is complete, each renamed aside before its files are removed, so that a kill while pruning leaves debris the
+next prune recognises rather than a checkpoint folder with files missing. A folder with a missing or
+truncated file, or a file whose hash differs from the manifest, is refused with a CheckpointError, and
+``latest_checkpoint`` falls back to the newest one that is intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -32,6 +35,7 @@ import torch
 from torch import Tensor
 
 from diffusekit.errors import CheckpointError, DiffusekitError
+from diffusekit.io.atomic import folder_atomic
 from diffusekit.io.weights import load_weights, read_json, save_weights, write_json
 
 FORMAT = "diffusekit-training-checkpoint"
@@ -46,22 +50,13 @@ FILES = (
     "config.json",
 )
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
+# what a process leaves behind when it is killed: a checkpoint being written (.step-N.tmp-PID), an old one
+# moved aside while a step is re-saved (.step-N.old-PID), one being pruned (.step-N.del-PID); and the names
+# older versions used (.tmp-step-N-PID, .old-step-N-PID)
+_DEBRIS = re.compile(r"^\.(?:(?:tmp|old)-step-\d+|step-\d+\.(?:tmp|old|del))-(\d+)$")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on this platform (e.g. Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -173,13 +168,8 @@ def save_checkpoint(
     states are captured here.
     """
     root = Path(checkpoints_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with folder_atomic(final, what="checkpoint") as tmp:
         opt_tensors, opt_scalars = flatten_optimizer_state(optimizer)
         rng_tensors, rng_scalars = capture_rng()
         meta = {"format": FORMAT, "step": str(step)}
@@ -191,18 +181,6 @@ def save_checkpoint(
         write_json(config, tmp / "config.json")
         files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
         write_json({"format": FORMAT, "version": FORMAT_VERSION, "step": step, "files": files}, tmp / MANIFEST)
-        _fsync_dir(tmp)
-        old = None
-        if final.exists():  # re-saving a step: move the old one aside until the new one is in place
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     prune_checkpoints(root, keep)
     return final
 
@@ -217,17 +195,38 @@ def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[Path]:
 
 
 def prune_checkpoints(checkpoints_dir: str | os.PathLike, keep: int) -> None:
-    """Delete all but the ``keep`` newest intact checkpoints, and leftover temporary folders of dead runs.
+    """Delete all but the ``keep`` newest intact checkpoints, and what killed processes left behind: their
+    temporary folders, and checkpoint folders that are empty or incomplete but older than the newest intact
+    checkpoint (nothing would resume from them; a kill during an earlier prune leaves such folders).
 
     Corrupt checkpoints newer than the newest intact one are left alone (for inspection)."""
     root = Path(checkpoints_dir)
-    for p in root.glob(".tmp-step-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        m = _DEBRIS.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
-    intact = [p for p in list_checkpoints(root) if _is_intact(p)]
+    folders = list_checkpoints(root)
+    intact = [p for p in folders if _is_intact(p)]
+    for p in folders:
+        empty = not any(p.iterdir())
+        if p not in intact and (empty or (intact and _step(p) < _step(intact[-1]))):
+            _delete(p)
     for p in intact[: max(0, len(intact) - keep)]:
-        shutil.rmtree(p, ignore_errors=True)
+        _delete(p)
+
+
+def _step(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def _delete(path: Path) -> None:
+    """Remove a checkpoint folder: renamed aside first (one atomic step), then its files."""
+    trash = path.with_name(f".{path.name}.del-{os.getpid()}")
+    with contextlib.suppress(OSError):
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:

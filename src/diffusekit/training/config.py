@@ -27,10 +27,25 @@ from typing import Any
 
 from diffusekit.diffusion.parametrization import PREDICTION_TYPES
 from diffusekit.diffusion.schedules import BETA_SCHEDULES
-from diffusekit.errors import ConfigError, check_choice, check_positive_int, check_range
+from diffusekit.errors import ConfigError, check_choice, check_range
+from diffusekit.limits import check_flag, check_float, check_int
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+
+# Upper bounds, checked before anything is loaded or allocated (a typo such as --resolution-px 100000 must
+# not meet the OOM killer); far above what pixel-space training on one machine can use. What fits in this
+# machine's memory is estimated later, from the model (see ``diffusekit.training.memory``).
+MAX_RESOLUTION_PX = 4096
+MAX_BATCH = 1 << 20  # images per micro-batch per process
+MAX_GRAD_ACCUM = 1 << 16
+MAX_STEPS = 10**9  # optimizer steps, and every interval counted in them
+MAX_WORKERS = 256
+MAX_SAMPLE_IMAGES = 4096
+MAX_SAMPLE_STEPS = 10_000
+MAX_TRAIN_TIMESTEPS = 100_000
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64-bit seeds; the same bound as the generation commands
+MAX_LIMIT = 2**40  # examples
 
 
 @dataclass
@@ -50,17 +65,20 @@ class DataConfig:
     random_flip: bool | None = None
     limit: int | None = None
     num_workers: int | None = None
+    skip_bad_images: bool = False
 
     def validate(self) -> None:
         if not isinstance(self.source, str) or not self.source:
             raise ConfigError(f"data.source must be a non-empty string, got {self.source!r}")
-        for name in ("resolution", "limit"):
-            if getattr(self, name) is not None:
-                check_positive_int(f"data.{name}", getattr(self, name))
+        if self.resolution is not None:
+            check_int("data.resolution", self.resolution, 1, MAX_RESOLUTION_PX)
+        if self.limit is not None:
+            check_int("data.limit", self.limit, 1, MAX_LIMIT)
         if self.channels is not None:
             check_choice("data.channels", self.channels, (1, 3))
         if self.num_workers is not None:
-            check_positive_int("data.num_workers", self.num_workers, minimum=0)
+            check_int("data.num_workers", self.num_workers, 0, MAX_WORKERS)
+        check_flag("data.skip_bad_images", self.skip_bad_images)
 
 
 @dataclass
@@ -104,7 +122,7 @@ class DiffusionConfig:
 
     def validate(self) -> None:
         check_choice("diffusion.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-        check_positive_int("diffusion.num_train_timesteps", self.num_train_timesteps, minimum=2)
+        check_int("diffusion.num_train_timesteps", self.num_train_timesteps, 2, MAX_TRAIN_TIMESTEPS)
         check_range("diffusion.beta_start", self.beta_start, 0.0, 1.0)
         check_range("diffusion.beta_end", self.beta_end, 0.0, 1.0)
         check_choice("diffusion.prediction_type", self.prediction_type, PREDICTION_TYPES)
@@ -149,13 +167,13 @@ class OptimConfig:
         )
         check_range("optim.eps", self.eps, 0.0, 1.0)
         check_range("optim.weight_decay", self.weight_decay, 0.0, 10.0)
-        check_positive_int("optim.warmup_steps", self.warmup_steps, minimum=0)
+        check_int("optim.warmup_steps", self.warmup_steps, 0, MAX_STEPS)
         check_choice("optim.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         if self.grad_clip_norm is not None:
             check_range("optim.grad_clip_norm", self.grad_clip_norm, 1e-12, 1e12)
-        check_positive_int("optim.batch_size", self.batch_size)
-        check_positive_int("optim.grad_accum_steps", self.grad_accum_steps)
+        check_int("optim.batch_size", self.batch_size, 1, MAX_BATCH)
+        check_int("optim.grad_accum_steps", self.grad_accum_steps, 1, MAX_GRAD_ACCUM)
 
 
 @dataclass
@@ -202,17 +220,17 @@ class RunConfig:
     def validate(self) -> None:
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ConfigError(f"run.output_dir must be a path, got {self.output_dir!r}")
-        check_positive_int("run.max_steps", self.max_steps)
-        if self.max_minutes is not None:
-            check_range("run.max_minutes", self.max_minutes, 0.0, math.inf)
-        check_positive_int("run.seed", self.seed, minimum=0)
+        check_int("run.max_steps", self.max_steps, 1, MAX_STEPS)
+        if self.max_minutes is not None:  # 0 would train nothing
+            check_float("run.max_minutes", self.max_minutes, 0.0, math.inf, open_low=True)
+        check_int("run.seed", self.seed, 0, MAX_SEED)
         check_choice("run.mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        check_positive_int("run.checkpoint_every", self.checkpoint_every)
-        check_positive_int("run.keep_checkpoints", self.keep_checkpoints)
-        check_positive_int("run.log_every", self.log_every)
-        check_positive_int("run.sample_every", self.sample_every, minimum=0)
-        check_positive_int("run.num_sample_images", self.num_sample_images)
-        check_positive_int("run.sample_steps", self.sample_steps)
+        check_int("run.checkpoint_every", self.checkpoint_every, 1, MAX_STEPS)
+        check_int("run.keep_checkpoints", self.keep_checkpoints, 1, MAX_STEPS)
+        check_int("run.log_every", self.log_every, 1, MAX_STEPS)
+        check_int("run.sample_every", self.sample_every, 0, MAX_STEPS)
+        check_int("run.num_sample_images", self.num_sample_images, 1, MAX_SAMPLE_IMAGES)
+        check_int("run.sample_steps", self.sample_steps, 1, MAX_SAMPLE_STEPS)
 
 
 SECTIONS: dict[str, type] = {

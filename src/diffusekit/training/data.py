@@ -14,7 +14,9 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+import signal
 import struct
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -27,8 +29,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from diffusekit.errors import ConfigError, check_positive_int
+from diffusekit.training.memory import device_memory_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+# 16-bit greyscale: PIL opens a 16-bit PNG as I;16 (or I, in older Pillow); full scale 65535
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+MAX_BAD_LISTED = 10  # bad files named in an error message
 NAMED_DATASETS = ("bundled", "mnist", "fashion-mnist")
 DATASETS_ENV = "DIFFUSEKIT_DATASETS"
 
@@ -98,6 +105,22 @@ def _pil_mode(channels: int) -> str:
     return "L" if channels == 1 else "RGB"
 
 
+def _decode_image(path: Path) -> Image.Image:
+    """Every pixel of one image file, decoded now (a truncated file fails here, not later): a PIL image in
+    its own mode, except that 16-bit greyscale becomes 8-bit L scaled by 255 / 65535 (Pillow's convert("L")
+    clips it at 255, which turns almost every 16-bit image white). A file that is no readable image raises
+    ConfigError naming it."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in _SIXTEEN_BIT_MODES:
+                a = np.asarray(im).astype(np.float64) * (255 / 65535)
+                return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+            return im.copy()
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... for bad files
+        raise ConfigError(f"{path}: not a readable image ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def image_to_array(img: Image.Image, resolution: int, channels: int) -> np.ndarray:
     """A PIL image -> uint8 array (channels, resolution, resolution)."""
     img = resize_center_crop(img.convert(_pil_mode(channels)), resolution)
@@ -159,11 +182,7 @@ class ArrayDataset(TrainDataset):
         channels: int | None = None,
         class_names: Sequence[str] | None = None,
     ) -> None:
-        x = np.asarray(images.cpu() if isinstance(images, Tensor) else images)
-        if x.dtype != np.uint8:
-            if x.dtype.kind == "f" and x.size and x.min() >= 0 and x.max() <= 1:
-                x = np.round(x * 255)
-            x = np.clip(x, 0, 255).astype(np.uint8)
+        x = _pixels_uint8(np.asarray(images.cpu() if isinstance(images, Tensor) else images))
         if x.ndim == 3:
             x = x[:, None]
         elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
@@ -176,6 +195,13 @@ class ArrayDataset(TrainDataset):
         resolution = resolution or min(x.shape[2:])
         check_positive_int("resolution", resolution)
         if x.shape[1] != channels or x.shape[2:] != (resolution, resolution):
+            need, have = len(x) * channels * resolution**2, device_memory_bytes(torch.device("cpu"))
+            if have is not None and need > have:
+                raise ConfigError(
+                    f"data.resolution={resolution}: {len(x)} images of {channels}x{resolution}x{resolution} bytes "
+                    f"need {need / 2**30:.1f} GiB of memory, more than this machine's {have / 2**30:.1f} GiB; "
+                    "choose a smaller data.resolution or data.limit"
+                )
             mode = "L" if x.shape[1] == 1 else "RGB"
             x = np.stack(
                 [
@@ -213,21 +239,56 @@ class ArrayDataset(TrainDataset):
         return x, (self.labels[idx] if self.labels is not None else None)
 
 
-class ImageFolderDataset(TrainDataset):
-    """Images under ``root`` (PNG/JPEG/...), decoded lazily (so DataLoader workers share the work).
+def _pixels_uint8(x: np.ndarray) -> np.ndarray:
+    """Image values as uint8: integers must lie in [0, 255]; floats must be finite and lie in [0, 1] (scaled by
+    255) or in [0, 255]. Anything else is refused: NaN, negative values or values above 255 are a broken
+    array, and training on it clipped would learn the damage."""
+    if x.dtype == np.uint8:
+        return x
+    if x.dtype.kind not in "uif" or x.size == 0:
+        raise ConfigError(f"images must be an array of numbers, got dtype {x.dtype} and shape {x.shape}")
+    if x.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        if bad:
+            raise ConfigError(f"images: {bad} values are NaN or infinite")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 255:
+        raise ConfigError(
+            f"images: values must lie in [0, 255] (integers or floats) or [0, 1] (floats), got [{lo:g}, {hi:g}]"
+        )
+    if x.dtype.kind == "f":
+        x = x * 255 if hi <= 1 else x
+        return np.rint(x).astype(np.uint8)
+    return x.astype(np.uint8)
 
+
+class ImageFolderDataset(TrainDataset):
+    """Images under ``root`` (PNG/JPEG/...), decoded for training lazily (so DataLoader workers share the work).
+
+    Every file is decoded once up front: a folder with unreadable files (truncated, empty, not an image) is
+    refused with the list of them, or, with ``skip_bad``, trained on without them (named on stderr), so that
+    training never dies at one file mid-run (nor a resumed run at the same file again).
     If every image lies in a first-level sub-folder, the sub-folder names (sorted) are the classes;
-    otherwise the folder is read recursively and is unlabelled. ``channels`` defaults to 1 when the first
-    image is grayscale, else 3; ``resolution`` defaults to the shorter side of the first image.
+    otherwise the folder is read recursively and is unlabelled. ``channels`` defaults to 1 when every image
+    is greyscale, else 3 (a mix is announced on stderr); ``resolution`` defaults to the shorter side of the
+    images, which must then agree (a folder of mixed sizes needs an explicit ``resolution``).
     """
 
-    def __init__(self, root: str | os.PathLike, resolution: int | None = None, channels: int | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        resolution: int | None = None,
+        channels: int | None = None,
+        *,
+        skip_bad: bool = False,
+    ) -> None:
         root = Path(root)
         if not root.is_dir():
             raise ConfigError(f"image folder not found: {root}")
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not files:
             raise ConfigError(f"{root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        files, modes, sizes = _scan_images(root, files, skip_bad)
         self.root, self.files = root, files
         rel = [p.relative_to(root).parts for p in files]
         if all(len(parts) == 2 for parts in rel):
@@ -237,25 +298,66 @@ class ImageFolderDataset(TrainDataset):
             self.num_classes = len(self.class_names)
         else:
             self.class_names, self.labels, self.num_classes = [], None, 0
-        with Image.open(files[0]) as im:
-            first_mode, first_size = im.mode, im.size
-        self.channels = channels or (1 if first_mode in ("1", "L", "I", "I;16", "F") else 3)
+        grey = sum(1 for m in modes if m in GREY_MODES)
+        if channels is None:
+            channels = 1 if grey == len(modes) else 3
+            if 0 < grey < len(modes):
+                print(
+                    f"note: {root}: {grey} greyscale and {len(modes) - grey} colour images; training on 3 channels "
+                    "(RGB, greyscale repeated); data.channels = 1 trains on greyscale",
+                    file=sys.stderr,
+                )
+        self.channels = channels
         _pil_mode(self.channels)
-        self.resolution = check_positive_int("resolution", resolution or min(first_size))
+        if resolution is None:
+            sides = sorted({min(size) for size in sizes})
+            if len(sides) > 1:
+                raise ConfigError(
+                    f"{root}: the images have different sizes (shorter sides from {sides[0]} to {sides[-1]} px); "
+                    "choose the training size with data.resolution (each image is resized so that its shorter "
+                    "side is that, then centre-cropped)"
+                )
+            resolution = sides[0]
+        self.resolution = check_positive_int("resolution", resolution)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def image_uint8(self, index: int) -> Tensor:
-        path = self.files[index]
-        try:
-            with Image.open(path) as im:
-                return torch.from_numpy(image_to_array(im, self.resolution, self.channels))
-        except OSError as e:
-            raise ConfigError(f"cannot read image {path}: {e}") from None
+        img = _decode_image(self.files[index])
+        return torch.from_numpy(image_to_array(img, self.resolution, self.channels))
 
     def label(self, index: int) -> int:
         return self.labels[index] if self.labels is not None else -1
+
+
+def _scan_images(root: Path, files: list[Path], skip_bad: bool) -> tuple[list[Path], list[str], list[tuple]]:
+    """Decode every file once: (the readable files, their PIL modes, their sizes). Unreadable files are a
+    ConfigError listing them, unless ``skip_bad`` (then they are left out and named on stderr)."""
+    good, modes, sizes, bad = [], [], [], []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                mode = im.mode
+            img = _decode_image(path)
+        except ConfigError as e:
+            bad.append(str(e))
+            continue
+        except Exception as e:  # noqa: BLE001 - Pillow's many error types for a file that is no image
+            bad.append(f"{path}: not a readable image ({type(e).__name__}: {str(e)[:200]})")
+            continue
+        good.append(path)
+        modes.append(mode)
+        sizes.append(img.size)
+    if bad:
+        listed = "; ".join(bad[:MAX_BAD_LISTED])
+        if len(bad) > MAX_BAD_LISTED:
+            listed += f"; and {len(bad) - MAX_BAD_LISTED} more"
+        if not skip_bad or not good:
+            hint = "" if not good else "; data.skip_bad_images trains on the others without them"
+            raise ConfigError(f"{root}: {len(bad)} of {len(files)} image files cannot be read: {listed}{hint}")
+        print(f"note: skipping {len(bad)} of {len(files)} image files that cannot be read: {listed}", file=sys.stderr)
+    return good, modes, sizes
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -347,6 +449,7 @@ class DataSpec:
     folder, an IDX image file, or a ``.npz``/``.npy`` file of uint8 images (``.npz``: arrays ``images`` and
     optional ``labels``). ``split``: ``train`` or ``test`` (for the held-out split of named datasets).
     ``resolution``/``channels``: None keeps the source's own. ``limit``: use only the first N examples.
+    ``skip_bad_images``: leave out the unreadable files of an image folder instead of refusing it.
     """
 
     source: str = "bundled"
@@ -355,6 +458,7 @@ class DataSpec:
     channels: int | None = None
     data_root: str | None = None
     limit: int | None = None
+    skip_bad_images: bool = False
 
 
 def load_dataset(spec: DataSpec) -> TrainDataset:
@@ -382,7 +486,7 @@ def load_dataset(spec: DataSpec) -> TrainDataset:
         )
     path = Path(src).expanduser()
     if path.is_dir():
-        ds = ImageFolderDataset(path, resolution=spec.resolution, channels=spec.channels)
+        ds = ImageFolderDataset(path, resolution=spec.resolution, channels=spec.channels, skip_bad=spec.skip_bad_images)
         if spec.limit is not None and spec.limit < len(ds):
             ds.files = ds.files[: spec.limit]
             if ds.labels is not None:
@@ -478,5 +582,12 @@ def make_batches(
         persistent_workers=True,
         prefetch_factor=4,
         generator=torch.Generator().manual_seed(sampler.seed),  # keeps the global torch RNG untouched
+        worker_init_fn=_ignore_sigint,
     )
     return iter(loader)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """In a DataLoader worker: leave Ctrl-C to the training process, which stops after the current step and
+    saves a checkpoint (a worker that died of it would break the batches of that last step)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

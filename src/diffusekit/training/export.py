@@ -13,12 +13,12 @@ A class-conditional network has ``num_classes + 1`` class embeddings; the last i
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from diffusekit.errors import CheckpointError, ConfigError
+from diffusekit.io.atomic import folder_atomic
 from diffusekit.networks.unet import UNet, UNetConfig
 from diffusekit.pipelines.unconditional import UnconditionalPipeline, load_pipeline, save_pipeline
 from diffusekit.samplers.config import SamplerConfig
@@ -50,19 +50,10 @@ def sampler_config(diffusion: DiffusionConfig, sampler: str = "ddpm") -> Sampler
 def export_inference(ema_model: UNet, diffusion: DiffusionConfig, folder: str | os.PathLike) -> Path:
     """Write ``ema_model`` (float32, CPU copy) and its scheduler as an inference folder; atomic replace."""
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     net = UNet(ema_model.config)
     net.load_state_dict({k: v.detach().float().cpu() for k, v in ema_model.state_dict().items()})
-    save_pipeline(UnconditionalPipeline(net.eval(), sampler_config(diffusion)), tmp)
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
+    with folder_atomic(folder, what="inference folder") as tmp:
+        save_pipeline(UnconditionalPipeline(net.eval(), sampler_config(diffusion)), tmp)
     return folder
 
 

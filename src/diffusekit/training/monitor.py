@@ -19,6 +19,8 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from diffusekit.io.atomic import write_atomic, write_text_atomic
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -47,9 +49,7 @@ class MetricsLogger:
         self.path = self.run_dir / METRICS_FILE
         if resume_step is not None:
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept), what="metrics file")
         elif self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a", encoding="utf-8")
@@ -171,7 +171,4 @@ def plot_loss_curve(
     else:
         x, y = line[0]
         d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(20, 60, 160))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
-    return path
+    return write_atomic(path, lambda tmp: img.save(tmp, format="PNG"), what="loss curve")

@@ -14,10 +14,13 @@ N processes compute the same gradient as one process with the same global batch 
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +35,7 @@ from tqdm.auto import tqdm
 
 from diffusekit import __version__
 from diffusekit.diffusion.schedules import NoiseSchedule
-from diffusekit.errors import CheckpointError, ConfigError, DiffusekitError
+from diffusekit.errors import CheckpointError, ConfigError, DiffusekitError, OutputError
 from diffusekit.networks.unet import UNet, UNetConfig
 from diffusekit.runtime.policy import use_fast_conv
 from diffusekit.training import distributed as ddp
@@ -56,6 +59,7 @@ from diffusekit.training.data import (
 from diffusekit.training.ema import ema_decay, ema_update, make_ema
 from diffusekit.training.export import EXPORT_DIR, export_inference, sampler_config
 from diffusekit.training.losses import noisy_inputs, offset_noise, timestep_weights, weighted_mse
+from diffusekit.training.memory import check_training_memory
 from diffusekit.training.monitor import MetricsLogger, plot_loss_curve, read_metrics
 from diffusekit.training.presets import build_unet_config
 
@@ -73,7 +77,7 @@ class TrainResult:
 
     run_dir: Path
     step: int
-    stopped_by: str  # "max_steps" or "max_minutes"
+    stopped_by: str  # "max_steps", "max_minutes" or "interrupted" (Ctrl-C / SIGINT; the checkpoint was saved)
     checkpoint: Path | None
     export_dir: Path | None
     loss: float | None  # mean loss of the last logging interval
@@ -184,14 +188,19 @@ class Trainer:
             for key in ("train", "unet"):  # what the trainer itself writes; a hand-edited file may lack them
                 if not isinstance(state.config.get(key), dict):
                     raise CheckpointError(f"{state.path}: config.json: {key} must be a JSON object")
-            try:
-                saved = TrainConfig.from_dict(state.config["train"])
+            try:  # the saved config with this run's loop settings (checked together: they replace old ones)
+                config = TrainConfig.from_dict({**state.config["train"], "run": config.to_dict()["run"]})
             except ConfigError as e:
                 raise CheckpointError(f"{state.path}: config.json: {e}") from None
-            run = {**config.to_dict()["run"]}
-            config = saved.replace(run=run)
         self.config = c = config
         self.run_dir = Path(c.run.output_dir)
+        if self.env.is_main:
+            _check_writable(self.run_dir)
+        if state is not None and state.step >= c.run.max_steps:
+            raise ConfigError(
+                f"{state.path} is at step {state.step} and run.max_steps is {c.run.max_steps}: there is nothing "
+                f"to train; to continue, pass a run.max_steps above {state.step}"
+            )
 
         # data
         self.dataset = dataset or load_dataset(
@@ -201,6 +210,7 @@ class Trainer:
                 channels=c.data.channels,
                 data_root=c.data.data_root,
                 limit=c.data.limit,
+                skip_bad_images=c.data.skip_bad_images,
             )
         )
         ds = self.dataset
@@ -231,6 +241,8 @@ class Trainer:
                 num_classes=self.num_classes,
             )
         device = self.env.device
+        check_training_memory(self.unet_config, channels=ds.channels, resolution=ds.resolution,
+                              batch_size=c.optim.batch_size, device=device)  # fmt: skip
         # channels-last on CPUs: oneDNN's NHWC convolutions and GroupNorm are faster there (one mnist-small
         # training step of 64 images: 1.71 s vs 2.20 s NCHW on one core); the weights' values are the same
         self.memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
@@ -257,6 +269,7 @@ class Trainer:
         self.step = 0
         self.data_position = 0  # examples consumed from the data stream (all ranks together)
         self.train_seconds_total = 0.0
+        self.log_window: list[float] = []  # losses of the steps since the last metrics record
         self.resumed_from: Path | None = None
         _seed_everything(c.run.seed, self.env.rank)
         if state is not None:
@@ -291,6 +304,7 @@ class Trainer:
             self.step = int(state.step)
             self.data_position = int(s["data_position"])
             self.train_seconds_total = float(s.get("train_seconds", 0.0))
+            self.log_window = [float(x) for x in s.get("log_window", [])]
             if self.scaler is not None and s.get("grad_scaler"):
                 self.scaler.load_state_dict(s["grad_scaler"])
             restore_rng(state.rng_tensors, state.rng_scalars)
@@ -324,6 +338,7 @@ class Trainer:
                 "world_size": self.env.world_size,
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "train_seconds": self.train_seconds_total,
+                "log_window": list(self.log_window),  # so a resumed run logs the same averages
                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "diffusekit_version": __version__,
             },
@@ -428,18 +443,23 @@ class Trainer:
             else contextlib.nullcontext()
         )
         start_step, t_start = self.step, time.perf_counter()
-        interval_losses: list[float] = []
-        interval_start, last_loss, last_ckpt, stopped_by = time.perf_counter(), None, None, "max_steps"
+        interval_steps, interval_start = 0, time.perf_counter()
+        last_loss, last_ckpt, stopped_by = None, None, "max_steps"
+        interrupted = threading.Event()
+        previous_handler = _on_sigint(lambda: _interrupt(interrupted))
         try:
             while True:
                 elapsed = time.perf_counter() - t_start
-                stop = self.step >= c.run.max_steps or elapsed >= budget
-                if env.distributed:  # rank 0's clock decides, so every rank stops at the same step
+                stop = self.step >= c.run.max_steps or elapsed >= budget or interrupted.is_set()
+                if env.distributed:  # rank 0's clock (and Ctrl-C) decides, so every rank stops at the same step
                     flag = torch.tensor([float(stop)], device=env.device)
                     torch.distributed.broadcast(flag, 0)
                     stop = bool(flag.item())
                 if stop:
-                    stopped_by = "max_steps" if self.step >= c.run.max_steps else "max_minutes"
+                    if self.step >= c.run.max_steps:
+                        stopped_by = "max_steps"
+                    else:
+                        stopped_by = "max_minutes" if elapsed >= budget else "interrupted"
                     break
                 lr = c.optim.lr * lr_factor(self.step, c.optim, c.run.max_steps)
                 for group in self.optimizer.param_groups:
@@ -453,13 +473,15 @@ class Trainer:
                 self.step += 1
                 decay = ema_decay(self.step, c.ema.decay, c.ema.warmup)
                 ema_update(self.ema, self.model, decay)
-                interval_losses.append(mean_loss)
+                self.log_window.append(mean_loss)
+                interval_steps += 1
                 bar.update(1)
 
                 if self.step % c.run.log_every == 0 or self.step == c.run.max_steps:
                     now = time.perf_counter()
-                    rate = len(interval_losses) / max(now - interval_start, 1e-9)
-                    last_loss = sum(interval_losses) / len(interval_losses)
+                    rate = interval_steps / max(now - interval_start, 1e-9)
+                    # the whole window, also where it began before a resume (its losses are in the checkpoint)
+                    last_loss = sum(self.log_window) / len(self.log_window)
                     record = {
                         "step": self.step,
                         "loss": last_loss,
@@ -476,7 +498,9 @@ class Trainer:
                     if math.isfinite(budget):
                         postfix["budget_left"] = _mmss(budget - (now - t_start))
                     bar.set_postfix(postfix, refresh=False)
-                    interval_losses, interval_start = [], now
+                    interval_steps, interval_start = 0, now
+                    if self.step % c.run.log_every == 0:  # the extra record of a run's last step keeps its window
+                        self.log_window = []
                 if self.step % c.run.checkpoint_every == 0:
                     last_ckpt = self.save_checkpoint()
                 if c.run.sample_every and self.step % c.run.sample_every == 0 and main:
@@ -489,6 +513,8 @@ class Trainer:
             raise
         finally:
             bar.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
         train_seconds = time.perf_counter() - t_start
         self.train_seconds_total += train_seconds
         if last_ckpt is None or last_ckpt.name != step_dir_name(self.step):
@@ -611,6 +637,43 @@ class Trainer:
             f"  run folder: {self.run_dir}" + (f" (resumed from {self.resumed_from})" if self.resumed_from else ""),
         ]
         print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def _on_sigint(handler: Callable[[], None]) -> Any:
+    """Call ``handler`` on SIGINT (Ctrl-C) instead of raising KeyboardInterrupt; returns the previous handler
+    to put back (None where signals cannot be handled: outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, lambda signum, frame: handler())
+
+
+def _interrupt(flag: threading.Event) -> None:
+    """The first Ctrl-C asks the loop to stop after the current step and save a checkpoint; a second one
+    raises KeyboardInterrupt at once (nothing more is saved)."""
+    if flag.is_set():
+        raise KeyboardInterrupt
+    flag.set()
+    print("\ninterrupted: finishing this step and saving a checkpoint (Ctrl-C again to quit without saving)",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _check_writable(folder: Path) -> None:
+    """Create the run folder and make sure files can be created in it, before any time is spent training
+    (OutputError naming run.output_dir otherwise: a read-only file system, no permission)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"run.output_dir {folder}: cannot create the folder ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        reason = os.strerror(errno.EROFS) if _read_only_fs(folder) else "permission denied"
+        raise OutputError(f"run.output_dir {folder}: cannot write in the folder ({reason})")
+
+
+def _read_only_fs(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (AttributeError, OSError):
+        return False
 
 
 def _mmss(seconds: float) -> str:
