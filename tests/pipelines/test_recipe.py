@@ -30,6 +30,7 @@ from diffusekit.pipelines.recipe import (
     resolve,
     to_metadata,
 )
+from diffusekit.samplers.config import SamplerConfig
 
 BODY = {"mode": "txt2img", "prompt": "a fox", "model": "/models/sd15"}
 
@@ -238,7 +239,7 @@ def test_inputs_of_different_sizes_name_both_fields(tmp_path):
 def _fake_model(sampler: str = "pndm", timesteps: int = 1000, multiple: int = 64):
     """What resolve() reads of a StableDiffusion: the sampler config, the size rules and the native size."""
     return SimpleNamespace(
-        sampler_config=SimpleNamespace(sampler=sampler, num_train_timesteps=timesteps),
+        sampler_config=SamplerConfig(sampler=sampler, num_train_timesteps=timesteps),
         latent_multiple=multiple,
         codec=SimpleNamespace(downsample_factor=8),
         unet=SimpleNamespace(config=SimpleNamespace(sample_size=64, downsample_factor=multiple // 8)),
@@ -258,6 +259,9 @@ def test_resolve_checks_the_recipe_against_the_model():
         resolve(r.replace(steps=101), _fake_model(timesteps=100), name)
     with pytest.raises(ConfigError, match=r"^--size 520x512: width and height must be multiples of 64"):
         resolve(r.replace(width=520, height=512), _fake_model(), name)
+    # a sampler's own rule, raised with the library's parameter name, reaches the caller in its words
+    with pytest.raises(ConfigError, match=r"^--steps 60 must be <= original_inference_steps=50"):
+        resolve(r.replace(sampler="lcm", steps=60), _fake_model(), name)
 
 
 def test_image_at_its_own_size_must_fit_the_model(tmp_path):

@@ -32,6 +32,7 @@ from torch import Tensor
 from diffusekit.errors import ConfigError, DiffusekitError
 from diffusekit.limits import check_float, check_int
 from diffusekit.pipelines.common import generators_from_seeds
+from diffusekit.pipelines.denoise import grid_for, sampler_for
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.samplers.config import ALIASES, SAMPLERS
 
@@ -374,6 +375,10 @@ def resolve(recipe: Recipe, sd: StableDiffusion, name: Namer = json_field) -> Re
     if recipe.steps > timesteps:
         raise ConfigError(f"{name('steps')} must be at most {timesteps} for this model (its training steps), "
                           f"got {recipe.steps}")  # fmt: skip
+    try:  # the sampler's own rules for its grid (a consistency model's step limit, ...), in the caller's words
+        grid_for(sampler_for(sd.sampler_config, sampler, recipe.eta), recipe.steps, recipe.strength or 1.0)
+    except ConfigError as e:
+        raise ConfigError(_LIBRARY_NAMES.sub(lambda m: name(_FIELDS[m.group(1)]) + " ", str(e))) from None
     multiple = math.lcm(SIDE_MULTIPLE, sd.latent_multiple)
     why = (f"for this model (VAE factor {sd.codec.downsample_factor} x U-Net factor "
            f"{sd.unet.config.downsample_factor})")  # fmt: skip
@@ -391,6 +396,12 @@ def resolve(recipe: Recipe, sd: StableDiffusion, name: Namer = json_field) -> Re
             raise ConfigError(f"{name('image')} is {size[0]}x{size[1]} pixels, but its width and height must be "
                               f"multiples of {multiple} {why}; set {name('width')} to resize it")  # fmt: skip
     return Resolved(sampler, size[0], size[1], inputs)
+
+
+# the pipelines' parameter names (as their messages write them, ``steps=30``) -> recipe fields
+_FIELDS = {"num_inference_steps": "steps", "steps": "steps", "strength": "strength", "guidance_scale": "guidance",
+           "eta": "eta"}  # fmt: skip
+_LIBRARY_NAMES = re.compile(r"\b(" + "|".join(_FIELDS) + r")=")
 
 
 def load_inputs(recipe: Recipe, size: tuple[int, int] | None, name: Namer = json_field) -> dict[str, Tensor]:
