@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
-from diffusekit.errors import ConfigError, check_positive_int
+from diffusekit.errors import ConfigError, OutputError
+from diffusekit.io.images import WRITE_FORMATS
+from diffusekit.limits import MAX_CLASSES, check_float, check_int
+from diffusekit.pipelines.recipe import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, USER_SAMPLERS, check_sampler
 
 DESCRIPTION = """\
 Generate images from a pixel-space diffusion model and save them as one PNG grid (and optionally as
@@ -23,7 +27,12 @@ eps = eps_uncond + S (eps_cond - eps_uncond). The PNG carries the settings as te
 EPILOG = """\
 examples:
   diffusekit sample runs/demo/model --n 64 --out grid.png
-  diffusekit sample runs/demo --class 7 --guidance 3 --n 16 --sampler ddpm --steps 1000 --out sevens.png"""
+  diffusekit sample runs/demo --class 7 --guidance 3 --n 16 --sampler ddpm --steps 1000 --out sevens.png
+  diffusekit sample runs/demo/model --n 8 --out grid.jpg --out-dir singles/"""
+
+MAX_IMAGES = 100_000  # --n
+MAX_BATCH = 4096  # --batch-size
+MAX_SCALE = 64  # --scale (the grid's size is bounded as a whole too)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -35,64 +44,111 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", metavar="MODEL", help="inference folder, run folder or training checkpoint")
-    p.add_argument("--n", type=int, default=64, metavar="N", help="number of images (default 64)")
-    p.add_argument("--sampler", default="ddim", help="ddim (default), ddpm, euler, euler_ancestral, dpmpp_2m, pndm")
-    p.add_argument("--steps", type=int, default=50, metavar="N", help="sampling steps (default 50)")
-    p.add_argument("--eta", type=float, metavar="ETA", help="DDIM eta: 0 deterministic (default), 1 = DDPM-like")
+    p.add_argument("--n", type=int, default=64, metavar="N", help=f"number of images, 1-{MAX_IMAGES} (default 64)")
+    p.add_argument("--sampler", default="ddim", metavar="NAME",
+                   help=f"ddim (default), {', '.join(n for n in USER_SAMPLERS if n != 'ddim')}")  # fmt: skip
+    p.add_argument("--steps", type=int, default=50, metavar="N",
+                   help=f"sampling steps, 1-{MAX_STEPS} and at most the model's training steps (default 50)")
+    p.add_argument("--eta", type=float, metavar="ETA",
+                   help="DDIM eta in [0, 1]: 0 deterministic (default), 1 = DDPM-like")  # fmt: skip
     p.add_argument(
         "--class",
         dest="class_labels",
         type=int,
         nargs="+",
         metavar="K",
-        help="class id(s): one for all images or one per image",
+        help="class id(s): one for all images or one per image (default: the model's \"no class\" id)",
     )
-    p.add_argument("--guidance", type=float, default=1.0, metavar="S", help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="image i uses seed N + i (default 0)")
-    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per network batch")
-    p.add_argument("--out", default="samples.png", metavar="PNG", help="grid file (default samples.png)")
+    p.add_argument("--guidance", type=float, default=1.0, metavar="S",
+                   help=f"classifier-free guidance scale in [0, {MAX_GUIDANCE:g}] (default 1: no guidance)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help=f"image i uses seed N + i, N in [0, {MAX_SEED}] (default 0)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=64, metavar="N",
+                   help=f"images per network batch, 1-{MAX_BATCH} (default 64)")  # fmt: skip
+    p.add_argument("--out", default="samples.png", metavar="FILE",
+                   help=f"grid image, ending in {', '.join(WRITE_FORMATS)} (default samples.png); an existing "
+                   "file is kept unless --overwrite")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--nrow", type=int, metavar="N", help="images per grid row (default: near-square)")
-    p.add_argument("--scale", type=int, default=1, metavar="N", help="enlarge the grid N times (nearest)")
-    p.add_argument("--out-dir", metavar="DIR", help="also save every image as DIR/000000.png, ...")
+    p.add_argument("--scale", type=int, default=1, metavar="N",
+                   help=f"enlarge the grid N times (nearest), 1-{MAX_SCALE} (default 1)")  # fmt: skip
+    p.add_argument("--out-dir", metavar="DIR",
+                   help="also save every image as DIR/NNNNN-SEED.png, numbered after the files already there "
+                   "(never replacing one)")  # fmt: skip
     p.add_argument("--raw-weights", action="store_true", help="use a checkpoint's raw weights instead of the EMA")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.set_defaults(run=run)
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from diffusekit.pipelines.common import generators_from_seeds
-    from diffusekit.training.distributed import pick_device
-    from diffusekit.training.export import load_for_sampling
-    from diffusekit.io.images import save_image_grid, save_images
-
-    check_positive_int("--n", args.n)
-    check_positive_int("--batch-size", args.batch_size)
-    check_positive_int("--scale", args.scale)
-    device = pick_device(args.device)
-    pipe = load_for_sampling(args.model, use_ema=not args.raw_weights, device=device)
+def check_options(args: argparse.Namespace) -> list[int] | None:
+    """Every option that can be checked without the model, before it loads; returns the class ids, one
+    per image (or None)."""
+    n = check_int("--n", args.n, 1, MAX_IMAGES)
+    check_int("--batch-size", args.batch_size, 1, MAX_BATCH)
+    check_int("--steps", args.steps, 1, MAX_STEPS)
+    check_int("--scale", args.scale, 1, MAX_SCALE)
+    if args.nrow is not None:
+        check_int("--nrow", args.nrow, 1, MAX_IMAGES)
+    check_int("--seed", args.seed, 0, MAX_SEED)
+    if args.seed + n - 1 > MAX_SEED:
+        raise ConfigError(f"--seed {args.seed} + {n} images exceeds the largest seed {MAX_SEED}")
+    if args.eta is not None:
+        check_float("--eta", args.eta, 0.0, 1.0)
+    check_float("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
+    args.sampler = check_sampler("--sampler", args.sampler)
     labels = args.class_labels
-    if labels is not None:
-        if len(labels) not in (1, args.n):
-            raise ConfigError(f"--class takes one id or --n={args.n} ids, got {len(labels)}")
-        if len(labels) == 1:
-            labels = labels * args.n
-    t0 = time.perf_counter()
-    chunks = []
-    for i in range(0, args.n, args.batch_size):
-        k = min(args.batch_size, args.n - i)
-        chunks.append(
-            pipe(
-                k,
-                steps=args.steps,
-                sampler=args.sampler,
-                eta=args.eta,
-                generator=generators_from_seeds(args.seed + i, k),
-                class_labels=labels[i : i + k] if labels else None,
-                guidance_scale=args.guidance,
-            )
-        )
-    images = torch.cat(chunks)
+    if labels is None:
+        return None
+    if len(labels) not in (1, n):
+        raise ConfigError(f"--class takes one id or --n={n} ids, got {len(labels)}")
+    for k in labels:
+        check_int("--class", k, 0, MAX_CLASSES - 1)
+    return labels * n if len(labels) == 1 else list(labels)
+
+
+def check_model(args: argparse.Namespace, pipe, labels: list[int] | None) -> None:
+    """The options that depend on the model, checked before anything is generated."""
+    from diffusekit.io.images import check_grid_size
+
+    num_classes = pipe.unet.config.num_classes
+    if num_classes is None:
+        if labels is not None:
+            raise ConfigError(f"--class: {args.model} is not a class-conditional model")
+        if args.guidance != 1.0:
+            raise ConfigError(f"--guidance needs a class-conditional model; {args.model} has no classes "
+                              "(leave it at 1)")  # fmt: skip
+    elif labels is not None and max(labels) >= num_classes:
+        raise ConfigError(f"--class ids of {args.model} are in [0, {num_classes - 1}], got {max(labels)}")
+    train_steps = pipe.sampler_config.num_train_timesteps
+    if args.steps > train_steps:
+        raise ConfigError(f"--steps must be at most {train_steps} (the model's training steps), got {args.steps}")
+    size = pipe.unet.config.sample_size or 32
+    check_grid_size(args.n, size, size, args.nrow, scale=args.scale, where="--n/--nrow/--scale")
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffusekit.io.images import check_image_output, save_image_grid, to_pil, to_uint8
+    from diffusekit.io.png import PngWriter
+    from diffusekit.pipelines.common import generators_from_seeds
+    from diffusekit.runtime.policy import pick_device
+    from diffusekit.training.export import load_for_sampling
+
+    labels = check_options(args)
+    device = pick_device(args.device)
+    out = check_image_output(args.out, "--out", overwrite=args.overwrite)
+    writer = PngWriter(args.out_dir, where=f"--out-dir {args.out_dir}") if args.out_dir else None
+    if writer is not None:
+        if Path(args.out_dir).resolve() == out.resolve():
+            raise ConfigError(f"--out-dir {args.out_dir} is the --out file; name a folder")
+        writer.prepare()
+    try:
+        pipe = load_for_sampling(args.model, use_ema=not args.raw_weights, device=device)
+        check_model(args, pipe, labels)
+    except BaseException:
+        if writer is not None:
+            writer.discard()
+        raise
     settings = {
         "model": str(args.model),
         "sampler": args.sampler,
@@ -102,11 +158,29 @@ def run(args: argparse.Namespace) -> int:
         "class_labels": labels,
         "eta": args.eta,
     }
-    path = save_image_grid(
-        images, args.out, nrow=args.nrow, scale=args.scale, metadata={"diffusekit": json.dumps(settings)}
-    )
-    if args.out_dir:
-        save_images(images, args.out_dir)
+    t0 = time.perf_counter()
+    chunks = []  # uint8 pixels: a quarter of the memory of the float images
+    for i in range(0, args.n, args.batch_size):
+        k = min(args.batch_size, args.n - i)
+        images = pipe(
+            k,
+            steps=args.steps,
+            sampler=args.sampler,
+            eta=args.eta,
+            generator=generators_from_seeds(args.seed + i, k),
+            class_labels=labels[i : i + k] if labels else None,
+            guidance_scale=args.guidance,
+        )
+        if writer is not None:
+            for j, img in enumerate(to_pil(images)):
+                meta = {**settings, "seed": args.seed + i + j, "class_labels": labels[i + j] if labels else None}
+                writer.write(img, args.seed + i + j, {"diffusekit": json.dumps(meta, allow_nan=False)})
+        chunks.append(torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2))
+    metadata = {"diffusekit": json.dumps(settings, allow_nan=False)}
+    try:
+        path = save_image_grid(torch.cat(chunks), out, nrow=args.nrow, scale=args.scale, metadata=metadata)
+    except OutputError as e:
+        raise OutputError(f"--out {e}") from None
     print(
         f"wrote {args.n} images to {path} ({time.perf_counter() - t0:.1f} s)"
         + (f" and {args.out_dir}/" if args.out_dir else "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin
 from torch import Tensor
 
-from diffusekit.errors import ConfigError
+from diffusekit.errors import ConfigError, OutputError
 from diffusekit.io.atomic import write_atomic
 
 READ_MODES = ("L", "RGB", "RGBA")  # what read_image returns: 1, 3 or 4 channels
@@ -22,6 +23,9 @@ WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 # an image larger than this is refused from its header, before any pixel is decoded (a float32 RGB copy of
 # it is 1.5 GiB); far above any photo or dataset image diffusekit is meant for
 MAX_IMAGE_PIXELS = 1 << 27
+# the largest image the writers are asked to make (8192 x 8192: ~200 MB of 8-bit RGB in memory); JPEG
+# allows at most 65535 pixels a side
+MAX_WRITE_PIXELS, MAX_WRITE_SIDE = 1 << 26, 65_535
 JPEG_QUALITY = 95
 
 # integer PIL modes and the largest value of each: a 16-bit PNG opens as I;16 (or I, in older Pillow)
@@ -119,12 +123,14 @@ def image_format(path: str | os.PathLike, option: str = "the output file") -> st
 def to_uint8(images: Tensor) -> np.ndarray:
     """(N, C, H, W) or (C, H, W) floats in [0, 1] -> uint8 array (N, H, W, C) rounded to nearest.
 
-    Values outside [0, 1] are clipped; NaN becomes 0.
+    Values outside [0, 1] are clipped; NaN becomes 0. A uint8 tensor is taken as pixels already.
     """
     if images.ndim == 3:
         images = images.unsqueeze(0)
     if images.ndim != 4 or images.shape[1] not in (1, 3, 4):
         raise ConfigError(f"images must have shape (N, C, H, W) with C in (1, 3, 4), got {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        return images.detach().cpu().permute(0, 2, 3, 1).numpy()
     x = torch.nan_to_num(images.detach().float().cpu(), nan=0.0).clamp(0, 1)
     return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
@@ -164,6 +170,20 @@ def grid_size(n: int, height: int, width: int, nrow: int | None = None, padding:
     return rows * (height + padding) + padding, ncol * (width + padding) + padding
 
 
+def check_grid_size(
+    n: int, height: int, width: int, nrow: int | None = None, *, padding: int = 2, scale: int = 1, where: str = "grid"
+) -> tuple[int, int]:
+    """(height, width) of the saved grid of ``n`` images (``grid_size`` times ``scale``); a ConfigError
+    naming ``where`` when it is larger than MAX_WRITE_PIXELS or MAX_WRITE_SIDE, raised before anything is
+    generated or allocated."""
+    gh, gw = grid_size(n, height, width, nrow, padding)
+    gh, gw = gh * scale, gw * scale
+    if gh * gw > MAX_WRITE_PIXELS or max(gh, gw) > MAX_WRITE_SIDE:
+        raise ConfigError(f"{where}: the grid would be {gw}x{gh} pixels, more than the {MAX_WRITE_PIXELS} pixels "
+                          f"(and {MAX_WRITE_SIDE} a side) allowed")  # fmt: skip
+    return gh, gw
+
+
 def save_image_grid(
     images: Tensor,
     path: str | os.PathLike,
@@ -173,13 +193,16 @@ def save_image_grid(
     scale: int = 1,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Save (N, C, H, W) images in [0, 1] as one grid image (``nrow`` per row) and return its path.
+    """Save (N, C, H, W) images in [0, 1] (or uint8 pixels) as one grid image (``nrow`` per row) and return
+    its path.
 
     The format follows the suffix (``image_format``: PNG, or JPEG for .jpg/.jpeg). ``scale`` enlarges the
     grid by an integer factor (nearest neighbour) so 28x28 digits stay readable; ``metadata`` is written as
     PNG text chunks (e.g. the generation settings), or as the JPEG comment (its values as one JSON object).
     """
-    grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=padding)
+    pixels = images.dtype == torch.uint8
+    images = images.detach().cpu() if pixels else images.detach().float().cpu()
+    grid = make_grid(images, nrow=nrow, padding=padding, pad_value=255 if pixels else 1.0)
     img = to_pil(grid)[0]
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
@@ -207,6 +230,33 @@ def save_image(img: Image.Image, path: str | os.PathLike, *, metadata: dict[str,
         if metadata:
             options["comment"] = json.dumps(metadata, allow_nan=False)
     return write_atomic(path, lambda tmp: img.save(tmp, format=fmt, **options), what="image")
+
+
+def check_image_output(path: str | os.PathLike, option: str, *, overwrite: bool = False) -> Path:
+    """Check, before any work is done, that an image can be written to ``path``: a known suffix, not a
+    folder, not an existing file or link unless ``overwrite``, and a folder where a file can be created
+    (made if missing). ConfigError or OutputError starting with ``option`` and the path otherwise."""
+    path = Path(path)
+    where = f"{option} {path}"
+    if path.is_dir():
+        raise ConfigError(f"{where}: is a folder; name an image file ending in {', '.join(WRITE_FORMATS)}")
+    image_format(path, option)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise ConfigError(f"{where}: the file exists; pass --overwrite to replace it, or choose another name")
+    folder = path.parent
+    for parent in (folder, *folder.parents):
+        if parent.is_dir():
+            break
+        if parent.exists() or parent.is_symlink():
+            raise OutputError(f"{where}: {parent} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".diffusekit-", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{where}: cannot write files in {folder} ({e.strerror or e})") from None
+    return path
 
 
 def save_images(images: Tensor, folder: str | os.PathLike, start: int = 0, prefix: str = "") -> list[Path]:
