@@ -280,3 +280,16 @@ def test_training_writes_files_only_through_io_atomic():
         text = path.read_text()
         for pattern in ("os.fsync", "_fsync_dir", "tmp-{os.getpid()}", ".write_text(", "img.save(path"):
             assert pattern not in text, f"{path.name}: {pattern}"
+
+
+def test_auto_precision_on_a_cpu_is_bf16_only_with_bf16_instructions(monkeypatch):
+    """An AVX-512 CPU without AVX512-BF16 or AMX (oneDNN would emulate bf16 there) trains in float32."""
+    from diffusekit.training.trainer import resolve_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    for avx512_bf16, amx, want in [(False, False, None), (True, False, torch.bfloat16), (False, True, torch.bfloat16)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert resolve_precision("auto", cpu) is want
+    assert resolve_precision("no", cpu) is None and resolve_precision("bf16", cpu) is torch.bfloat16

@@ -148,10 +148,13 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def _cpu_has_native_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    """bf16 instructions in the CPU (AVX512-BF16 or AMX). oneDNN's own test is not that: it also says yes on
+    AVX-512 CPUs without them (Skylake-X, Cascade Lake), where it emulates bf16 and float32 is faster."""
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        probe = getattr(torch.cpu, name, None)
+        if probe is not None and probe():
+            return True
+    return False
 
 
 def _seed_everything(seed: int, rank: int) -> None:
