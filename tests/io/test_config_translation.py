@@ -81,7 +81,7 @@ def test_unet_presets_round_trip(name: str) -> None:
         ("resnet_time_scale_shift", "scale_shift"),
         ("time_embedding_type", "fourier"),
         ("act_fn", "gelu"),
-        ("addition_embed_type", "text_time"),
+        ("addition_embed_type", "text_image"),  # "text_time" (SDXL) is supported
     ],
 )
 def test_unsupported_reference_values_are_named(fixtures_dir: Path, key: str, value: object) -> None:

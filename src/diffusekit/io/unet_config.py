@@ -14,6 +14,7 @@ from typing import Any
 
 from diffusekit.errors import ConfigError, check_choice
 from diffusekit.limits import MAX_LEVELS, check_flag, check_float, check_int, translating
+from diffusekit.networks.config_dict import config_to_dict
 from diffusekit.networks.unet_config import UNetConfig
 
 UNCONDITIONAL, CONDITIONAL = "UNet2DModel", "UNet2DConditionModel"
@@ -25,6 +26,8 @@ _FILE_KEYS = {
     "norm_groups": "norm_num_groups",
     "num_classes": "num_class_embeds",
     "transformer_depth": "transformer_layers_per_block",
+    "text_time_features": "projection_class_embeddings_input_dim",
+    "time_id_features": "addition_time_embed_dim",
 }
 
 # Values the reference allows but we do not implement: key -> the values we support, the reference's default first.
@@ -52,7 +55,7 @@ _SUPPORTED: dict[str, dict[str, tuple]] = {
         "mid_block_only_cross_attention": (None, False),
         "encoder_hid_dim": (None,),
         "encoder_hid_dim_type": (None,),
-        "addition_embed_type": (None,),
+        "addition_embed_type": (None, "text_time"),
         "time_cond_proj_dim": (None,),
         "timestep_post_act": (None,),
         "time_embedding_act_fn": (None,),
@@ -63,7 +66,6 @@ _SUPPORTED: dict[str, dict[str, tuple]] = {
         "attention_type": ("default",),
         "cross_attention_norm": (None,),
         "class_embeddings_concat": (False,),
-        "projection_class_embeddings_input_dim": (None,),
         "reverse_transformer_layers_per_block": (None,),
     },
 }
@@ -104,6 +106,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "use_linear_projection": False,
         "upcast_attention": False,
         "only_cross_attention": False,
+        "addition_time_embed_dim": None,
+        "projection_class_embeddings_input_dim": None,
     },
 }
 # the attention block of an attention level, per reference class; other levels are plain
@@ -142,10 +146,11 @@ def unet_from_diffusers(d: dict[str, Any]) -> UNetConfig:
         mid_attention = True
         extra = dict(
             cross_attention_dim=cross_dim,
-            transformer_depth=_same("transformer_layers_per_block", d["transformer_layers_per_block"], n),
+            transformer_depth=_transformer_depth(d["transformer_layers_per_block"], n),
             use_linear_projection=check_flag("use_linear_projection", d["use_linear_projection"]),
             upcast_attention=check_flag("upcast_attention", d["upcast_attention"]),
             text_only_attention=_text_only_attention(d, n),
+            **_text_time(d),
         )
     else:
         head_dim = d["attention_head_dim"]
@@ -209,7 +214,8 @@ def unet_to_diffusers(c: UNetConfig) -> dict[str, Any]:
         "up_block_types": [attn_up if a else "UpBlock2D" for a in reversed(c.attention_levels)],
     }
     if kind == UNCONDITIONAL:
-        for name, default in (("transformer_depth", 1), ("use_linear_projection", False), ("upcast_attention", False)):
+        for name, default in (("transformer_depth", 1), ("use_linear_projection", False), ("upcast_attention", False),
+                              ("text_time_features", None)):  # fmt: skip
             if getattr(c, name) != default:
                 raise ConfigError(f"{name}={getattr(c, name)!r} needs cross_attention_dim (a UNet2DConditionModel)")
         return {
@@ -228,7 +234,8 @@ def unet_to_diffusers(c: UNetConfig) -> dict[str, Any]:
         "cross_attention_dim": c.cross_attention_dim,
         "num_attention_heads": None,
         "only_cross_attention": False if c.text_only_attention is None else list(c.text_only_attention),
-        "transformer_layers_per_block": c.transformer_depth,
+        "transformer_layers_per_block": config_to_dict(c)["transformer_depth"],
+        **_text_time_keys(c),
         "upcast_attention": c.upcast_attention,
         "use_linear_projection": c.use_linear_projection,
     }
@@ -296,6 +303,48 @@ def _text_only_attention(d: dict[str, Any], n: int) -> tuple[bool, ...] | None:
             "only_cross_attention as a list of flags"
         )
     return tuple(flags) if any(flags) else None
+
+
+def _text_time_keys(c: UNetConfig) -> dict[str, Any]:
+    """The reference keys of SDXL's added text/time embedding (none when ``c`` has none)."""
+    if c.text_time_features is None:
+        return {}
+    return {
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": c.time_id_features,
+        "projection_class_embeddings_input_dim": c.text_time_features,
+    }
+
+
+def _transformer_depth(value: Any, n: int) -> int | tuple[int, ...]:
+    """``transformer_layers_per_block``: one count for every level, or one per down level (up level j uses
+    entry n-1-j, the mid block the last entry, as the reference builds them)."""
+    if isinstance(value, list | tuple):
+        depths = tuple(_ints("transformer_layers_per_block", value))
+        if len(depths) != n:
+            raise ConfigError(f"transformer_layers_per_block must have one entry per level ({n}), got {value!r}")
+        return depths
+    return value
+
+
+def _text_time(d: dict[str, Any]) -> dict[str, Any]:
+    """Our ``text_time_features`` / ``time_id_features`` from ``addition_embed_type="text_time"`` (SDXL): the
+    added embedding's input width ``projection_class_embeddings_input_dim`` and the sinusoid width of each
+    time id ``addition_time_embed_dim``, both required then."""
+    if d["addition_embed_type"] is None:
+        if d["projection_class_embeddings_input_dim"] is not None:
+            raise ConfigError(
+                "projection_class_embeddings_input_dim is set without addition_embed_type; supported only with "
+                "addition_embed_type='text_time'"
+            )
+        return {}
+    for key in ("projection_class_embeddings_input_dim", "addition_time_embed_dim"):
+        if d[key] is None:
+            raise ConfigError(f"addition_embed_type='text_time' needs {key} (an integer)")
+    return {
+        "text_time_features": d["projection_class_embeddings_input_dim"],
+        "time_id_features": d["addition_time_embed_dim"],
+    }
 
 
 def _head_size(c: UNetConfig) -> int | None:

@@ -43,6 +43,10 @@ class UNet(nn.Module):
         self.config = c = config
         self.time_embedding = TimestepEmbedding(c.channels[0], c.emb_dim)
         self.class_embedding = nn.Embedding(c.num_classes, c.emb_dim) if c.num_classes is not None else None
+        # SDXL's added embedding of [pooled text, sinusoid(time ids)] (the reference's "text_time" add_embedding)
+        self.add_embedding = (
+            TimestepEmbedding(c.text_time_features, c.emb_dim) if c.text_time_features is not None else None
+        )
         self.conv_in = Conv2d(c.in_channels, c.channels[0], 3, padding=1)
         common = dict(emb_dim=c.emb_dim, norm_groups=c.norm_groups, norm_eps=c.norm_eps, dropout=c.dropout)
 
@@ -103,7 +107,7 @@ class UNet(nn.Module):
             ch,
             heads=heads,
             context_dim=c.cross_attention_dim,
-            depth=c.transformer_depth,
+            depth=c.depth_per_level[level],
             norm_groups=c.norm_groups,
             linear_projection=c.use_linear_projection,
             upcast_attention=c.upcast_attention,
@@ -118,12 +122,16 @@ class UNet(nn.Module):
         context: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
         concat: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict from noisy ``x`` (B, C, H, W) at timesteps ``t`` (0-d or (B,), int or float; fractional
         values are used as they are). ``context`` (B, L, cross_attention_dim): text tokens for
         cross-attention. ``class_labels`` (B,) int64. ``concat`` (B, C', H, W): extra channels stacked
-        after ``x`` (inpainting mask + masked latents), so that C + C' == in_channels."""
+        after ``x`` (inpainting mask + masked latents), so that C + C' == in_channels. ``pooled`` (B, P) and
+        ``time_ids`` (B, K): SDXL's pooled text embedding and size/crop values (``text_time_features``)."""
         t = self._check_inputs(x, t, context, class_labels, concat)
+        self._check_text_time(x.shape[0], pooled, time_ids)
         c = self.config
         if concat is not None:
             x = torch.cat([x, concat], dim=1)  # (B, in_channels, H, W)
@@ -133,6 +141,8 @@ class UNet(nn.Module):
         emb = self.time_embedding(features.to(x.dtype))  # (B, 4*C0)
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(class_labels).to(emb.dtype)  # (B, 4*C0)
+        if self.add_embedding is not None:
+            emb = emb + self.add_embedding(self._text_time_features(pooled, time_ids).to(emb.dtype))  # (B, 4*C0)
 
         h = self.conv_in(x)  # (B, C0, H, W)
         skips = [h]
@@ -143,6 +153,39 @@ class UNet(nn.Module):
         for block in self.up_blocks:
             h = block(h, skips, emb, context)  # consumes layers_per_block + 1 skips per level
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, H, W)
+
+    def _text_time_features(self, pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        """``[pooled, sinusoid(time_ids[:, 0]), ..., sinusoid(time_ids[:, K-1])]`` (B, P + K x time_id_features):
+        each size/crop value gets the timestep's sinusoidal features (SDXL, Podell et al. 2023, sec. 2.2)."""
+        c = self.config
+        B, K = time_ids.shape
+        features = timestep_embedding(
+            time_ids.reshape(-1), c.time_id_features, flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift
+        )  # (B*K, time_id_features)
+        return torch.cat([pooled.float(), features.reshape(B, K * c.time_id_features)], dim=-1)
+
+    def _check_text_time(self, B: int, pooled: Any, time_ids: Any) -> None:
+        """``pooled`` (B, P) and ``time_ids`` (B, K) with P + K x time_id_features == text_time_features, or
+        both None for a U-Net without the added text/time embedding."""
+        c = self.config
+        if c.text_time_features is None:
+            if pooled is not None or time_ids is not None:
+                raise ConfigError("pooled / time_ids were given but this UNet has no added text/time embedding; "
+                                  "pass None")  # fmt: skip
+            return
+        for name, v in (("pooled", pooled), ("time_ids", time_ids)):
+            if v is None:
+                raise ConfigError(f"{name} is required: this UNet adds an embedding of the pooled text and the "
+                                  "size/crop time ids (SDXL)")  # fmt: skip
+            if not isinstance(v, torch.Tensor) or v.ndim != 2 or v.shape[0] != B or not v.is_floating_point():
+                raise ConfigError(f"{name} must be a floating-point ({B}, N) tensor, got {_describe(v)}")
+        width = pooled.shape[1] + time_ids.shape[1] * c.time_id_features
+        if width != c.text_time_features:
+            raise ConfigError(
+                f"pooled ({pooled.shape[1]} features) + time_ids ({time_ids.shape[1]} values x "
+                f"{c.time_id_features}) give {width} features; this UNet's text_time_features is "
+                f"{c.text_time_features}"
+            )
 
     def _check_inputs(
         self,

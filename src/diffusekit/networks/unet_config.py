@@ -48,7 +48,9 @@ class UNetConfig:
         cross_attention_dim: width of the text tokens (``context``); None means attention layers are
             plain spatial self-attention (pixel DDPM), an int means LDM transformer blocks with
             self- and cross-attention.
-        transformer_depth: transformer blocks per attention layer (cross-attention models only).
+        transformer_depth: transformer blocks per attention layer (cross-attention models only): one number
+            for every level, or one per level (SDXL: 1, 2, 10); up levels use their level's entry and the
+            bottleneck the last level's.
         use_linear_projection: Linear instead of 1x1-conv token projections in the transformers (SD-2.x).
         upcast_attention: compute attention in float32 even for half-precision inputs (SD-2.1).
         text_only_attention: per level, whether the first attention of its transformer blocks attends to the
@@ -56,6 +58,11 @@ class UNetConfig:
             upscaler; the reference's ``only_cross_attention``). None: no level. The bottleneck always uses
             self-attention first.
         num_classes: size of the class-embedding table; None = not class-conditional.
+        text_time_features: input width of the added text/time embedding of SDXL (Podell et al. 2023,
+            sec. 2.2, "micro-conditioning"): a pooled text embedding followed by the sinusoidal features of
+            each size/crop value (``time_ids``), mapped by a 2-layer MLP and added to the time embedding.
+            Equals the pooled width + number of time ids x ``time_id_features``. None: no added embedding.
+        time_id_features: width of the sinusoidal features of one time id (with ``text_time_features``).
         norm_groups, norm_eps: GroupNorm groups and epsilon of residual blocks and attention norms.
         flip_sin_to_cos, freq_shift: sinusoidal timestep features (see ``timestep_embedding``).
         downsample_pad: "symmetric" (pad 1 on every side) or "right_bottom" (TF "SAME" padding of the
@@ -72,11 +79,13 @@ class UNetConfig:
     mid_attention: bool = True
     num_heads: tuple[int, ...] = (1, 1, 1, 1)
     cross_attention_dim: int | None = None
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1
     use_linear_projection: bool = False
     upcast_attention: bool = False
     text_only_attention: tuple[bool, ...] | None = None
     num_classes: int | None = None
+    text_time_features: int | None = None
+    time_id_features: int | None = None
     norm_groups: int = 32
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
@@ -88,8 +97,9 @@ class UNetConfig:
     def __post_init__(self) -> None:
         for name in ("channels", "attention_levels", "num_heads"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        if isinstance(self.text_only_attention, list | tuple):
-            object.__setattr__(self, "text_only_attention", tuple(self.text_only_attention))
+        for name in ("text_only_attention", "transformer_depth"):
+            if isinstance(getattr(self, name), list | tuple):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         _check_sizes(self)
         n = self.levels
         for level, ch in enumerate(self.channels):
@@ -107,6 +117,12 @@ class UNetConfig:
     def emb_dim(self) -> int:
         """Width of the time (and class) embedding: 4 x channels[0] (DDPM)."""
         return 4 * self.channels[0]
+
+    @property
+    def depth_per_level(self) -> tuple[int, ...]:
+        """Transformer blocks per attention layer of each level (``transformer_depth`` spread over the levels)."""
+        d = self.transformer_depth
+        return d if isinstance(d, tuple) else (d,) * self.levels
 
     @property
     def needs_context(self) -> bool:
@@ -150,7 +166,21 @@ def _check_sizes(c: UNetConfig) -> None:
         if c.cross_attention_dim is None and any(c.text_only_attention):
             raise ConfigError("text_only_attention needs cross_attention_dim (text tokens to attend to)")
     check_int("layers_per_block", c.layers_per_block, 1, MAX_LAYERS_PER_BLOCK)
-    check_int("transformer_depth", c.transformer_depth, 1, MAX_TRANSFORMER_DEPTH)
+    if isinstance(c.transformer_depth, tuple):
+        if len(c.transformer_depth) != n:
+            raise ConfigError(
+                f"transformer_depth must be one number or one per level ({n}), got {c.transformer_depth!r}"
+            )
+        for level, depth in enumerate(c.transformer_depth):
+            check_int(f"transformer_depth[{level}]", depth, 1, MAX_TRANSFORMER_DEPTH)
+    else:
+        check_int("transformer_depth", c.transformer_depth, 1, MAX_TRANSFORMER_DEPTH)
+    if (c.text_time_features is None) != (c.time_id_features is None):
+        raise ConfigError("text_time_features and time_id_features must be given together (or both be None), got "
+                          f"{c.text_time_features!r} and {c.time_id_features!r}")  # fmt: skip
+    if c.text_time_features is not None:
+        check_int("text_time_features", c.text_time_features, 1, MAX_WIDTH)
+        check_int("time_id_features", c.time_id_features, 1, MAX_WIDTH)
     check_int("norm_groups", c.norm_groups, 1, MAX_WIDTH)
     if c.cross_attention_dim is not None:
         check_int("cross_attention_dim", c.cross_attention_dim, 1, MAX_WIDTH)
