@@ -69,6 +69,8 @@ _OPEN_CLIP_PER_LAYER = [
 ]
 # Reference buffers that carry no learned state (older versions saved the position index table).
 _IGNORED_REFERENCE_KEYS = {"embeddings.position_ids"}
+# Outside the ``text_model.`` prefix in the reference (``CLIPTextModelWithProjection``): the same name in both.
+_UNPREFIXED = ("text_projection.",)
 
 
 def _rename(key: str, forward: bool) -> str | None:
@@ -93,6 +95,9 @@ def to_reference_state_dict(state: dict[str, torch.Tensor], prefix: str = REFERE
     Raises WeightsError for a key we do not know."""
     out = {}
     for key, value in state.items():
+        if key.startswith(_UNPREFIXED):
+            out[key] = value
+            continue
         ref = _rename(key, forward=True)
         if ref is None:
             raise WeightsError(f"text encoder parameter {key!r} has no reference name")

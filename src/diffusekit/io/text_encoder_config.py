@@ -1,5 +1,6 @@
 """The reference's ``CLIPTextModel`` ``config.json`` (the ``text_encoder/`` folder of a diffusers pipeline)
-<-> our :class:`TextEncoderConfig`.
+<-> our :class:`TextEncoderConfig`. A ``CLIPTextModelWithProjection`` config (SDXL's ``text_encoder_2/``, told by
+its ``architectures``) adds ``projection_dim``: the width of the pooled feature's projection.
 """
 
 from __future__ import annotations
@@ -30,14 +31,18 @@ _FILE_KEYS = {ours: key for key, ours in {**_SIZE_KEYS, **_ID_KEYS}.items() if k
 # largest id, <|endoftext|> = vocab_size - 1. We translate that placeholder (or a missing eos id) into
 # CLIP's real ids here.
 _LEGACY_EOS_ID = 2
+WITH_PROJECTION = "CLIPTextModelWithProjection"
 
 
 @translating("text encoder config", names=_FILE_KEYS)
 def text_encoder_from_diffusers(config: dict[str, Any]) -> TextEncoderConfig:
-    """Translate a reference ``CLIPTextModel`` ``config.json`` (or a ``CLIPModel`` one with a
-    ``text_config``). Unknown keys are ignored; a missing size key raises ConfigError naming it."""
+    """Translate a reference ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` ``config.json`` (or a
+    ``CLIPModel`` one with a ``text_config``). Unknown keys are ignored; a missing size key raises ConfigError
+    naming it. ``projection_dim`` is read only for ``CLIPTextModelWithProjection`` (plain ``CLIPTextModel``
+    configs carry one too, for a projection they do not have)."""
     if not isinstance(config, dict):
         raise ConfigError(f"text encoder config must be a JSON object, got {type(config).__name__}")
+    with_projection = WITH_PROJECTION in (config.get("architectures") or ())
     if isinstance(config.get("text_config"), dict):
         config = config["text_config"]
     kwargs: dict[str, Any] = {}
@@ -55,16 +60,21 @@ def text_encoder_from_diffusers(config: dict[str, Any]) -> TextEncoderConfig:
     elif isinstance(ids["eos_id"], int):
         ids["bos_id"] = ids["eos_id"] - 1 if ids["bos_id"] is None else ids["bos_id"]
         ids["pad_id"] = ids["eos_id"] if ids["pad_id"] is None else ids["pad_id"]
+    if with_projection:
+        if "projection_dim" not in config:
+            raise ConfigError(f"a {WITH_PROJECTION} config needs the key 'projection_dim'")
+        kwargs["projection_dim"] = config["projection_dim"]
     return TextEncoderConfig(**kwargs, **ids)
 
 
 def text_encoder_to_diffusers(c: TextEncoderConfig) -> dict[str, Any]:
-    """The reference ``config.json`` for ``c`` (``CLIPTextModel``)."""
+    """The reference ``config.json`` for ``c`` (``CLIPTextModel``, or ``CLIPTextModelWithProjection`` when ``c``
+    has a projection)."""
     return {
-        "architectures": ["CLIPTextModel"],
+        "architectures": ["CLIPTextModel" if c.projection_dim is None else WITH_PROJECTION],
         "model_type": "clip_text_model",
         **{key: getattr(c, ours) for key, ours in {**_SIZE_KEYS, **_ID_KEYS}.items()},
-        "projection_dim": c.hidden_size,
+        "projection_dim": c.hidden_size if c.projection_dim is None else c.projection_dim,
         "attention_dropout": 0.0,
         "dropout": 0.0,
         "initializer_range": 0.02,

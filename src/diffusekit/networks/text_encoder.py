@@ -3,7 +3,10 @@ Supervision", sec. 2.4), as Stable Diffusion uses it for its ``context`` (cross-
 
 A GPT-2-style causal transformer: token + learned position embeddings, pre-LayerNorm blocks
 (``x += attn(ln1(x))``, ``x += mlp(ln2(x))``) with causal self-attention, and a final LayerNorm. The pooled
-feature is the final state at the first end-of-text token.
+feature is the final state at the first end-of-text token; the projection-headed variant (OpenCLIP's text
+tower as SDXL's second encoder uses it) maps it by a bias-free ``text_projection`` to the joint image-text
+embedding space (Radford et al. 2021, sec. 2.5: ``T_e = l2_normalize(T_f W_t)``, here without the
+normalisation, as SDXL conditions on it).
 
 The reference's ``config.json`` (``CLIPTextModel``) is translated to and from :class:`TextEncoderConfig` at
 the boundary, in ``diffusekit.io.text_encoder_config``.
@@ -28,7 +31,9 @@ ACTIVATIONS = ("quick_gelu", "gelu")
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
-    """Sizes of a CLIP text transformer. Defaults: the SD-1.x encoder (CLIP ViT-L/14's text tower)."""
+    """Sizes of a CLIP text transformer. Defaults: the SD-1.x encoder (CLIP ViT-L/14's text tower).
+    ``projection_dim``: width of the pooled feature's bias-free projection (the reference's
+    ``CLIPTextModelWithProjection``); None: no projection."""
 
     vocab_size: int = 49408
     hidden_size: int = 768
@@ -41,6 +46,7 @@ class TextEncoderConfig:
     bos_id: int = 49406
     eos_id: int = 49407  # pooling position = first occurrence of this id
     pad_id: int = 49407  # informational: no padding mask is used (as in SD)
+    projection_dim: int | None = None
 
     def __post_init__(self) -> None:
         _check_sizes(self)
@@ -74,6 +80,8 @@ def _check_sizes(c: TextEncoderConfig) -> None:
         check_int(name, getattr(c, name), 1, MAX_WIDTH)
     check_int("num_layers", c.num_layers, 1, MAX_TEXT_LAYERS)
     check_int("max_positions", c.max_positions, 1, MAX_POSITIONS)
+    if c.projection_dim is not None:
+        check_int("projection_dim", c.projection_dim, 1, MAX_WIDTH)
 
 
 # Named sizes. "sd1": OpenAI CLIP ViT-L/14 text tower (SD-1.x). "sd2": OpenCLIP ViT-H/14 text tower as SD-2.x
@@ -100,11 +108,13 @@ class TextEncoderOutput:
     """``last_hidden_state`` (B, L, D) after the final LayerNorm: SD's cross-attention context.
     ``pooled`` (B, D): ``last_hidden_state`` at each row's first EOS (position 0 if a row has none).
     ``hidden_states`` (N + 1, B, L, D): the embedding output and each computed layer's output, before the
-    final LayerNorm."""
+    final LayerNorm. ``text_embeds`` (B, projection_dim): ``text_projection(pooled)`` for an encoder with a
+    projection, else None."""
 
     last_hidden_state: torch.Tensor
     pooled: torch.Tensor
     hidden_states: torch.Tensor = field(repr=False)
+    text_embeds: torch.Tensor | None = None
 
     @property
     def pooler_output(self) -> torch.Tensor:  # the reference's name for ``pooled``
@@ -169,6 +179,9 @@ class ClipTextEncoder(nn.Module):
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.hidden_size)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.final_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.text_projection = (
+            Linear(cfg.hidden_size, cfg.projection_dim, bias=False) if cfg.projection_dim is not None else None
+        )
         self.initialize_weights()
 
     @torch.no_grad()
@@ -189,8 +202,10 @@ class ClipTextEncoder(nn.Module):
             nn.init.normal_(block.attn.out.weight, std=proj_std)
             nn.init.normal_(block.mlp.fc1.weight, std=fc_std)
             nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
+        if self.text_projection is not None:
+            nn.init.normal_(self.text_projection.weight, std=attn_std)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
@@ -233,7 +248,10 @@ class ClipTextEncoder(nn.Module):
         h = self.final_norm(x)  # (B, L, D)
         eos_at = (input_ids == self.config.eos_id).int().argmax(dim=1)  # first EOS per row, (B,)
         pooled = h[torch.arange(B, device=h.device), eos_at]  # (B, D)
-        return TextEncoderOutput(last_hidden_state=h, pooled=pooled, hidden_states=torch.stack(states))
+        embeds = self.text_projection(pooled) if self.text_projection is not None else None  # (B, projection_dim)
+        return TextEncoderOutput(
+            last_hidden_state=h, pooled=pooled, hidden_states=torch.stack(states), text_embeds=embeds
+        )
 
     @property
     def num_parameters(self) -> int:
