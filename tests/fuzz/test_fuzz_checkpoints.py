@@ -241,3 +241,78 @@ def test_hostile_rng_state(tally, tmp_path_factory, run, edit):
     ops = [("tensors", "rng.safetensors", *edit)]
     folder = _case(tmp_path_factory, run, ops, rehash=True)
     _check_resume(tally, folder, "resume from a hostile checkpoint (manifest rewritten)", ops)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training image folders (diffusekit train --data FOLDER): damaged, empty, mislabelled files
+
+
+@pytest.fixture(scope="session")
+def image_files(tmp_path_factory) -> dict[str, bytes]:
+    """Small files of the kinds an image folder holds: 8-bit grey and RGB PNG, 16-bit PNG, JPEG, GIF."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = {
+        "grey.png": (Image.fromarray(rng.integers(0, 256, (9, 8), dtype=np.uint8)), "PNG"),
+        "rgb.png": (Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)), "PNG"),
+        "deep.png": (Image.fromarray(rng.integers(0, 65536, (8, 10), dtype=np.uint16)), "PNG"),
+        "photo.jpg": (Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)), "JPEG"),
+        "anim.gif": (Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).convert("P"), "GIF"),
+    }
+    out = {}
+    for name, (img, fmt) in images.items():
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        out[name] = buf.getvalue()
+    return out
+
+
+@examples(60)
+@given(data=st.data())
+def test_training_image_folder(tally, tmp_path_factory, image_files, data):
+    """The folder is refused naming it or a file in it, or every image left in it decodes for training."""
+    from diffusekit.training.data import DataSpec, load_dataset
+
+    folder = tmp_path_factory.mktemp("images") / "data"
+    folder.mkdir()
+    names = sorted(image_files)
+    edits = data.draw(st.lists(st.tuples(
+        st.sampled_from(names),
+        st.sampled_from(["truncate", "flip", "empty", "random", "text", "rename"]),
+        st.floats(0, 0.99),
+        st.binary(max_size=64),
+    ), max_size=4))  # fmt: skip
+    files = dict(image_files)
+    for name, kind, fraction, noise in edits:
+        content = files.pop(name, None)
+        if content is None:
+            continue
+        if kind == "truncate":
+            files[name] = content[: int(len(content) * fraction)]
+        elif kind == "flip":
+            b = bytearray(content)
+            b[int(len(b) * fraction)] ^= 0xFF
+            files[name] = bytes(b)
+        elif kind == "empty":
+            files[name] = b""
+        elif kind == "random":
+            files[name] = noise
+        elif kind == "text":
+            files[name] = b"not an image\n"
+        else:
+            files[name.rsplit(".", 1)[0] + (".jpg" if name.endswith(".png") else ".png")] = content
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    skip = data.draw(st.booleans())
+
+    def call():
+        ds = load_dataset(DataSpec(source=str(folder), resolution=8, skip_bad_images=skip))
+        x, _ = ds.batch(range(len(ds)))
+        assert x.shape[1:] == (ds.channels, 8, 8) and bool(x.isfinite().all())
+        return ds
+
+    tally.check("training image folder (--data)", call, names=[str(folder)], describe=lambda: repr(edits))
