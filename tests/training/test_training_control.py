@@ -117,6 +117,9 @@ def test_a_read_only_output_dir_is_one_line_naming_the_option(tmp_path, capsys):
         assert main(args) == 2
         err = _error(capsys)
         assert f"--output-dir {ro / 'run'}: cannot create the folder (Read-only file system)" in err
+        args[args.index("--output-dir") + 1] = str(ro)  # a folder that exists
+        assert main(args) == 2
+        assert f"--output-dir {ro}: cannot write in the folder (Read-only file system)" in _error(capsys)
     finally:
         subprocess.run(["umount", str(ro)], check=False)
 

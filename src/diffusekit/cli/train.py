@@ -30,6 +30,10 @@ The run folder (--output-dir) receives checkpoints/step-NNNNNNNN/ (atomic, resum
 model/ (the EMA weights as an inference folder for `diffusekit sample`), metrics.jsonl, loss_curve.png,
 samples/ and, when tensorboard is installed, tensorboard/.
 
+Ctrl-C stops after the current step, saves a checkpoint and prints the command that resumes the run
+(a second Ctrl-C quits at once without saving). Sizes are checked before anything is loaded: a batch whose
+estimated memory exceeds the device's is refused with the estimate.
+
 Several processes or GPUs: torchrun --nproc_per_node N -m diffusekit train ... (DDP; --batch-size is per
 process)."""
 

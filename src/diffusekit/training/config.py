@@ -55,7 +55,9 @@ class DataConfig:
     ``source``: ``bundled`` | ``mnist`` | ``fashion-mnist`` | a folder of images | an IDX or .npz/.npy file.
     ``resolution``: square training size in pixels (None: the source's own). ``random_flip``: horizontal
     flips (None: on for image folders, off for digits and arrays). ``num_workers``: DataLoader processes
-    decoding image folders (None: min(4, CPUs)); in-memory sources never need them.
+    decoding image folders (None: min(4, CPUs)); in-memory sources never need them. ``skip_bad_images``:
+    train without the files of an image folder that cannot be decoded (every file is decoded once up front;
+    by default a folder with such files is refused, with their list).
     """
 
     source: str = "bundled"
