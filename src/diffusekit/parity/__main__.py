@@ -34,6 +34,7 @@ def _handlers() -> dict[str, Handler]:
         "text2img": pipelines.text2img_case,
         "img2img": pipelines.img2img_case,
         "inpaint": pipelines.inpaint_case,
+        "upscale": pipelines.upscale_case,
         "lora_text2img": pipelines.text2img_case,
         "lora_fuse": pipelines.lora_fuse_case,
         "lcm_text2img": pipelines.text2img_case,

@@ -18,6 +18,7 @@ from diffusekit.pipelines.loading import load_pipeline
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.pipelines.text_to_image import TextToImage
 from diffusekit.pipelines.unconditional import UnconditionalPipeline
+from diffusekit.pipelines.upscale import StableDiffusionUpscaler, Upscale
 from diffusekit.samplers.common import StepInfo
 from diffusekit.samplers.config import SamplerConfig
 
@@ -220,4 +221,35 @@ def lora_fuse_case(case: Path, meta: dict) -> Comparison:
     lora.unfuse_lora(sd)
     for key in keys:
         cmp.check(f"unfused.{key} (= original)", _reference_param(parts, key), ref[f"original.{key}"])
+    return cmp
+
+
+def upscale_case(case: Path, meta: dict) -> Comparison:
+    """The x4 upscaler (section 10, kind ``upscale``): the low-res image noised to ``meta.noise_level`` by the
+    low-res schedule and stacked on the latents, the noise level as class label, guidance, the x4 VAE."""
+    ref = load_weights(case / "io.safetensors")
+    sd, rec = _sd(case, meta)
+    if not isinstance(sd, StableDiffusionUpscaler):
+        raise ValueError(f"{meta['pipeline_dir']} did not load as an x4 upscaler (got {type(sd).__name__})")
+    steps: list[StepInfo] = []
+    out = Upscale(sd)(
+        meta["prompt"], ref["image"], negative_prompt=_negative(meta), noise_level=int(meta["noise_level"]),
+        steps=int(meta["num_inference_steps"]), guidance_scale=float(meta["guidance_scale"]),
+        generator=torch.Generator().manual_seed(int(meta["generator_seed"])), callback=steps.append,
+        show_progress=False,
+    )  # fmt: skip
+    cmp = Comparison(**PIPELINE_TOL)
+    if "max_noise_level" in meta and sd.max_noise_level != int(meta["max_noise_level"]):
+        cmp.failures.append(f"max_noise_level: loaded {sd.max_noise_level}, reference {meta['max_noise_level']}")
+    if "low_res_alpha_cumprod" in meta:
+        abar = sd.low_res_config.schedule().alphas_cumprod[int(meta["noise_level"])]
+        cmp.check("low_res_alpha_cumprod", abar.float(), torch.tensor(float(meta["low_res_alpha_cumprod"])))
+    cmp.check("start latents", out.start, ref["latents_in"] * float(meta["init_noise_sigma"]))
+    if rec.calls:
+        b = ref["image"].shape[0]
+        latent = sd.codec.channels
+        cmp.check("image_noised (U-Net input channels after the latents)", rec.calls[0][0][-b:, latent:],
+                  ref["image_noised"])  # fmt: skip
+    with torch.inference_mode():
+        _check_sd_run(cmp, sd, rec, steps, out, ref, meta)
     return cmp
