@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffusekit.cli import bench, convert, demo, fid, generate, sample, train
+from diffusekit.cli import bench, convert, demo, fid, generate, sample, train, upscale
 from diffusekit.errors import DiffusekitError
 
 # each module adds its sub-command(s) with add_parser(subparsers); generate adds txt2img, img2img, inpaint
-COMMAND_MODULES = (demo, train, sample, fid, generate, convert, bench)
+COMMAND_MODULES = (demo, train, sample, fid, generate, upscale, convert, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

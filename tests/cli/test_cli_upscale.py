@@ -1,0 +1,204 @@
+"""``diffusekit upscale`` on the tiny x4-upscaler fixture: files and folders, any image mode, metadata, tiles,
+never overwriting, errors that name the option, the output checked before the model loads, --help."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusekit.cli import upscale as upscale_cli
+from diffusekit.cli.main import main
+from diffusekit.pipelines.recipe import METADATA_KEY
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model(fixtures_dir: Path) -> Path:
+    return fixtures_dir / "pipelines" / "stable_diffusion_upscale"
+
+
+def run(argv: list[str], capsys) -> tuple[int, list[Path], str]:
+    """main(argv) -> (exit status, paths it printed, stderr)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    captured = capsys.readouterr()
+    return code, [Path(line) for line in captured.out.splitlines() if line], captured.err
+
+
+def _image(path: Path, mode: str = "RGB", size: tuple[int, int] = (8, 8), seed: int = 0) -> Path:
+    rgb = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    im = Image.fromarray(rgb, "RGB")
+    if mode == "I;16":
+        im = Image.fromarray(np.asarray(im.convert("L"), dtype=np.uint16) * 257)  # opens as I;16
+    elif mode != "RGB":
+        im = im.convert(mode)
+    im.save(path)
+    return path
+
+
+FAST = ["--steps", "1", "--guidance", "1", "--quiet"]
+
+
+def test_upscales_files_and_folders_with_metadata(model, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    _image(inputs / "a.png", size=(8, 8))
+    _image(inputs / "b.jpg", size=(9, 7), seed=1)  # not multiples of the model's factor: padded, cropped back
+    (inputs / "notes.txt").write_text("not an image")
+    single = _image(tmp_path / "c.png", size=(4, 4), seed=2)
+    out = tmp_path / "out"
+    code, written, err = run(["upscale", "--model", str(model), str(inputs), str(single), "--out", str(out),
+                              "--prompt", "a cat", "--noise-level", "30", "--seed", "5", *FAST], capsys)  # fmt: skip
+    assert code == 0, err
+    assert [p.name for p in written] == ["00000-5.png", "00001-6.png", "00002-7.png"]
+    sizes = []
+    for path in written:
+        with Image.open(path) as im:
+            sizes.append(im.size)
+            meta = json.loads(im.info[METADATA_KEY])
+        assert meta["mode"] == "upscale" and meta["noise_level"] == 30 and meta["prompt"] == "a cat"
+        assert meta["image_sha256"] and meta["model_weights"] and meta["sampler"] == "ddim"
+    assert sizes == [(32, 32), (36, 28), (16, 16)]
+
+    # the same run again: new files beside the old ones, the same pixels (seed per input)
+    code, again, err = run(["upscale", "--model", str(model), str(inputs), str(single), "--out", str(out),
+                            "--prompt", "a cat", "--noise-level", "30", "--seed", "5", *FAST], capsys)  # fmt: skip
+    assert code == 0, err
+    assert [p.name for p in again] == ["00003-5.png", "00004-6.png", "00005-7.png"]
+    for a, b in zip(written, again):
+        with Image.open(a) as x, Image.open(b) as y:
+            assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "L", "LA", "I;16"])
+def test_any_image_mode_is_converted_and_said(model, tmp_path, capsys, mode):
+    path = _image(tmp_path / f"in-{mode.replace(';', '')}.png", mode)
+    code, written, err = run(["upscale", "--model", str(model), str(path), "--out", str(tmp_path / "o"),
+                              "--steps", "1", "--guidance", "1"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert f"({mode}, " in err  # the conversion is reported
+    with Image.open(written[0]) as im:
+        assert im.mode == "RGB" and im.size == (32, 32)
+
+
+def test_large_inputs_are_tiled(model, tmp_path, capsys):
+    path = _image(tmp_path / "wide.png", size=(20, 12))
+    code, written, err = run(["upscale", "--model", str(model), str(path), "--out", str(tmp_path / "o"),
+                              "--tile", "8", "--tile-overlap", "4", *FAST], capsys)  # fmt: skip
+    assert code == 0, err
+    with Image.open(written[0]) as im:
+        assert im.size == (80, 48)
+        assert json.loads(im.info[METADATA_KEY])["tile"] == 8
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--noise-level", "351"], "--noise-level must be in [0, 350]"),
+        (["--noise-level", "-5"], "--noise-level must be an integer in [0,"),
+        (["--steps", "0"], "--steps must be an integer in [1, 1000]"),
+        (["--guidance", "nan"], "--guidance must be a finite number"),
+        (["--seed", "x"], "--seed must be an integer"),
+        (["--scale", "2"], "--scale 2: this model upscales by 4 only"),
+        (["--tile", "6"], "--tile must be a multiple of 4"),
+        (["--tile", "0", "--tile-overlap", "4"], "--tile-overlap needs tiling"),
+        (["--tile", "8", "--tile-overlap", "8"], "--tile-overlap must be an integer in [0, 7]"),
+        (["--eta", "0.5", "--sampler", "euler"], "--eta applies to the ddim sampler only"),
+    ],
+)
+def test_bad_options_are_one_line_errors_naming_the_option(model, tmp_path, capsys, extra, expected):
+    path = _image(tmp_path / "in.png")
+    code, written, err = run(["upscale", "--model", str(model), str(path), "--out", str(tmp_path / "o"), "--quiet",
+                              *extra], capsys)  # fmt: skip
+    assert code == 2 and not written
+    assert err.startswith("diffusekit upscale: error: ") and expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()  # the folder made for the run is removed again
+
+
+def _refuse_to_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the inputs and the output folder were checked")
+
+
+def test_hostile_paths_fail_before_the_model_loads(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(upscale_cli, "load_model", _refuse_to_load)
+    good = _image(tmp_path / "good.png")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    weird = tmp_path / "new\nline -x.png"
+    link = tmp_path / "dangling.png"
+    link.symlink_to(tmp_path / "nowhere.png")
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    cases = [
+        ([str(good), "--out", str(blocker)], f"--out {blocker}: is a file, not a folder"),
+        ([str(good), "--out", str(blocker / "sub")], f"is inside {blocker}, which is a file"),
+        ([str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")], "missing.png: no such file or folder"),
+        ([str(empty), "--out", str(tmp_path / "o")], "the folder holds no image files"),
+        ([str(fake), "--out", str(tmp_path / "o")], "fake.png: not a readable image"),
+        ([str(weird), "--out", str(tmp_path / "o")], "no such file or folder"),
+        ([str(link), "--out", str(tmp_path / "o")], "a broken link or a special file"),
+        ([str(fifo), "--out", str(tmp_path / "o")], "a broken link or a special file"),
+        (["--out", str(tmp_path / "o")], "no INPUT given"),
+        ([str(good)], "--out DIR is required"),
+    ]
+    for args, expected in cases:
+        code, written, err = run(["upscale", "--model", str(model), *args], capsys)
+        assert code == 2 and not written, err
+        assert expected in " ".join(err.split()), (args, err)
+    assert blocker.read_text() == "not a folder"
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_input_with_an_awkward_name_is_upscaled(model, tmp_path, capsys):
+    path = _image(tmp_path / "-x new\nline \u00fc.png")
+    code, written, err = run(["upscale", "--model", str(model), "--out", str(tmp_path / "o"), *FAST, "--", str(path)],
+                             capsys)  # fmt: skip
+    assert code == 0, err
+    with Image.open(written[0]) as im:
+        assert json.loads(im.info[METADATA_KEY])["image"] == str(path)
+
+
+def test_large_input_without_tiles_is_refused_before_the_model_loads(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(upscale_cli, "load_model", _refuse_to_load)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (600, 500)).save(big)
+    code, _, err = run(["upscale", "--model", str(model), str(big), "--tile", "0", "--out", str(tmp_path / "o")],
+                       capsys)  # fmt: skip
+    assert code == 2 and "too large to upscale in one piece" in err and "--tile" in err
+
+
+def test_a_text_to_image_model_is_refused(fixtures_dir, tmp_path, capsys):
+    path = _image(tmp_path / "in.png")
+    code, _, err = run(["upscale", "--model", str(fixtures_dir / "pipelines" / "stable_diffusion"), str(path),
+                        "--out", str(tmp_path / "o")], capsys)  # fmt: skip
+    assert code == 2 and "is a text-to-image model, not an upscaler" in err
+
+
+def test_help_reads_like_a_manual(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["upscale", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for needle in ("examples:", "hires fix", "--model", "--prompt", "--negative", "--noise-level", "--steps",
+                   "--guidance", "--seed", "--sampler", "--tile", "--tile-overlap", "--scale", "--out", "--quiet",
+                   "default 20", "never overwritten", "alpha"):  # fmt: skip
+        assert needle in text, needle
