@@ -25,23 +25,26 @@ from diffusekit.io.models import load_unet, load_vae, save_unet, save_vae
 from diffusekit.io.single_file import SingleFileParts, read_single_file_parts, save_single_file
 from diffusekit.io.text import load_text_encoder, load_tokenizer, save_text_encoder, save_tokenizer
 from diffusekit.io.weights import read_json, write_json
+from diffusekit.limits import check_flag
 from diffusekit.networks.text_encoder import ClipTextEncoder
 from diffusekit.networks.unet import UNet
 from diffusekit.networks.vae import AutoencoderKL
 from diffusekit.pipelines.common import LatentCodec
+from diffusekit.pipelines.sdxl import StableDiffusionXL, check_xl_parts
 from diffusekit.pipelines.stable_diffusion import StableDiffusion, check_parts
+from diffusekit.pipelines.upscale import StableDiffusionUpscaler
 from diffusekit.samplers.config import SamplerConfig
-from diffusekit.samplers.presets import SD1
+from diffusekit.samplers.presets import SD1, SDXL
 
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+LOW_RES_SCHEDULER_CONFIG = Path("low_res_scheduler") / "scheduler_config.json"
+UPSCALER_CLASS = "StableDiffusionUpscalePipeline"
+DEFAULT_MAX_NOISE_LEVEL = 350  # the reference pipeline's, for a model_index.json without max_noise_level
 
 # model_index.json classes of other families, with what to say about them
 _OTHER_PIPELINES = {
-    "StableDiffusionXLPipeline": "an SDXL model, which diffusekit does not load yet",
-    "StableDiffusionXLImg2ImgPipeline": "an SDXL model, which diffusekit does not load yet",
-    "StableDiffusionXLInpaintPipeline": "an SDXL model, which diffusekit does not load yet",
-    "StableDiffusionUpscalePipeline": "the x4 upscaler, which diffusekit does not load yet",
+    "StableDiffusionXLInpaintPipeline": "an SDXL inpainting model, which diffusekit does not load yet",
     "DDPMPipeline": "an unconditional pixel-space model: load it with diffusekit.pipelines.unconditional.load_pipeline "
     "(CLI: diffusekit sample)",
 }  # fmt: skip
@@ -62,6 +65,10 @@ class ModelKind:
 
 STABLE_DIFFUSION_FOLDER = ModelKind("stable-diffusion", Layout.FOLDER)
 STABLE_DIFFUSION_FILE = ModelKind("stable-diffusion", Layout.SINGLE_FILE)
+SDXL_FOLDER = ModelKind("sdxl", Layout.FOLDER)
+# model_index.json classes of SDXL folders (text-to-image and image-to-image share the components)
+SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+UPSCALER_FOLDER = ModelKind("sd-x4-upscaler", Layout.FOLDER)
 
 
 def identify(path: str | os.PathLike) -> ModelKind:
@@ -80,7 +87,9 @@ def identify(path: str | os.PathLike) -> ModelKind:
         name = read_json(index).get("_class_name")
         if isinstance(name, str) and name in _OTHER_PIPELINES:
             raise WeightsError(f"{path}: its {MODEL_INDEX} names {name}: {_OTHER_PIPELINES[name]}")
-        return STABLE_DIFFUSION_FOLDER
+        if name in SDXL_CLASSES:
+            return SDXL_FOLDER
+        return UPSCALER_FOLDER if name == UPSCALER_CLASS else STABLE_DIFFUSION_FOLDER
     if path.is_file():
         folder = _enclosing_model_folder(path)
         if folder is not None:
@@ -113,7 +122,7 @@ def load_pipeline(
     fast: bool = True,
 ) -> StableDiffusion:
     """Load the model at ``path``: a diffusers-layout folder or a single checkpoint file (see
-    :func:`identify`).
+    :func:`identify`). An x4-upscaler folder gives a :class:`StableDiffusionUpscaler`.
 
     ``tokenizer``: a tokenizer folder (``vocab.json`` + ``merges.txt``, or a model folder holding
     ``tokenizer/``); required for single files, which carry none, and replacing a folder's own.
@@ -124,8 +133,12 @@ def load_pipeline(
     file or folder."""
     path = Path(path)
     kind = identify(path)
+    if kind == SDXL_FOLDER:
+        sd = _load_sdxl_folder(path, tokenizer, device=device, dtype=dtype)
+        return sd.prepare() if fast else sd
     if kind.layout is Layout.FOLDER:
-        return _load_folder(path, tokenizer, device=device, dtype=dtype, fast=fast)
+        sd = _load_folder(path, tokenizer, device=device, dtype=dtype, upscaler=kind == UPSCALER_FOLDER)
+        return sd.prepare() if fast else sd
     if tokenizer is None:
         raise ConfigError(
             f"{path}: single-file checkpoints carry no tokenizer; pass tokenizer (CLI: --tokenizer DIR), a folder "
@@ -140,15 +153,14 @@ def load_pipeline(
         text_encoder=_network(ClipTextEncoder, parts.text_encoder_config, parts.text_encoder, device),
         sampler_config=parts.sampler,
         name=path.stem,
-        fast=fast,
     )
     check_parts(path, sd.unet, sd.codec.vae, sd.tokenizer, sd.text_encoder)
-    return sd
+    return sd.prepare() if fast else sd
 
 
 def _load_folder(
     folder: Path, tokenizer: str | os.PathLike | None, *, device: str | torch.device, dtype: torch.dtype | None,
-    fast: bool,
+    upscaler: bool = False,
 ) -> StableDiffusion:  # fmt: skip
     sched = folder / SCHEDULER_CONFIG
     sampler_config = _scheduler(sched) if sched.exists() else _sd_default_sampler()
@@ -157,9 +169,12 @@ def _load_folder(
     vae = load_vae(folder / "vae", dtype=torch.float32, device=device)
     tok = load_tokenizer(folder / "tokenizer" if tokenizer is None else tokenizer)
     text_encoder = load_text_encoder(folder / "text_encoder", dtype=dtype, device=device)
-    check_parts(folder, unet, vae, tok, text_encoder)
-    return StableDiffusion(unet=unet, codec=LatentCodec(vae), tokenizer=tok, text_encoder=text_encoder,
-                           sampler_config=sampler_config, name=folder.resolve().name, fast=fast)  # fmt: skip
+    check_parts(folder, unet, vae, tok, text_encoder, image_channels=3 if upscaler else 0)
+    parts = dict(unet=unet, codec=LatentCodec(vae), tokenizer=tok, text_encoder=text_encoder,
+                 sampler_config=sampler_config, name=folder.resolve().name)  # fmt: skip
+    if upscaler:
+        return StableDiffusionUpscaler(**parts, **_upscaler_settings(folder, unet))
+    return StableDiffusion(**parts)
 
 
 def _scheduler(path: Path) -> SamplerConfig:
@@ -168,6 +183,55 @@ def _scheduler(path: Path) -> SamplerConfig:
         return SamplerConfig.from_reference(read_json(path))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def _upscaler_settings(folder: Path, unet: UNet) -> dict:
+    """The x4 upscaler's low-resolution noise schedule (``low_res_scheduler/``) and ``max_noise_level``
+    (``model_index.json``), checked against the U-Net's table of noise-level embeddings."""
+    sched = folder / LOW_RES_SCHEDULER_CONFIG
+    if not sched.is_file():
+        raise WeightsError(f"{folder}: the x4 upscaler has no {LOW_RES_SCHEDULER_CONFIG} (the schedule that noises "
+                           "the low-resolution image)")  # fmt: skip
+    max_level = read_json(folder / MODEL_INDEX).get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL)
+    table = unet.config.num_classes
+    if isinstance(max_level, bool) or not isinstance(max_level, int) or table is None or not 0 <= max_level < table:
+        raise ConfigError(f"{folder}: {MODEL_INDEX} max_noise_level={max_level!r} must be an integer below the "
+                          f"unet's num_class_embeds ({table}), which embeds the noise level")  # fmt: skip
+    return {"low_res_config": _scheduler(sched), "max_noise_level": max_level}
+
+
+def _load_sdxl_folder(
+    folder: Path, tokenizer: str | os.PathLike | None, *, device: str | torch.device, dtype: torch.dtype | None
+) -> StableDiffusionXL:
+    """An SDXL folder: the SD components plus ``text_encoder_2/`` and ``tokenizer_2/`` (both required; the
+    refiner, which has no ``text_encoder/`` and conditions on an aesthetic score, is refused by name) and
+    ``force_zeros_for_empty_prompt`` from ``model_index.json`` (the reference's default: true)."""
+    index = read_json(folder / MODEL_INDEX)
+    if index.get("requires_aesthetics_score") is True or index.get("text_encoder") == [None, None]:
+        raise WeightsError(f"{folder}: an SDXL refiner (no text_encoder/, aesthetic-score conditioning), which "
+                           "diffusekit does not load yet; the SDXL base model is supported")  # fmt: skip
+    for part, what in (("text_encoder_2", "the second text encoder"), ("tokenizer_2", "its tokenizer")):
+        if not (folder / part).is_dir():
+            raise WeightsError(f"{folder}: an SDXL model folder needs {part}/ ({what}); it is missing")
+    try:
+        force_zeros = check_flag("force_zeros_for_empty_prompt", index.get("force_zeros_for_empty_prompt", True))
+    except ConfigError as e:
+        raise ConfigError(f"{folder / MODEL_INDEX}: {e}") from None
+    sched = folder / SCHEDULER_CONFIG
+    sampler_config = _scheduler(sched) if sched.exists() else SDXL
+    unet = load_unet(folder / "unet", dtype=dtype, device=device)
+    dtype = dtype or next(unet.parameters()).dtype
+    vae = load_vae(folder / "vae", dtype=torch.float32, device=device)
+    tok = load_tokenizer(folder / "tokenizer" if tokenizer is None else tokenizer)
+    text_encoder = load_text_encoder(folder / "text_encoder", dtype=dtype, device=device)
+    tok_2 = load_tokenizer(folder / "tokenizer_2")
+    text_encoder_2 = load_text_encoder(folder / "text_encoder_2", dtype=dtype, device=device)
+    check_xl_parts(folder, unet, vae, [(tok, text_encoder), (tok_2, text_encoder_2)])
+    return StableDiffusionXL(
+        unet=unet, codec=LatentCodec(vae), tokenizer=tok, text_encoder=text_encoder, sampler_config=sampler_config,
+        tokenizer_2=tok_2, text_encoder_2=text_encoder_2, force_zeros_for_empty_prompt=force_zeros,
+        name=folder.resolve().name,
+    )  # fmt: skip
 
 
 def _sd_default_sampler() -> SamplerConfig:
@@ -194,6 +258,9 @@ def save_pipeline(sd: StableDiffusion, path: str | os.PathLike, *, dtype: torch.
     Both are written atomically: a folder is built beside ``path`` and swapped in whole."""
     path = Path(path)
     if path.suffix == ".safetensors":
+        if isinstance(sd, StableDiffusionXL):
+            raise ConfigError(f"{path}: an SDXL model is written as a diffusers folder only; give a folder path "
+                              "(without .safetensors)")  # fmt: skip
         save_single_file(parts_of(sd), path, dtype=dtype)
         return path
     if dtype is not None:
@@ -223,20 +290,25 @@ def _save_folder(sd: StableDiffusion, folder: Path) -> None:
     save_tokenizer(sd.tokenizer, folder / "tokenizer")
     sched = sd.sampler_config.to_reference()
     write_json(sched, folder / SCHEDULER_CONFIG)
-    write_json(
-        {
-            "_class_name": "StableDiffusionPipeline",
-            "scheduler": ["diffusers", sched["_class_name"]],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-            "safety_checker": [None, None],
-            "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-        },
-        folder / MODEL_INDEX,
-    )
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "scheduler": ["diffusers", sched["_class_name"]],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    if isinstance(sd, StableDiffusionXL):
+        save_text_encoder(sd.text_encoder_2, folder / "text_encoder_2")
+        save_tokenizer(sd.tokenizer_2, folder / "tokenizer_2")
+        del index["safety_checker"], index["requires_safety_checker"]
+        index.update(_class_name=SDXL_CLASSES[0], text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"],
+                     force_zeros_for_empty_prompt=sd.force_zeros_for_empty_prompt)  # fmt: skip
+    write_json(index, folder / MODEL_INDEX)
 
 
 __all__ = ["Layout", "ModelKind", "identify", "load_pipeline", "parts_of", "save_pipeline"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -39,17 +39,13 @@ class StableDiffusion:
     text_encoder: ClipTextEncoder
     sampler_config: SamplerConfig
     name: str = "stable-diffusion"
-    fast: bool = field(default=True, repr=False, compare=False)  # apply the runtime plan (see prepare())
-
-    def __post_init__(self) -> None:
-        if self.fast:
-            self.prepare()
 
     def prepare(self, plan: Plan | None = None) -> StableDiffusion:
         """Apply a runtime plan for inference (default: the machine's; keeps each component's dtype) to the
-        U-Net and text encoder, and the same layout to the VAE, which stays float32. Returns self. Done on
-        construction unless ``fast=False``: eval mode, no parameter gradients, channels-last weights and, for
-        half precision on a CPU without native bfloat16, float32 compute (:mod:`diffusekit.runtime.policy`)."""
+        U-Net and text encoder, and the same layout to the VAE, which stays float32. Returns self. Called by
+        the loader (``load_pipeline(..., fast=True)``), never on construction: eval mode, no parameter gradients,
+        channels-last weights and, for half precision on a CPU without native bfloat16, float32 compute
+        (:mod:`diffusekit.runtime.policy`)."""
         plan = plan or Plan()
         prepare(self.unet, dataclasses.replace(plan, dtype=plan.dtype or self.dtype))
         prepare(self.text_encoder, dataclasses.replace(plan, dtype=plan.dtype or self.dtype))

@@ -50,7 +50,6 @@ class StableDiffusionUpscaler(StableDiffusion):
 
     def __post_init__(self) -> None:
         check_int("max_noise_level", self.max_noise_level, 0, self.low_res_config.num_train_timesteps - 1)
-        super().__post_init__()
 
     @property
     def scale(self) -> int:
