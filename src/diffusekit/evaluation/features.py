@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -23,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusekit.errors import ConfigError
+from diffusekit.errors import ConfigError, OutputError
 from diffusekit.evaluation.fid import FeatureStats
 from diffusekit.io.images import read_image
+from diffusekit.limits import check_int
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -92,6 +94,7 @@ class InceptionFeatures:
         device: str | torch.device | None = None,
         batch_size: int = 50,
     ) -> None:
+        check_int("batch_size", batch_size, 1, 1 << 20)
         path = Path(model_path) if model_path is not None else default_inception_path()
         if not path.is_file():
             raise ConfigError(f"Inception TorchScript file not found: {path}")
@@ -186,7 +189,7 @@ def folder_stats(folder: str | os.PathLike, extractor: InceptionFeatures, *, use
         return FeatureStats.load(cached)
     stats = extractor.stats(folder_batches(files, extractor.batch_size), len(files), desc=f"features of {folder}")
     if use_cache:
-        stats.save(cached, source=str(folder))
+        _cache(stats, cached, source=str(folder))
     return stats
 
 
@@ -209,5 +212,13 @@ def dataset_stats(
 
     stats = extractor.stats(batches(), len(ds), desc=f"features of {source}:{split}")
     if use_cache:
-        stats.save(cached, source=f"{source}:{split}", count=str(len(ds)))
+        _cache(stats, cached, source=f"{source}:{split}", count=str(len(ds)))
     return stats
+
+
+def _cache(stats: FeatureStats, path: Path, **info: str) -> None:
+    """Save statistics to the cache; a cache that cannot be written (read-only, full) costs a warning only."""
+    try:
+        stats.save(path, **info)
+    except OutputError as e:
+        warnings.warn(f"feature statistics not cached: {e}", stacklevel=2)

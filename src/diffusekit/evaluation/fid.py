@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from diffusekit.errors import ConfigError
+from diffusekit.io.atomic import write_atomic
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,14 @@ class FeatureStats:
         return cls(mu=f.mean(0), sigma=np.cov(f, rowvar=False), count=f.shape[0])
 
     def save(self, path: str | os.PathLike, **info: str) -> Path:
-        """Write ``mu``, ``sigma``, ``count`` (and string ``info``) as an .npz file, atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
+        """Write ``mu``, ``sigma``, ``count`` (and string ``info``) as an .npz file through ``io.atomic`` (an
+        OutputError naming the file if it cannot be written)."""
         extra = {f"info_{k}": np.array(str(v)) for k, v in info.items()}
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, count=np.array(self.count), **extra)
-        os.replace(tmp, path)
-        return path
+
+        def write(tmp: Path) -> None:
+            np.savez(tmp, mu=self.mu, sigma=self.sigma, count=np.array(self.count), **extra)
+
+        return write_atomic(path, write, what="statistics")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:
