@@ -32,16 +32,19 @@ from diffusekit.networks.vae import AutoencoderKL
 from diffusekit.pipelines.common import LatentCodec
 from diffusekit.pipelines.sdxl import StableDiffusionXL, check_xl_parts
 from diffusekit.pipelines.stable_diffusion import StableDiffusion, check_parts
+from diffusekit.pipelines.upscale import StableDiffusionUpscaler
 from diffusekit.samplers.config import SamplerConfig
 from diffusekit.samplers.presets import SD1, SDXL
 
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+LOW_RES_SCHEDULER_CONFIG = Path("low_res_scheduler") / "scheduler_config.json"
+UPSCALER_CLASS = "StableDiffusionUpscalePipeline"
+DEFAULT_MAX_NOISE_LEVEL = 350  # the reference pipeline's, for a model_index.json without max_noise_level
 
 # model_index.json classes of other families, with what to say about them
 _OTHER_PIPELINES = {
     "StableDiffusionXLInpaintPipeline": "an SDXL inpainting model, which diffusekit does not load yet",
-    "StableDiffusionUpscalePipeline": "the x4 upscaler, which diffusekit does not load yet",
     "DDPMPipeline": "an unconditional pixel-space model: load it with diffusekit.pipelines.unconditional.load_pipeline "
     "(CLI: diffusekit sample)",
 }  # fmt: skip
@@ -65,6 +68,7 @@ STABLE_DIFFUSION_FILE = ModelKind("stable-diffusion", Layout.SINGLE_FILE)
 SDXL_FOLDER = ModelKind("sdxl", Layout.FOLDER)
 # model_index.json classes of SDXL folders (text-to-image and image-to-image share the components)
 SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+UPSCALER_FOLDER = ModelKind("sd-x4-upscaler", Layout.FOLDER)
 
 
 def identify(path: str | os.PathLike) -> ModelKind:
@@ -85,7 +89,7 @@ def identify(path: str | os.PathLike) -> ModelKind:
             raise WeightsError(f"{path}: its {MODEL_INDEX} names {name}: {_OTHER_PIPELINES[name]}")
         if name in SDXL_CLASSES:
             return SDXL_FOLDER
-        return STABLE_DIFFUSION_FOLDER
+        return UPSCALER_FOLDER if name == UPSCALER_CLASS else STABLE_DIFFUSION_FOLDER
     if path.is_file():
         folder = _enclosing_model_folder(path)
         if folder is not None:
@@ -118,7 +122,7 @@ def load_pipeline(
     fast: bool = True,
 ) -> StableDiffusion:
     """Load the model at ``path``: a diffusers-layout folder or a single checkpoint file (see
-    :func:`identify`).
+    :func:`identify`). An x4-upscaler folder gives a :class:`StableDiffusionUpscaler`.
 
     ``tokenizer``: a tokenizer folder (``vocab.json`` + ``merges.txt``, or a model folder holding
     ``tokenizer/``); required for single files, which carry none, and replacing a folder's own.
@@ -133,7 +137,8 @@ def load_pipeline(
         sd = _load_sdxl_folder(path, tokenizer, device=device, dtype=dtype)
         return sd.prepare() if fast else sd
     if kind.layout is Layout.FOLDER:
-        return _load_folder(path, tokenizer, device=device, dtype=dtype, fast=fast)
+        sd = _load_folder(path, tokenizer, device=device, dtype=dtype, upscaler=kind == UPSCALER_FOLDER)
+        return sd.prepare() if fast else sd
     if tokenizer is None:
         raise ConfigError(
             f"{path}: single-file checkpoints carry no tokenizer; pass tokenizer (CLI: --tokenizer DIR), a folder "
@@ -148,15 +153,14 @@ def load_pipeline(
         text_encoder=_network(ClipTextEncoder, parts.text_encoder_config, parts.text_encoder, device),
         sampler_config=parts.sampler,
         name=path.stem,
-        fast=fast,
     )
     check_parts(path, sd.unet, sd.codec.vae, sd.tokenizer, sd.text_encoder)
-    return sd
+    return sd.prepare() if fast else sd
 
 
 def _load_folder(
     folder: Path, tokenizer: str | os.PathLike | None, *, device: str | torch.device, dtype: torch.dtype | None,
-    fast: bool,
+    upscaler: bool = False,
 ) -> StableDiffusion:  # fmt: skip
     sched = folder / SCHEDULER_CONFIG
     sampler_config = _scheduler(sched) if sched.exists() else _sd_default_sampler()
@@ -165,9 +169,12 @@ def _load_folder(
     vae = load_vae(folder / "vae", dtype=torch.float32, device=device)
     tok = load_tokenizer(folder / "tokenizer" if tokenizer is None else tokenizer)
     text_encoder = load_text_encoder(folder / "text_encoder", dtype=dtype, device=device)
-    check_parts(folder, unet, vae, tok, text_encoder)
-    return StableDiffusion(unet=unet, codec=LatentCodec(vae), tokenizer=tok, text_encoder=text_encoder,
-                           sampler_config=sampler_config, name=folder.resolve().name, fast=fast)  # fmt: skip
+    check_parts(folder, unet, vae, tok, text_encoder, image_channels=3 if upscaler else 0)
+    parts = dict(unet=unet, codec=LatentCodec(vae), tokenizer=tok, text_encoder=text_encoder,
+                 sampler_config=sampler_config, name=folder.resolve().name)  # fmt: skip
+    if upscaler:
+        return StableDiffusionUpscaler(**parts, **_upscaler_settings(folder, unet))
+    return StableDiffusion(**parts)
 
 
 def _scheduler(path: Path) -> SamplerConfig:
@@ -176,6 +183,21 @@ def _scheduler(path: Path) -> SamplerConfig:
         return SamplerConfig.from_reference(read_json(path))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def _upscaler_settings(folder: Path, unet: UNet) -> dict:
+    """The x4 upscaler's low-resolution noise schedule (``low_res_scheduler/``) and ``max_noise_level``
+    (``model_index.json``), checked against the U-Net's table of noise-level embeddings."""
+    sched = folder / LOW_RES_SCHEDULER_CONFIG
+    if not sched.is_file():
+        raise WeightsError(f"{folder}: the x4 upscaler has no {LOW_RES_SCHEDULER_CONFIG} (the schedule that noises "
+                           "the low-resolution image)")  # fmt: skip
+    max_level = read_json(folder / MODEL_INDEX).get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL)
+    table = unet.config.num_classes
+    if isinstance(max_level, bool) or not isinstance(max_level, int) or table is None or not 0 <= max_level < table:
+        raise ConfigError(f"{folder}: {MODEL_INDEX} max_noise_level={max_level!r} must be an integer below the "
+                          f"unet's num_class_embeds ({table}), which embeds the noise level")  # fmt: skip
+    return {"low_res_config": _scheduler(sched), "max_noise_level": max_level}
 
 
 def _load_sdxl_folder(
