@@ -261,6 +261,9 @@ def save_pipeline(sd: StableDiffusion, path: str | os.PathLike, *, dtype: torch.
         if isinstance(sd, StableDiffusionXL):
             raise ConfigError(f"{path}: an SDXL model is written as a diffusers folder only; give a folder path "
                               "(without .safetensors)")  # fmt: skip
+        if isinstance(sd, StableDiffusionUpscaler):
+            raise ConfigError(f"{path}: an x4 upscaler is written as a diffusers folder only (its low-res schedule "
+                              "and max_noise_level have no place in a single file); give a folder path")  # fmt: skip
         save_single_file(parts_of(sd), path, dtype=dtype)
         return path
     if dtype is not None:
@@ -308,6 +311,11 @@ def _save_folder(sd: StableDiffusion, folder: Path) -> None:
         index.update(_class_name=SDXL_CLASSES[0], text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
                      tokenizer_2=["transformers", "CLIPTokenizer"],
                      force_zeros_for_empty_prompt=sd.force_zeros_for_empty_prompt)  # fmt: skip
+    if isinstance(sd, StableDiffusionUpscaler):
+        low_res = sd.low_res_config.to_reference()
+        write_json(low_res, folder / LOW_RES_SCHEDULER_CONFIG)
+        index.update(_class_name=UPSCALER_CLASS, low_res_scheduler=["diffusers", low_res["_class_name"]],
+                     max_noise_level=sd.max_noise_level)  # fmt: skip
     write_json(index, folder / MODEL_INDEX)
 
 
