@@ -198,7 +198,12 @@ def _alpha_value(path: Path, key: str, tensor: Tensor) -> float:
 
 
 def _check_alpha(path: Path, key: str, alpha: object) -> float:
-    ok = isinstance(alpha, int | float) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0
+    ok = isinstance(alpha, int | float) and not isinstance(alpha, bool)
+    if ok:
+        try:
+            ok = math.isfinite(float(alpha)) and alpha > 0
+        except OverflowError:  # an integer beyond any float
+            ok = False
     if not ok:
         raise WeightsError(f"{path}: {key}: alpha must be a finite number > 0 (the update is scaled by alpha / "
                            f"rank), got {alpha!r}")  # fmt: skip
@@ -216,7 +221,7 @@ def _peft_metadata(path: Path, metadata: dict[str, str]) -> dict:
     if not isinstance(data, dict):
         raise WeightsError(f"{path}: __metadata__[{METADATA_KEY!r}] must be a JSON object")
     for component in COMPONENTS:
-        if data.get(f"{component}.use_dora"):
+        if data.get(f"{component}.use_dora") is True:
             raise WeightsError(f"{path}: {component}.use_dora is set: a DoRA adapter, which diffusekit does not load")
     return data
 
