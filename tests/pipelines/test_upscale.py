@@ -206,3 +206,17 @@ def test_loader_checks_max_noise_level_against_the_unet(tmp_path, level):
     (folder / "model_index.json").write_text(json.dumps({**index, "max_noise_level": level}))
     with pytest.raises(ConfigError, match="max_noise_level"):
         load_pipeline(folder)
+
+
+def test_save_pipeline_writes_an_upscaler_folder_that_loads_back(sd, tmp_path):
+    from diffusekit.pipelines.loading import save_pipeline
+
+    saved = save_pipeline(sd, tmp_path / "saved")
+    assert read_json(saved / "model_index.json")["_class_name"] == "StableDiffusionUpscalePipeline"
+    again = load_pipeline(saved)
+    assert isinstance(again, StableDiffusionUpscaler)
+    assert again.max_noise_level == sd.max_noise_level
+    assert again.low_res_config.schedule().alphas_cumprod.equal(sd.low_res_config.schedule().alphas_cumprod)
+    assert again.unet.config == sd.unet.config
+    with pytest.raises(ConfigError, match="diffusers folder only"):
+        save_pipeline(sd, tmp_path / "one.safetensors")
