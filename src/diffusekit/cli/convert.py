@@ -8,12 +8,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
-from diffusekit.errors import ConfigError, WeightsError
+from diffusekit.errors import ConfigError, OutputError, WeightsError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -73,6 +75,9 @@ def run_convert(args: argparse.Namespace) -> int:
         kind = identify(src)
     except WeightsError as e:  # its messages start with the path
         raise WeightsError(f"SRC {e}") from None
+    if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
+        raise ConfigError(f"--tokenizer {args.tokenizer}: no such folder (a folder with vocab.json and merges.txt)")
+    _check_writable_parent(dst)
     if kind.layout is Layout.FOLDER:
         if dst.suffix != ".safetensors":
             raise ConfigError(f"DST {dst}: converting a folder makes a single file; DST must end in .safetensors")
@@ -98,6 +103,22 @@ def run_convert(args: argparse.Namespace) -> int:
         save_pipeline(sd, dst)
         print(f"wrote {dst}/", file=sys.stderr)
     return 0
+
+
+def _check_writable_parent(dst: Path) -> None:
+    """DST's folder exists (or can be made) and takes new files: checked before any weight is read."""
+    for parent in dst.parents:
+        if parent.is_dir():
+            break
+        if parent.exists():
+            raise ConfigError(f"DST {dst}: {parent} is a file, not a folder")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=dst.parent, prefix=".diffusekit-", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"DST {dst}: cannot write files in {dst.parent} ({e.strerror or e})") from None
 
 
 def _check_file_destination(dst: Path, overwrite: bool) -> None:
