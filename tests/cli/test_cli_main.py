@@ -49,3 +49,12 @@ def test_a_value_starting_with_a_dash_gets_a_hint(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.splitlines()[-1]
     assert "argument --out: expected one argument" in err and "write --out=VALUE" in err
+
+
+def test_bench_help_is_a_manual_page(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and "issue" not in text.lower()
+    assert "examples:" in text and "diffusekit bench --tiny" in text
+    assert "(default: float32 bfloat16)" in text and "W3  SD-1.5 U-Net forward" in text

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from diffusekit.bench import harness
-from diffusekit.bench.workloads import QUICK, WORKLOADS, Case, Spec, ours, save_random_pipeline, spec
+from diffusekit.bench.workloads import QUICK, TITLES, WORKLOADS, Case, Spec, ours, save_random_pipeline, spec
 from diffusekit.errors import ConfigError
 
 CHECKOUT = Path(__file__).resolve().parents[3]
@@ -24,24 +24,46 @@ COMPARE = CHECKOUT / "benchmarks" / "compare.py"
 FIXTURE_PIPELINE = CHECKOUT.parent / "shared" / "fixtures" / "pipelines" / "stable_diffusion"
 
 
+DESCRIPTION = """\
+Time diffusekit's benchmark workloads on this machine and print a table of median times.
+
+Without --compare only diffusekit runs, with fresh random weights and no extra packages. With --compare
+the same workloads also run on the reference implementation (diffusers and transformers, installed by
+pip install 'diffusekit[bench]') from identical weights, interleaved, and the table shows the time ratio
+ours / reference. --compare needs a source checkout (it runs benchmarks/compare.py).
+
+workloads:
+""" + "\n".join(f"  {name}  {text}" for name, text in TITLES.items())
+
+EPILOG = """\
+examples:
+  diffusekit bench --tiny                      # seconds: checks that everything runs
+  diffusekit bench --quick --dtypes float32    # W1, W2, W6 in float32, a few minutes
+  diffusekit bench --workloads W3 W4 --reps 3 --json w34.json
+  diffusekit bench --compare --quick           # side by side with the reference implementation"""
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
         help="time diffusekit's workloads W1-W6 (and compare with the reference implementation)",
-        description=__doc__,
+        description=DESCRIPTION,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--compare", action="store_true", help="also run the reference (needs the bench extra)")
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)} (a few minutes)")
     p.add_argument("--tiny", action="store_true", help="tiny stand-in models (seconds; checks the harness)")
-    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, metavar="W", help="workloads (default: all)")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--reps", type=int, default=5, help="timed runs per workload at most (default 5)")
-    p.add_argument("--budget-seconds", type=float, default=240.0,
+    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, metavar="W",
+                   help=f"some of {', '.join(WORKLOADS)} (default: all)")  # fmt: skip
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"],
+                   metavar="DTYPE", help="float32, bfloat16, float16 (default: float32 bfloat16)")  # fmt: skip
+    p.add_argument("--reps", type=int, default=5, metavar="N", help="timed runs per workload at most (default 5)")
+    p.add_argument("--budget-seconds", type=float, default=240.0, metavar="S",
                    help="time per workload and dtype, warm-up included (default 240)")  # fmt: skip
-    p.add_argument("--pipeline", type=Path, default=FIXTURE_PIPELINE,
+    p.add_argument("--pipeline", type=Path, default=FIXTURE_PIPELINE, metavar="DIR",
                    help="the tiny reference SD folder: W6's model and W5's tokenizer")  # fmt: skip
-    p.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON to this file")
     p.set_defaults(run=run)
 
 
