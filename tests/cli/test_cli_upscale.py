@@ -190,7 +190,12 @@ def test_a_text_to_image_model_is_refused(fixtures_dir, tmp_path, capsys):
     path = _image(tmp_path / "in.png")
     code, _, err = run(["upscale", "--model", str(fixtures_dir / "pipelines" / "stable_diffusion"), str(path),
                         "--out", str(tmp_path / "o")], capsys)  # fmt: skip
-    assert code == 2 and "is a text-to-image model, not an upscaler" in err
+    assert code == 2 and "is not an x4 upscaler" in err and "diffusekit img2img" in err
+
+
+def test_txt2img_with_the_upscaler_points_to_upscale(model, tmp_path, capsys):
+    code, _, err = run(["txt2img", "--model", str(model), "a cat", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "is the x4 upscaler" in err and "diffusekit upscale --model" in err
 
 
 def test_help_reads_like_a_manual(capsys):

@@ -65,17 +65,27 @@ def option_name(field: str) -> str:
 
 
 def load_model(
-    model: str, tokenizer: str | None, *, allow_pickle: bool, device: torch.device, dtype: torch.dtype
-) -> StableDiffusion:
+    model: str, tokenizer: str | None, *, allow_pickle: bool, device: torch.device, dtype: torch.dtype,
+    upscaler: bool = False,
+) -> StableDiffusion:  # fmt: skip
     """A diffusers-layout folder or a single checkpoint file (``pipelines.loading.load_pipeline``);
-    ``tokenizer`` replaces the folder's tokenizer (and is required for single files, which carry none)."""
-    from diffusekit.pipelines.loading import Layout, identify, load_pipeline
+    ``tokenizer`` replaces the folder's tokenizer (and is required for single files, which carry none).
+    ``upscaler``: the x4 upscaler is wanted (``diffusekit upscale``); either way the other kind is refused
+    before any weights are read."""
+    from diffusekit.pipelines.loading import UPSCALER_FOLDER, Layout, identify, load_pipeline
 
     path = Path(model)
     try:
         kind = identify(path)
     except WeightsError as e:  # its messages start with the path
         raise WeightsError(f"--model {e}") from None
+    if upscaler and kind != UPSCALER_FOLDER:
+        raise ConfigError(f"--model {path} is not an x4 upscaler (a folder whose model_index.json names "
+                          "StableDiffusionUpscalePipeline); to redraw an image with it use "
+                          "'diffusekit img2img'")  # fmt: skip
+    if not upscaler and kind == UPSCALER_FOLDER:
+        raise ConfigError(f"--model {path} is the x4 upscaler, which makes images larger: run "
+                          f"'diffusekit upscale --model {path} IMAGE --out DIR'")  # fmt: skip
     if kind.layout is Layout.SINGLE_FILE and tokenizer is None:
         raise ConfigError(
             f"--model {path} is a single-file checkpoint, which carries no tokenizer; pass --tokenizer DIR (a "

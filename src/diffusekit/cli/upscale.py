@@ -169,11 +169,8 @@ def check_untiled_size(inputs: list[Input], settings: Settings) -> None:
 
 def check_model(sd: object, model: str, settings: Settings) -> tuple[StableDiffusionUpscaler, int]:
     """The loaded model is an x4 upscaler that fits the options: --scale and --noise-level in its range."""
-    if not isinstance(sd, StableDiffusionUpscaler):
-        raise ConfigError(
-            f"--model {model} is a text-to-image model, not an upscaler (its model_index.json names "
-            "no StableDiffusionUpscalePipeline); use 'diffusekit img2img' to redraw an image with it"
-        )
+    if not isinstance(sd, StableDiffusionUpscaler):  # load_model(upscaler=True) refuses the others first
+        raise ConfigError(f"--model {model} is not an x4 upscaler")
     if settings.scale is not None and settings.scale != sd.scale:
         raise ConfigError(f"--scale {settings.scale}: this model upscales by {sd.scale} only")
     level = DEFAULT_NOISE_LEVEL if settings.noise_level is None else settings.noise_level
@@ -208,7 +205,9 @@ def run_upscale(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"loading {model}", file=sys.stderr)
         sd, level = check_model(
-            load_model(model, None, allow_pickle=False, device=device, dtype=DTYPES[settings.dtype]), model, settings
+            load_model(model, None, allow_pickle=False, device=device, dtype=DTYPES[settings.dtype], upscaler=True),
+            model,
+            settings,
         )
         sampler = settings.sampler or sd.sampler_config.sampler
         if settings.eta is not None and sampler != "ddim":
