@@ -38,6 +38,8 @@ def _handlers() -> dict[str, Handler]:
         "lora_text2img": pipelines.text2img_case,
         "lora_fuse": pipelines.lora_fuse_case,
         "lcm_text2img": pipelines.text2img_case,
+        "sdxl_text2img": pipelines.sdxl_text2img_case,
+        "sdxl_img2img": pipelines.sdxl_img2img_case,
     }
 
 

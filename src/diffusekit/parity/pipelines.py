@@ -15,6 +15,7 @@ from diffusekit.pipelines import lora
 from diffusekit.pipelines.img2img import ImageToImage
 from diffusekit.pipelines.inpaint import Inpaint
 from diffusekit.pipelines.loading import load_pipeline
+from diffusekit.pipelines.sdxl import ImageToImageXL, StableDiffusionXL, TextToImageXL
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.pipelines.text_to_image import TextToImage
 from diffusekit.pipelines.unconditional import UnconditionalPipeline
@@ -33,11 +34,13 @@ class Recorder(torch.nn.Module):
         self.net = net
         self.config = net.config
         self.calls: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.conditioning: list[dict[str, Tensor]] = []  # each call's keyword tensors (context, pooled, ...)
 
     def forward(self, x: Tensor, t: Tensor, **kw) -> Tensor:
         out = self.net(x, t, **kw)
         full = torch.cat([x, kw["concat"]], dim=1) if kw.get("concat") is not None else x  # the whole input
         self.calls.append((full.clone(), torch.as_tensor(t).float().reshape(()), out.clone()))
+        self.conditioning.append({k: v.clone() for k, v in kw.items() if isinstance(v, Tensor)})
         return out
 
 
@@ -110,7 +113,7 @@ def _check_sd_run(cmp: Comparison, sd: StableDiffusion, rec: Recorder, steps: li
         if "negative_input_ids" in ref:
             cmp.check("negative_input_ids", sd.tokenizer(negatives), ref["negative_input_ids"], exact=True)
         if "negative_prompt_embeds" in ref:
-            cmp.check("negative_prompt_embeds", sd.encode_text(negatives), ref["negative_prompt_embeds"])
+            cmp.check("negative_prompt_embeds", _negative_embeds(sd, meta, negatives), ref["negative_prompt_embeds"])
     if len(rec.calls) != int(meta["num_unet_calls"]):
         cmp.failures.append(f"made {len(rec.calls)} U-Net calls, reference made {meta['num_unet_calls']}")
         return
@@ -125,6 +128,15 @@ def _check_sd_run(cmp: Comparison, sd: StableDiffusion, rec: Recorder, steps: li
     if "vae_decoded" in ref:
         cmp.check("vae_decoded", sd.codec.decode(out.latents), ref["vae_decoded"])
     cmp.check("images", out.images.permute(0, 2, 3, 1), ref["images"])
+
+
+def _negative_embeds(sd: StableDiffusion, meta: dict, negatives: list[str]) -> Tensor:
+    """The negative text states the pipeline uses: zeros for an SDXL model with force_zeros_for_empty_prompt and
+    no negative prompt (fixtures README 13.1), else the encoded negatives."""
+    context = sd.encode_text(negatives)
+    xl_zeros = isinstance(sd, StableDiffusionXL) and sd.force_zeros_for_empty_prompt
+    zeros = xl_zeros and meta.get("negative_prompt") is None
+    return torch.zeros_like(context) if zeros else context
 
 
 def text2img_case(case: Path, meta: dict) -> Comparison:
@@ -251,5 +263,91 @@ def upscale_case(case: Path, meta: dict) -> Comparison:
         cmp.check("image_noised (U-Net input channels after the latents)", rec.calls[0][0][-b:, latent:],
                   ref["image_noised"])  # fmt: skip
     with torch.inference_mode():
+        _check_sd_run(cmp, sd, rec, steps, out, ref, meta)
+    return cmp
+
+
+def _micro_conditioning(meta: dict) -> dict:
+    """The case's micro-conditioning arguments (fixtures README 13.2), where it stores them."""
+    keys = ("original_size", "crops_coords_top_left", "target_size")
+    return {k: tuple(int(v) for v in meta[k]) for k in keys if meta.get(k) is not None}
+
+
+def _check_sdxl_conditioning(cmp: Comparison, sd: StableDiffusionXL, rec: Recorder, ref: dict, meta: dict) -> None:
+    """SDXL's second tokenizer and encoder, and what the U-Net received at its first call: the text states
+    [negative; positive] (zeros under force_zeros_for_empty_prompt), the pooled embeddings and the time ids."""
+    prompts = meta["prompt"]
+    cmp.check("prompt_input_ids_2", sd.tokenizer_2(prompts), ref["prompt_input_ids_2"], exact=True)
+    cmp.check("pooled_prompt_embeds", sd.encode(prompts).pooled, ref["pooled_prompt_embeds"])
+    if "negative_input_ids_2" in ref:
+        cmp.check("negative_input_ids_2", sd.tokenizer_2(meta["negative_prompt"]), ref["negative_input_ids_2"],
+                  exact=True)  # fmt: skip
+    if not rec.conditioning:
+        cmp.failures.append("the U-Net was never called")
+        return
+    first = rec.conditioning[0]
+    for ours, theirs in (("pooled", "add_text_embeds"), ("time_ids", "add_time_ids")):
+        if ours not in first:
+            cmp.failures.append(f"the U-Net received no {ours} (reference {theirs})")
+        else:
+            cmp.check(f"{theirs} (U-Net input)", first[ours], ref[theirs])
+    if "negative_prompt_embeds" in ref:
+        expected = torch.cat([ref["negative_prompt_embeds"], ref["prompt_embeds"]])
+        cmp.check("encoder_hidden_states (U-Net input: negative; positive)", first["context"], expected)
+        cmp.check("negative_pooled_prompt_embeds (U-Net input)", first["pooled"][: len(prompts)],
+                  ref["negative_pooled_prompt_embeds"])  # fmt: skip
+
+
+def _sdxl(case: Path, meta: dict) -> tuple[StableDiffusionXL, Recorder]:
+    sd, rec = _sd(case, meta)
+    if not isinstance(sd, StableDiffusionXL):
+        raise ValueError(f"{meta['pipeline_dir']} did not load as an SDXL model (got {type(sd).__name__})")
+    expected = meta.get("force_zeros_for_empty_prompt", sd.force_zeros_for_empty_prompt)
+    if sd.force_zeros_for_empty_prompt != expected:
+        raise ValueError(f"force_zeros_for_empty_prompt: loaded {sd.force_zeros_for_empty_prompt}, "
+                         f"reference {meta['force_zeros_for_empty_prompt']}")  # fmt: skip
+    return sd, rec
+
+
+def sdxl_text2img_case(case: Path, meta: dict) -> Comparison:
+    """SDXL text-to-image (section 13, kind ``sdxl_text2img``): both encoders, micro-conditioning, zero negative
+    embeddings without a negative prompt, the Euler loop with guidance, the SDXL VAE scaling."""
+    ref = load_weights(case / "io.safetensors")
+    sd, rec = _sdxl(case, meta)
+    steps: list[StepInfo] = []
+    out = TextToImageXL(sd)(
+        meta["prompt"], negative_prompt=_negative(meta), height=int(meta["height"]), width=int(meta["width"]),
+        steps=int(meta["num_inference_steps"]), guidance_scale=float(meta["guidance_scale"]),
+        latents=ref["latents_in"], callback=steps.append, show_progress=False, **_micro_conditioning(meta),
+    )  # fmt: skip
+    cmp = Comparison(**PIPELINE_TOL)
+    cmp.check("start latents", out.start, ref["latents_in"] * float(meta["init_noise_sigma"]))
+    with torch.inference_mode():
+        _check_sdxl_conditioning(cmp, sd, rec, ref, meta)
+        _check_sd_run(cmp, sd, rec, steps, out, ref, meta)
+    return cmp
+
+
+def sdxl_img2img_case(case: Path, meta: dict) -> Comparison:
+    """SDXL image-to-image (section 13.5, kind ``sdxl_img2img``): the posterior draw, then the forward noise in
+    Euler's sigma form (``x0 + sigma_start noise``), the last n steps of the N-step grid."""
+    ref = load_weights(case / "io.safetensors")
+    sd, rec = _sdxl(case, meta)
+    steps: list[StepInfo] = []
+    out = ImageToImageXL(sd)(
+        meta["prompt"], ref["image"], strength=float(meta["strength"]), negative_prompt=_negative(meta),
+        steps=int(meta["num_inference_steps"]), guidance_scale=float(meta["guidance_scale"]),
+        generator=torch.Generator().manual_seed(int(meta["generator_seed"])), callback=steps.append,
+        show_progress=False, **_micro_conditioning(meta),
+    )  # fmt: skip
+    cmp = Comparison(**PIPELINE_TOL)
+    with torch.inference_mode():
+        init = sd.codec.encode(2 * ref["image"] - 1, noise=ref["draw_00"])
+    cmp.check("init_latents", init, ref["init_latents"])
+    cmp.check("latents_start", out.start, ref["latents_start"])
+    if "start_timestep" in meta and rec.calls:
+        cmp.check("start timestep", rec.calls[0][1], torch.tensor(float(meta["start_timestep"])))
+    with torch.inference_mode():
+        _check_sdxl_conditioning(cmp, sd, rec, ref, meta)
         _check_sd_run(cmp, sd, rec, steps, out, ref, meta)
     return cmp
