@@ -63,8 +63,8 @@ def _dataset_spec(value: str) -> tuple[str, str] | None:
     return None
 
 
-def load_stats(value: str, extractor_factory, *, limit: int | None, use_cache: bool):
-    """Statistics of one FID argument (folder, .npz or SOURCE:SPLIT)."""
+def load_stats(value: str, extractor_factory, *, limit: int | None, use_cache: bool, where: str = "A"):
+    """Statistics of one FID argument (folder, .npz or SOURCE:SPLIT); ``where`` names it in messages."""
     from diffusekit.evaluation.features import dataset_stats, folder_stats
     from diffusekit.evaluation.fid import FeatureStats
 
@@ -76,7 +76,8 @@ def load_stats(value: str, extractor_factory, *, limit: int | None, use_cache: b
         return FeatureStats.load(path)
     if path.is_dir():
         return folder_stats(path, extractor_factory(), use_cache=use_cache)
-    raise ConfigError(f"{value!r} is neither an image folder, a statistics .npz nor SOURCE:SPLIT (e.g. mnist:test)")
+    raise ConfigError(f"{where} {value!r} is neither an image folder, a statistics .npz nor SOURCE:SPLIT (e.g. "
+                      "mnist:test)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
         return extractor
 
     t0 = time.perf_counter()
-    a = load_stats(args.a, factory, limit=args.limit, use_cache=not args.no_cache)
-    b = load_stats(args.b, factory, limit=args.limit, use_cache=not args.no_cache)
+    a = load_stats(args.a, factory, limit=args.limit, use_cache=not args.no_cache, where="A")
+    b = load_stats(args.b, factory, limit=args.limit, use_cache=not args.no_cache, where="B")
     if args.save_stats:
         try:
             a.save(args.save_stats, source=args.a)
