@@ -207,3 +207,56 @@ def test_help_reads_like_a_manual(capsys):
                    "--guidance", "--seed", "--sampler", "--tile", "--tile-overlap", "--scale", "--out", "--quiet",
                    "default 20", "never overwritten", "alpha"):  # fmt: skip
         assert needle in text, needle
+
+
+def _rewrite_metadata(src: Path, dst: Path, **changes) -> Path:
+    from PIL import PngImagePlugin
+
+    with Image.open(src) as im:
+        meta = {**json.loads(im.info[METADATA_KEY]), **changes}
+        info = PngImagePlugin.PngInfo()
+        info.add_text(METADATA_KEY, json.dumps(meta))
+        im.save(dst, pnginfo=info)
+    return dst
+
+
+def test_replay_reproduces_and_overrides(model, tmp_path, capsys):
+    path = _image(tmp_path / "in.png", size=(12, 8))
+    out = tmp_path / "out"
+    code, (first,), err = run(["upscale", "--model", str(model), str(path), "--out", str(out), "--steps", "2",
+                               "--noise-level", "30", "--seed", "9", "--tile", "8", "--tile-overlap", "4",
+                               "--prompt", "a cat", "--quiet"], capsys)  # fmt: skip
+    assert code == 0, err
+    code, (again,), err = run(["upscale", "--replay", str(first)], capsys)
+    assert code == 0, err
+    assert again.parent == out and again != first
+    assert "replay: identical to" in err
+    with Image.open(first) as a, Image.open(again) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+        meta = json.loads(b.info[METADATA_KEY])
+    assert (meta["seed"], meta["noise_level"], meta["tile"], meta["tile_overlap"]) == (9, 30, 8, 4)
+
+    code, (other,), err = run(["upscale", "--replay", str(first), "--noise-level", "60", "--out",
+                               str(tmp_path / "o2")], capsys)  # fmt: skip
+    assert code == 0, err
+    assert "replay:" not in err  # another setting: nothing to compare with
+    with Image.open(other) as im:
+        meta = json.loads(im.info[METADATA_KEY])
+    assert (meta["noise_level"], meta["steps"], meta["prompt"]) == (60, 2, "a cat")
+
+
+def test_replay_refuses_other_pngs_naming_the_field(model, fixtures_dir, tmp_path, capsys):
+    path = _image(tmp_path / "in.png")
+    code, (first,), err = run(["upscale", "--model", str(model), str(path), "--out", str(tmp_path / "out"),
+                               *FAST], capsys)  # fmt: skip
+    assert code == 0, err
+    cases = [
+        (_rewrite_metadata(first, tmp_path / "m.png", mode="txt2img"), "was made by 'diffusekit txt2img'"),
+        (_rewrite_metadata(first, tmp_path / "s.png", steps="x"), "field 'steps' must be an integer"),
+        (_rewrite_metadata(first, tmp_path / "d.png", dtype="float64"), "field 'dtype' must be one of"),
+        (_rewrite_metadata(first, tmp_path / "n.png", noise_level=999), "field 'noise_level' must be in [0, 350]"),
+        (path, "has no 'diffusekit' metadata"),
+    ]
+    for png, expected in cases:
+        code, written, err = run(["upscale", "--replay", str(png), "--out", str(tmp_path / "r"), "--quiet"], capsys)
+        assert code == 2 and not written and expected in err, (png, err)

@@ -12,15 +12,17 @@ import argparse
 import math
 import re
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from diffusekit.cli.generate import _report_replay as report_replay
 from diffusekit.cli.generate import _seed as parse_seed
 from diffusekit.cli.generate import load_model
-from diffusekit.errors import ConfigError
+from diffusekit.errors import ConfigError, DiffusekitError
 from diffusekit.io.fingerprint import file_sha256, model_fingerprint
 from diffusekit.io.images import MAX_IMAGE_PIXELS, read_image, to_pil
 from diffusekit.io.png import PngWriter
@@ -37,6 +39,7 @@ from diffusekit.pipelines.recipe import (
     check_sampler,
     check_text,
     png_text,
+    read_png_metadata,
     to_metadata,
 )
 from diffusekit.pipelines.upscale import DEFAULT_NOISE_LEVEL, MAX_UNTILED_PIXELS, StableDiffusionUpscaler, Upscale
@@ -111,7 +114,7 @@ def _probe(path: Path) -> Input:
 
 @dataclass(frozen=True)
 class Settings:
-    """The validated options of one run."""
+    """The validated options of one run; ``name`` turns an option into the words messages use for it."""
 
     prompt: str
     negative: str
@@ -125,35 +128,43 @@ class Settings:
     tile_overlap: int | None
     scale: int | None
     dtype: str
+    name: Callable[[str], str] = field(default=str, compare=False)
 
 
-def settings_from_args(args: argparse.Namespace, n_inputs: int) -> Settings:
-    """Every option checked, with messages naming it, before anything is loaded."""
-    seed = parse_seed(args.seed)
+def settings_from_args(args: argparse.Namespace, n_inputs: int, name: Callable[[str], str] = str) -> Settings:
+    """Every option checked, with messages naming it as ``name("--option")``, before anything is loaded."""
+    seed = parse_seed(None if args.seed is None else str(args.seed))
     if seed + n_inputs - 1 > MAX_SEED:
-        raise ConfigError(f"--seed {seed} + {n_inputs} images exceeds the largest seed {MAX_SEED}")
-    tile = DEFAULT_TILE if args.tile is None else check_int("--tile", args.tile, 0, MAX_TILE)
+        raise ConfigError(f"{name('--seed')} {seed} + {n_inputs} images exceeds the largest seed {MAX_SEED}")
+    tile = DEFAULT_TILE if args.tile is None else check_int(name("--tile"), args.tile, 0, MAX_TILE)
     if args.tile_overlap is not None:
         if not tile:
-            raise ConfigError("--tile-overlap needs tiling; drop it or give --tile N (N > 0)")
-        check_int("--tile-overlap", args.tile_overlap, 0, tile - 1)
-    eta = None if args.eta is None else check_float("--eta", args.eta, 0.0, 1.0)
+            raise ConfigError(f"{name('--tile-overlap')} needs tiling; drop it or give --tile N (N > 0)")
+        check_int(name("--tile-overlap"), args.tile_overlap, 0, tile - 1)
+    level = args.noise_level
     return Settings(
-        prompt=check_text("--prompt", args.prompt if args.prompt is not None else ""),
-        negative=check_text("--negative", args.negative if args.negative is not None else ""),
-        noise_level=None if args.noise_level is None else check_int("--noise-level", args.noise_level, 0, 1 << 20),
-        steps=check_int("--steps", DEFAULT_STEPS if args.steps is None else args.steps, 1, MAX_STEPS),
+        prompt=check_text(name("--prompt"), args.prompt if args.prompt is not None else ""),
+        negative=check_text(name("--negative"), args.negative if args.negative is not None else ""),
+        noise_level=None if level is None else check_int(name("--noise-level"), level, 0, 1 << 20),
+        steps=check_int(name("--steps"), DEFAULT_STEPS if args.steps is None else args.steps, 1, MAX_STEPS),
         guidance=check_float(
-            "--guidance", DEFAULT_GUIDANCE if args.guidance is None else args.guidance, 0.0, MAX_GUIDANCE
+            name("--guidance"), DEFAULT_GUIDANCE if args.guidance is None else args.guidance, 0.0, MAX_GUIDANCE
         ),  # fmt: skip
-        sampler=check_sampler("--sampler", args.sampler),
-        eta=eta,
+        sampler=check_sampler(name("--sampler"), args.sampler),
+        eta=None if args.eta is None else check_float(name("--eta"), args.eta, 0.0, 1.0),
         seed=seed,
         tile=tile or None,
         tile_overlap=args.tile_overlap,
-        scale=None if args.scale is None else check_int("--scale", args.scale, 1, 64),
-        dtype=args.dtype or DEFAULTS["dtype"],
+        scale=None if args.scale is None else check_int(name("--scale"), args.scale, 1, 64),
+        dtype=_dtype(name("--dtype"), args.dtype or DEFAULTS["dtype"]),
+        name=name,
     )
+
+
+def _dtype(where: str, value: object) -> str:
+    if not isinstance(value, str) or value not in DTYPES:
+        raise ConfigError(f"{where} must be one of {', '.join(DTYPES)}, got {str(value)[:40]!r}")
+    return value
 
 
 def check_untiled_size(inputs: list[Input], settings: Settings) -> None:
@@ -169,57 +180,127 @@ def check_untiled_size(inputs: list[Input], settings: Settings) -> None:
 
 def check_model(sd: object, model: str, settings: Settings) -> tuple[StableDiffusionUpscaler, int]:
     """The loaded model is an x4 upscaler that fits the options: --scale and --noise-level in its range."""
+    name = settings.name
     if not isinstance(sd, StableDiffusionUpscaler):  # load_model(upscaler=True) refuses the others first
         raise ConfigError(f"--model {model} is not an x4 upscaler")
     if settings.scale is not None and settings.scale != sd.scale:
-        raise ConfigError(f"--scale {settings.scale}: this model upscales by {sd.scale} only")
+        raise ConfigError(f"{name('--scale')} {settings.scale}: this model upscales by {sd.scale} only")
     level = DEFAULT_NOISE_LEVEL if settings.noise_level is None else settings.noise_level
     if level > sd.max_noise_level:
-        raise ConfigError(f"--noise-level must be in [0, {sd.max_noise_level}] for this model (its max_noise_level), "
-                          f"got {level}")  # fmt: skip
+        raise ConfigError(f"{name('--noise-level')} must be in [0, {sd.max_noise_level}] for this model (its "
+                          f"max_noise_level), got {level}")  # fmt: skip
     multiple = sd.input_multiple
-    for name, value in (("--tile", settings.tile), ("--tile-overlap", settings.tile_overlap)):
+    for option, value in (("--tile", settings.tile), ("--tile-overlap", settings.tile_overlap)):
         if value is not None and value % multiple:
-            raise ConfigError(f"{name} must be a multiple of {multiple} (this model's U-Net factor), got {value}")
-    if settings.tile is not None and settings.tile_overlap is not None and settings.tile_overlap >= settings.tile:
-        raise ConfigError(f"--tile-overlap must be smaller than --tile ({settings.tile}), got {settings.tile_overlap}")
+            raise ConfigError(f"{name(option)} must be a multiple of {multiple} (this model's U-Net factor), "
+                              f"got {value}")  # fmt: skip
     return sd, level
 
 
-def run_upscale(args: argparse.Namespace) -> int:
-    """``diffusekit upscale``."""
+@dataclass
+class Job:
+    """What a run makes: the inputs, the settings, the model, where the PNGs go, and (for --replay) the PNG
+    whose pixels the one output should equal."""
+
+    inputs: list[Input]
+    settings: Settings
+    model: str
+    out: Path
+    compare_with: Path | None = None
+
+
+def job_from_args(args: argparse.Namespace) -> Job:
     if args.model is None:
         raise ConfigError("--model FOLDER is required (an x4 upscaler model folder)")
     if args.out is None:
         raise ConfigError("--out DIR is required (the folder the PNGs are written to)")
     inputs = find_inputs(list(args.inputs or []))
-    settings = settings_from_args(args, len(inputs))
-    check_untiled_size(inputs, settings)
-    out = Path(args.out)
-    writer = PngWriter(out, where=f"--out {out}")
+    return Job(inputs, settings_from_args(args, len(inputs)), str(Path(args.model).absolute()), Path(args.out))
+
+
+# metadata fields a replay reads -> the option that overrides each
+_REPLAYED = {"prompt": "--prompt", "negative_prompt": "--negative", "noise_level": "--noise-level",
+             "steps": "--steps", "guidance": "--guidance", "sampler": "--sampler", "eta": "--eta", "seed": "--seed",
+             "tile": "--tile", "tile_overlap": "--tile-overlap", "dtype": "--dtype"}  # fmt: skip
+
+
+def job_from_replay(args: argparse.Namespace) -> Job:
+    """The run recorded in a PNG's metadata (``--replay``), with the options given beside it overriding."""
+    source = Path(args.replay)
+    where = f"--replay {source}"
+    data = read_png_metadata(source)
+    mode = data.get("mode")
+    if mode != "upscale":
+        raise ConfigError(f"{where} was made by 'diffusekit {str(mode)[:20]}'; run 'diffusekit {str(mode)[:20]} "
+                          f"--replay {source}'")  # fmt: skip
+    missing = [f for f in (*_REPLAYED, "model", "image") if f not in data and f != "tile_overlap"]
+    if missing:
+        raise ConfigError(f"{where}: the metadata lacks {', '.join(missing)}")
+    if len(args.inputs or []) > 1:
+        raise ConfigError("--replay takes at most one INPUT (it makes one image)")
+    given = {option for option in _REPLAYED.values() if getattr(args, _dest(option)) is not None}
+    fields = {option: f for f, option in _REPLAYED.items()}
+    merged = argparse.Namespace(**vars(args))
+    for f, option in _REPLAYED.items():
+        if option not in given:
+            setattr(merged, _dest(option), data.get(f))
+    if "--tile" not in given and data["tile"] is None:
+        merged.tile = 0  # the image was made in one piece
+    if "--sampler" in given and args.sampler != "ddim" and "--eta" not in given:
+        merged.eta = None  # the recorded DDIM eta means nothing to another sampler
+
+    def name(option: str) -> str:  # an option the user gave, or the field of the PNG
+        return option if option in given or option not in fields else f"{where}: field '{fields[option]}'"
+
+    for f in ("model", "image"):
+        if not isinstance(data[f], str) or not data[f]:
+            raise ConfigError(f"{where}: field '{f}' must be a path, got {str(data[f])[:40]!r}")
+    model = str(Path(args.model).absolute()) if args.model is not None else data["model"]
+    inputs = find_inputs(list(args.inputs) if args.inputs else [data["image"]])
+    settings = settings_from_args(merged, 1, name)
+    out = Path(args.out) if args.out is not None else source.parent
+    # the files may have moved (--model, INPUT); any other option makes a different image: nothing to compare
+    return Job(inputs, settings, model, out, compare_with=None if given else source)
+
+
+def _dest(option: str) -> str:
+    return option.removeprefix("--").replace("-", "_")
+
+
+def run_upscale(args: argparse.Namespace) -> int:
+    """``diffusekit upscale``."""
+    job = job_from_replay(args) if args.replay is not None else job_from_args(args)
+    settings, model = job.settings, job.model
+    check_untiled_size(job.inputs, settings)
+    writer = PngWriter(job.out, where=f"--out {job.out}")
     writer.prepare()  # a folder that cannot be written fails now, not after the images are made
     written: list[Path] = []
     try:
         device = pick_device(args.device or "auto")
-        model = str(Path(args.model).absolute())
         if not args.quiet:
             print(f"loading {model}", file=sys.stderr)
-        sd, level = check_model(
-            load_model(model, None, allow_pickle=False, device=device, dtype=DTYPES[settings.dtype], upscaler=True),
-            model,
-            settings,
-        )
+        try:
+            loaded = load_model(model, None, allow_pickle=False, device=device, dtype=DTYPES[settings.dtype],
+                                upscaler=True)  # fmt: skip
+        except DiffusekitError as e:
+            if args.replay is None:
+                raise
+            raise type(e)(f"--replay {args.replay}: the model it names cannot be loaded: {e}") from None
+        sd, level = check_model(loaded, model, settings)
         sampler = settings.sampler or sd.sampler_config.sampler
         if settings.eta is not None and sampler != "ddim":
-            raise ConfigError(f"--eta applies to the ddim sampler only; this run uses {sampler} (add --sampler ddim)")
+            raise ConfigError(f"{settings.name('--eta')} applies to the ddim sampler only; this run uses {sampler} "
+                              "(add --sampler ddim)")  # fmt: skip
         provenance = {"device": str(device), "batch_size": 1, **model_fingerprint(model)}
-        for i, item in enumerate(inputs):
+        for i, item in enumerate(job.inputs):
             written.append(_upscale_one(sd, item, settings, level, sampler, settings.seed + i, model, provenance,
                                         writer, quiet=bool(args.quiet)))  # fmt: skip
             print(written[-1], flush=True)
     finally:
         if not written:
             writer.discard()  # a failed run leaves no empty folder behind
+    if job.compare_with is not None and not args.quiet:
+        report_replay(job.compare_with, written[0], provenance)
     return 0
 
 
@@ -247,8 +328,9 @@ def _upscale_one(
     except OSError as e:
         raise ConfigError(f"INPUT {item.path}: cannot be read ({e.strerror or e})") from None
     meta = to_metadata(recipe, width=width, height=height, sampler=sampler,
-                       provenance={**provenance, "image_sha256": image_hash, "noise_level": level,
-                                   "tile": tile, "input_width": w, "input_height": h})  # fmt: skip
+                       provenance={**provenance, "image_sha256": image_hash, "noise_level": level, "tile": tile,
+                                   "tile_overlap": s.tile_overlap if tile else None, "input_width": w,
+                                   "input_height": h})  # fmt: skip
     return writer.write(to_pil(result.images)[0], seed, png_text(meta))
 
 
@@ -266,13 +348,17 @@ in overlapping tiles whose predictions are blended at every step, so no seams sh
 _EPILOG = """\
 Output: one PNG per input in --out, named NNNNN-SEED.png with the next free number (existing files are never
 overwritten), carrying the settings, the input file's SHA-256 and the model's fingerprint in its metadata.
-Input i of a run uses seed --seed + i. The written paths go to stdout, one per line; progress to stderr.
+Input i of a run uses seed --seed + i. --replay PNG upscales again as PNG records (same input file, model and
+settings; options given beside it override them) and says whether the result is identical. The written
+paths go to stdout, one per line; progress to stderr.
 
 examples:
   diffusekit upscale --model ./stable-diffusion-x4-upscaler photo.png --out big/
   diffusekit upscale --model ./stable-diffusion-x4-upscaler thumbnails/ --prompt "a sharp photo" \\
       --negative "blurry" --noise-level 40 --steps 50 --out big/
   diffusekit upscale --model ./stable-diffusion-x4-upscaler scan.png --tile 96 --tile-overlap 32 --out big/
+  diffusekit upscale --replay big/00000-0.png                    # the same image again
+  diffusekit upscale --replay big/00000-0.png --noise-level 60   # the same input and settings, more noise
 
 hires fix (generate small, upscale, optionally redraw at the large size):
   diffusekit txt2img --model ./stable-diffusion-v1-5 "a lighthouse at dusk" --size 256 --out small/
@@ -338,8 +424,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     out = p.add_argument_group("output")
     out.add_argument(
-        "--out", metavar="DIR", help="folder for the PNGs (created if needed); existing files are never overwritten"
+        "--out",
+        metavar="DIR",
+        help="folder for the PNGs (created if needed); existing files are never overwritten "
+        "(default with --replay: the replayed PNG's folder)",
     )
+    out.add_argument("--replay", metavar="PNG",
+                     help="upscale again as recorded in PNG's metadata (an output of this command); options given "
+                     "beside it override the recorded ones, INPUT replaces the recorded input file")  # fmt: skip
     out.add_argument("--quiet", action="store_true", help="no progress bar or messages; only the written paths")
     p.set_defaults(run=run_upscale)
     # let '-5' through as a value, so '--noise-level -5' gets the check's own message instead of argparse's
