@@ -260,3 +260,30 @@ def test_replay_refuses_other_pngs_naming_the_field(model, fixtures_dir, tmp_pat
     for png, expected in cases:
         code, written, err = run(["upscale", "--replay", str(png), "--out", str(tmp_path / "r"), "--quiet"], capsys)
         assert code == 2 and not written and expected in err, (png, err)
+
+
+def test_hostile_option_values_are_accepted_or_refused_by_name():
+    """Extreme numbers for every numeric option: each is taken or refused with a ConfigError naming it, before
+    any file or model is touched (settings_from_args runs first)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from diffusekit.cli.main import build_parser
+    from diffusekit.errors import ConfigError
+
+    ints = st.one_of(st.sampled_from([0, -1, 1, 2**31, 2**63, -(2**63), 10**30]), st.integers())
+    floats = st.floats(allow_nan=True, allow_infinity=True)
+    options = ("--noise-level", "--steps", "--seed", "--tile", "--tile-overlap", "--scale")
+
+    @settings(max_examples=150, deadline=None)
+    @given(values=st.tuples(*[ints] * len(options)), guidance=floats, eta=floats)
+    def check(values, guidance, eta):
+        argv = ["upscale", "x.png", "--model", "m", "--out", "o", f"--guidance={guidance}", f"--eta={eta}"]
+        argv += [f"{option}={value}" for option, value in zip(options, values)]
+        args = build_parser().parse_args(argv)
+        try:
+            upscale_cli.settings_from_args(args, 1)
+        except ConfigError as e:
+            assert any(option in str(e) for option in (*options, "--guidance", "--eta")), str(e)
+
+    check()
