@@ -132,7 +132,7 @@ class LoraTerm(nn.Module):
 
     def weight_delta(self) -> Tensor:
         """multiplier x B A in float32, shaped like the layer's weight."""
-        return LowRank(self.down.detach(), self.up.detach(), self.alpha).weight_delta() * self.weight * self.scale
+        return self.update().weight_delta() * (self.weight * self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
         """multiplier x B (A x), in ``x``'s dtype (the layer's compute dtype)."""
@@ -281,6 +281,8 @@ def _unmerge(layer: nn.Module, term: LoraTerm) -> None:
 
 
 __all__ = [
+    "ADAPTED_LAYERS",
+    "MAX_WEIGHT",
     "LoraTerm",
     "LowRank",
     "adapter_weights",
