@@ -8,14 +8,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from diffusekit.errors import ConfigError, OutputError, WeightsError
+from diffusekit.errors import ConfigError, WeightsError
+from diffusekit.io.atomic import check_writable_folder
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -107,18 +106,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def _check_writable_parent(dst: Path) -> None:
     """DST's folder exists (or can be made) and takes new files: checked before any weight is read."""
-    for parent in dst.parents:
-        if parent.is_dir():
-            break
-        if parent.exists():
-            raise ConfigError(f"DST {dst}: {parent} is a file, not a folder")
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=dst.parent, prefix=".diffusekit-", suffix=".probe")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OutputError(f"DST {dst}: cannot write files in {dst.parent} ({e.strerror or e})") from None
+    check_writable_folder(dst.parent, f"DST {dst}")
 
 
 def _check_file_destination(dst: Path, overwrite: bool) -> None:

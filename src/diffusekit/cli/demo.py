@@ -8,13 +8,13 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from diffusekit.errors import ConfigError, OutputError
+from diffusekit.errors import ConfigError
+from diffusekit.io.atomic import check_writable_folder
 from diffusekit.limits import check_float, check_int
 
 DESCRIPTION = """\
@@ -166,13 +166,7 @@ def check_output_dir(value: str) -> Path:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise ConfigError(f"--output-dir {value}: {train} holds files a training run does not write ({shown}); "
                               "the demo replaces that folder, so move them or choose another --output-dir")  # fmt: skip
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".diffusekit-", suffix=".probe")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OutputError(f"--output-dir {value}: cannot write files there ({e.strerror or e})") from None
+    check_writable_folder(out, f"--output-dir {value}")
     return out
 
 

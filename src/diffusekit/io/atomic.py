@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -130,3 +131,39 @@ def replace_folder(tmp: Path, folder: Path) -> None:
         raise OutputError(f"{folder}: could not replace the folder ({e.strerror or e})") from None
     if old is not None:
         _remove_quietly(old)
+
+
+def check_writable_folder(folder: str | os.PathLike, where: str) -> list[Path]:
+    """Make sure files can be created in ``folder`` before any work is done: no file in the way on the path,
+    missing folders created, and a probe file written and removed. Returns the folders it created (oldest
+    first), so a run that ends up writing nothing can remove them. OutputError starting with ``where`` (the
+    option and path the user gave) and the reason otherwise: a file in the way, a read-only folder or file
+    system, no permission."""
+    folder = Path(folder)
+    missing = []
+    created: list[Path] = []
+    try:
+        for parent in (folder, *folder.parents):
+            if parent.is_dir():
+                break
+            if parent.exists() or parent.is_symlink():
+                what = "is" if parent == folder else f"is inside {parent}, which is"
+                raise OutputError(f"{where}: {what} a file, not a folder")
+            missing.append(parent)
+        for parent in reversed(missing):
+            try:
+                parent.mkdir()
+            except FileExistsError:
+                continue  # another writer made it meanwhile
+            created.append(parent)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".diffusekit-", suffix=".probe")
+        os.close(fd)
+        _remove_quietly(Path(probe))
+    except OutputError:
+        raise
+    except OSError as e:  # (OutputError is an OSError too: passed on above as it is)
+        for parent in reversed(created):
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise OutputError(f"{where}: cannot write files in {folder} ({e.strerror or e})") from None
+    return created

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,8 +13,8 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin
 from torch import Tensor
 
-from diffusekit.errors import ConfigError, OutputError
-from diffusekit.io.atomic import write_atomic
+from diffusekit.errors import ConfigError
+from diffusekit.io.atomic import check_writable_folder, write_atomic
 
 READ_MODES = ("L", "RGB", "RGBA")  # what read_image returns: 1, 3 or 4 channels
 # the file suffixes the writers accept, and the format each one gets
@@ -243,19 +242,7 @@ def check_image_output(path: str | os.PathLike, option: str, *, overwrite: bool 
     image_format(path, option)
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise ConfigError(f"{where}: the file exists; pass --overwrite to replace it, or choose another name")
-    folder = path.parent
-    for parent in (folder, *folder.parents):
-        if parent.is_dir():
-            break
-        if parent.exists() or parent.is_symlink():
-            raise OutputError(f"{where}: {parent} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".diffusekit-", suffix=".probe")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OutputError(f"{where}: cannot write files in {folder} ({e.strerror or e})") from None
+    check_writable_folder(path.parent, where)
     return path
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from diffusekit.errors import OutputError
-from diffusekit.io.atomic import file_mode, fsync_dir
+from diffusekit.io.atomic import check_writable_folder, file_mode, fsync_dir
 
 _NUMBERED = re.compile(r"(\d{5,})-")
 _TEMP_PREFIX = ".diffusekit-"
@@ -38,30 +38,7 @@ class PngWriter:
         """Make sure images can be written, before any is made: create the folder (and its parents) if
         needed and write and remove a probe file; OutputError naming the folder and the reason if not (a
         file in the way, a read-only folder or file system, no permission)."""
-        missing = []
-        for folder in (self.folder, *self.folder.parents):
-            if folder.is_dir():
-                break
-            if folder.exists() or folder.is_symlink():
-                what = "is" if folder == self.folder else f"is inside {folder}, which is"
-                raise OutputError(f"{self.where}: {what} a file, not a folder")
-            missing.append(folder)
-        for folder in reversed(missing):
-            try:
-                folder.mkdir()
-            except FileExistsError:
-                continue  # another writer made it meanwhile
-            except OSError as e:
-                self.discard()
-                raise OutputError(f"{self.where}: cannot create the folder ({e.strerror or e})") from None
-            self._created.append(folder)
-        try:
-            fd, probe = tempfile.mkstemp(dir=self.folder, prefix=_TEMP_PREFIX, suffix=".probe")
-        except OSError as e:
-            self.discard()
-            raise OutputError(f"{self.where}: cannot write files there ({e.strerror or e})") from None
-        os.close(fd)
-        _remove_quietly(Path(probe))
+        self._created = check_writable_folder(self.folder, self.where)
         taken = [int(m.group(1)) for p in self.folder.iterdir() if (m := _NUMBERED.match(p.name))]
         self.next_index = max(taken, default=-1) + 1
 

@@ -1,0 +1,71 @@
+"""io.atomic: the one writer every file goes through, and the one check that a folder takes files."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from diffusekit.errors import OutputError
+from diffusekit.io.atomic import check_writable_folder, folder_atomic, write_bytes_atomic
+
+
+def test_write_replaces_atomically_with_umask_permissions(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = write_bytes_atomic(tmp_path / "a" / "x.bin", b"one")
+        write_bytes_atomic(path, b"two")
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == b"two"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.bin"]  # no temp file left
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = write_bytes_atomic(tmp_path / "x.bin", b"old")
+
+    def broken(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    from diffusekit.io.atomic import write_atomic
+
+    with pytest.raises(OutputError, match="No space left"):
+        write_atomic(path, broken)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_folder_swap_is_all_or_nothing(tmp_path):
+    target = tmp_path / "model"
+    with folder_atomic(target) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError), folder_atomic(target) as tmp:
+        (tmp / "b").write_text("2")
+        raise RuntimeError("killed half way")
+    assert sorted(p.name for p in target.iterdir()) == ["a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_check_writable_folder_creates_and_reports(tmp_path):
+    created = check_writable_folder(tmp_path / "x" / "y", "--out x/y")
+    assert created == [tmp_path / "x", tmp_path / "x" / "y"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputError, match=r"^--out f: is inside .*file, which is a file, not a folder"):
+        check_writable_folder(tmp_path / "file" / "sub", "--out f")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches to an unprivileged user to make a folder read-only to it")
+def test_check_writable_folder_finds_a_read_only_folder(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    tmp_path.chmod(0o755)
+    os.seteuid(65534)
+    try:
+        with pytest.raises(OutputError, match="^--out ro: cannot write files in .*Permission denied"):
+            check_writable_folder(folder, "--out ro")
+    finally:
+        os.seteuid(0)
