@@ -15,6 +15,7 @@ from diffusekit.samplers.config import SamplerConfig, build_grid, run_sampler
 MODES = torch.tensor([[-0.6, -0.6], [-0.6, 0.6], [0.6, -0.6], [0.6, 0.6]])
 WEIGHTS = torch.tensor([0.1, 0.2, 0.3, 0.4])
 STD = 0.08
+SW_BOUND = 0.05  # sliced Wasserstein-1 between samples and truth (see test_samples_match_the_mixture)
 
 
 def sample_data(n: int, g: torch.Generator) -> torch.Tensor:
@@ -103,9 +104,11 @@ def test_samples_match_the_mixture(trained, sampler, steps):
     weights = mode_weights(x)
     sw = sliced_wasserstein(x, truth)
     print(f"{sampler} {steps} steps: mode weights {weights.tolist()}, sliced W1 {sw:.4f}")
+    # measured over 4 training seeds (another CPU rounds differently and so follows another training
+    # trajectory, as another seed does): mode weights off by 0.011-0.018, sliced W1 0.017-0.029; DDPM without
+    # its noise (below) gives 0.54
     assert (weights - WEIGHTS).abs().max() < 0.04
-    # measured: ~0.023 for both samplers; DDPM without its noise (below) is far above the bound
-    assert sw < 0.035
+    assert sw < SW_BOUND
 
 
 def test_broken_sampler_is_caught(trained):
@@ -119,4 +122,4 @@ def test_broken_sampler_is_caught(trained):
     truth = sample_data(4000, torch.Generator().manual_seed(3))
     sw = sliced_wasserstein(x, truth)
     print(f"DDPM without noise: sliced W1 {sw:.4f}")
-    assert sw >= 0.035
+    assert sw >= SW_BOUND
