@@ -69,3 +69,19 @@ def test_check_writable_folder_finds_a_read_only_folder(tmp_path):
             check_writable_folder(folder, "--out ro")
     finally:
         os.seteuid(0)
+
+
+def test_no_overwrite_keeps_a_file_that_appeared_meanwhile(tmp_path):
+    path = tmp_path / "grid.png"
+
+    def slow_write(tmp):
+        tmp.write_bytes(b"new")
+        path.write_bytes(b"someone else's")  # created after the caller checked the name was free
+
+    from diffusekit.io.atomic import write_atomic
+
+    with pytest.raises(OutputError, match="appeared while the file was made; it is kept"):
+        write_atomic(path, slow_write, overwrite=False)
+    assert path.read_bytes() == b"someone else's"
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
+    assert write_atomic(tmp_path / "free.png", lambda t: t.write_bytes(b"x"), overwrite=False).read_bytes() == b"x"

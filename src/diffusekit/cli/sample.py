@@ -178,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
         chunks.append(torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2))
     metadata = {"diffusekit": json.dumps(settings, allow_nan=False)}
     try:
-        path = save_image_grid(torch.cat(chunks), out, nrow=args.nrow, scale=args.scale, metadata=metadata)
+        path = save_image_grid(torch.cat(chunks), out, nrow=args.nrow, scale=args.scale, metadata=metadata,
+                               overwrite=args.overwrite)  # fmt: skip
     except OutputError as e:
         raise OutputError(f"--out {e}") from None
     print(

@@ -55,11 +55,15 @@ def _remove_quietly(path: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None], *, what: str = "file") -> Path:
+def write_atomic(
+    path: str | os.PathLike, write: Callable[[Path], None], *, what: str = "file", overwrite: bool = True
+) -> Path:
     """Call ``write(tmp)`` to produce the file at a temporary path, then move it onto ``path`` atomically.
 
     Raises OutputError naming ``path`` when the folder cannot be created or the file cannot be written (a
-    full disk, a read-only folder, a quota); the previous file of that name is left as it was.
+    full disk, a read-only folder, a quota); the previous file of that name is left as it was. With
+    ``overwrite=False`` the complete file is linked into place only if no file of that name exists at that
+    moment (checked and done in one step: a file that appeared while ``write`` ran is kept, OutputError).
     """
     path = Path(path)
     tmp = temp_name(path)
@@ -72,8 +76,13 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None], *, what
         finally:
             os.close(fd)
         os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if the name is taken, whatever appeared since the caller's check
         fsync_dir(path.parent)
+    except FileExistsError:
+        raise OutputError(f"{path}: a file of this name appeared while the {what} was made; it is kept") from None
     except OSError as e:
         raise OutputError(f"{path}: could not write the {what} ({e.strerror or e})") from None
     finally:

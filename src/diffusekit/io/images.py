@@ -191,6 +191,7 @@ def save_image_grid(
     padding: int = 2,
     scale: int = 1,
     metadata: dict[str, str] | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Save (N, C, H, W) images in [0, 1] (or uint8 pixels) as one grid image (``nrow`` per row) and return
     its path.
@@ -205,13 +206,16 @@ def save_image_grid(
     img = to_pil(grid)[0]
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    return save_image(img, path, metadata=metadata)
+    return save_image(img, path, metadata=metadata, overwrite=overwrite)
 
 
-def save_image(img: Image.Image, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
+def save_image(
+    img: Image.Image, path: str | os.PathLike, *, metadata: dict[str, str] | None = None, overwrite: bool = True
+) -> Path:
     """Write one PIL image atomically in the format of its suffix (see ``save_image_grid``). A full disk or
     a read-only folder raises OutputError and leaves no partial file; an older file of that name stays as it
-    was until the new one is complete."""
+    was until the new one is complete. ``overwrite=False``: never replace a file of that name (see
+    :func:`diffusekit.io.atomic.write_atomic`)."""
     path = Path(path)
     fmt = image_format(path)
     options: dict = {}
@@ -228,7 +232,7 @@ def save_image(img: Image.Image, path: str | os.PathLike, *, metadata: dict[str,
         options["quality"] = JPEG_QUALITY
         if metadata:
             options["comment"] = json.dumps(metadata, allow_nan=False)
-    return write_atomic(path, lambda tmp: img.save(tmp, format=fmt, **options), what="image")
+    return write_atomic(path, lambda tmp: img.save(tmp, format=fmt, **options), what="image", overwrite=overwrite)
 
 
 def check_image_output(path: str | os.PathLike, option: str, *, overwrite: bool = False) -> Path:
