@@ -28,6 +28,7 @@ from diffusekit.errors import ConfigError, OutputError
 from diffusekit.evaluation.fid import FeatureStats
 from diffusekit.io.images import read_image
 from diffusekit.limits import check_int
+from diffusekit.runtime.policy import pick_device
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -100,11 +101,7 @@ class InceptionFeatures:
             raise ConfigError(f"Inception TorchScript file not found: {path}")
         if model_path is None and _sha1(path) != _DEFAULT_SHA1:
             raise ConfigError(f"{path}: the Inception weights do not have the expected SHA-1 (reinstall the package)")
-        self.device = (
-            torch.device(device)
-            if device is not None
-            else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-        )
+        self.device = pick_device("auto" if device is None else str(device), option="device")
         try:
             self.model = torch.jit.load(str(path), map_location="cpu").eval().to(self.device)
         except (RuntimeError, ValueError) as e:
