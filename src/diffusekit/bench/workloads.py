@@ -25,7 +25,7 @@ from diffusekit.pipelines.loading import load_pipeline, save_pipeline
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.pipelines.text_to_image import TextToImage
 from diffusekit.runtime.policy import Plan, prepare
-from diffusekit.samplers.config import SamplerConfig
+from diffusekit.samplers.presets import SD1
 
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
 QUICK = ("W1", "W2", "W6")
@@ -186,8 +186,7 @@ def save_random_pipeline(folder: str | Path, s: Spec, tokenizer_folder: str | Pa
     text = TEXT_ENCODER_PRESETS["tiny" if s.unet.cross_attention_dim == 32 else "sd1"]
     vocab = tokenizer_vocab_size(tokenizer_folder)
     text = dataclasses.replace(text, vocab_size=vocab, bos_id=vocab - 2, eos_id=vocab - 1, pad_id=vocab - 1)
-    sampler = SamplerConfig(sampler="dpmpp_2m", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                            steps_offset=1, set_alpha_to_one=False)  # fmt: skip
+    sampler = SD1.with_sampler("dpmpp_2m")
     sd = StableDiffusion(UNet(s.unet), LatentCodec(AutoencoderKL(s.vae)), tokenizer, ClipTextEncoder(text), sampler)
     save_pipeline(sd, folder)
     return Path(folder)
