@@ -108,7 +108,7 @@ def test_too_large_for_one_pass_names_tile(sd):
         _run(sd, torch.zeros(1, 3, 520, 520))
 
 
-@pytest.mark.parametrize(("tile", "overlap"), [(6, None), (0, None), (8, 8), (8, 2), (8.0, None)])
+@pytest.mark.parametrize(("tile", "overlap"), [(6, None), (0, None), (8, 8), (8, 2), (8.0, None), (1024, None)])
 def test_bad_tiles_are_refused(sd, tile, overlap):
     with pytest.raises(ConfigError, match="tile"):
         _run(sd, torch.rand(1, 3, 16, 16), tile=tile, tile_overlap=overlap)

@@ -9,7 +9,6 @@ numbered writer (``io.png.PngWriter``: atomic, never over an existing file) and 
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import sys
 from collections.abc import Callable
@@ -42,13 +41,18 @@ from diffusekit.pipelines.recipe import (
     read_png_metadata,
     to_metadata,
 )
-from diffusekit.pipelines.upscale import DEFAULT_NOISE_LEVEL, MAX_UNTILED_PIXELS, StableDiffusionUpscaler, Upscale
+from diffusekit.pipelines.upscale import (
+    DEFAULT_NOISE_LEVEL,
+    MAX_TILE,
+    MAX_UNTILED_PIXELS,
+    StableDiffusionUpscaler,
+    Upscale,
+)
 from diffusekit.runtime.policy import pick_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 75, 9.0  # the reference pipeline's defaults
 DEFAULT_TILE = 128  # low-resolution pixels per tile side; smaller inputs run in one piece
-MAX_TILE = math.isqrt(MAX_UNTILED_PIXELS)  # a tile is one untiled pass
 MAX_INPUTS = 100_000
 # what read_image does to each PIL mode that is not plain RGB, said once per input
 _CONVERSIONS = {

@@ -36,6 +36,7 @@ DEFAULT_NOISE_LEVEL = 20  # the reference pipeline's default
 # Low-resolution pixels above which one untiled pass is refused: the U-Net's attention over the latents
 # of a 1024x1024 input (4096x4096 output) needs tens of GiB.
 MAX_UNTILED_PIXELS = 512 * 512
+MAX_TILE = 512  # a tile is one pass: at most MAX_UNTILED_PIXELS
 
 
 @dataclass(kw_only=True)
@@ -160,7 +161,7 @@ def _check_tile(tile: int | None, overlap: int | None, multiple: int, pixels: in
                 f"pass tile (e.g. 128) to upscale it in overlapping tiles"
             )
         return None, None
-    check_int("tile", tile, multiple, 1 << 16)
+    check_int("tile", tile, multiple, MAX_TILE)
     if tile % multiple:
         raise ConfigError(f"tile must be a multiple of {multiple} (the U-Net's factor), got {tile}")
     if overlap is None:
@@ -188,6 +189,7 @@ def _with_image(model: Model, image: Tensor, tile: int | None, overlap: int | No
 
 __all__ = [
     "DEFAULT_NOISE_LEVEL",
+    "MAX_TILE",
     "MAX_UNTILED_PIXELS",
     "StableDiffusionUpscaler",
     "Upscale",
