@@ -105,12 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(figures, indent=2))
         return 0
 
+    from diffusekit.utils.images import to_pil
+
     from diffusekit.pipelines.common import generators_from_seeds
     from diffusekit.pipelines.loading import load_pipeline
     from diffusekit.pipelines.text_to_image import TextToImage
     from diffusekit.training.config import TrainConfig
     from diffusekit.training.trainer import Trainer
-    from diffusekit.utils.images import to_pil
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -127,8 +127,9 @@ def choose(
     """Which fast path computes this convolution: ``"winograd"``, ``"gemm"`` or ``None`` (the direct
     convolution). Only float32 CPU 3x3 convolutions with stride 1, padding 1 and no dilation or groups qualify
     (``"gemm"`` only when no gradient is needed), and none when :data:`ENABLED` is false (the environment
-    variable ``DIFFUSEKIT_FAST_CONV=0`` at start-up); then the sizes decide (:data:`MIN_CHANNELS`, :data:`MIN_TILE_CHANNELS`,
-    :data:`MIN_TILES_PER_OUT_CHANNEL`, :data:`GEMM_MIN_CHANNELS`, :data:`GEMM_MAX_PIXELS`)."""
+    variable ``DIFFUSEKIT_FAST_CONV=0`` at start-up); then the sizes decide (:data:`MIN_CHANNELS`,
+    :data:`MIN_TILE_CHANNELS`, :data:`MIN_TILES_PER_OUT_CHANNEL`, :data:`GEMM_MIN_CHANNELS`,
+    :data:`GEMM_MAX_PIXELS`)."""
     if not ENABLED:
         return None
     if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
