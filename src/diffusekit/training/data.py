@@ -29,12 +29,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from diffusekit.errors import ConfigError, check_positive_int
+from diffusekit.io.images import read_image, to_pil
 from diffusekit.training.memory import device_memory_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 # 16-bit greyscale: PIL opens a 16-bit PNG as I;16 (or I, in older Pillow); full scale 65535
-_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 MAX_BAD_LISTED = 10  # bad files named in an error message
 NAMED_DATASETS = ("bundled", "mnist", "fashion-mnist")
 DATASETS_ENV = "DIFFUSEKIT_DATASETS"
@@ -105,20 +105,12 @@ def _pil_mode(channels: int) -> str:
     return "L" if channels == 1 else "RGB"
 
 
-def _decode_image(path: Path) -> Image.Image:
-    """Every pixel of one image file, decoded now (a truncated file fails here, not later): a PIL image in
-    its own mode, except that 16-bit greyscale becomes 8-bit L scaled by 255 / 65535 (Pillow's convert("L")
-    clips it at 255, which turns almost every 16-bit image white). A file that is no readable image raises
-    ConfigError naming it."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in _SIXTEEN_BIT_MODES:
-                a = np.asarray(im).astype(np.float64) * (255 / 65535)
-                return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
-            return im.copy()
-    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... for bad files
-        raise ConfigError(f"{path}: not a readable image ({type(e).__name__}: {str(e)[:200]})") from None
+def _decode_image(path: Path, channels: int = 3) -> Image.Image:
+    """Every pixel of one image file, decoded now (a truncated file fails here, not later), as an 8-bit PIL
+    image of ``channels`` channels, through :func:`diffusekit.io.images.read_image` (16-bit greyscale scaled by
+    65535 instead of clipped to white, EXIF orientation applied, oversized images refused from the header). A
+    file that is no readable image raises ConfigError naming it."""
+    return to_pil(read_image(path, _pil_mode(channels))[None])[0]
 
 
 def image_to_array(img: Image.Image, resolution: int, channels: int) -> np.ndarray:
@@ -324,7 +316,7 @@ class ImageFolderDataset(TrainDataset):
         return len(self.files)
 
     def image_uint8(self, index: int) -> Tensor:
-        img = _decode_image(self.files[index])
+        img = _decode_image(self.files[index], self.channels)
         return torch.from_numpy(image_to_array(img, self.resolution, self.channels))
 
     def label(self, index: int) -> int:
