@@ -25,8 +25,9 @@ from diffusekit.training.checkpoint import (
 from diffusekit.training.config import OptimConfig, TrainConfig, load_config
 from diffusekit.training.data import ArrayDataset
 from diffusekit.training.losses import min_snr_weight, noisy_inputs
+from diffusekit.training.lr_schedule import lr_factor
 from diffusekit.training.monitor import plot_loss_curve, read_metrics
-from diffusekit.training.trainer import Trainer, TrainingDiverged, lr_factor
+from diffusekit.training.trainer import Trainer, TrainingDiverged
 
 
 @pytest.fixture(autouse=True)

@@ -116,10 +116,10 @@ def test_a_read_only_output_dir_is_one_line_naming_the_option(tmp_path, capsys):
         args[args.index("--output-dir") + 1] = str(ro / "run")
         assert main(args) == 2
         err = _error(capsys)
-        assert f"--output-dir {ro / 'run'}: cannot create the folder (Read-only file system)" in err
+        assert f"--output-dir {ro / 'run'}: cannot write files in {ro / 'run'} (Read-only file system)" in err
         args[args.index("--output-dir") + 1] = str(ro)  # a folder that exists
         assert main(args) == 2
-        assert f"--output-dir {ro}: cannot write in the folder (Read-only file system)" in _error(capsys)
+        assert f"--output-dir {ro}: cannot write files in {ro} (Read-only file system)" in _error(capsys)
     finally:
         subprocess.run(["umount", str(ro)], check=False)
 
@@ -287,7 +287,7 @@ def test_training_writes_files_only_through_io_atomic():
 
 def test_auto_precision_on_a_cpu_is_bf16_only_with_bf16_instructions(monkeypatch):
     """An AVX-512 CPU without AVX512-BF16 or AMX (oneDNN would emulate bf16 there) trains in float32."""
-    from diffusekit.training.trainer import resolve_precision
+    from diffusekit.training.precision import resolve_precision
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)

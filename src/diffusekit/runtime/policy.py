@@ -49,8 +49,19 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
+        return _cpu_native_bf16()
     return False
+
+
+def _cpu_native_bf16() -> bool:
+    """bfloat16 instructions in this CPU (AVX512-BF16 or AMX), asked of PyTorch's own CPUID probes; the
+    /proc/cpuinfo flags only where this torch has no probes. (oneDNN's ``_is_mkldnn_bf16_supported`` is not
+    this test: it also says yes on AVX-512 CPUs without them, where it emulates bfloat16 and float32 is
+    faster.)"""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(p is not None for p in probes):
+        return any(p is not None and p() for p in probes)
+    return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
 
 
 def default_device(local_rank: int = 0) -> torch.device:

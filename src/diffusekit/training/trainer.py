@@ -14,10 +14,8 @@ N processes compute the same gradient as one process with the same global batch 
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import os
-import random
 import signal
 import sys
 import threading
@@ -25,29 +23,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from diffusekit import __version__
 from diffusekit.diffusion.schedules import NoiseSchedule
-from diffusekit.errors import CheckpointError, ConfigError, DiffusekitError, OutputError
+from diffusekit.errors import CheckpointError, ConfigError, DiffusekitError
+from diffusekit.io.atomic import check_writable_folder
 from diffusekit.networks.unet import UNet, UNetConfig
-from diffusekit.runtime.policy import use_fast_conv
+from diffusekit.runtime.policy import Plan, prepare
 from diffusekit.training import distributed as ddp
 from diffusekit.training.checkpoint import (
-    TrainingState,
     latest_checkpoint,
-    load_checkpoint,
-    restore_rng,
     save_checkpoint,
     step_dir_name,
 )
-from diffusekit.training.config import OptimConfig, TrainConfig
+from diffusekit.training.config import TrainConfig
 from diffusekit.training.data import (
     DataSpec,
     StreamBatchSampler,
@@ -58,12 +51,16 @@ from diffusekit.training.data import (
 )
 from diffusekit.training.ema import ema_decay, ema_update, make_ema
 from diffusekit.training.export import EXPORT_DIR, export_inference, sampler_config
+from diffusekit.training.interrupt import on_sigint, request_stop
 from diffusekit.training.losses import noisy_inputs, offset_noise, timestep_weights, weighted_mse
+from diffusekit.training.lr_schedule import lr_factor
 from diffusekit.training.memory import check_training_memory
 from diffusekit.training.monitor import MetricsLogger, plot_loss_curve, read_metrics
+from diffusekit.training.precision import resolve_precision
 from diffusekit.training.presets import build_unet_config
+from diffusekit.training.randomness import BatchRandomness, micro_batch_generator, seed_everything
+from diffusekit.training.resume import CHECKPOINTS_DIR, checkpoint_payload, find_resume_state, restore_state
 
-CHECKPOINTS_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 
 
@@ -83,85 +80,6 @@ class TrainResult:
     loss: float | None  # mean loss of the last logging interval
     train_seconds: float  # wall-clock time of this invocation's optimizer steps
     steps_per_second: float
-
-
-def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
-    """Multiplier of ``optim.lr`` for optimizer step ``step`` (0-based): linear warmup from 0 over
-    ``warmup_steps`` (DDPM app. B), then constant, cosine (Loshchilov & Hutter 2017) or linear decay to
-    ``min_lr_ratio`` at ``max_steps``."""
-    if optim.warmup_steps and step < optim.warmup_steps:
-        return (step + 1) / optim.warmup_steps
-    if optim.lr_schedule == "constant":
-        return 1.0
-    span = max(1, max_steps - optim.warmup_steps)
-    progress = min(1.0, (step - optim.warmup_steps) / span)
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.lr_schedule == "cosine" else 1 - progress
-    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * shape
-
-
-def micro_batch_generator(seed: int, micro_batch: int) -> torch.Generator:
-    """A CPU generator for global micro-batch ``micro_batch``, seeded from SeedSequence((seed, index))."""
-    state = np.random.SeedSequence([seed, micro_batch, 0xD1FF]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
-
-
-@dataclass
-class BatchRandomness:
-    """Everything random about one global micro-batch of B examples."""
-
-    t: Tensor  # (B,) int64 timesteps
-    noise: Tensor  # (B, C, H, W)
-    flip: Tensor  # (B,) bool
-    drop_label: Tensor  # (B,) bool
-    offset: Tensor  # (B, C, 1, 1)
-
-    @classmethod
-    def draw(
-        cls, generator: torch.Generator, batch: int, shape: tuple[int, int, int], T: int, label_dropout: float
-    ) -> BatchRandomness:
-        c = shape[0]
-        return cls(
-            t=torch.randint(0, T, (batch,), generator=generator),  # Algorithm 1, line 3
-            noise=torch.randn((batch, *shape), generator=generator),  # line 4
-            flip=torch.rand(batch, generator=generator) < 0.5,
-            drop_label=torch.rand(batch, generator=generator) < label_dropout,
-            offset=torch.randn((batch, c, 1, 1), generator=generator),
-        )
-
-    def slice(self, start: int, stop: int) -> BatchRandomness:
-        return BatchRandomness(*(getattr(self, f)[start:stop] for f in ("t", "noise", "flip", "drop_label", "offset")))
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for run.mixed_precision on ``device`` (None = float32)."""
-    if name == "no":
-        return None
-    if device.type == "cuda":
-        if name == "auto":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if name == "bf16" else torch.float16
-    if name == "fp16":
-        raise ConfigError("run.mixed_precision='fp16' needs a CUDA GPU; on CPU use 'bf16' or 'no'")
-    if name == "bf16":
-        return torch.bfloat16
-    return torch.bfloat16 if _cpu_has_native_bf16() else None
-
-
-def _cpu_has_native_bf16() -> bool:
-    """bf16 instructions in the CPU (AVX512-BF16 or AMX). oneDNN's own test is not that: it also says yes on
-    AVX-512 CPUs without them (Skylake-X, Cascade Lake), where it emulates bf16 and float32 is faster."""
-    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        probe = getattr(torch.cpu, name, None)
-        if probe is not None and probe():
-            return True
-    return False
-
-
-def _seed_everything(seed: int, rank: int) -> None:
-    s = np.random.SeedSequence([seed, rank, 0x7A11]).generate_state(3, np.uint32)
-    torch.manual_seed(int(s[0]))
-    np.random.seed(int(s[1]))
-    random.seed(int(s[2]))
 
 
 class Trainer:
@@ -186,7 +104,7 @@ class Trainer:
         config.validate()
         self.env = env or ddp.init_distributed(config.run.device)
         self.on_step_end = on_step_end
-        state = self._find_resume_state(resume, config) if resume is not None else None
+        state = find_resume_state(resume, config.run.output_dir) if resume is not None else None
         if state is not None:
             for key in ("train", "unet"):  # what the trainer itself writes; a hand-edited file may lack them
                 if not isinstance(state.config.get(key), dict):
@@ -198,7 +116,7 @@ class Trainer:
         self.config = c = config
         self.run_dir = Path(c.run.output_dir)
         if self.env.is_main:
-            _check_writable(self.run_dir)
+            check_writable_folder(self.run_dir, f"run.output_dir {self.run_dir}")
         if state is not None and state.step >= c.run.max_steps:
             raise ConfigError(
                 f"{state.path} is at step {state.step} and run.max_steps is {c.run.max_steps}: there is nothing "
@@ -249,9 +167,10 @@ class Trainer:
         # channels-last on CPUs: oneDNN's NHWC convolutions and GroupNorm are faster there (one mnist-small
         # training step of 64 images: 1.71 s vs 2.20 s NCHW on one core); the weights' values are the same
         self.memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-        self.model = UNet(self.unet_config).to(device, memory_format=self.memory_format)
-        if device.type == "cpu":  # Winograd 3x3 convolutions where they are faster (128+ channels; runtime.fastconv)
-            use_fast_conv(self.model)
+        # the training plan: float32 weights (autocast picks the compute dtype), train mode, and on the CPU
+        # the Winograd 3x3 convolutions where they are faster (128+ channels; runtime.fastconv)
+        plan = Plan(dtype=torch.float32, channels_last=device.type == "cpu", inference=False)
+        self.model = prepare(UNet(self.unet_config), plan, device=device)
         self.ema = make_ema(self.model)
         o = c.optim
         self.optimizer = torch.optim.AdamW(
@@ -274,89 +193,20 @@ class Trainer:
         self.train_seconds_total = 0.0
         self.log_window: list[float] = []  # losses of the steps since the last metrics record
         self.resumed_from: Path | None = None
-        _seed_everything(c.run.seed, self.env.rank)
+        seed_everything(c.run.seed, self.env.rank)
         if state is not None:
-            self._load_state(state)
+            restore_state(self, state)
         self.ddp_model = (
             DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
             if self.env.distributed
             else None
         )
 
-    # ------------------------------------------------------------------------------------------- resume
-    def _find_resume_state(self, resume: str | os.PathLike, config: TrainConfig) -> TrainingState | None:
-        from diffusekit.training.checkpoint import resolve_checkpoint
-
-        if str(resume) == "latest":
-            path = latest_checkpoint(Path(config.run.output_dir) / CHECKPOINTS_DIR)
-            if path is None:
-                return None  # nothing to resume: start fresh
-        else:
-            path = resolve_checkpoint(resume)
-        return load_checkpoint(path)
-
-    def _load_state(self, state: TrainingState) -> None:
-        try:
-            self.model.load_state_dict(state.model)
-            self.ema.load_state_dict(state.ema)
-            self.optimizer.load_state_dict(state.optimizer)
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{state.path}: does not match the model/optimizer of its config ({e})") from None
-        s = state.state
-        try:
-            self.step = int(state.step)
-            self.data_position = int(s["data_position"])
-            self.train_seconds_total = float(s.get("train_seconds", 0.0))
-            self.log_window = [float(x) for x in s.get("log_window", [])]
-            if self.scaler is not None and s.get("grad_scaler"):
-                self.scaler.load_state_dict(s["grad_scaler"])
-            restore_rng(state.rng_tensors, state.rng_scalars)
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-            raise CheckpointError(f"{state.path}: state.json / rng.safetensors are damaged ({e!r:.200})") from None
-        if s.get("dataset_size") != len(self.dataset):
-            print(
-                f"warning: the dataset has {len(self.dataset)} examples, the checkpoint was trained on "
-                f"{s.get('dataset_size')}; the data order will differ from an uninterrupted run",
-                file=sys.stderr,
-            )
-        if self.env.rank != 0:  # ranks > 0 must not share rank 0's dropout stream
-            _seed_everything(self.config.run.seed + self.step, self.env.rank)
-        self.resumed_from = state.path
-
     # ------------------------------------------------------------------------------------------- parts
     @property
     def global_batch(self) -> int:
         """Examples per micro-batch over all ranks."""
         return self.config.optim.batch_size * self.env.world_size
-
-    def _checkpoint_payload(self) -> dict[str, Any]:
-        c = self.config
-        return dict(
-            model=self.model.state_dict(),
-            ema=self.ema.state_dict(),
-            optimizer=self.optimizer.state_dict(),
-            state={
-                "data_position": self.data_position,
-                "dataset_size": len(self.dataset),
-                "world_size": self.env.world_size,
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "train_seconds": self.train_seconds_total,
-                "log_window": list(self.log_window),  # so a resumed run logs the same averages
-                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "diffusekit_version": __version__,
-            },
-            config={
-                "train": c.to_dict(),
-                "unet": self.unet_config.to_dict(),
-                "dataset": {
-                    "size": len(self.dataset),
-                    "channels": self.dataset.channels,
-                    "resolution": self.dataset.resolution,
-                    "num_classes": self.dataset.num_classes,
-                    "class_names": list(self.dataset.class_names),
-                },
-            },
-        )
 
     def save_checkpoint(self) -> Path:
         """Write the current state (rank 0 writes; every rank returns the checkpoint's path)."""
@@ -366,7 +216,7 @@ class Trainer:
                 self.run_dir / CHECKPOINTS_DIR,
                 self.step,
                 keep=self.config.run.keep_checkpoints,
-                **self._checkpoint_payload(),
+                **checkpoint_payload(self),
             )
         ddp.barrier(self.env)
         return path
@@ -449,7 +299,7 @@ class Trainer:
         interval_steps, interval_start = 0, time.perf_counter()
         last_loss, last_ckpt, stopped_by = None, None, "max_steps"
         interrupted = threading.Event()
-        previous_handler = _on_sigint(lambda: _interrupt(interrupted))
+        previous_handler = on_sigint(lambda: request_stop(interrupted))
         try:
             while True:
                 elapsed = time.perf_counter() - t_start
@@ -640,43 +490,6 @@ class Trainer:
             f"  run folder: {self.run_dir}" + (f" (resumed from {self.resumed_from})" if self.resumed_from else ""),
         ]
         print("\n".join(lines), file=sys.stderr, flush=True)
-
-
-def _on_sigint(handler: Callable[[], None]) -> Any:
-    """Call ``handler`` on SIGINT (Ctrl-C) instead of raising KeyboardInterrupt; returns the previous handler
-    to put back (None where signals cannot be handled: outside the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGINT, lambda signum, frame: handler())
-
-
-def _interrupt(flag: threading.Event) -> None:
-    """The first Ctrl-C asks the loop to stop after the current step and save a checkpoint; a second one
-    raises KeyboardInterrupt at once (nothing more is saved)."""
-    if flag.is_set():
-        raise KeyboardInterrupt
-    flag.set()
-    print("\ninterrupted: finishing this step and saving a checkpoint (Ctrl-C again to quit without saving)",
-          file=sys.stderr, flush=True)  # fmt: skip
-
-
-def _check_writable(folder: Path) -> None:
-    """Create the run folder and make sure files can be created in it, before any time is spent training
-    (OutputError naming run.output_dir otherwise: a read-only file system, no permission)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"run.output_dir {folder}: cannot create the folder ({e.strerror or e})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        reason = os.strerror(errno.EROFS) if _read_only_fs(folder) else "permission denied"
-        raise OutputError(f"run.output_dir {folder}: cannot write in the folder ({reason})")
-
-
-def _read_only_fs(folder: Path) -> bool:
-    try:
-        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
-    except (AttributeError, OSError):
-        return False
 
 
 def _mmss(seconds: float) -> str:
