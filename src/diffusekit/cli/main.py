@@ -10,11 +10,11 @@ import warnings
 from collections.abc import Iterator
 
 from diffusekit import __version__
-from diffusekit.cli import bench, convert, demo, fid, generate, sample, train, upscale
+from diffusekit.cli import bench, convert, demo, fid, generate, sample, serve, train, upscale
 from diffusekit.errors import DiffusekitError
 
 # each module adds its sub-command(s) with add_parser(subparsers); generate adds txt2img, img2img, inpaint
-COMMAND_MODULES = (demo, train, sample, fid, generate, upscale, convert, bench)
+COMMAND_MODULES = (demo, train, sample, fid, generate, upscale, convert, bench, serve)
 
 
 class Parser(argparse.ArgumentParser):

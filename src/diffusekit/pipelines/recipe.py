@@ -34,6 +34,7 @@ from diffusekit.limits import check_float, check_int
 from diffusekit.pipelines.common import generators_from_seeds
 from diffusekit.pipelines.denoise import grid_for, sampler_for
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
+from diffusekit.samplers.common import StepInfo
 from diffusekit.samplers.config import ALIASES, SAMPLERS
 
 MODES = ("txt2img", "img2img", "inpaint")
@@ -434,10 +435,16 @@ def _resize(t: Tensor, size: tuple[int, int], method: int) -> Tensor:
 
 
 def generate(
-    sd: StableDiffusion, batch: Sequence[Recipe], resolved: Resolved, *, show_progress: bool = False
+    sd: StableDiffusion,
+    batch: Sequence[Recipe],
+    resolved: Resolved,
+    *,
+    show_progress: bool = False,
+    callback: Callable[[StepInfo], None] | None = None,
 ) -> list[Image.Image]:
     """Generate ``batch`` (recipes equal but for prompt, negative prompt and seed; one network batch), one
-    CPU generator per image seeded with its recipe's seed, and return RGB PIL images."""
+    CPU generator per image seeded with its recipe's seed, and return RGB PIL images. ``callback`` gets the
+    sampler's :class:`StepInfo` after every step (progress, previews; an exception it raises stops the run)."""
     from diffusekit.io.images import to_pil
     from diffusekit.pipelines.img2img import ImageToImage
     from diffusekit.pipelines.inpaint import Inpaint
@@ -452,6 +459,7 @@ def generate(
         eta=r.eta,
         generator=generators_from_seeds([b.seed for b in batch], len(batch)),
         show_progress=show_progress,
+        callback=callback,
     )
     prompts = [b.prompt for b in batch]
     n = len(batch)
