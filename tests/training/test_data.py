@@ -10,19 +10,17 @@ import torch
 from PIL import Image
 
 from diffusekit.errors import ConfigError
+from diffusekit.io.idx import read_idx, write_idx
+from diffusekit.training.batches import StreamBatchSampler, make_batches
 from diffusekit.training.data import (
     ArrayDataset,
     DataSpec,
     ImageFolderDataset,
-    StreamBatchSampler,
     bundled_dataset_dir,
     find_named_dataset,
     from_model_range,
     load_dataset,
-    make_batches,
-    read_idx,
     resize_center_crop,
-    write_idx,
 )
 
 

@@ -4,20 +4,15 @@ Every source becomes a ``TrainDataset``: uint8 images of shape (C, R, R) (resize
 then centre-cropped), optional integer class labels, and ``batch(indices)`` returning floats in [-1, 1]
 (DDPM sec. 4 scales pixels linearly to [-1, 1]).
 
-The order of examples is a pure function of (seed, position in an endless stream of epochs), drawn by
-``StreamBatchSampler``; a resumed run asks for the stream from the batch where it stopped, so the data
-order survives a crash exactly, and DDP ranks take disjoint slices of the same global batch.
+The order in which examples are drawn is :mod:`diffusekit.training.batches`; the IDX format itself is
+:mod:`diffusekit.io.idx`.
 """
 
 from __future__ import annotations
 
-import functools
-import gzip
 import os
-import signal
-import struct
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -26,9 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from diffusekit.errors import ConfigError, check_positive_int
+from diffusekit.io.idx import read_idx
 from diffusekit.io.images import read_image, to_pil
 from diffusekit.training.memory import device_memory_bytes
 
@@ -38,53 +34,6 @@ GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 MAX_BAD_LISTED = 10  # bad files named in an error message
 NAMED_DATASETS = ("bundled", "mnist", "fashion-mnist")
 DATASETS_ENV = "DIFFUSEKIT_DATASETS"
-
-# IDX type codes (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT")
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int32): 0x0C}
-
-
-# ----------------------------------------------------------------------------------------------- IDX files
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (MNIST format), gzip-compressed or not (detected from the magic bytes)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"IDX file not found: {path}")
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise ConfigError(f"{path}: corrupt gzip stream ({e})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ConfigError(f"{path}: not an IDX file (bad magic number)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ConfigError(f"{path}: truncated IDX header")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    count = int(np.prod(dims)) if dims else 1
-    if len(raw) - header != count * dtype.itemsize:
-        raise ConfigError(
-            f"{path}: IDX data has {len(raw) - header} bytes, its header promises {count * dtype.itemsize}"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
-
-
-def write_idx(array: np.ndarray, path: str | os.PathLike) -> None:
-    """Write ``array`` (uint8, int8 or int32) as an IDX file; gzip-compressed (reproducibly) if the name ends .gz."""
-    arr = np.ascontiguousarray(array)
-    code = _IDX_CODES.get(arr.dtype)
-    if code is None:
-        raise ConfigError(f"IDX arrays must be uint8, int8 or int32, got {arr.dtype}")
-    data = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    data += arr.astype(arr.dtype.newbyteorder(">")).tobytes()
-    path = Path(path)
-    if path.suffix == ".gz":
-        data = gzip.compress(data, compresslevel=9, mtime=0)
-    path.write_bytes(data)
-
 
 # ----------------------------------------------------------------------------------------------- transforms
 def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
@@ -151,10 +100,10 @@ class TrainDataset(Dataset):
     def batch(self, indices: Sequence[int]) -> tuple[Tensor, Tensor | None]:
         """Images (B, C, R, R) in [-1, 1] and labels (B,) int64 (or None when unlabelled)."""
         items = [self[i] for i in indices]
-        return _collate(items, self.num_classes > 0)
+        return collate(items, self.num_classes > 0)
 
 
-def _collate(items: list[tuple[Tensor, int]], labelled: bool) -> tuple[Tensor, Tensor | None]:
+def collate(items: list[tuple[Tensor, int]], labelled: bool) -> tuple[Tensor, Tensor | None]:
     x = torch.stack([it[0] for it in items])
     y = torch.tensor([it[1] for it in items], dtype=torch.long) if labelled else None
     return x, y
@@ -511,75 +460,3 @@ def load_dataset(spec: DataSpec) -> TrainDataset:
 def default_random_flip(source: str) -> bool:
     """Horizontal flips are on for photo folders and off for digits/garments and arrays."""
     return Path(source).expanduser().is_dir() and source not in NAMED_DATASETS
-
-
-# ----------------------------------------------------------------------------------------------- order
-def epoch_permutation(num_items: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of epoch ``epoch``: a permutation drawn from SeedSequence((seed, epoch))."""
-    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_items)
-
-
-class StreamBatchSampler:
-    """Endless batches of indices from a stream of shuffled epochs, starting at stream position ``start``.
-
-    With B = ``batch_size * world_size``, global batch k covers stream positions [start + k B, start + (k+1) B)
-    and rank r receives the ``batch_size`` positions from start + k B + r * batch_size. The stream depends only
-    on (seed, dataset size), so a run resumed at the position where it stopped, or split across ranks, sees
-    exactly the examples a single uninterrupted process would have seen.
-    """
-
-    def __init__(
-        self, num_items: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
-    ) -> None:
-        self.num_items = check_positive_int("dataset size", num_items)
-        self.batch_size = check_positive_int("batch_size", batch_size)
-        self.seed, self.start, self.rank, self.world_size = int(seed), int(start), int(rank), int(world_size)
-        self._epoch, self._perm = -1, None
-
-    def _at(self, position: int) -> int:
-        epoch, offset = divmod(position, self.num_items)
-        if epoch != self._epoch:
-            self._epoch, self._perm = epoch, epoch_permutation(self.num_items, self.seed, epoch)
-        return int(self._perm[offset])
-
-    def indices(self, k: int) -> list[int]:
-        """This rank's indices of global batch ``k`` (counted from ``start``)."""
-        first = self.start + k * self.batch_size * self.world_size + self.rank * self.batch_size
-        return [self._at(p) for p in range(first, first + self.batch_size)]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        k = 0
-        while True:
-            yield self.indices(k)
-            k += 1
-
-
-def make_batches(
-    dataset: TrainDataset, sampler: StreamBatchSampler, num_workers: int = 0, pin_memory: bool = False
-) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """An endless iterator of (images, labels) batches in the sampler's order.
-
-    In-memory datasets are indexed directly; folder datasets decode in ``num_workers`` DataLoader worker
-    processes (the order does not depend on the number of workers).
-    """
-    if num_workers <= 0 or isinstance(dataset, ArrayDataset):
-        return (dataset.batch(idx) for idx in sampler)
-    labelled = dataset.num_classes > 0
-    loader = DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        collate_fn=functools.partial(_collate, labelled=labelled),
-        persistent_workers=True,
-        prefetch_factor=4,
-        generator=torch.Generator().manual_seed(sampler.seed),  # keeps the global torch RNG untouched
-        worker_init_fn=_ignore_sigint,
-    )
-    return iter(loader)
-
-
-def _ignore_sigint(worker_id: int) -> None:
-    """In a DataLoader worker: leave Ctrl-C to the training process, which stops after the current step and
-    saves a checkpoint (a worker that died of it would break the batches of that last step)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -35,20 +35,14 @@ from diffusekit.io.atomic import check_writable_folder
 from diffusekit.networks.unet import UNet, UNetConfig
 from diffusekit.runtime.policy import Plan, prepare
 from diffusekit.training import distributed as ddp
+from diffusekit.training.batches import StreamBatchSampler, make_batches
 from diffusekit.training.checkpoint import (
     latest_checkpoint,
     save_checkpoint,
     step_dir_name,
 )
 from diffusekit.training.config import TrainConfig
-from diffusekit.training.data import (
-    DataSpec,
-    StreamBatchSampler,
-    TrainDataset,
-    default_random_flip,
-    load_dataset,
-    make_batches,
-)
+from diffusekit.training.data import DataSpec, TrainDataset, default_random_flip, load_dataset
 from diffusekit.training.ema import ema_decay, ema_update, make_ema
 from diffusekit.training.export import EXPORT_DIR, export_inference, sampler_config
 from diffusekit.training.interrupt import on_sigint, request_stop
