@@ -19,8 +19,9 @@ DEFAULTS = {"host": "127.0.0.1", "port": 7860, "out": "outputs", "queue_size": 6
             "max_side": 2048, "max_batch": 16, "preview_every": 1.0}  # fmt: skip
 
 
-def _check(args: argparse.Namespace) -> str | None:
-    """Every option checked before the model loads; returns the token (option or environment)."""
+def _check(args: argparse.Namespace) -> tuple[str | None, list[tuple[str, float]]]:
+    """Every option checked before the model loads; returns the token (option or environment) and the LoRA
+    files with their weights."""
     from diffusekit.serve.security import is_loopback
 
     check_int("--port", args.port, 0, 65535)
@@ -39,7 +40,7 @@ def _check(args: argparse.Namespace) -> str | None:
     if not Path(args.model).exists():
         raise ConfigError(f"MODEL {args.model}: no such file or folder (a diffusers model folder or a .safetensors "
                           "file)")  # fmt: skip
-    return token
+    return token, [_lora_spec(spec) for spec in args.lora or []]
 
 
 def _lora_spec(spec: str) -> tuple[str, float]:
@@ -59,7 +60,7 @@ def _lora_spec(spec: str) -> tuple[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     """``diffusekit serve``."""
-    token = _check(args)
+    token, loras = _check(args)
     try:
         import uvicorn
 
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
+        sock.listen(2048)  # connections wait in the backlog until the server takes them
     except OSError as e:
         raise ConfigError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from None
     device = pick_device(args.device or "auto")
@@ -86,8 +88,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = str(Path(args.tokenizer).absolute()) if args.tokenizer else None
     print(f"diffusekit serve: loading {model}", file=sys.stderr, flush=True)
     sd = load_model(model, tokenizer, allow_pickle=bool(args.allow_pickle), device=device, dtype=DTYPES[args.dtype])
-    for spec in args.lora or []:
-        path, weight = _lora_spec(spec)
+    for path, weight in loras:
         load_lora(sd, path, weight=weight)
     settings = Settings(model=model, out=Path(args.out).absolute(), tokenizer=tokenizer, dtype=args.dtype,
                         device=str(device), queue_size=args.queue_size, max_body_bytes=args.max_body_mib << 20,

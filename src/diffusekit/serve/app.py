@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from diffusekit import __version__
 from diffusekit.errors import ConfigError, DiffusekitError, OutputError
 from diffusekit.serve.community import IMG2IMG_FIELDS, TXT2IMG_FIELDS, samplers_list
-from diffusekit.serve.jobs import FINISHED, Job, QueueFull, UnknownJob
+from diffusekit.serve.jobs import FINISHED, Job, NotFound, QueueFull
 from diffusekit.serve.security import Guard
 from diffusekit.serve.service import Service
 
@@ -36,7 +36,7 @@ class Conflict(DiffusekitError):
     """An action that the job's state does not allow (HTTP 409)."""
 
 
-STATUS = ((QueueFull, 429), (UnknownJob, 404), (BadRequest, 400), (Conflict, 409), (ConfigError, 422),
+STATUS = ((QueueFull, 429), (NotFound, 404), (BadRequest, 400), (Conflict, 409), (ConfigError, 422),
           (OutputError, 507))  # fmt: skip
 
 
@@ -70,7 +70,7 @@ def create_app(service: Service, *, token: str | None = None, allowed_origins: I
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str) -> Response:
         if name not in files:
-            raise UnknownJob(f"no file {name[:80]!r}")
+            raise NotFound(f"no file {name[:80]!r}")
         return Response(files[name], media_type=STATIC[name], headers=_NO_STORE)
 
     # ------------------------------------------------------------------------------------ community API
@@ -157,14 +157,14 @@ def create_app(service: Service, *, token: str | None = None, allowed_origins: I
     async def image(job_id: str, index: int) -> Response:
         found = service.queue.get(job_id)
         data = await run_in_threadpool(service.image_bytes, found, index)
-        name = found.images[index].path.name
+        name = found.images[index].path.name  # image_bytes checked the index
         return Response(data, media_type="image/png", headers={"Content-Disposition": f'inline; filename="{name}"'})
 
     @app.get("/api/jobs/{job_id}/preview", tags=["jobs"])
     async def preview(job_id: str) -> Response:
         data = service.queue.get(job_id).preview
         if data is None:
-            raise UnknownJob(f"job {job_id} has no preview now")
+            raise NotFound(f"job {job_id} has no preview now")
         return Response(data, media_type="image/png", headers=_NO_STORE)
 
     @app.get("/api/events", tags=["jobs"])

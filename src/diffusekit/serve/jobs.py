@@ -28,8 +28,12 @@ class QueueFull(DiffusekitError):
     """The queue holds its maximum of waiting jobs (HTTP 429)."""
 
 
-class UnknownJob(DiffusekitError, KeyError):
-    """No job has this id (HTTP 404)."""
+class NotFound(DiffusekitError, LookupError):
+    """No such job, image or file (HTTP 404)."""
+
+
+class UnknownJob(NotFound):
+    """No job has this id."""
 
 
 class Cancelled(Exception):
@@ -229,4 +233,5 @@ def batches(total: int, batch_size: int) -> int:
     return math.ceil(total / batch_size)
 
 
-__all__ = ["FINISHED", "STATES", "Cancelled", "ImageRecord", "Job", "JobQueue", "QueueFull", "UnknownJob", "batches"]
+__all__ = ["FINISHED", "STATES", "Cancelled", "ImageRecord", "Job", "JobQueue", "NotFound", "QueueFull", "UnknownJob",
+           "batches"]  # fmt: skip

@@ -29,7 +29,7 @@ from diffusekit.pipelines.recipe import (
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.serve import community, images
 from diffusekit.serve.community import UI_NAME, Limits
-from diffusekit.serve.jobs import Job, JobQueue, batches
+from diffusekit.serve.jobs import Job, JobQueue, NotFound, batches
 from diffusekit.serve.worker import JOB_KEYS, Work, Worker, image_record, settings_from_metadata
 
 
@@ -114,11 +114,11 @@ class Service:
 
     def image_bytes(self, job: Job, index: int) -> bytes:
         if not 0 <= index < len(job.images):
-            raise ConfigError(f"job {job.id} has {len(job.images)} images; no image {index}")
+            raise NotFound(f"job {job.id} has {len(job.images)} images; no image {index}")
         try:
             return job.images[index].path.read_bytes()
         except OSError as e:
-            raise ConfigError(f"image {index} of job {job.id} is no longer on disk ({e.strerror})") from None
+            raise NotFound(f"image {index} of job {job.id} is no longer on disk ({e.strerror})") from None
 
     def community_result(self, job: Job) -> dict[str, Any]:
         """The ``/sdapi/v1/txt2img`` and ``img2img`` answer: ``{images, parameters, info}`` with ``info`` a
