@@ -63,7 +63,14 @@ def test_to_json_never_writes_nan_or_infinity():
         ({"guidance": True}, "field 'guidance' must be a finite number"),
         ({"width": 20, "height": 16}, "field 'width' must be a multiple of 8, got 20"),
         ({"width": 16}, "field 'width' and field 'height' must be given together"),
-        ({"sampler": "rk4"}, "field 'sampler' must be one of dpm++2m, euler, euler-a, ddim, pndm, ddpm"),
+        ({"sampler": "rk4"}, "field 'sampler' must be a sampler name: 'Euler', 'Euler a', 'Heun', 'DPM2',"),
+        ({"sampler": "DDIM", "karras": True}, "field 'sampler' 'DDIM' and field 'karras' True disagree"),
+        ({"sampler": "ddim", "karras": True}, "field 'sampler': Karras sigmas apply to the samplers euler,"),
+        ({"karras": "yes"}, "field 'karras' must be true or false"),
+        ({"loras": "style.safetensors"}, "field 'loras' must be a list of at most 32 objects"),
+        ({"loras": [{"path": "/s.safetensors", "weight": math.inf}]}, "field 'loras'[0] weight must be a finite"),
+        ({"loras": [{"path": "/s.safetensors", "scale": 1}]}, "field 'loras'[0] must be an object with path"),
+        ({"loras": [{"path": "/s.safetensors", "sha256": "abc"}]}, "field 'loras' s.safetensors sha256 must be a "),
         ({"eta": 0.5, "sampler": "euler"}, "field 'eta' applies to the ddim sampler only, not euler"),
         ({"strength": 0.5}, "field 'strength' is not used by txt2img"),
         ({"mode": "img2img", "image": "/in.png", "strength": 0.3, "steps": 3},
@@ -122,7 +129,7 @@ def test_png_metadata_round_trip(tmp_path):
     again = recipe_from_metadata(read, f"--replay {path}")
     assert again == r.replace(width=64, height=32)
     with Image.open(path) as im:
-        assert im.info[PARAMETERS_KEY].startswith("a fox\nNegative prompt: blurry\nSteps: 25, Sampler: ddim")
+        assert im.info[PARAMETERS_KEY].startswith("a fox\nNegative prompt: blurry\nSteps: 25, Sampler: DDIM,")
     assert METADATA_KEY in png_text(meta)
     with pytest.raises(ConfigError, match=r"field 'steps'"):
         recipe_from_metadata({**read, "steps": -1}, f"--replay {path}")
@@ -273,3 +280,116 @@ def test_image_at_its_own_size_must_fit_the_model(tmp_path):
     resolved = resolve(r.replace(width=128, height=64), _fake_model())
     assert resolved.inputs["image"].shape == (1, 3, 64, 128)
     assert os.path.exists(tmp_path / "in.png")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sampler names, Karras sigmas, LoRAs, other tools' parameters text
+
+
+@pytest.mark.parametrize(
+    ("typed", "sampler", "karras"),
+    [("DPM++ 2M Karras", "dpmpp_2m", True), ("dpm++ 2m karras", "dpmpp_2m", True), ("DPM++ 2M", "dpmpp_2m", False),
+     ("Euler a", "euler_ancestral", False), ("k_euler_a", "euler_ancestral", False), ("DPM2 Karras", "kdpm2", True),
+     ("PLMS", "pndm", False), ("UniPC", "unipc", False), ("LCM", "lcm", False), ("Heun", "heun", False),
+     ("DDPM", "ddpm", False), ("DDIM", "ddim", False), ("Euler", "euler", False),
+     ("euler-a", "euler_ancestral", None), ("dpmpp_2m", "dpmpp_2m", None), ("euler", "euler", None)],
+)  # fmt: skip
+def test_web_ui_sampler_names_set_the_sampler_and_its_grid(typed, sampler, karras):
+    r = Recipe.from_dict({**BODY, "sampler": typed})
+    assert (r.sampler, r.karras) == (sampler, karras)  # our own names keep the model's own grid (None)
+
+
+def test_karras_reaches_the_grid_and_the_metadata():
+    resolved = resolve(Recipe.from_dict({**BODY, "sampler": "DPM++ 2M Karras"}), _fake_model())
+    assert (resolved.sampler, resolved.karras) == ("dpmpp_2m", True)
+    assert resolved.sampler_config(_fake_model()).karras_sigmas
+    plain = resolve(Recipe.from_dict({**BODY, "sampler": "DPM++ 2M"}), _fake_model())
+    assert (plain.sampler, plain.karras) == ("dpmpp_2m", False)
+    # our own name keeps the model's grid: a model whose scheduler asks for Karras sigmas keeps them ...
+    karras_model = _fake_model()
+    karras_model.sampler_config = SamplerConfig(sampler="dpmpp_2m", karras_sigmas=True)
+    assert resolve(Recipe.from_dict({**BODY, "sampler": "dpmpp_2m"}), karras_model).karras
+    # ... the web UI's plain name does not; a sampler without sigmas never reports them
+    assert not resolve(Recipe.from_dict({**BODY, "sampler": "DPM++ 2M"}), karras_model).karras
+    assert not resolve(Recipe.from_dict({**BODY, "sampler": "ddim"}), karras_model).karras
+    with pytest.raises(ConfigError, match=r"field 'karras' \(this model's own sampler is pndm\): Karras sigmas apply"):
+        resolve(Recipe.from_dict({**BODY, "karras": True}), _fake_model())
+    r = Recipe.from_dict({**BODY, "sampler": "DPM++ 2M Karras"})
+    meta = to_metadata(r, width=64, height=64, sampler="dpmpp_2m", karras=True, provenance={})
+    assert "Sampler: DPM++ 2M Karras," in png_text(meta)[PARAMETERS_KEY]
+    assert (meta["sampler"], meta["karras"]) == ("dpmpp_2m", True)
+    assert recipe_from_metadata(json.loads(json.dumps(meta)), "x") == r.replace(width=64, height=64)
+    unipc = to_metadata(r.replace(sampler="unipc"), width=64, height=64, sampler="unipc", karras=True, provenance={})
+    assert "Sampler: UniPC, Schedule type: Karras," in png_text(unipc)[PARAMETERS_KEY]
+
+
+def test_a_version_1_png_replays_on_the_models_own_grid_without_loras():
+    meta = to_metadata(Recipe.from_dict(BODY), width=64, height=64, sampler="pndm", provenance={})
+    old = {k: v for k, v in meta.items() if k not in ("karras", "loras")} | {"format_version": 1}
+    r = recipe_from_metadata(old, "x")
+    assert (r.karras, r.loras) == (None, ())
+    with pytest.raises(ConfigError, match="the metadata lacks karras, loras"):  # version 2 must have them
+        recipe_from_metadata({**old, "format_version": 2}, "x")
+
+
+def test_lcm_without_a_guidance_gets_guidance_1():
+    assert Recipe.from_dict({**BODY, "sampler": "LCM"}).guidance == 1.0
+    assert Recipe.from_dict({**BODY, "sampler": "LCM", "guidance": 3}).guidance == 3.0
+    assert Recipe.from_dict({**BODY, "sampler": "euler"}).guidance == 7.5
+
+
+def test_loras_round_trip_through_json_and_metadata(tmp_path):
+    loras = [{"path": "/l/style.safetensors", "weight": 1},
+             {"path": "/l/detail.safetensors", "weight": -0.5, "sha256": "a" * 64}]  # fmt: skip
+    r = Recipe.from_dict({**BODY, "loras": loras})
+    assert r.loras[0].weight == 1.0 and isinstance(r.loras[0].weight, float)
+    assert Recipe.from_dict(json.loads(r.to_json())) == r
+    text = png_text(to_metadata(r, width=64, height=64, sampler="pndm", provenance={}))
+    assert 'LoRA: "style.safetensors: 1.0, detail.safetensors: -0.5"' in text[PARAMETERS_KEY]
+
+
+def test_check_lora_files_hashes_and_refuses_another_file_under_the_same_name(tmp_path):
+    path = tmp_path / "style.safetensors"
+    path.write_bytes(b"one")
+    from diffusekit.pipelines.recipe import check_lora_files
+
+    (lora,) = check_lora_files(Recipe.from_dict({**BODY, "loras": [{"path": str(path)}]}).loras)
+    assert lora.sha256 == "7692c3ad3540bb803c020b3aee66cd8887123234ea0c6e7143c0add73ff431ed"  # sha256sum of b"one"
+    assert check_lora_files([lora]) == (lora,)
+    path.write_bytes(b"two")
+    with pytest.raises(ConfigError, match=r"style.safetensors: a different file under the same name: its SHA-256 "
+                                          r"is 3fc4ccfe7458\.\.\., the image was made with 7692c3ad3540"):  # fmt: skip
+        check_lora_files([lora])
+    path.unlink()
+    with pytest.raises(ConfigError, match=r"^--lora .*style.safetensors: no such file$"):
+        check_lora_files([lora], lambda f: "--lora")
+
+
+WEB_UI_TEXT = """a lighthouse at dusk, <lora:film grain:0.7> oil
+second line
+Negative prompt: blurry, low quality
+Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 6.5, Seed: 1234, Size: 512x768, Model hash: \
+abc123, Model: dreamshaper, Clip skip: 2, Lora hashes: "film grain: 0123456789ab", Version: v1.9.0"""
+
+
+def test_parameters_of_another_tool_read_as_recipe_fields():
+    from diffusekit.pipelines.recipe import recipe_from_parameters
+
+    p = recipe_from_parameters(WEB_UI_TEXT.replace("\\\n", ""), "--replay x.png")
+    assert p.fields == {"prompt": "a lighthouse at dusk,  oil\nsecond line", "negative_prompt": "blurry, low quality",
+                        "steps": 20, "sampler": "euler_ancestral", "karras": False, "guidance": 6.5, "seed": 1234,
+                        "width": 512, "height": 768}  # fmt: skip
+    assert p.loras == {"film grain": 0.7}
+    assert p.unused == ["Clip skip", "Lora hashes"]
+    karras = recipe_from_parameters("x\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7", "w")
+    assert (karras.fields["sampler"], karras.fields["karras"]) == ("dpmpp_2m", True)
+    old_style = recipe_from_parameters("x\nSteps: 20, Sampler: DPM++ 2M Karras, Eta: 0.5", "w")
+    assert (old_style.fields["sampler"], old_style.fields["karras"], old_style.unused) == ("dpmpp_2m", True, ["Eta"])
+    for text, match in [("no settings", "has no 'Steps: N, Sampler: ...' line"),
+                        ("x\nSteps: 20, Sampler: DPM++ 3M SDE", "'Sampler' must be a sampler name"),
+                        ("x\nSteps: 20, Sampler: DDIM, Schedule type: Karras", "'Schedule type' Karras: Karras sigmas"),
+                        ("x\nSteps: 20, Schedule type: Exponential", "'Schedule type' 'Exponential' is not supported"),
+                        ("x\nSteps: twenty", "'Steps' 'twenty' is not a number"),
+                        ("x\nSteps: 20, Size: big", "'Size' must be WIDTHxHEIGHT")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            recipe_from_parameters(text, "w")

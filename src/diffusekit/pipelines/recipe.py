@@ -10,6 +10,12 @@ tools write it), and runs against a loaded :class:`StableDiffusion` with :func:`
 Image i of a run gets its own generator seeded with its own seed (``generators_from_seeds``), so a replay of
 one image on the same machine, device and dtype reproduces it bit for bit. A replay that differs says why
 (:func:`replay_differences`): the model's files, the input images, the device or the batch it was made in.
+
+Samplers are named as users type them, the popular web UI's names included (``"DPM++ 2M Karras"`` is
+``dpmpp_2m`` on Karras sigmas: :mod:`diffusekit.samplers.names`). LoRA files (:class:`Lora`) are part of the
+recipe: :func:`apply_loras` attaches them once per run and records each file's SHA-256, so a replay refuses
+a different file under the same name. :func:`recipe_from_parameters` reads the ``parameters`` text other SD
+tools write, for replaying their PNGs with a model the user names.
 """
 
 from __future__ import annotations
@@ -30,19 +36,21 @@ from PIL import Image
 from torch import Tensor
 
 from diffusekit.errors import ConfigError, DiffusekitError
-from diffusekit.limits import check_float, check_int
+from diffusekit.limits import check_flag, check_float, check_int
 from diffusekit.pipelines.common import generators_from_seeds
 from diffusekit.pipelines.denoise import grid_for, sampler_for
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.samplers.common import StepInfo
-from diffusekit.samplers.config import ALIASES, SAMPLERS
+from diffusekit.samplers.config import ALIASES, SAMPLERS, SamplerConfig
+from diffusekit.samplers.names import KARRAS, KARRAS_SAMPLERS, WEB_UI, check_karras, lookup, web_ui_name
 
 MODES = ("txt2img", "img2img", "inpaint")
-# the spellings users type for the common samplers -> our sampler names
-_SPELLINGS = {"dpm++2m": "dpmpp_2m", "euler": "euler", "euler-a": "euler_ancestral", "ddim": "ddim", "pndm": "pndm",
-              "ddpm": "ddpm"}  # fmt: skip
-USER_SAMPLERS = (*_SPELLINGS, *(s for s in SAMPLERS if s not in _SPELLINGS.values()))  # as messages list them
-SAMPLER_NAMES = {**_SPELLINGS, **ALIASES, **{s: s for s in SAMPLERS}}  # every accepted spelling -> ours
+USER_SAMPLERS = (*(n.name for n in WEB_UI), *SAMPLERS)  # as messages list them
+# every spelling accepted as written -> our sampler (case-insensitive forms: samplers.names.lookup)
+SAMPLER_NAMES = {**{s: s for s in SAMPLERS}, **ALIASES,
+                 **{spelling: n.sampler for n in WEB_UI for spelling in (n.name, *n.aliases)}}  # fmt: skip
+LCM_GUIDANCE = 1.0  # the guidance latent consistency models are distilled for (Luo et al. 2023, sec. 4.2)
+MAX_LORAS = 32
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_SEED = 2**63 - 1
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 8, 16384, 8  # pixels; guards replays of hostile files as much as typos
@@ -52,13 +60,14 @@ MAX_PROMPT_CHARS = 10_000
 MAX_PATH_CHARS = 4096
 DEFAULTS: dict[str, Any] = {"negative_prompt": "", "seed": 0, "steps": 25, "guidance": 7.5, "sampler": None,
                             "width": None, "height": None, "eta": None, "tokenizer": None, "image": None,
-                            "mask": None, "dtype": "float32"}  # fmt: skip
+                            "mask": None, "dtype": "float32", "karras": None, "loras": ()}  # fmt: skip
 DEFAULT_STRENGTH = {"txt2img": None, "img2img": 0.6, "inpaint": 1.0}
 
 METADATA_KEY = "diffusekit"  # PNG text chunk holding the JSON metadata
 PARAMETERS_KEY = "parameters"  # PNG text chunk in the human-readable form other SD tools use
 METADATA_FORMAT = "diffusekit-generation"
-METADATA_VERSION = 1
+METADATA_VERSION = 2  # 2 added karras and loras; a version-1 PNG used neither (the model's own sigma grid)
+READ_VERSIONS = (1, 2)
 MAX_METADATA_CHARS = 1_000_000
 
 Namer = Callable[[str], str]
@@ -74,10 +83,27 @@ def json_field(field: str) -> str:
 
 
 @dataclass(frozen=True)
+class Lora:
+    """A LoRA file applied with ``weight`` (the popular UIs' multiplier: 1 as trained, 0 off, < 0 subtracts).
+    ``sha256`` is the file's content hash, recorded when it ran (None before: :func:`apply_loras` fills it);
+    a recorded hash must match the file found at ``path`` again."""
+
+    path: str
+    weight: float = 1.0
+    sha256: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The file name, by which a replay matches a recorded LoRA to a given file."""
+        return Path(self.path).name
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything that decides one generated image (besides the machine). ``sampler=None`` means the
-    model's own sampler; ``width``/``height`` None mean the model's native size (txt2img) or the input
-    image's size (img2img, inpaint). ``model``, ``tokenizer``, ``image`` and ``mask`` are paths."""
+    model's own sampler; ``karras`` None its own noise-level grid, True/False Karras sigmas or not;
+    ``width``/``height`` None mean the model's native size (txt2img) or the input image's size (img2img,
+    inpaint). ``model``, ``tokenizer``, ``image``, ``mask`` and the ``loras``' files are paths."""
 
     mode: str
     prompt: str
@@ -95,6 +121,8 @@ class Recipe:
     image: str | None
     mask: str | None
     dtype: str
+    karras: bool | None = None
+    loras: tuple[Lora, ...] = ()
 
     @classmethod
     def from_dict(
@@ -102,7 +130,10 @@ class Recipe:
     ) -> Recipe:
         """A validated recipe from a JSON-like dict. ``complete``: every field must be present (a PNG's
         metadata); else ``mode``, ``prompt`` and ``model`` must be, and the others take their defaults.
-        Keys that are no field are refused unless ``allow_unknown`` (a PNG carries provenance beside them)."""
+        Keys that are no field are refused unless ``allow_unknown`` (a PNG carries provenance beside them).
+        ``sampler`` may be any accepted name (``"DPM++ 2M Karras"`` sets ``karras`` too); ``loras`` is a list
+        of ``{"path", "weight", "sha256"}`` objects (weight 1 and no hash when left out). Without a
+        ``guidance`` the LCM sampler gets LCM_GUIDANCE, the others the default."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"a recipe must be a JSON object, got {_short(type(data).__name__)}")
         names = [f.name for f in dataclasses.fields(cls)]
@@ -120,8 +151,11 @@ class Recipe:
         for n in ("guidance", "eta", "strength"):  # JSON writes 7.0 as 7
             if type(values[n]) is int:
                 values[n] = float(values[n])
-        recipe = cls(**values).validated(name)
-        return recipe.replace(sampler=check_sampler(name("sampler"), recipe.sampler))  # our name for it
+        values["sampler"], values["karras"] = sampler_and_grid(name, values["sampler"], values["karras"])
+        values["loras"] = loras_from_json(name("loras"), values["loras"])
+        if "guidance" not in data and values["sampler"] == "lcm":
+            values["guidance"] = LCM_GUIDANCE
+        return cls(**values).validated(name)
 
     def validated(self, name: Namer = json_field) -> Recipe:
         """This recipe if every field is valid; else a ConfigError naming the field as ``name(field)``."""
@@ -132,7 +166,12 @@ class Recipe:
         check_int(name("seed"), self.seed, 0, MAX_SEED)
         check_int(name("steps"), self.steps, 1, MAX_STEPS)
         check_float(name("guidance"), self.guidance, 0.0, MAX_GUIDANCE)
-        check_sampler(name("sampler"), self.sampler)
+        sampler = None if self.sampler is None else lookup(self.sampler, name("sampler"))[0]
+        if self.karras is not None:
+            check_flag(name("karras"), self.karras)
+            if sampler is not None:
+                check_karras(name("sampler"), sampler, self.karras)
+        check_loras(name("loras"), self.loras)
         for field in ("width", "height"):
             if getattr(self, field) is not None:
                 check_side(name(field), getattr(self, field))
@@ -140,7 +179,7 @@ class Recipe:
             raise ConfigError(f"{name('width')} and {name('height')} must be given together")
         if self.eta is not None:
             check_float(name("eta"), self.eta, 0.0, 1.0)
-            if self.sampler not in (None, "ddim"):
+            if sampler not in (None, "ddim"):
                 raise ConfigError(f"{name('eta')} applies to the ddim sampler only, not {self.sampler}")
         if self.mode == "txt2img":
             for field in ("strength", "image", "mask"):
@@ -172,7 +211,9 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a dict of JSON values (what :meth:`from_dict` reads back)."""
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["loras"] = [dataclasses.asdict(lora) for lora in self.loras]
+        return data
 
     def to_json(self) -> str:
         """Standard JSON (never NaN or Infinity: the fields are validated finite)."""
@@ -195,12 +236,67 @@ def check_path(where: str, value: Any) -> str:
 
 
 def check_sampler(where: str, value: Any) -> str | None:
-    """A sampler name as users type it -> ours (None stays None: the model's own sampler)."""
+    """A sampler name as users type it -> ours (None stays None: the model's own sampler), for callers that
+    have no Karras grid to offer: a Karras name is refused rather than run on another grid."""
     if value is None:
         return None
-    if not isinstance(value, str) or value not in SAMPLER_NAMES:
-        raise ConfigError(f"{where} must be one of {', '.join(USER_SAMPLERS)}, got {_short(value)}")
-    return SAMPLER_NAMES[value]
+    sampler, karras = lookup(value, where)
+    if karras:
+        plain = web_ui_name(sampler, False)
+        raise ConfigError(f"{where} {value!r}: Karras sigmas are not available here; use {plain!r}")
+    return sampler
+
+
+def sampler_and_grid(name: Namer, sampler: Any, karras: Any) -> tuple[str | None, bool | None]:
+    """(our sampler, karras) from a sampler name as typed and a ``karras`` value; a web-UI name fixes
+    ``karras`` (``"DPM++ 2M"``: False) and a ``karras`` that contradicts it is refused."""
+    if sampler is None:
+        return None, karras
+    ours, named = lookup(sampler, name("sampler"))
+    if named is not None and karras is not None and karras is not named:
+        raise ConfigError(f"{name('sampler')} {sampler!r} and {name('karras')} {_short(karras)} disagree; "
+                          f"give one of them")  # fmt: skip
+    return ours, named if karras is None else karras
+
+
+def check_sha256(where: str, value: Any) -> str:
+    """A SHA-256 as 64 lower-case hex digits."""
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ConfigError(f"{where} must be a SHA-256 (64 hex digits), got {_short(value)}")
+    return value
+
+
+def check_loras(where: str, loras: Any) -> tuple[Lora, ...]:
+    """A tuple of at most MAX_LORAS :class:`Lora` with sane paths, weights and hashes."""
+    if not isinstance(loras, tuple) or len(loras) > MAX_LORAS or not all(isinstance(x, Lora) for x in loras):
+        raise ConfigError(f"{where} must be a list of at most {MAX_LORAS} LoRA files, got {_short(loras)}")
+    from diffusekit.networks.lora import check_weight
+
+    for lora in loras:
+        check_path(f"{where} path", lora.path)
+        check_weight(f"{where} {lora.name} weight", lora.weight)
+        if lora.sha256 is not None:
+            check_sha256(f"{where} {lora.name} sha256", lora.sha256)
+    return loras
+
+
+def loras_from_json(where: str, value: Any) -> tuple[Lora, ...]:
+    """``[{"path": ..., "weight": 0.8, "sha256": ...}, ...]`` (weight and sha256 optional) -> Loras."""
+    if isinstance(value, tuple) and all(isinstance(x, Lora) for x in value):
+        return check_loras(where, value)
+    if not isinstance(value, list | tuple) or len(value) > MAX_LORAS:
+        raise ConfigError(f"{where} must be a list of at most {MAX_LORAS} objects {{\"path\": FILE, \"weight\": "
+                          f"NUMBER}}, got {_short(value)}")  # fmt: skip
+    out = []
+    keys = [f.name for f in dataclasses.fields(Lora)]
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping) or "path" not in item or any(k not in keys for k in item):
+            raise ConfigError(f"{where}[{i}] must be an object with path (and weight, sha256), got {_short(item)}")
+        from diffusekit.networks.lora import check_weight
+
+        weight = check_weight(f"{where}[{i}] weight", item.get("weight", 1.0))
+        out.append(Lora(item["path"], weight, item.get("sha256")))
+    return check_loras(where, tuple(out))
 
 
 def check_side(where: str, value: Any) -> int:
@@ -237,12 +333,16 @@ def _short(value: Any) -> str:
 # PNG metadata
 
 
-def to_metadata(recipe: Recipe, *, width: int, height: int, sampler: str, provenance: Mapping[str, Any]) -> dict:
-    """The JSON object stored in a PNG: the recipe with the size and sampler it ran with, plus
-    ``provenance`` (device, batch size, input-file hashes, model fingerprints, ...)."""
+def to_metadata(
+    recipe: Recipe, *, width: int, height: int, sampler: str, provenance: Mapping[str, Any], karras: bool | None = None
+) -> dict:
+    """The JSON object stored in a PNG: the recipe with the size, sampler and grid (``karras``; default the
+    recipe's) it ran with, plus ``provenance`` (device, batch size, input-file hashes, model fingerprints, ...).
+    The recipe's LoRAs should carry their hashes (:func:`apply_loras` returns them so)."""
     from diffusekit import __version__
 
-    data = recipe.replace(width=width, height=height, sampler=sampler).to_dict()
+    karras = recipe.karras if karras is None else karras
+    data = recipe.replace(width=width, height=height, sampler=sampler, karras=karras).to_dict()
     return {"format": METADATA_FORMAT, "format_version": METADATA_VERSION, "diffusekit_version": __version__,
             **data, **provenance}  # fmt: skip
 
@@ -255,15 +355,21 @@ def png_text(meta: Mapping[str, Any]) -> dict[str, str]:
 
 def parameters_text(meta: Mapping[str, Any]) -> str:
     """The human-readable ``parameters`` chunk: prompt, negative prompt, then ``Key: value`` pairs."""
+    karras = bool(meta.get("karras"))
+    combined = web_ui_name(meta["sampler"], karras)  # "DPM++ 2M Karras"; else the plain name + Schedule type
+    shown = combined or web_ui_name(meta["sampler"], False)
+    loras = ", ".join(f"{Path(x['path']).name}: {x['weight']}" for x in meta.get("loras") or ())
     fields = [
         ("Steps", meta["steps"]),
-        ("Sampler", meta["sampler"]),
+        ("Sampler", shown or meta["sampler"]),
+        ("Schedule type", KARRAS if karras and combined is None else None),
         ("CFG scale", meta["guidance"]),
         ("Seed", meta["seed"]),
         ("Size", f"{meta['width']}x{meta['height']}"),
         ("Model", Path(meta["model"]).name),
         ("Denoising strength", meta["strength"]),
         ("Eta", meta["eta"]),
+        ("LoRA", json.dumps(loras) if loras else None),  # quoted as the web UI quotes values with commas
         ("Mode", meta["mode"]),
         ("Version", f"diffusekit {meta['diffusekit_version']}"),
     ]
@@ -304,20 +410,112 @@ def read_png_metadata(path: str | os.PathLike, where: str = "--replay") -> dict[
         raise ConfigError(f"{where}: the '{METADATA_KEY}' metadata is not valid JSON ({_short(e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the '{METADATA_KEY}' metadata is not a JSON object")
-    if data.get("format") != METADATA_FORMAT or data.get("format_version") != METADATA_VERSION:
+    if data.get("format") != METADATA_FORMAT or data.get("format_version") not in READ_VERSIONS:
         raise ConfigError(
             f"{where}: unknown metadata format {_short(data.get('format'))} version "
-            f"{_short(data.get('format_version'))}; this diffusekit reads {METADATA_FORMAT} version {METADATA_VERSION}"
+            f"{_short(data.get('format_version'))}; this diffusekit reads {METADATA_FORMAT} versions "
+            f"{', '.join(map(str, READ_VERSIONS))}"
         )
     return data
 
 
 def recipe_from_metadata(data: Mapping[str, Any], where: str) -> Recipe:
-    """The validated recipe of a PNG's metadata; messages read ``{where}: field 'steps' ...``."""
-    missing = [f.name for f in dataclasses.fields(Recipe) if f.name not in data]
+    """The validated recipe of a PNG's metadata; messages read ``{where}: field 'steps' ...``. Version-1
+    metadata predates ``karras`` and ``loras``: it ran on the model's own grid, without LoRAs."""
+    optional = ("karras", "loras") if data.get("format_version") == 1 else ()
+    missing = [f.name for f in dataclasses.fields(Recipe) if f.name not in data and f.name not in optional]
     if missing:
         raise ConfigError(f"{where}: the metadata lacks {', '.join(missing)}")
+    data = {**{k: DEFAULTS[k] for k in optional}, **data}
     return Recipe.from_dict(data, name=lambda field: f"{where}: field '{field}'", complete=True, allow_unknown=True)
+
+
+# the ``parameters`` text other SD tools write: "Key: value" pairs, a value quoted when it holds a comma
+_PAIR = re.compile(r'\s*([A-Za-z][\w \-/().]*?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+# its keys -> (recipe field, parser); a key not here is listed as unused
+_PARAMETER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int),
+    "Denoising strength": ("strength", float), "Eta": ("eta", float), "Sampler": ("sampler", str),
+    "Schedule type": ("karras", str), "Size": ("width", str),
+}  # fmt: skip
+_IGNORED_KEYS = ("Model", "Model hash", "Version", "Mode", "LoRA")  # identify the model or tool: nothing to redo
+_EXTRA_NETWORK = re.compile(r"<(lora|lyco|hypernet):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """What :func:`recipe_from_parameters` read: recipe ``fields``, the LoRAs the prompt names as
+    ``<lora:NAME:WEIGHT>`` (taken out of the prompt), and the settings it cannot redo (``unused``)."""
+
+    fields: dict[str, Any]
+    loras: dict[str, float]
+    unused: list[str]
+
+
+def recipe_from_parameters(text: str, where: str) -> Parameters:
+    """The settings of another SD tool's ``parameters`` PNG text (prompt lines, ``Negative prompt: ...``,
+    then ``Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x768, ...``)
+    as recipe fields: prompt, negative_prompt, steps, guidance, seed, sampler and karras (web-UI names),
+    width and height, strength, eta (DDIM only). Values are checked by :meth:`Recipe.validated` later;
+    a value that does not parse, an unknown sampler or schedule type is a ConfigError naming
+    ``{where}: 'Key'``. The model and input images are not in the text: the caller names them."""
+    if not isinstance(text, str) or len(text) > MAX_METADATA_CHARS:
+        raise ConfigError(f"{where}: the '{PARAMETERS_KEY}' text is not text of a sane length")
+    lines = text.replace("\r\n", "\n").split("\n")
+    settings = lines.pop() if lines and re.search(r"(^|, )Steps: ", lines[-1]) else ""
+    if not settings:
+        raise ConfigError(f"{where}: the '{PARAMETERS_KEY}' text has no 'Steps: N, Sampler: ...' line")
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:") :].lstrip()
+        (negative if in_negative else prompt).append(line)
+    fields: dict[str, Any] = {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative).strip()}
+    loras: dict[str, float] = {}
+    unused: list[str] = []
+    for match in _EXTRA_NETWORK.finditer(fields["prompt"]):
+        kind, lora_name, weight = match.group(1), match.group(2).strip(), match.group(3)
+        if kind == "hypernet":
+            unused.append(match.group(0))
+            continue
+        try:
+            loras[lora_name] = float(weight) if weight not in (None, "") else 1.0
+        except ValueError:
+            raise ConfigError(f"{where}: the prompt's {match.group(0)} has no numeric weight") from None
+    fields["prompt"] = _EXTRA_NETWORK.sub("", fields["prompt"]).strip()
+    schedule = None
+    for key, value in _PAIR.findall(settings):
+        key, value = key.strip(), value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1].replace('\\"', '"')
+        if key not in _PARAMETER_KEYS:
+            if key not in _IGNORED_KEYS:
+                unused.append(key)
+            continue
+        field, parse = _PARAMETER_KEYS[key]
+        if key == "Size":
+            m = re.fullmatch(r"(\d{1,6})x(\d{1,6})", value)
+            if not m:
+                raise ConfigError(f"{where}: 'Size' must be WIDTHxHEIGHT, got {_short(value)}")
+            fields["width"], fields["height"] = int(m.group(1)), int(m.group(2))
+        elif key == "Schedule type":
+            schedule = value
+        else:
+            try:
+                fields[field] = parse(value)
+            except (ValueError, OverflowError):
+                raise ConfigError(f"{where}: '{key}' {_short(value)} is not a number") from None
+    if "sampler" in fields:
+        fields["sampler"], fields["karras"] = lookup(fields["sampler"], f"{where}: 'Sampler'")
+    if schedule not in (None, "Automatic", KARRAS):
+        raise ConfigError(f"{where}: 'Schedule type' {_short(schedule)} is not supported; allowed: Automatic "
+                          f"(the sampler's own), {KARRAS}")  # fmt: skip
+    if schedule == KARRAS:
+        check_karras(f"{where}: 'Schedule type' {KARRAS}", fields.get("sampler") or "", True)
+        fields["karras"] = True
+    if fields.get("sampler") != "ddim" and fields.pop("eta", None) is not None:
+        unused.append("Eta")  # the web UI records eta for its ancestral samplers too; ours applies to DDIM only
+    return Parameters(fields, loras, unused)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -363,12 +561,21 @@ class Resolved:
     width: int
     height: int
     inputs: dict[str, Tensor]
+    karras: bool = False  # whether the sampler walks Karras sigmas
+
+    def sampler_config(self, sd: StableDiffusion) -> SamplerConfig:
+        """The model's noise schedule with this sampler and grid."""
+        return sd.sampler_config.with_sampler(self.sampler, karras_sigmas=self.karras)
 
 
 def resolve(recipe: Recipe, sd: StableDiffusion, name: Namer = json_field) -> Resolved:
     """Check ``recipe`` against the model ``sd`` and read its input images; ConfigErrors name fields as
     ``name(field)``."""
     sampler = recipe.sampler or sd.sampler_config.sampler
+    karras = sd.sampler_config.karras_sigmas if recipe.karras is None else recipe.karras
+    if recipe.sampler is None and recipe.karras:
+        check_karras(f"{name('karras')} (this model's own sampler is {sampler})", sampler, True)
+    karras = bool(karras) and sampler in KARRAS_SAMPLERS  # other samplers walk no sigma grid
     if recipe.eta is not None and sampler != "ddim":
         raise ConfigError(f"{name('eta')} applies to the ddim sampler only; this model's own sampler is "
                           f"{sampler} (set {name('sampler')} to ddim)")  # fmt: skip
@@ -377,7 +584,8 @@ def resolve(recipe: Recipe, sd: StableDiffusion, name: Namer = json_field) -> Re
         raise ConfigError(f"{name('steps')} must be at most {timesteps} for this model (its training steps), "
                           f"got {recipe.steps}")  # fmt: skip
     try:  # the sampler's own rules for its grid (a consistency model's step limit, ...), in the caller's words
-        grid_for(sampler_for(sd.sampler_config, sampler, recipe.eta), recipe.steps, recipe.strength or 1.0)
+        config = sampler_for(sd.sampler_config.with_sampler(sampler, karras_sigmas=karras), None, recipe.eta)
+        grid_for(config, recipe.steps, recipe.strength or 1.0)
     except ConfigError as e:
         raise ConfigError(_LIBRARY_NAMES.sub(lambda m: name(_FIELDS[m.group(1)]) + " ", str(e))) from None
     multiple = math.lcm(SIDE_MULTIPLE, sd.latent_multiple)
@@ -396,7 +604,60 @@ def resolve(recipe: Recipe, sd: StableDiffusion, name: Namer = json_field) -> Re
         if size[0] % multiple or size[1] % multiple:
             raise ConfigError(f"{name('image')} is {size[0]}x{size[1]} pixels, but its width and height must be "
                               f"multiples of {multiple} {why}; set {name('width')} to resize it")  # fmt: skip
-    return Resolved(sampler, size[0], size[1], inputs)
+    return Resolved(sampler, size[0], size[1], inputs, karras)
+
+
+def check_lora_files(loras: Sequence[Lora], name: Namer = json_field) -> tuple[Lora, ...]:
+    """``loras`` with each file's SHA-256 filled in, before any model is loaded. A ConfigError naming
+    ``name('loras')`` for a missing or unreadable file, or one whose content differs from the hash the
+    LoRA carries (a replay given a different file under the same name)."""
+    from diffusekit.io.fingerprint import file_sha256
+
+    out = []
+    for lora in loras:
+        where = f"{name('loras')} {lora.path}"
+        if not Path(lora.path).is_file():
+            raise ConfigError(f"{where}: no such file")
+        try:
+            digest = file_sha256(lora.path)
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot be read ({e.strerror or e})") from None
+        if lora.sha256 is not None and digest != lora.sha256:
+            raise ConfigError(f"{where}: a different file under the same name: its SHA-256 is {digest[:12]}..., the "
+                              f"image was made with {lora.sha256[:12]}...")  # fmt: skip
+        out.append(dataclasses.replace(lora, sha256=digest))
+    return tuple(out)
+
+
+def apply_loras(
+    sd: StableDiffusion, loras: Sequence[Lora], name: Namer = json_field, *, verify: bool = True
+) -> tuple[Lora, ...]:
+    """Attach ``loras`` to ``sd`` with their weights (:func:`diffusekit.pipelines.lora.load_lora`, once per run:
+    every image after it uses them) and return them with their files' hashes. ``verify``: hash the files
+    first (:func:`check_lora_files`; pass False for LoRAs it already returned). Errors name ``name('loras')``
+    and the file (another model family, keys that match no layer, a damaged file); on any error the LoRAs
+    attached here are removed again, leaving ``sd`` as it was."""
+    from diffusekit.pipelines import lora as adapters
+
+    checked = check_lora_files(loras, name) if verify else tuple(loras)
+    attached: list[str] = []
+    try:
+        for lora in checked:
+            stem, taken, i = Path(lora.path).stem, set(adapters.lora_weights(sd)), 1
+            label = stem
+            while label in taken:  # the same file name twice (from two folders, or one file given twice)
+                i += 1
+                label = f"{stem}-{i}"
+            try:
+                attached.append(adapters.load_lora(sd, lora.path, weight=lora.weight, name=label))
+            except DiffusekitError as e:
+                text = str(e) if str(e).startswith(lora.path) else f"{lora.path}: {e}"
+                raise type(e)(f"{name('loras')} {text}") from None
+    except BaseException:
+        for label in attached:
+            adapters.remove_lora(sd, label)
+        raise
+    return checked
 
 
 # the pipelines' parameter names (as their messages write them, ``steps=30``) -> recipe fields
@@ -451,6 +712,8 @@ def generate(
     from diffusekit.pipelines.text_to_image import TextToImage
 
     r = batch[0]
+    if resolved.karras != sd.sampler_config.karras_sigmas:  # the same modules with the grid asked for
+        sd = dataclasses.replace(sd, sampler_config=resolved.sampler_config(sd))
     common = dict(
         negative_prompt=[b.negative_prompt for b in batch],
         steps=r.steps,
@@ -479,8 +742,12 @@ __all__ = [
     "DTYPES",
     "METADATA_KEY",
     "PARAMETERS_KEY",
+    "Lora",
+    "Parameters",
     "Recipe",
     "Resolved",
+    "apply_loras",
+    "check_lora_files",
     "generate",
     "json_field",
     "load_inputs",
@@ -489,6 +756,7 @@ __all__ = [
     "png_text",
     "read_png_metadata",
     "recipe_from_metadata",
+    "recipe_from_parameters",
     "replay_differences",
     "resolve",
     "to_metadata",
