@@ -26,8 +26,9 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the server's packages are the 'serve' extra: pip install -e '.[serve]'")
 uvicorn = pytest.importorskip("uvicorn", reason="the server's packages are the 'serve' extra")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))  # tests/fuzz/fuzzing.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))  # tests/fuzz/fuzzing.py, for the fuzz tests
 
+import fuzzing  # noqa: E402, F401 - re-exported: ``from serving import fuzzing``
 from diffusekit.pipelines.loading import load_pipeline  # noqa: E402
 from diffusekit.serve.app import create_app  # noqa: E402
 from diffusekit.serve.community import Limits  # noqa: E402
