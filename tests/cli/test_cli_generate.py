@@ -162,7 +162,7 @@ def test_png_writer_takes_the_next_free_name(tmp_path):
         (["--guidance", "-1"], "--guidance must be a finite number in [0.0, 1000.0]"),
         (["--guidance", "-1e3"], "--guidance must be a finite number in [0.0, 1000.0]"),
         (["--guidance", "inf"], "--guidance must be a finite number"),
-        (["--sampler", "rk4"], "invalid choice: 'rk4'"),
+        (["--sampler", "rk4"], "--sampler must be a sampler name: 'Euler', 'Euler a',"),
         (["--seed", "-1"], "--seed must be an integer in [0,"),
         (["--eta", "0.3"], "--eta applies to the ddim sampler only"),
         (["--n", "0"], "--n must be an integer in [1, 10000]"),

@@ -6,16 +6,23 @@ model loads, runs the recipes in network batches and writes the PNGs. Every PNG 
 metadata (see :mod:`diffusekit.pipelines.recipe`); ``--replay`` makes it again. Image i of a run uses seed
 ``--seed + i`` through its own random generator, and images are generated one per network batch by default,
 so ``--replay`` of any one image reproduces it bit for bit on the same machine, device and dtype.
+
+``--sampler`` takes the popular web UI's names (``"DPM++ 2M Karras"``: :mod:`diffusekit.samplers.names`);
+``--lora FILE[:WEIGHT]`` attaches LoRA files once per run, each recorded with its SHA-256, so ``--replay``
+refuses a different file under the same name. ``--replay`` also reads another SD tool's ``parameters`` text
+(then ``--model`` names the model).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import secrets
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -27,32 +34,44 @@ from diffusekit.errors import ConfigError, DiffusekitError, WeightsError
 from diffusekit.io.fingerprint import file_sha256, model_fingerprint
 from diffusekit.io.png import PngWriter
 from diffusekit.limits import check_int
+from diffusekit.networks.lora import MAX_WEIGHT
 from diffusekit.pipelines.recipe import (
     DEFAULT_STRENGTH,
     DEFAULTS,
     DTYPES,
+    LCM_GUIDANCE,
+    MAX_LORAS,
     MAX_SEED,
     MAX_STEPS,
-    SAMPLER_NAMES,
-    USER_SAMPLERS,
+    PARAMETER_KEYS,
+    Lora,
+    Parameters,
     Recipe,
-    check_sampler,
+    apply_loras,
+    check_lora_files,
     generate,
     parse_size,
     png_text,
     read_png_metadata,
+    read_png_settings,
     recipe_from_metadata,
     replay_differences,
     resolve,
+    sampler_and_grid,
     to_metadata,
 )
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.runtime.policy import pick_device
+from diffusekit.samplers.config import SAMPLERS
+from diffusekit.samplers.names import WEB_UI
 
 MODES = ("txt2img", "img2img", "inpaint")
 RUN_DEFAULTS = {"n": 1, "batch_size": 1}
 # recipe fields whose option is not --FIELD
-_OPTIONS = {"prompt": "PROMPT", "negative_prompt": "--negative", "width": "--size", "height": "--size"}
+_OPTIONS = {"prompt": "PROMPT", "negative_prompt": "--negative", "width": "--size", "height": "--size",
+            "karras": "--sampler", "loras": "--lora"}  # fmt: skip
+LORA_FORM = (f"FILE or FILE:WEIGHT, WEIGHT a number from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} (default 1), e.g. "
+             "style.safetensors:0.8")  # fmt: skip
 
 
 def option_name(field: str) -> str:
@@ -106,6 +125,41 @@ class Job:
     batch_size: int
     compare_with: Path | None = None  # a replayed PNG to compare the result with
     name: Callable[[str], str] = option_name  # how messages name a recipe field
+    guidance_given: bool = True  # False: the default guidance, which an LCM run replaces with LCM_GUIDANCE
+    notes: list[str] = dataclass_field(default_factory=list)  # printed to stderr before the run (unless --quiet)
+
+
+def parse_lora(text: str) -> tuple[str, float | None]:
+    """``--lora FILE[:WEIGHT]`` -> (absolute path, weight or None when not given). A FILE that exists is
+    taken whole (its name may hold a ':'); else the text after the last ':' is the weight, unless it holds a
+    path separator. A ConfigError naming --lora for an empty file, a weight that is no finite number in range."""
+    path, weight = text, None
+    if not Path(text).is_file() and ":" in text:
+        head, tail = text.rsplit(":", 1)
+        if "/" not in tail and "\\" not in tail:
+            path, weight = head, tail
+    if not path:
+        raise ConfigError(f"--lora {text!r}: no file named; write {LORA_FORM}")
+    if weight is None:
+        return str(Path(path).absolute()), None
+    try:
+        value = float(weight)
+    except ValueError:
+        raise ConfigError(f"--lora {text!r}: the weight {weight!r} is not a number; write {LORA_FORM}") from None
+    if not math.isfinite(value) or abs(value) > MAX_WEIGHT:
+        raise ConfigError(f"--lora {text!r}: the weight must be a finite number from -{MAX_WEIGHT:g} to "
+                          f"{MAX_WEIGHT:g}, got {weight}")  # fmt: skip
+    return str(Path(path).absolute()), value
+
+
+def _lora_options(args: argparse.Namespace) -> list[tuple[str, float | None]]:
+    given = [parse_lora(text) for text in args.lora or []]
+    if len(given) > MAX_LORAS:
+        raise ConfigError(f"--lora: at most {MAX_LORAS} LoRA files, got {len(given)}")
+    for path, _ in given:
+        if not Path(path).is_file():
+            raise ConfigError(f"--lora {path}: no such file (a LoRA .safetensors file; write {LORA_FORM})")
+    return given
 
 
 def _job_from_args(args: argparse.Namespace, mode: str) -> Job:
@@ -123,6 +177,8 @@ def _job_from_args(args: argparse.Namespace, mode: str) -> Job:
     if seed + len(prompts) * n - 1 > MAX_SEED:
         raise ConfigError(f"--seed {seed} + {len(prompts) * n} images exceeds the largest seed {MAX_SEED}")
     width, height = parse_size(args.size, "--size") if args.size is not None else (None, None)
+    sampler, karras = sampler_and_grid(option_name, args.sampler, None)
+    loras = tuple(Lora(path, 1.0 if weight is None else weight) for path, weight in _lora_options(args))
     base = Recipe(
         mode=mode,
         prompt=prompts[0],
@@ -130,7 +186,9 @@ def _job_from_args(args: argparse.Namespace, mode: str) -> Job:
         seed=seed,
         steps=DEFAULTS["steps"] if args.steps is None else args.steps,
         guidance=DEFAULTS["guidance"] if args.guidance is None else args.guidance,
-        sampler=check_sampler("--sampler", args.sampler),
+        sampler=sampler,
+        karras=karras,
+        loras=loras,
         width=width,
         height=height,
         eta=args.eta,
@@ -145,7 +203,7 @@ def _job_from_args(args: argparse.Namespace, mode: str) -> Job:
     for p_index, prompt in enumerate(prompts):
         for k in range(n):
             images.append(base.replace(prompt=prompt, seed=seed + p_index * n + k).validated(option_name))
-    return Job(images, batch_size)
+    return Job(images, batch_size, guidance_given=args.guidance is not None)
 
 
 def _seed(value: str | None) -> int:
@@ -172,31 +230,24 @@ def _input_path(args: argparse.Namespace, name: str, mode: str) -> str | None:
 
 # Options that may override a replayed PNG's recipe (explicitly given ones only) -> the field they set.
 _OVERRIDES = {"model": "model", "tokenizer": "tokenizer", "negative": "negative_prompt", "steps": "steps",
-              "guidance": "guidance", "sampler": "sampler", "eta": "eta", "strength": "strength", "image": "image",
-              "mask": "mask", "dtype": "dtype"}  # fmt: skip
+              "guidance": "guidance", "eta": "eta", "strength": "strength", "image": "image", "mask": "mask",
+              "dtype": "dtype"}  # fmt: skip
 
 
-def _job_from_replay(args: argparse.Namespace, mode: str) -> Job:
-    source = Path(args.replay)
-    where = f"--replay {source}"
-    recorded = recipe_from_metadata(read_png_metadata(source), where)
-    if recorded.mode != mode:
-        raise ConfigError(f"{where} was made by 'diffusekit {recorded.mode}'; "
-                          f"run 'diffusekit {recorded.mode} --replay {source}'")  # fmt: skip
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe fields set by options given beside --replay (--sampler also sets karras)."""
     for option in ("n", "batch_size"):
         if getattr(args, option) is not None:
             raise ConfigError(f"--{option.replace('_', '-')} cannot be combined with --replay (it makes one image)")
     changes: dict[str, Any] = {}
-    for option, field in _OVERRIDES.items():
+    for option, field_name in _OVERRIDES.items():
         value = getattr(args, option, None)
         if value is not None:
             if option in ("model", "tokenizer", "image", "mask"):
                 value = str(Path(value).absolute())
-            if option == "sampler":
-                value = check_sampler("--sampler", value)
-            changes[field] = value
-    if changes.get("sampler") not in (None, "ddim") and "eta" not in changes:
-        changes["eta"] = None  # the recorded DDIM eta means nothing to the sampler asked for
+            changes[field_name] = value
+    if args.sampler is not None:
+        changes["sampler"], changes["karras"] = sampler_and_grid(option_name, args.sampler, None)
     if args.prompt:
         if len(args.prompt) != 1:
             raise ConfigError("--replay takes at most one PROMPT (it makes one image)")
@@ -205,14 +256,93 @@ def _job_from_replay(args: argparse.Namespace, mode: str) -> Job:
         changes["seed"] = _seed(args.seed)
     if args.size is not None:
         changes["width"], changes["height"] = parse_size(args.size, "--size")
+    return changes
 
-    def name(field: str) -> str:  # an option the user gave, or the field of the PNG
-        return option_name(field) if field in changes else f"{where}: field '{field}'"
+
+def _replay_loras(
+    recorded: tuple[Lora, ...], given: list[tuple[str, float | None]]
+) -> tuple[tuple[Lora, ...], list[str]]:
+    """The LoRAs of a replay: the recorded ones, or the --lora files given, which replace them. A given file
+    named as a recorded one must have its recorded content (its hash is carried over and checked before the
+    model loads) and takes its recorded weight unless it names one. Returns (LoRAs, notes)."""
+    if not given:
+        return recorded, []
+    by_name = {r.name: r for r in recorded}
+    out = []
+    for path, weight in given:
+        r = by_name.get(Path(path).name)
+        out.append(Lora(path, weight if weight is not None else (r.weight if r else 1.0), r.sha256 if r else None))
+    kept = {x.name for x in out}
+    notes = [f"replaying without the LoRA {r.name} the PNG records (the --lora files replace the recorded ones)"
+             for r in recorded if r.name not in kept]  # fmt: skip
+    return tuple(out), notes
+
+
+def _job_from_replay(args: argparse.Namespace, mode: str) -> Job:
+    source = Path(args.replay)
+    where = f"--replay {source}"
+    settings = read_png_settings(source)
+    if isinstance(settings, Parameters):
+        return _job_from_parameters(args, mode, settings, where)
+    recorded = recipe_from_metadata(settings, where)
+    if recorded.mode != mode:
+        raise ConfigError(f"{where} was made by 'diffusekit {recorded.mode}'; "
+                          f"run 'diffusekit {recorded.mode} --replay {source}'")  # fmt: skip
+    changes = _overrides(args)
+    if changes.get("sampler") not in (None, "ddim") and "eta" not in changes:
+        changes["eta"] = None  # the recorded DDIM eta means nothing to the sampler asked for
+    loras, notes = _replay_loras(recorded.loras, _lora_options(args))
+    if loras != recorded.loras:
+        changes["loras"] = loras
+
+    def name(field_name: str) -> str:  # an option the user gave, or the field of the PNG
+        return option_name(field_name) if field_name in changes else f"{where}: field '{field_name}'"
 
     recipe = recorded.replace(**changes).validated(name)
     # the files may have moved; any other change makes a different image, so there is nothing to compare
-    same_recipe = set(changes) <= {"model", "tokenizer", "image", "mask"}
-    return Job([recipe], 1, compare_with=source if same_recipe else None, name=name)
+    same_loras = [(x.name, x.weight, x.sha256) for x in loras] == [(x.name, x.weight, x.sha256) for x in recorded.loras]
+    same_recipe = set(changes) <= {"model", "tokenizer", "image", "mask", "loras"} and same_loras
+    guidance_given = "sampler" not in changes or "guidance" in changes  # another sampler: LCM may pick guidance
+    return Job([recipe], 1, compare_with=source if same_recipe else None, name=name, guidance_given=guidance_given,
+               notes=notes)  # fmt: skip
+
+
+def _job_from_parameters(args: argparse.Namespace, mode: str, p: Parameters, where: str) -> Job:
+    """--replay of another SD tool's PNG: its ``parameters`` settings with the model (and inputs) given."""
+    if args.model is None:
+        raise ConfigError(f"{where} was made by another tool: its 'parameters' text names no model file; pass "
+                          "--model PATH to make it again with its settings")  # fmt: skip
+    changes = _overrides(args)
+    data: dict[str, Any] = {"mode": mode, **p.fields, **changes}
+    notes = [f"{where} was made by another tool: its settings run on --model {changes['model']}; that tool's "
+             "noise differs, so the image will not be the same"]  # fmt: skip
+    if mode == "txt2img" and "strength" in data:
+        data.pop("strength")  # the web UI records its hires fix's strength in txt2img images
+        p.unused.append("Denoising strength")
+    for field_name in ("image", "mask"):
+        if field_name not in data:
+            data[field_name] = _input_path(args, field_name, mode)
+    given = _lora_options(args)
+    loras: list[dict[str, Any]] = []
+    for tag, tag_weight in p.loras.items():  # <lora:NAME:WEIGHT> in the prompt names a file by its stem
+        match = next(((path, w) for path, w in given if tag in (Path(path).stem, Path(path).name)), None)
+        if match is None:
+            raise ConfigError(f"{where}: its prompt uses the LoRA {tag!r} (<lora:{tag}:{tag_weight:g}>); pass "
+                              "--lora FILE for it (its weight defaults to the prompt's)")  # fmt: skip
+        loras.append({"path": match[0], "weight": tag_weight if match[1] is None else match[1]})
+    named = {x["path"] for x in loras}
+    loras += [{"path": path, "weight": 1.0 if w is None else w} for path, w in given if path not in named]
+    data["loras"] = loras
+    if p.unused:
+        notes.append(f"{where}: not used: {', '.join(p.unused)}")
+
+    def name(field_name: str) -> str:
+        if field_name in changes or field_name not in PARAMETER_KEYS or field_name not in p.fields:
+            return option_name(field_name)
+        return f"{where}: '{PARAMETER_KEYS[field_name]}'"
+
+    recipe = Recipe.from_dict(data, name=name)
+    return Job([recipe], 1, name=name, notes=notes, guidance_given="guidance" in data)
 
 
 def _run(args: argparse.Namespace, mode: str) -> int:
@@ -228,6 +358,9 @@ def _run(args: argparse.Namespace, mode: str) -> int:
         if first.tokenizer is not None and not Path(first.tokenizer).is_dir():
             raise ConfigError(f"{name('tokenizer')} {first.tokenizer}: no such folder (a tokenizer folder holds "
                               "vocab.json and merges.txt)")  # fmt: skip
+        loras = check_lora_files(first.loras, name)  # missing files and changed hashes fail before the model loads
+        for note in job.notes if not quiet else ():
+            print(f"note: {note}", file=sys.stderr)
         if not quiet:
             print(f"loading {first.model}", file=sys.stderr)
         try:
@@ -237,16 +370,22 @@ def _run(args: argparse.Namespace, mode: str) -> int:
             if args.replay is None:
                 raise
             raise type(e)(f"--replay {args.replay}: the model it names cannot be loaded: {e}") from None
+        apply_loras(sd, loras, name, verify=False)  # once for the run; another architecture's LoRA fails here
+        images = [r.replace(loras=loras) for r in job.images]  # each with its LoRA files' hashes
         resolved = resolve(first, sd, name)
+        if resolved.sampler == "lcm" and not job.guidance_given and first.guidance != LCM_GUIDANCE:
+            images = [r.replace(guidance=LCM_GUIDANCE) for r in images]
+            if not quiet:
+                print(f"note: {_lcm_note(first, resolved.sampler)}", file=sys.stderr)
         provenance = _provenance(first, job, device)
         if job.compare_with is not None and not quiet:
             for cause in replay_differences(read_png_metadata(job.compare_with), provenance):
                 print(f"warning: {cause}", file=sys.stderr)
-        for start in range(0, len(job.images), job.batch_size):
-            batch = job.images[start : start + job.batch_size]
+        for start in range(0, len(images), job.batch_size):
+            batch = images[start : start + job.batch_size]
             for recipe, image in zip(batch, generate(sd, batch, resolved, show_progress=not quiet)):
                 meta = to_metadata(recipe, width=resolved.width, height=resolved.height, sampler=resolved.sampler,
-                                   provenance=provenance)  # fmt: skip
+                                   karras=resolved.karras, provenance=provenance)  # fmt: skip
                 written.append(writer.write(image, recipe.seed, png_text(meta)))
                 print(written[-1], flush=True)
     finally:
@@ -255,6 +394,13 @@ def _run(args: argparse.Namespace, mode: str) -> int:
     if job.compare_with is not None and not quiet:
         _report_replay(job.compare_with, written[0], provenance)
     return 0
+
+
+def _lcm_note(recipe: Recipe, sampler: str) -> str:
+    said = "--sampler LCM" if recipe.sampler == sampler else f"this model's own sampler is {sampler}"
+    steps = "; LCM needs only 2-8 steps, e.g. --steps 4" if recipe.steps > 8 else ""
+    return (f"{said}: using --guidance {LCM_GUIDANCE:g}, the guidance latent consistency models are made for "
+            f"(pass --guidance to choose another){steps}")  # fmt: skip
 
 
 def _provenance(recipe: Recipe, job: Job, device: torch.device) -> dict[str, Any]:
@@ -397,9 +543,17 @@ def _add_options(p: argparse.ArgumentParser, mode: str) -> None:
     gen.add_argument("--guidance", type=float, metavar="SCALE",
                      help=f"classifier-free guidance scale, >= 0 (default {DEFAULTS['guidance']}); 1 disables "
                      "guidance and the negative prompt")  # fmt: skip
-    gen.add_argument("--sampler", choices=list(SAMPLER_NAMES), metavar="NAME",
-                     help=f"sampler: {', '.join(USER_SAMPLERS)} (plms = pndm) (default: the model's own, pndm for "
-                     "SD-1.x)")  # fmt: skip
+    gen.add_argument("--sampler", metavar="NAME",
+                     help="sampler, as the popular web UI names it (any case; quote names with spaces): "
+                     f"{', '.join(n.name for n in WEB_UI)}; or ours: {', '.join(SAMPLERS)} (our names keep the "
+                     "model's own sigma grid; 'DPM++ 2M Karras' and 'DPM2 Karras' use Karras sigmas). Default: "
+                     "the model's own (PLMS for SD-1.x). LCM uses --guidance 1 unless given, and 2-8 "
+                     "--steps")  # fmt: skip
+    gen.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
+                     help="attach a LoRA file (kohya/A1111 or PEFT .safetensors) with WEIGHT (default 1; 0 is off, "
+                     "negative subtracts it); repeat for several. Recorded in the PNG with the file's SHA-256: "
+                     "--replay refuses a different file under the same name, and --lora beside --replay replaces "
+                     "the recorded files (a recorded name keeps its weight unless one is given)")  # fmt: skip
     gen.add_argument("--eta", type=float, metavar="ETA",
                      help="DDIM noise, 0 (deterministic, default) to 1 (DDPM-like); ddim sampler only")
     gen.add_argument("--seed", metavar="N",
