@@ -380,10 +380,9 @@ def parameters_text(meta: Mapping[str, Any]) -> str:
     return "\n".join([*lines, pairs])
 
 
-def read_png_metadata(path: str | os.PathLike, where: str = "--replay") -> dict[str, Any]:
-    """The ``diffusekit`` JSON object of a PNG this library wrote; a ConfigError starting with ``where`` for
-    anything else (missing or unreadable file, not a PNG, no or malformed chunk) -- never a crash on a
-    hostile file."""
+def _png_texts(path: str | os.PathLike, where: str) -> tuple[Any, Any]:
+    """The ``diffusekit`` and ``parameters`` text chunks of a PNG (None where absent); a ConfigError starting
+    with ``where PATH`` for a missing, unreadable or non-PNG file -- never a crash on a hostile file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{where}: file not found: {path}")
@@ -392,16 +391,32 @@ def read_png_metadata(path: str | os.PathLike, where: str = "--replay") -> dict[
         with Image.open(path) as im:
             if im.format != "PNG":
                 raise ConfigError(f"{where}: not a PNG image (format {im.format})")
-            text = im.info.get(METADATA_KEY)
+            texts = im.info.get(METADATA_KEY), im.info.get(PARAMETERS_KEY)
     except DiffusekitError:
         raise
     except Exception as e:  # Pillow raises many types for malformed files; all mean "unreadable"
         raise ConfigError(f"{where}: not a readable PNG ({type(e).__name__}: {_short(str(e))})") from None
+    return tuple(t.decode("latin-1") if isinstance(t, bytes) else t for t in texts)  # type: ignore[return-value]
+
+
+def read_png_settings(path: str | os.PathLike, where: str = "--replay") -> dict[str, Any] | Parameters:
+    """What a PNG records of how it was made: the ``diffusekit`` JSON object (:func:`read_png_metadata`), or,
+    in a PNG of another SD tool, its ``parameters`` text read by :func:`recipe_from_parameters`."""
+    ours, theirs = _png_texts(path, where)
+    if ours is None and theirs is not None:
+        return recipe_from_parameters(theirs, f"{where} {Path(path)}")
+    return read_png_metadata(path, where)
+
+
+def read_png_metadata(path: str | os.PathLike, where: str = "--replay") -> dict[str, Any]:
+    """The ``diffusekit`` JSON object of a PNG this library wrote; a ConfigError starting with ``where`` for
+    anything else (missing or unreadable file, not a PNG, no or malformed chunk) -- never a crash on a
+    hostile file."""
+    text, _ = _png_texts(path, where)
+    where = f"{where} {Path(path)}"
     if text is None:
-        raise ConfigError(f"{where}: the PNG has no '{METADATA_KEY}' metadata; only images written by "
-                          "diffusekit txt2img/img2img/inpaint can be replayed")  # fmt: skip
-    if isinstance(text, bytes):
-        text = text.decode("latin-1")
+        raise ConfigError(f"{where}: the PNG has no '{METADATA_KEY}' metadata or '{PARAMETERS_KEY}' text; only "
+                          "images written by diffusekit or another SD tool can be replayed")  # fmt: skip
     if not isinstance(text, str) or len(text) > MAX_METADATA_CHARS:
         raise ConfigError(f"{where}: the '{METADATA_KEY}' metadata is not text of a sane length")
     try:
@@ -438,6 +453,7 @@ _PARAMETER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "Denoising strength": ("strength", float), "Eta": ("eta", float), "Sampler": ("sampler", str),
     "Schedule type": ("karras", str), "Size": ("width", str),
 }  # fmt: skip
+PARAMETER_KEYS = {field: key for key, (field, _) in _PARAMETER_KEYS.items()} | {"height": "Size"}  # field -> key
 _IGNORED_KEYS = ("Model", "Model hash", "Version", "Mode", "LoRA")  # identify the model or tool: nothing to redo
 _EXTRA_NETWORK = re.compile(r"<(lora|lyco|hypernet):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 
@@ -755,6 +771,7 @@ __all__ = [
     "parse_size",
     "png_text",
     "read_png_metadata",
+    "read_png_settings",
     "recipe_from_metadata",
     "recipe_from_parameters",
     "replay_differences",
