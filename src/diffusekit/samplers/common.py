@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffusekit.diffusion.edm import SIGMA_DATA, edm_scalings, ve_from_vp
 from diffusekit.diffusion.parametrization import PREDICTION_TYPES, Prediction, split_output
 from diffusekit.errors import ConfigError, check_choice
 
@@ -25,12 +26,12 @@ class Denoiser:
     clamped x0 (DDIM, Song et al. 2021, as commonly implemented).
     """
 
+    sigma_conditioned = False  # the network time is the schedule's t: only the grid's levels can be evaluated
+
     def __init__(self, model: Model, prediction_type: str = "epsilon", clip_sample: float | None = None):
         self.model = model
         self.prediction_type = check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        if clip_sample is not None and not clip_sample > 0:
-            raise ConfigError(f"clip_sample range must be > 0 or None, got {clip_sample!r}")
-        self.clip_sample = clip_sample
+        self.clip_sample = _check_clip(clip_sample)
 
     def __call__(
         self, x_t: Tensor, t: Tensor, alphas_cumprod: Tensor | float, cond: dict[str, Any] | None = None
@@ -38,10 +39,47 @@ class Denoiser:
         out = self.model(x_t, t, **(cond or {}))
         alpha, sigma = alphas_cumprod**0.5, (1 - alphas_cumprod) ** 0.5
         x0, eps = split_output(out, x_t, alpha, sigma, self.prediction_type)
-        if self.clip_sample is not None:
-            r = min(self.clip_sample, torch.finfo(x0.dtype).max)  # a range beyond the dtype means no clamp
-            x0 = x0.clamp(-r, r)
-        return Prediction(x0, eps)
+        return Prediction(_clip(x0, self.clip_sample), eps)
+
+
+class EDMDenoiser:
+    """The EDM preconditioned denoiser D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Karras et al. 2022,
+    eq. 7 and Table 1) behind the same contract as :class:`Denoiser`: called with the VP sample x_t and its
+    abar, it recovers x = x_t / sqrt(abar) and sigma^2 = (1 - abar) / abar, calls the network as
+    ``model(c_in x, c_noise, **cond)`` (the grid's time ``t`` is not used: the noise level is sigma itself) and
+    returns (x0_hat = D, eps_hat = (x - D) / sigma). ``clip_sample`` clamps x0_hat as in :class:`Denoiser`.
+    """
+
+    sigma_conditioned = True  # any noise level can be evaluated (stochastic Heun's raised levels need it)
+
+    def __init__(self, model: Model, sigma_data: float = SIGMA_DATA, clip_sample: float | None = None):
+        self.model = model
+        self.sigma_data = sigma_data
+        self.clip_sample = _check_clip(clip_sample)
+
+    def __call__(
+        self, x_t: Tensor, t: Tensor, alphas_cumprod: Tensor | float, cond: dict[str, Any] | None = None
+    ) -> Prediction:
+        x, sigma = ve_from_vp(x_t, alphas_cumprod)
+        s = edm_scalings(sigma, self.sigma_data)
+        c_skip, c_out, c_in = (c.to(x.device) for c in (s.c_skip, s.c_out, s.c_in))
+        out = self.model(x * c_in.to(x.dtype), s.c_noise.to(x.device, torch.float32), **(cond or {}))
+        x0 = c_skip * x + c_out * out.to(x.dtype)  # eq. 7
+        eps = (x - x0) / sigma.to(x.device)
+        return Prediction(_clip(x0, self.clip_sample).to(x_t.dtype), eps.to(x_t.dtype))
+
+
+def _check_clip(clip_sample: float | None) -> float | None:
+    if clip_sample is not None and not clip_sample > 0:
+        raise ConfigError(f"clip_sample range must be > 0 or None, got {clip_sample!r}")
+    return clip_sample
+
+
+def _clip(x0: Tensor, clip_sample: float | None) -> Tensor:
+    if clip_sample is None:
+        return x0
+    r = min(clip_sample, torch.finfo(x0.dtype).max)  # a range beyond the dtype means no clamp
+    return x0.clamp(-r, r)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffusekit.diffusion.edm import PRECONDITIONINGS, RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, edm_scalings
 from diffusekit.diffusion.grids import (
     SPACINGS,
     Grid,
@@ -28,13 +29,13 @@ from diffusekit.diffusion.grids import (
 from diffusekit.diffusion.parametrization import PREDICTION_TYPES
 from diffusekit.diffusion.schedules import BETA_SCHEDULES, NoiseSchedule, make_betas, rescale_zero_terminal_snr
 from diffusekit.errors import ConfigError, check_choice, check_positive_int, check_range
-from diffusekit.limits import check_flag, translating
-from diffusekit.samplers.common import Denoiser, Generator, Model, StepInfo
+from diffusekit.limits import check_flag, check_float, translating
+from diffusekit.samplers.common import Denoiser, EDMDenoiser, Generator, Model, StepInfo
 from diffusekit.samplers.ddim import sample_ddim
 from diffusekit.samplers.ddpm import VARIANCES, sample_ddpm
 from diffusekit.samplers.dpm_solver import sample_dpmpp_2m
 from diffusekit.samplers.euler import sample_euler, sample_euler_ancestral
-from diffusekit.samplers.heun import sample_heun
+from diffusekit.samplers.heun import Churn, sample_heun
 from diffusekit.samplers.kdpm2 import midpoint_sigma, sample_kdpm2
 from diffusekit.samplers.lcm import sample_lcm
 from diffusekit.samplers.pndm import sample_pndm
@@ -44,6 +45,10 @@ SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm", "lcm
 SIGMA_SAMPLERS = ("euler", "euler_ancestral", "heun", "kdpm2")  # state is the VE sample x0 + sigma eps
 MULTISTEP_SAMPLERS = ("dpmpp_2m", "unipc")  # VP state, integer times, grids on the sigma table
 MAX_TRAIN_TIMESTEPS = 100_000  # the schedule is materialised: refuse a file claiming more before allocating
+# the samplers that run on an EDM-preconditioned model: those whose only use of the grid's times is to pass
+# them to the network (the EDM denoiser reads sigma instead)
+EDM_SAMPLERS = ("ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "unipc")
+EDM_REFERENCE_CLASS = "EDMEulerScheduler"  # the reference's scheduler with this preconditioning
 ALIASES = {"euler-a": "euler_ancestral", "euler_a": "euler_ancestral", "dpm++2m": "dpmpp_2m", "plms": "pndm"}
 
 # the reference's scheduler class names -> our sampler names
@@ -83,6 +88,17 @@ class SamplerConfig:
     original_inference_steps: int = 50  # LCM: the number of times the consistency model was distilled on
     timestep_scaling: float = 10.0  # LCM: s = timestep_scaling * t in the boundary conditions
     reference_rules: bool = False  # reproduce the reference's stepping quirks (set by from_reference)
+    # the EDM preconditioning (Karras et al. 2022, Table 1): the network is F of eq. 7 (prediction_type and the
+    # beta schedule do not apply) and every grid is eq. 5's rho = 7 spacing of [sigma_min, sigma_max]
+    preconditioning: str = "none"  # "none" | "edm"
+    sigma_data: float = SIGMA_DATA
+    sigma_min: float = SIGMA_MIN
+    sigma_max: float = SIGMA_MAX
+    # Heun's stochastic variant (Karras et al. 2022, Alg. 2; S_churn = 0 is the deterministic Alg. 1)
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float | None = None  # None: no upper bound
+    s_noise: float = 1.0
     ignored_keys: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -109,7 +125,27 @@ class SamplerConfig:
         check_range("timestep_scaling", self.timestep_scaling, 1e-6, 1e6)
         for name in ("zero_terminal_snr", "set_alpha_to_one", "karras_sigmas", "reference_rules"):
             check_flag(name, getattr(self, name))
+        self._check_edm()
         self.schedule()  # validates beta_start/beta_end/trained_betas now, not at the first use
+
+    def _check_edm(self) -> None:
+        check_choice("preconditioning", self.preconditioning, PRECONDITIONINGS)
+        check_float("sigma_data", self.sigma_data, 0.0, 1e3, open_low=True)
+        check_float("sigma_min", self.sigma_min, 0.0, 1e3, open_low=True)
+        check_float("sigma_max", self.sigma_max, self.sigma_min, 1e6, open_low=True)
+        self.churn()  # checks s_churn, s_tmin, s_tmax, s_noise
+        if self.preconditioning == "edm" and self.sampler not in EDM_SAMPLERS:
+            raise ConfigError(f"sampler {self.sampler!r} does not run on an EDM-preconditioned model; allowed: "
+                              f"{', '.join(EDM_SAMPLERS)}")  # fmt: skip
+        if self.s_churn > 0 and (self.sampler != "heun" or self.preconditioning != "edm"):
+            raise ConfigError(
+                "s_churn > 0 (stochastic sampling, Karras et al. 2022 Alg. 2) needs sampler 'heun' and "
+                f"preconditioning 'edm', got {self.sampler!r} and {self.preconditioning!r}"
+            )
+
+    def churn(self) -> Churn:
+        """Heun's churn settings (Karras et al. 2022, Alg. 2)."""
+        return Churn(self.s_churn, self.s_tmin, self.s_tmax, self.s_noise)
 
     def with_sampler(self, sampler: str, **changes: Any) -> SamplerConfig:
         """The same schedule with another sampler (as pipelines swap schedulers)."""
@@ -162,17 +198,22 @@ class SamplerConfig:
         if not isinstance(cfg, dict):
             raise ConfigError("scheduler config must be a JSON object")
         cls_name = cfg.get("_class_name")
+        edm = cls_name == EDM_REFERENCE_CLASS
+        if sampler is None and edm:  # our own export names its sampler; the reference's EDM class is Euler
+            sampler = cfg.get("_diffusekit_sampler", "euler") if "_diffusekit_version" in cfg else "euler"
         if sampler is None:
             if not isinstance(cls_name, str) or cls_name not in REFERENCE_CLASSES:
                 raise ConfigError(
-                    f"scheduler _class_name={cls_name!r} is not supported; allowed: {sorted(REFERENCE_CLASSES)}"
+                    f"scheduler _class_name={cls_name!r} is not supported; allowed: "
+                    f"{sorted([*REFERENCE_CLASSES, EDM_REFERENCE_CLASS])}"
                 )
             sampler = REFERENCE_CLASSES[cls_name]
         used = {
             "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
             "rescale_betas_zero_snr", "prediction_type", "timestep_spacing", "steps_offset", "clip_sample",
             "clip_sample_range", "set_alpha_to_one", "variance_type", "use_karras_sigmas",
-            "original_inference_steps", "timestep_scaling",
+            "original_inference_steps", "timestep_scaling", "sigma_min", "sigma_max", "sigma_data", "sigma_schedule",
+            "rho", "s_churn", "s_tmin", "s_tmax", "s_noise",
         }  # fmt: skip
 
         def get(key: str, default: Any) -> Any:
@@ -206,6 +247,14 @@ class SamplerConfig:
             raise ConfigError("PNDM with skip_prk_steps=false is not supported; allowed: skip_prk_steps=true")
         if cfg.get("thresholding"):
             raise ConfigError("dynamic thresholding (thresholding=true) is not supported; allowed: thresholding=false")
+        if edm and (get("sigma_schedule", "karras"), get("rho", RHO), get("prediction_type", "epsilon")) != (
+            "karras", RHO, "epsilon"
+        ):
+            raise ConfigError(
+                f"{EDM_REFERENCE_CLASS} with sigma_schedule={cfg.get('sigma_schedule')!r}, rho={cfg.get('rho')!r}, "
+                f"prediction_type={cfg.get('prediction_type')!r} is not supported; allowed: sigma_schedule='karras', "
+                f"rho={RHO}, prediction_type='epsilon'"
+            )
         trained = cfg.get("trained_betas")
         try:
             return cls(
@@ -226,6 +275,14 @@ class SamplerConfig:
                 original_inference_steps=int(get("original_inference_steps", 50)),
                 timestep_scaling=float(get("timestep_scaling", 10.0)),
                 reference_rules="_diffusekit_version" not in cfg,
+                preconditioning="edm" if edm else "none",
+                sigma_data=float(get("sigma_data", SIGMA_DATA)),
+                sigma_min=float(get("sigma_min", SIGMA_MIN)),
+                sigma_max=float(get("sigma_max", SIGMA_MAX)),
+                s_churn=float(get("s_churn", 0.0)),
+                s_tmin=float(get("s_tmin", 0.0)),
+                s_tmax=None if cfg.get("s_tmax") is None else float(cfg["s_tmax"]),
+                s_noise=float(get("s_noise", 1.0)),
                 ignored_keys=tuple(sorted(k for k in cfg if k not in used and not k.startswith("_"))),
             )
         except (TypeError, ValueError, OverflowError) as e:
@@ -239,9 +296,17 @@ class SamplerConfig:
         from diffusekit import __version__
 
         marker = {} if self.reference_rules else {"_diffusekit_version": __version__}  # our rules on reload
+        edm = {}
+        if self.preconditioning == "edm":  # the reference's EDM class (its "epsilon" is eq. 7's F) + our sampler
+            cls_name = EDM_REFERENCE_CLASS
+            edm = {"_diffusekit_sampler": self.sampler, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
+                   "sigma_data": self.sigma_data, "sigma_schedule": "karras", "rho": RHO}  # fmt: skip
+        churn = {"s_churn": self.s_churn, "s_tmin": self.s_tmin, "s_tmax": self.s_tmax, "s_noise": self.s_noise}
         return {
             "_class_name": cls_name,
             **marker,
+            **edm,
+            **(churn if self.s_churn > 0 else {}),
             "num_train_timesteps": self.num_train_timesteps,
             "beta_schedule": self.beta_schedule,
             "beta_start": self.beta_start,
@@ -287,6 +352,8 @@ def _reference_stride_grid(schedule: NoiseSchedule, timesteps: Tensor, num_steps
 
 def build_grid(config: SamplerConfig, num_steps: int) -> Grid:
     """The grid of ``num_steps`` steps that ``config.sampler`` walks."""
+    if config.preconditioning == "edm":
+        return _edm_grid(config, num_steps)
     schedule = config.schedule()
     T = schedule.num_train_timesteps
     check_positive_int("num_inference_steps", num_steps)
@@ -345,6 +412,18 @@ def build_grid(config: SamplerConfig, num_steps: int) -> Grid:
     return grid.to_precision(torch.float32) if config.reference_rules else grid
 
 
+def _edm_grid(config: SamplerConfig, num_steps: int) -> Grid:
+    """Karras et al. 2022 eq. 5 (rho = 7) from sigma_max down to sigma_min, then sigma = 0; the network times are
+    c_noise = ln(sigma) / 4 (only shown to callbacks: the EDM denoiser reads sigma). The initial state is
+    N(0, sigma_max^2 I) (Alg. 1 line 1): scale sigma_0 for the VE samplers, sigma_0 sqrt(abar_0) for the VP ones."""
+    check_positive_int("num_inference_steps", num_steps)
+    sigmas = karras_sigmas(config.sigma_min, config.sigma_max, num_steps, RHO)
+    t = edm_scalings(sigmas, config.sigma_data).c_noise
+    s0 = float(sigmas[0])
+    init = s0 if config.sampler in SIGMA_SAMPLERS else s0 / (1 + s0**2) ** 0.5
+    return Grid.from_sigmas(t, torch.cat([sigmas, sigmas.new_zeros(1)]), init_noise_sigma=init)
+
+
 def ddpm_noise_mask(config: SamplerConfig, grid: Grid) -> list[bool]:
     """Which DDPM steps add noise: ours, every step that does not land on clean data; the reference's,
     every step whose timestep is > 0 (so a final step from t = 1 still draws)."""
@@ -365,7 +444,10 @@ def run_sampler(
     callback: Callable[[StepInfo], None] | None = None,
 ) -> Tensor:
     """Sample along ``grid`` from the state ``x`` (already scaled by ``grid.init_noise_sigma``)."""
-    denoiser = Denoiser(model, config.prediction_type, config.clip_sample)
+    if config.preconditioning == "edm":
+        denoiser = EDMDenoiser(model, config.sigma_data, config.clip_sample)
+    else:
+        denoiser = Denoiser(model, config.prediction_type, config.clip_sample)
     s = config.sampler
     if s == "ddpm":
         mask = ddpm_noise_mask(config, grid)
@@ -382,7 +464,8 @@ def run_sampler(
     if s == "dpmpp_2m":
         return sample_dpmpp_2m(denoiser, x, grid, cond=cond, callback=callback)
     if s == "heun":
-        return sample_heun(denoiser, x, grid, cond=cond, callback=callback)
+        return sample_heun(denoiser, x, grid, cond=cond, churn=config.churn(), generator=generator, noise=noise,
+                           callback=callback)  # fmt: skip
     if s == "kdpm2":
         return sample_kdpm2(denoiser, x, grid, cond=cond, callback=callback)
     if s == "unipc":
