@@ -3,8 +3,10 @@
 A real PNG is made once with ``diffusekit txt2img`` on the tiny fixture pipeline. Cases: its bytes truncated
 and corrupted; its ``diffusekit`` metadata replaced by mutated settings (wrong types, huge sizes and step
 counts, NaN, unknown samplers, paths to missing, hostile or pickled files), random text, invalid or deeply
-nested JSON, a compressed chunk that inflates to a huge size; and the same recipes as JSON objects sent to
-``Recipe.from_dict`` (as a server receives them). Contract (see ``fuzzing``): the
+nested JSON, a compressed chunk that inflates to a huge size; LoRA entries naming missing, pickled, damaged
+or foreign files and hostile weights; the ``parameters`` text of other SD tools (web-UI sampler names, schedule
+types, ``<lora:...>`` tags); and the same recipes as JSON objects sent to ``Recipe.from_dict`` (as a server
+receives them). Contract (see ``fuzzing``): the
 replay makes an image, or raises a DiffusekitError naming the PNG, a field or an option -- and never reads a
 pickle, whatever the PNG says.
 """
@@ -23,7 +25,14 @@ from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
 from diffusekit.cli.main import build_parser
-from diffusekit.pipelines.recipe import METADATA_KEY, Recipe, read_png_metadata, recipe_from_metadata
+from diffusekit.pipelines.recipe import (
+    METADATA_KEY,
+    Recipe,
+    read_png_metadata,
+    recipe_from_metadata,
+    recipe_from_parameters,
+)
+from diffusekit.samplers.names import WEB_UI
 from fuzzing import Tally, examples, json_values, mutated, session_tally, string_values
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
@@ -74,7 +83,8 @@ def _replay(png: Path, out: Path, *extra: str) -> int:
 def test_replay_settings(tally, tmp_path_factory, made, data):
     """Mutated settings, through the parser and validation only (cheap): settings or a named error."""
     _, meta = made
-    strings = [*string_values(meta), "dpm++2m", "euler-a", "plms", "float16", "bfloat16", "img2img", "inpaint"]
+    strings = [*string_values(meta), "dpm++2m", "euler-a", "plms", "float16", "bfloat16", "img2img", "inpaint",
+               "DPM++ 2M Karras", "Euler a", "LCM"]  # fmt: skip
     mutated_meta = data.draw(mutated(meta, strings, max_ops=4))
     path = write_png(tmp_path_factory.mktemp("png") / "x.png", json.dumps(mutated_meta))
 
@@ -84,7 +94,19 @@ def test_replay_settings(tally, tmp_path_factory, made, data):
     tally.check("--replay settings", call, names=[str(path), "--replay"], describe=lambda: repr(mutated_meta))
 
 
-@examples(15)
+LORA = FIXTURES / "pipelines" / "lora" / "kohya.safetensors"
+LORA_ENTRIES = [
+    [], [{"path": str(LORA), "weight": 0.5}], [{"path": str(LORA)}, {"path": str(LORA), "weight": -1}],
+    [{"path": "/nonexistent.safetensors"}], [{"path": str(SD / "model_index.json")}],  # missing; not weights
+    [{"path": str(next((SD / "unet").glob("*.safetensors"), SD))}],  # a U-Net's weights: no LoRA keys
+    [{"path": str(LORA), "weight": float("nan")}], [{"path": str(LORA), "weight": 1e300}],
+    [{"path": str(LORA), "sha256": "0" * 64}], [{"path": str(LORA), "sha256": "x"}], [{"path": ""}],
+    [{"path": str(LORA), "scale": 2}], ["style.safetensors"], "style.safetensors", [{"path": "/dev/zero"}],
+    [{"path": str(LORA)}] * 40,
+]  # fmt: skip
+
+
+@examples(16)
 @given(data=st.data())
 def test_replay_run(tally, tmp_path_factory, made, data):
     """Mutated settings, replayed for real (model loading and generation included) while small enough."""
@@ -96,7 +118,10 @@ def test_replay_run(tally, tmp_path_factory, made, data):
             optional={
                 "steps": st.sampled_from([0, 1, 2, -1, 10**9, 1.5, "2", None]),
                 "guidance": st.sampled_from([0.0, 1.0, 7.5, -1.0, float("nan"), 1e300, "7"]),
-                "sampler": st.sampled_from(["ddim", "euler-a", "dpm++2m", "pndm", "ddpm", "nope", None, 3]),
+                "sampler": st.sampled_from(["ddim", "euler-a", "dpm++2m", "pndm", "ddpm", "nope", None, 3,
+                                            "DPM++ 2M Karras", "dpm2 karras", "LCM", "UniPC"]),
+                "karras": st.sampled_from([True, False, None, "yes", 1, 2.0]),
+                "loras": st.sampled_from(LORA_ENTRIES),
                 "width": st.sampled_from([8, 16, 17, 0, -16, 10**6, None]),
                 "height": st.sampled_from([8, 16, 24, 0, None]),
                 "eta": st.sampled_from([None, 0.0, 0.5, 2.0]),
@@ -111,7 +136,8 @@ def test_replay_run(tally, tmp_path_factory, made, data):
     )  # fmt: skip
     path = write_png(tmp_path_factory.mktemp("png") / "x.png", json.dumps({**base, **change}))
     out = path.parent / "out"
-    names = [str(path), "--replay", "--", *([str(change["model"])] if change.get("model") else [])]
+    names = [str(path), "--replay", "--", *([str(change["model"])] if change.get("model") else []),
+             *[str(x["path"]) for x in change.get("loras") or () if isinstance(x, dict) and "path" in x]]  # fmt: skip
     tally.check("--replay run", lambda: _replay(path, out), names=names,
                 describe=lambda: repr(change))  # fmt: skip
 
@@ -209,3 +235,33 @@ def test_replay_of_an_untouched_png_reproduces_it(tally, tmp_path, made):
     again = next(out.glob("*.png"))
     with Image.open(png) as a, Image.open(again) as b:
         assert a.tobytes() == b.tobytes()
+
+
+_SETTINGS_PIECES = st.sampled_from(
+    ["Steps: 2", "Steps: -1", "Steps: 99999999999999999999", "Steps: x", "CFG scale: 7", "CFG scale: nan",
+     "CFG scale: inf", "Seed: 18446744073709551616", "Seed: -1", "Size: 16x16", "Size: 0x0", "Size: 9x9999999",
+     "Size: big", "Schedule type: Karras", "Schedule type: Exponential", "Schedule type: ", "Eta: 0.5",
+     "Denoising strength: 2", "Clip skip: 2", 'Lora hashes: "a: 1, b: 2"', 'Sampler: "Euler, a"', "Sampler: ",
+     *(f"Sampler: {n.name}" for n in WEB_UI), "Sampler: DPM++ 3M SDE", "Sampler: dpmpp_2m", "Model: x"]
+)  # fmt: skip
+_PROMPTS = st.one_of(st.text(max_size=60), st.sampled_from(
+    ["a <lora:style:0.5> b", "<lora:x>", "<lora:x:abc>", "<lora::>", "<lora:a:1:2>", "<hypernet:h:1>",
+     "<lyco:l:inf>", "x" * 20_000]))  # fmt: skip
+
+
+@examples(200)
+@given(prompt=_PROMPTS, negative=st.one_of(st.none(), st.text(max_size=30)),
+       pieces=st.lists(_SETTINGS_PIECES, max_size=4), tail=st.one_of(st.just(""), st.text(max_size=30)),
+       steps=st.booleans())  # fmt: skip
+def test_replay_parameters_text_of_other_tools(tally, prompt, negative, pieces, tail, steps):
+    """Another tool's ``parameters`` text: recipe fields, or a ConfigError naming the PNG; what it reads
+    either makes a valid recipe (with a model given) or a ConfigError naming the key or field."""
+    settings = ", ".join(["Steps: 2"] * steps + pieces) + tail
+    lines = [prompt, *([f"Negative prompt: {negative}"] if negative is not None else []), settings]
+    text = "\n".join(lines)
+    read = tally.check("--replay other tool's text", lambda: recipe_from_parameters(text, "--replay w.png"),
+                       names=["--replay w.png"], describe=lambda: repr(text[:500]))  # fmt: skip
+    if read is not None:
+        body = {"mode": "txt2img", "model": "/m", **read.fields}
+        tally.check("--replay other tool's text", lambda: Recipe.from_dict(body), names=["field '"],
+                    describe=lambda: repr(body))  # fmt: skip
