@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
 
 # Property and fuzz tests draw the same examples on every run (derandomize): CI stays reproducible, and
@@ -31,3 +32,19 @@ def datasets_dir() -> Path:
     if not DATASETS.is_dir():
         pytest.skip(f"datasets not found at {DATASETS}")
     return DATASETS
+
+
+@pytest.fixture(scope="session")
+def sd_folder(fixtures_dir: Path) -> Path:
+    """The tiny Stable Diffusion pipeline folder of the shared fixtures."""
+    return fixtures_dir / "pipelines" / "stable_diffusion"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread: thread start-up dominates, and a busy machine makes extra
+    threads spin. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

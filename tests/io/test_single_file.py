@@ -33,19 +33,7 @@ from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.pipelines.text_to_image import TextToImage
 from diffusekit.samplers.config import SamplerConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny networks run fastest on one thread (and are not slowed by a busy machine's other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def sd_folder(fixtures_dir: Path) -> Path:
-    return fixtures_dir / "pipelines" / "stable_diffusion"
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +12,6 @@ import torch
 from diffusekit.cli.main import main
 from diffusekit.errors import ConfigError, WeightsError
 from diffusekit.pipelines.loading import Layout, identify, load_pipeline, save_pipeline
-
-
-@pytest.fixture(scope="module")
-def sd_folder(fixtures_dir: Path) -> Path:
-    return fixtures_dir / "pipelines" / "stable_diffusion"
 
 
 def test_identify_folders_files_and_what_is_neither(sd_folder, fixtures_dir, tmp_path):

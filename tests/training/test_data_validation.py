@@ -6,20 +6,13 @@ import struct
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from diffusekit.cli.main import main
 from diffusekit.errors import ConfigError
 from diffusekit.training.data import ArrayDataset, DataSpec, ImageFolderDataset, load_dataset
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _good_images(folder, n=4, size=8):

@@ -54,13 +54,7 @@ def mode_weights(x: torch.Tensor) -> torch.Tensor:
     return torch.bincount(nearest, minlength=4).float() / len(x)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny MLP runs faster on one thread than on two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -29,14 +29,7 @@ from diffusekit.training.lr_schedule import lr_factor
 from diffusekit.training.monitor import plot_loss_curve, read_metrics
 from diffusekit.training.trainer import Trainer, TrainingDiverged
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are fastest single-threaded, and a busy machine makes extra threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_images(n: int = 32, size: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

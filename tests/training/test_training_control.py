@@ -29,12 +29,7 @@ from diffusekit.training.trainer import Trainer
 SRC = Path(__file__).resolve().parents[2] / "src" / "diffusekit" / "training"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _npz(tmp_path) -> Path:
