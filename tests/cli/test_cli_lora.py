@@ -231,3 +231,17 @@ def test_help_lists_the_web_ui_names_and_lora(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for needle in ("--lora FILE[:WEIGHT]", "'DPM++ 2M Karras'", "Euler a", "UniPC", "LCM uses --guidance 1"):
         assert needle in text, needle
+
+
+def test_sdxl_generates_from_the_cli_and_refuses_an_sd1_lora(fixtures_dir, kohya, tmp_path, capsys):
+    xl = fixtures_dir / "pipelines" / "stable_diffusion_xl"
+    argv = ["txt2img", "--model", str(xl), "a", "--steps", "2", "--size", "64", "--sampler", "Euler a", "--quiet"]
+    code, (path,), err = run([*argv, "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    code, (again,), err = run(["txt2img", "--replay", str(path), "--out", str(tmp_path / "b")], capsys)
+    assert code == 0 and "replay: identical" in err
+    code, written, err = run([*argv, "--out", str(tmp_path / "c"), "--lora", str(kohya)], capsys)
+    assert code == 2 and not written and err.startswith(f"diffusekit txt2img: error: --lora {kohya}: ")
+    code, _, err = run(["inpaint", "--model", str(xl), "a", "--image", str(path), "--mask", str(path), "--steps",
+                        "2", "--out", str(tmp_path / "d"), "--quiet"], capsys)  # fmt: skip
+    assert code == 2 and "inpainting with an SDXL model is not supported" in err

@@ -725,6 +725,7 @@ def generate(
     from diffusekit.io.images import to_pil
     from diffusekit.pipelines.img2img import ImageToImage
     from diffusekit.pipelines.inpaint import Inpaint
+    from diffusekit.pipelines.sdxl import ImageToImageXL, StableDiffusionXL, TextToImageXL
     from diffusekit.pipelines.text_to_image import TextToImage
 
     r = batch[0]
@@ -742,11 +743,15 @@ def generate(
     )
     prompts = [b.prompt for b in batch]
     n = len(batch)
+    xl = isinstance(sd, StableDiffusionXL)
+    if xl and r.mode == "inpaint":
+        raise ConfigError("inpainting with an SDXL model is not supported; use img2img, or an SD-1.x/2.x model")
     if r.mode == "txt2img":
-        result = TextToImage(sd)(prompts, height=resolved.height, width=resolved.width, **common)
+        result = (TextToImageXL if xl else TextToImage)(sd)(prompts, height=resolved.height, width=resolved.width,
+                                                            **common)  # fmt: skip
     elif r.mode == "img2img":
         image = resolved.inputs["image"].expand(n, -1, -1, -1)
-        result = ImageToImage(sd)(prompts, image, strength=r.strength, **common)
+        result = (ImageToImageXL if xl else ImageToImage)(sd)(prompts, image, strength=r.strength, **common)
     else:
         image = resolved.inputs["image"].expand(n, -1, -1, -1)
         mask = resolved.inputs["mask"].expand(n, -1, -1, -1)
