@@ -145,6 +145,16 @@ def test_bad_img2img_fields_are_refused_naming_the_field(server, body, field):
     assert f"'{field}'" in r.json()["detail"], r.json()
 
 
+def test_an_input_larger_than_the_servers_sides_is_refused(server):
+    """img2img without width/height runs at the input's own size, which --max-side bounds too."""
+    big = png_b64(Image.new("RGB", (512, 64)))
+    r = server.request("POST", "/sdapi/v1/img2img", {"prompt": "p", "steps": 3, "init_images": [big]})
+    assert r.status == 422 and "field 'init_images' is 512x64 pixels" in r.json()["detail"], r.json()
+    r = server.request("POST", "/sdapi/v1/img2img", {"prompt": "p", "steps": 3, "init_images": [big], "width": 16,
+                                                     "height": 16, "send_images": False})  # fmt: skip
+    assert r.status == 200 and r.json()["images"] == []  # resized to 16x16; send_images false sends none
+
+
 @pytest.mark.parametrize("side", [5_000, 30_000])
 def test_a_png_bomb_is_refused_from_its_header(server, side):
     """A small PNG that claims side x side pixels: refused before its pixels are inflated (5000: by our
@@ -227,3 +237,21 @@ def test_control_another_seed_gives_other_pixels():
     library's output for the same seed is not vacuous."""
     a, b = library_txt2img("z", [1], steps=2), library_txt2img("z", [2], steps=2)
     assert not np.array_equal(a[0], b[0])
+
+
+def test_a_mask_makes_img2img_an_inpainting_equal_to_the_library(server):
+    from diffusekit.pipelines.inpaint import Inpaint
+
+    init = Image.new("RGB", (16, 16), "gray")
+    mask = Image.new("L", (16, 16), 0)
+    mask.paste(255, (0, 0, 8, 16))
+    body = {"prompt": "a door", "init_images": [png_b64(init)], "mask": png_b64(mask), "denoising_strength": 1.0,
+            "seed": 9, **SMALL}  # fmt: skip
+    r = server.request("POST", "/sdapi/v1/img2img", body)
+    assert r.status == 200, r.body
+    result = Inpaint(tiny_model())(["a door"], pil_to_tensor(init, "RGB")[None], pil_to_tensor(mask, "L")[None],
+                                   strength=1.0, steps=3, negative_prompt=[""], generator=generators_from_seeds([9], 1),
+                                   show_progress=False)  # fmt: skip
+    np.testing.assert_array_equal(pixels(decode_png(r.json()["images"][0])), pixels(to_pil(result.images)[0]))
+    jobs = server.request("GET", "/api/jobs").json()["jobs"]
+    assert jobs[-1]["mode"] == "inpaint"

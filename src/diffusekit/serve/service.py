@@ -86,6 +86,10 @@ class Service:
                                           limits=s.limits, store_image=store)  # fmt: skip
         first = request.recipes[0]
         resolved = resolve(first, self.sd, community.api_field)
+        if max(resolved.width, resolved.height) > s.limits.max_side:  # an input image's own size
+            raise ConfigError(f"field 'init_images' is {resolved.width}x{resolved.height} pixels, larger than "
+                              f"{s.limits.max_side} a side on this server (diffusekit serve --max-side); set "
+                              "width and height to resize it")  # fmt: skip
         steps = len(grid_for(sampler_for(self.sd.sampler_config, resolved.sampler, first.eta), first.steps,
                              first.strength or 1.0))  # fmt: skip
         parameters = {**request.parameters, "width": resolved.width, "height": resolved.height}
