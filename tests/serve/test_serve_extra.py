@@ -25,3 +25,12 @@ def test_serve_without_the_extra_says_what_to_install():
                    f"sys.exit(main(['serve', {str(MODEL)!r}]))")  # fmt: skip
     assert r.returncode == 2
     assert r.stderr.strip().startswith("diffusekit serve: error:") and "diffusekit[serve]" in r.stderr
+
+
+def test_lora_options_are_read_as_file_and_weight(tmp_path):
+    from diffusekit.cli.serve import _lora_spec
+
+    f = tmp_path / "style:v2.safetensors"
+    f.write_bytes(b"")
+    assert _lora_spec(str(f)) == (str(f), 1.0)  # a colon inside the name is not a weight
+    assert _lora_spec(f"{f}:0.5") == (str(f), 0.5)
