@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from diffusekit.diffusion.edm import P_MEAN, P_STD, PRECONDITIONINGS, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from diffusekit.diffusion.parametrization import PREDICTION_TYPES
 from diffusekit.diffusion.schedules import BETA_SCHEDULES
 from diffusekit.errors import ConfigError, check_choice, check_range
@@ -110,6 +111,11 @@ class DiffusionConfig:
     ``offset_noise``: strength of per-channel constant noise added to eps (Guttenberg 2023), 0 = off.
     ``label_dropout``: probability of replacing a class label by the "no class" id (classifier-free
     guidance, Ho & Salimans 2022, sec. 3.2).
+    ``preconditioning``: ``none`` (the network sees the VP sample at an integer time of the beta schedule) or
+    ``edm`` (Karras et al. 2022, Table 1): D(x; sigma) = c_skip x + c_out F(c_in x; ln(sigma) / 4) with data
+    standard deviation ``sigma_data``, training levels ln(sigma) ~ N(``p_mean``, ``p_std``^2) and the loss weight
+    1 / c_out^2; sampling walks eq. 5's grid over [``sigma_min``, ``sigma_max``]. The beta schedule, the
+    prediction type and Min-SNR do not apply to it.
     """
 
     beta_schedule: str = "linear"
@@ -121,6 +127,12 @@ class DiffusionConfig:
     min_snr_gamma: float | None = None
     offset_noise: float = 0.0
     label_dropout: float = 0.1
+    preconditioning: str = "none"
+    sigma_data: float = SIGMA_DATA
+    p_mean: float = P_MEAN
+    p_std: float = P_STD
+    sigma_min: float = SIGMA_MIN
+    sigma_max: float = SIGMA_MAX
 
     def validate(self) -> None:
         check_choice("diffusion.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
@@ -137,6 +149,24 @@ class DiffusionConfig:
                 "diffusion.zero_terminal_snr needs prediction_type 'v_prediction' or 'sample' (an eps-network "
                 "cannot predict anything at zero SNR; Lin et al. 2024, sec. 3.2)"
             )
+        check_choice("diffusion.preconditioning", self.preconditioning, PRECONDITIONINGS)
+        check_float("diffusion.sigma_data", self.sigma_data, 0.0, 1e3, open_low=True)
+        check_float("diffusion.p_mean", self.p_mean, -20.0, 20.0)
+        check_float("diffusion.p_std", self.p_std, 0.0, 20.0, open_low=True)
+        check_float("diffusion.sigma_min", self.sigma_min, 0.0, 1e3, open_low=True)
+        check_float("diffusion.sigma_max", self.sigma_max, self.sigma_min, 1e6, open_low=True)
+        if self.preconditioning == "edm":
+            off = {
+                "prediction_type": self.prediction_type != "epsilon",
+                "min_snr_gamma": self.min_snr_gamma is not None,
+                "zero_terminal_snr": self.zero_terminal_snr,
+            }
+            if any(off.values()):
+                raise ConfigError(
+                    f"diffusion.{next(k for k, v in off.items() if v)} does not apply with diffusion.preconditioning "
+                    "'edm' (its network output, noise levels and loss weight are Karras et al. 2022's): leave "
+                    "prediction_type 'epsilon', min_snr_gamma unset and zero_terminal_snr off"
+                )
 
 
 @dataclass

@@ -28,12 +28,18 @@ from diffusekit.training.config import DiffusionConfig, TrainConfig
 EXPORT_DIR = "model"
 
 
-def sampler_config(diffusion: DiffusionConfig, sampler: str = "ddpm") -> SamplerConfig:
-    """The sampling schedule matching a training run: same betas and parametrization, x0 clipped to
-    [-1, 1] (pixel data), ``trailing`` timestep spacing (Lin et al. 2024, sec. 3.3: every grid starts at
-    the last training timestep)."""
+def sampler_config(diffusion: DiffusionConfig, sampler: str | None = None) -> SamplerConfig:
+    """The sampling schedule matching a training run: same betas and parametrization (or the same EDM
+    preconditioning and sigma range), x0 clipped to [-1, 1] (pixel data), ``trailing`` timestep spacing
+    (Lin et al. 2024, sec. 3.3: every grid starts at the last training timestep). ``sampler`` None: DDPM, or
+    for the EDM preconditioning Heun (Karras et al. 2022, Alg. 1), which an exported folder then names."""
+    edm = diffusion.preconditioning == "edm"
     return SamplerConfig(
-        sampler=sampler,
+        sampler=sampler or ("heun" if edm else "ddpm"),
+        preconditioning=diffusion.preconditioning,
+        sigma_data=diffusion.sigma_data,
+        sigma_min=diffusion.sigma_min,
+        sigma_max=diffusion.sigma_max,
         num_train_timesteps=diffusion.num_train_timesteps,
         beta_schedule=diffusion.beta_schedule,
         beta_start=diffusion.beta_start,

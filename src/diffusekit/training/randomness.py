@@ -29,6 +29,7 @@ class BatchRandomness:
     flip: Tensor  # (B,) bool
     drop_label: Tensor  # (B,) bool
     offset: Tensor  # (B, C, 1, 1)
+    normal: Tensor  # (B,) standard normal: EDM's noise levels ln(sigma) = P_mean + P_std z
 
     @classmethod
     def draw(
@@ -41,10 +42,12 @@ class BatchRandomness:
             flip=torch.rand(batch, generator=generator) < 0.5,
             drop_label=torch.rand(batch, generator=generator) < label_dropout,
             offset=torch.randn((batch, c, 1, 1), generator=generator),
+            normal=torch.randn(batch, generator=generator),  # drawn last: the draws above stay as they were
         )
 
     def slice(self, start: int, stop: int) -> BatchRandomness:
-        return BatchRandomness(*(getattr(self, f)[start:stop] for f in ("t", "noise", "flip", "drop_label", "offset")))
+        names = ("t", "noise", "flip", "drop_label", "offset", "normal")
+        return BatchRandomness(*(getattr(self, f)[start:stop] for f in names))
 
 
 def seed_everything(seed: int, rank: int) -> None:

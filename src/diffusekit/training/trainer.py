@@ -46,7 +46,7 @@ from diffusekit.training.data import DataSpec, TrainDataset, default_random_flip
 from diffusekit.training.ema import ema_decay, ema_update, make_ema
 from diffusekit.training.export import EXPORT_DIR, export_inference, sampler_config
 from diffusekit.training.interrupt import on_sigint, request_stop
-from diffusekit.training.losses import noisy_inputs, offset_noise, timestep_weights, weighted_mse
+from diffusekit.training.losses import loss_inputs, offset_noise, weighted_mse
 from diffusekit.training.lr_schedule import lr_factor
 from diffusekit.training.memory import check_training_memory
 from diffusekit.training.monitor import MetricsLogger, plot_loss_curve, read_metrics
@@ -412,10 +412,8 @@ class Trainer:
             labels = torch.where(rnd.drop_label, self.num_classes, labels).to(env.device)
         else:
             labels = None
-        t = rnd.t.to(env.device)
-        x_t, target = noisy_inputs(self.schedule, x0, noise, t, c.diffusion.prediction_type)
+        x_t, t, target, weights = loss_inputs(self.schedule, c.diffusion, x0, noise, rnd.t.to(env.device), rnd.normal)
         x_t = x_t.contiguous(memory_format=self.memory_format)
-        weights = timestep_weights(self.schedule, t, c.diffusion.prediction_type, c.diffusion.min_snr_gamma)
         sync = self.ddp_model is None or last
         with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
             with amp:
