@@ -245,3 +245,41 @@ def test_sdxl_generates_from_the_cli_and_refuses_an_sd1_lora(fixtures_dir, kohya
     code, _, err = run(["inpaint", "--model", str(xl), "a", "--image", str(path), "--mask", str(path), "--steps",
                         "2", "--out", str(tmp_path / "d"), "--quiet"], capsys)  # fmt: skip
     assert code == 2 and "inpainting with an SDXL model is not supported" in err
+
+
+def _upscaler_lora(model: Path, path: Path) -> Path:
+    """A LoRA on the first Linear layer of the upscaler's text encoder, written in the kohya layout."""
+    from diffusekit.io.lora import save_lora
+    from diffusekit.networks.lora import LowRank
+    from diffusekit.pipelines.loading import load_pipeline
+
+    encoder = load_pipeline(model).text_encoder
+    name, layer = next((n, m) for n, m in encoder.named_modules() if isinstance(m, torch.nn.Linear))
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(2, layer.in_features, generator=g), torch.randn(layer.out_features, 2, generator=g)
+    update = LowRank(down, up, 2.0)
+    save_lora({"text_encoder": {name: update}}, path)
+    return path
+
+
+def test_upscale_takes_loras_records_and_replays_them(fixtures_dir, kohya, tmp_path, capsys):
+    model = fixtures_dir / "pipelines" / "stable_diffusion_upscale"
+    lora = _upscaler_lora(model, tmp_path / "up.safetensors")
+    image = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(image)
+    argv = ["upscale", "--model", str(model), str(image), "--prompt", "a cat", "--steps", "1", "--quiet"]
+    code, (plain,), err = run([*argv, "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    code, (path,), err = run([*argv, "--out", str(tmp_path / "b"), "--lora", f"{lora}:2"], capsys)
+    assert code == 0, err
+    assert [(x["path"], x["weight"]) for x in read_png_metadata(path)["loras"]] == [(str(lora), 2.0)]
+    assert np.abs(pixels(path) - pixels(plain)).max() > 0
+    code, _, err = run(["upscale", "--replay", str(path), "--out", str(tmp_path / "c")], capsys)
+    assert code == 0 and "replay: identical" in err, err
+    lora.write_bytes(lora.read_bytes()[:-1] + b" ")
+    code, written, err = run(["upscale", "--replay", str(path), "--out", str(tmp_path / "d")], capsys)
+    assert code == 2 and not written and "field 'loras'" in err and "a different file under the same name" in err
+    code, written, err = run([*argv, "--out", str(tmp_path / "e"), "--lora", f"{kohya}:x"], capsys)
+    assert code == 2 and not written and "the weight 'x' is not a number" in err
+    code, written, err = run([*argv, "--out", str(tmp_path / "f"), "--lora", str(kohya)], capsys)
+    assert code == 2 and not written and err.startswith(f"diffusekit upscale: error: --lora {kohya}: ")

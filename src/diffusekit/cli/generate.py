@@ -152,7 +152,7 @@ def parse_lora(text: str) -> tuple[str, float | None]:
     return str(Path(path).absolute()), value
 
 
-def _lora_options(args: argparse.Namespace) -> list[tuple[str, float | None]]:
+def lora_options(args: argparse.Namespace) -> list[tuple[str, float | None]]:
     given = [parse_lora(text) for text in args.lora or []]
     if len(given) > MAX_LORAS:
         raise ConfigError(f"--lora: at most {MAX_LORAS} LoRA files, got {len(given)}")
@@ -178,7 +178,7 @@ def _job_from_args(args: argparse.Namespace, mode: str) -> Job:
         raise ConfigError(f"--seed {seed} + {len(prompts) * n} images exceeds the largest seed {MAX_SEED}")
     width, height = parse_size(args.size, "--size") if args.size is not None else (None, None)
     sampler, karras = sampler_and_grid(option_name, args.sampler, None)
-    loras = tuple(Lora(path, 1.0 if weight is None else weight) for path, weight in _lora_options(args))
+    loras = tuple(Lora(path, 1.0 if weight is None else weight) for path, weight in lora_options(args))
     base = Recipe(
         mode=mode,
         prompt=prompts[0],
@@ -259,7 +259,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return changes
 
 
-def _replay_loras(
+def replay_loras(
     recorded: tuple[Lora, ...], given: list[tuple[str, float | None]]
 ) -> tuple[tuple[Lora, ...], list[str]]:
     """The LoRAs of a replay: the recorded ones, or the --lora files given, which replace them. A given file
@@ -291,7 +291,7 @@ def _job_from_replay(args: argparse.Namespace, mode: str) -> Job:
     changes = _overrides(args)
     if changes.get("sampler") not in (None, "ddim") and "eta" not in changes:
         changes["eta"] = None  # the recorded DDIM eta means nothing to the sampler asked for
-    loras, notes = _replay_loras(recorded.loras, _lora_options(args))
+    loras, notes = replay_loras(recorded.loras, lora_options(args))
     if loras != recorded.loras:
         changes["loras"] = loras
 
@@ -322,7 +322,7 @@ def _job_from_parameters(args: argparse.Namespace, mode: str, p: Parameters, whe
     for field_name in ("image", "mask"):
         if field_name not in data:
             data[field_name] = _input_path(args, field_name, mode)
-    given = _lora_options(args)
+    given = lora_options(args)
     loras: list[dict[str, Any]] = []
     for tag, tag_weight in p.loras.items():  # <lora:NAME:WEIGHT> in the prompt names a file by its stem
         match = next(((path, w) for path, w in given if tag in (Path(path).stem, Path(path).name)), None)
@@ -593,7 +593,10 @@ def _add_options(p: argparse.ArgumentParser, mode: str) -> None:
 __all__ = [
     "add_parser",
     "load_model",
+    "lora_options",
     "option_name",
+    "parse_lora",
+    "replay_loras",
     "run_img2img",
     "run_inpaint",
     "run_txt2img",

@@ -9,6 +9,7 @@ numbered writer (``io.png.PngWriter``: atomic, never over an existing file) and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from PIL import Image
 
 from diffusekit.cli.generate import _report_replay as report_replay
 from diffusekit.cli.generate import _seed as parse_seed
-from diffusekit.cli.generate import load_model
+from diffusekit.cli.generate import load_model, lora_options, replay_loras
 from diffusekit.errors import ConfigError, DiffusekitError
 from diffusekit.io.fingerprint import file_sha256, model_fingerprint
 from diffusekit.io.images import MAX_IMAGE_PIXELS, read_image, to_pil
@@ -34,9 +35,13 @@ from diffusekit.pipelines.recipe import (
     MAX_SEED,
     MAX_STEPS,
     SAMPLER_NAMES,
+    Lora,
     Recipe,
+    apply_loras,
+    check_lora_files,
     check_sampler,
     check_text,
+    loras_from_json,
     png_text,
     read_png_metadata,
     to_metadata,
@@ -133,6 +138,7 @@ class Settings:
     scale: int | None
     dtype: str
     name: Callable[[str], str] = field(default=str, compare=False)
+    loras: tuple[Lora, ...] = ()  # LoRA files on the upscaler's U-Net and text encoder
 
 
 def settings_from_args(args: argparse.Namespace, n_inputs: int, name: Callable[[str], str] = str) -> Settings:
@@ -219,7 +225,9 @@ def job_from_args(args: argparse.Namespace) -> Job:
     if args.out is None:
         raise ConfigError("--out DIR is required (the folder the PNGs are written to)")
     inputs = find_inputs(list(args.inputs or []))
-    return Job(inputs, settings_from_args(args, len(inputs)), str(Path(args.model).absolute()), Path(args.out))
+    loras = tuple(Lora(path, 1.0 if weight is None else weight) for path, weight in lora_options(args))
+    settings = dataclasses.replace(settings_from_args(args, len(inputs)), loras=loras)
+    return Job(inputs, settings, str(Path(args.model).absolute()), Path(args.out))
 
 
 # metadata fields a replay reads -> the option that overrides each
@@ -261,10 +269,15 @@ def job_from_replay(args: argparse.Namespace) -> Job:
             raise ConfigError(f"{where}: field '{f}' must be a path, got {str(data[f])[:40]!r}")
     model = str(Path(args.model).absolute()) if args.model is not None else data["model"]
     inputs = find_inputs(list(args.inputs) if args.inputs else [data["image"]])
-    settings = settings_from_args(merged, 1, name)
+    recorded = loras_from_json(f"{where}: field 'loras'", data.get("loras", []))  # none before metadata version 2
+    loras, notes = replay_loras(recorded, lora_options(args))
+    for note in notes if not args.quiet else ():
+        print(f"note: {note}", file=sys.stderr)
+    settings = dataclasses.replace(settings_from_args(merged, 1, name), loras=loras)
     out = Path(args.out) if args.out is not None else source.parent
-    # the files may have moved (--model, INPUT); any other option makes a different image: nothing to compare
-    return Job(inputs, settings, model, out, compare_with=None if given else source)
+    # the files may have moved (--model, INPUT, --lora); any other option makes a different image
+    same_loras = [(x.name, x.weight, x.sha256) for x in loras] == [(x.name, x.weight, x.sha256) for x in recorded]
+    return Job(inputs, settings, model, out, compare_with=None if given or not same_loras else source)
 
 
 def _dest(option: str) -> str:
@@ -281,6 +294,8 @@ def run_upscale(args: argparse.Namespace) -> int:
     written: list[Path] = []
     try:
         device = pick_device(args.device or "auto")
+        lora_where = "--lora" if args.lora or args.replay is None else f"--replay {args.replay}: field 'loras'"
+        loras = check_lora_files(settings.loras, lambda _: lora_where)  # before the model loads
         if not args.quiet:
             print(f"loading {model}", file=sys.stderr)
         try:
@@ -291,6 +306,8 @@ def run_upscale(args: argparse.Namespace) -> int:
                 raise
             raise type(e)(f"--replay {args.replay}: the model it names cannot be loaded: {e}") from None
         sd, level = check_model(loaded, model, settings)
+        apply_loras(sd, loras, lambda _: lora_where, verify=False)
+        settings = dataclasses.replace(settings, loras=loras)  # recorded with their hashes
         sampler = settings.sampler or sd.sampler_config.sampler
         if settings.eta is not None and sampler != "ddim":
             raise ConfigError(f"{settings.name('--eta')} applies to the ddim sampler only; this run uses {sampler} "
@@ -326,7 +343,8 @@ def _upscale_one(
     height, width = result.images.shape[2:]
     recipe = Recipe(mode="upscale", prompt=s.prompt, negative_prompt=s.negative, seed=seed, steps=s.steps,
                     guidance=s.guidance, sampler=sampler, width=width, height=height, eta=s.eta, strength=None,
-                    model=model, tokenizer=None, image=str(item.path.absolute()), mask=None, dtype=s.dtype)  # fmt: skip
+                    model=model, tokenizer=None, image=str(item.path.absolute()), mask=None, dtype=s.dtype,
+                    loras=s.loras)  # fmt: skip
     try:
         image_hash = file_sha256(item.path)
     except OSError as e:
@@ -409,6 +427,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--eta", type=float, metavar="ETA", help="DDIM noise, 0 (deterministic, default) to 1; ddim sampler only"
     )
+    gen.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
+                     help="attach a LoRA file made for the upscaler (kohya/A1111 or PEFT .safetensors) with WEIGHT "
+                     "(default 1); repeatable; recorded with its SHA-256, which --replay checks")  # fmt: skip
     gen.add_argument("--seed", metavar="N",
                      help=f"random seed of the first input, 0 to 2^63-1, or 'random' (default {DEFAULTS['seed']}); "
                      "input i uses seed N+i")  # fmt: skip
