@@ -16,9 +16,7 @@ refuses a different file under the same name. ``--replay`` also reads another SD
 from __future__ import annotations
 
 import argparse
-import math
 import re
-import secrets
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,21 +24,18 @@ from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from diffusekit.errors import ConfigError, DiffusekitError, WeightsError
+from diffusekit.cli.common import load_model, lora_options, parse_seed, replay_loras, report_replay
+from diffusekit.errors import ConfigError, DiffusekitError
 from diffusekit.io.fingerprint import file_sha256, model_fingerprint
 from diffusekit.io.png import PngWriter
 from diffusekit.limits import check_int
-from diffusekit.networks.lora import MAX_WEIGHT
 from diffusekit.pipelines.recipe import (
     DEFAULT_STRENGTH,
     DEFAULTS,
     DTYPES,
     LCM_GUIDANCE,
-    MAX_LORAS,
     MAX_SEED,
     MAX_STEPS,
     PARAMETER_KEYS,
@@ -60,7 +55,6 @@ from diffusekit.pipelines.recipe import (
     sampler_and_grid,
     to_metadata,
 )
-from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.runtime.policy import pick_device
 from diffusekit.samplers.config import SAMPLERS
 from diffusekit.samplers.names import WEB_UI
@@ -70,8 +64,6 @@ RUN_DEFAULTS = {"n": 1, "batch_size": 1}
 # recipe fields whose option is not --FIELD
 _OPTIONS = {"prompt": "PROMPT", "negative_prompt": "--negative", "width": "--size", "height": "--size",
             "karras": "--sampler", "loras": "--lora"}  # fmt: skip
-LORA_FORM = (f"FILE or FILE:WEIGHT, WEIGHT a number from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} (default 1), e.g. "
-             "style.safetensors:0.8")  # fmt: skip
 
 
 def option_name(field: str) -> str:
@@ -81,36 +73,6 @@ def option_name(field: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # The model
-
-
-def load_model(
-    model: str, tokenizer: str | None, *, allow_pickle: bool, device: torch.device, dtype: torch.dtype,
-    upscaler: bool = False,
-) -> StableDiffusion:  # fmt: skip
-    """A diffusers-layout folder or a single checkpoint file (``pipelines.loading.load_pipeline``);
-    ``tokenizer`` replaces the folder's tokenizer (and is required for single files, which carry none).
-    ``upscaler``: the x4 upscaler is wanted (``diffusekit upscale``); either way the other kind is refused
-    before any weights are read."""
-    from diffusekit.pipelines.loading import UPSCALER_FOLDER, Layout, identify, load_pipeline
-
-    path = Path(model)
-    try:
-        kind = identify(path)
-    except WeightsError as e:  # its messages start with the path
-        raise WeightsError(f"--model {e}") from None
-    if upscaler and kind != UPSCALER_FOLDER:
-        raise ConfigError(f"--model {path} is not an x4 upscaler (a folder whose model_index.json names "
-                          "StableDiffusionUpscalePipeline); to redraw an image with it use "
-                          "'diffusekit img2img'")  # fmt: skip
-    if not upscaler and kind == UPSCALER_FOLDER:
-        raise ConfigError(f"--model {path} is the x4 upscaler, which makes images larger: run "
-                          f"'diffusekit upscale --model {path} IMAGE --out DIR'")  # fmt: skip
-    if kind.layout is Layout.SINGLE_FILE and tokenizer is None:
-        raise ConfigError(
-            f"--model {path} is a single-file checkpoint, which carries no tokenizer; pass --tokenizer DIR (a "
-            "folder with vocab.json and merges.txt, e.g. the tokenizer/ folder of any SD-1.x model)"
-        )
-    return load_pipeline(path, tokenizer=tokenizer, allow_pickle=allow_pickle, device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -129,39 +91,6 @@ class Job:
     notes: list[str] = dataclass_field(default_factory=list)  # printed to stderr before the run (unless --quiet)
 
 
-def parse_lora(text: str) -> tuple[str, float | None]:
-    """``--lora FILE[:WEIGHT]`` -> (absolute path, weight or None when not given). A FILE that exists is
-    taken whole (its name may hold a ':'); else the text after the last ':' is the weight, unless it holds a
-    path separator. A ConfigError naming --lora for an empty file, a weight that is no finite number in range."""
-    path, weight = text, None
-    if not Path(text).is_file() and ":" in text:
-        head, tail = text.rsplit(":", 1)
-        if "/" not in tail and "\\" not in tail:
-            path, weight = head, tail
-    if not path:
-        raise ConfigError(f"--lora {text!r}: no file named; write {LORA_FORM}")
-    if weight is None:
-        return str(Path(path).absolute()), None
-    try:
-        value = float(weight)
-    except ValueError:
-        raise ConfigError(f"--lora {text!r}: the weight {weight!r} is not a number; write {LORA_FORM}") from None
-    if not math.isfinite(value) or abs(value) > MAX_WEIGHT:
-        raise ConfigError(f"--lora {text!r}: the weight must be a finite number from -{MAX_WEIGHT:g} to "
-                          f"{MAX_WEIGHT:g}, got {weight}")  # fmt: skip
-    return str(Path(path).absolute()), value
-
-
-def lora_options(args: argparse.Namespace) -> list[tuple[str, float | None]]:
-    given = [parse_lora(text) for text in args.lora or []]
-    if len(given) > MAX_LORAS:
-        raise ConfigError(f"--lora: at most {MAX_LORAS} LoRA files, got {len(given)}")
-    for path, _ in given:
-        if not Path(path).is_file():
-            raise ConfigError(f"--lora {path}: no such file (a LoRA .safetensors file; write {LORA_FORM})")
-    return given
-
-
 def _job_from_args(args: argparse.Namespace, mode: str) -> Job:
     prompts = list(args.prompt or [])
     if not prompts:
@@ -173,7 +102,7 @@ def _job_from_args(args: argparse.Namespace, mode: str) -> Job:
     n = check_int("--n", RUN_DEFAULTS["n"] if args.n is None else args.n, 1, 10_000)
     batch_size = check_int("--batch-size", RUN_DEFAULTS["batch_size"] if args.batch_size is None else args.batch_size,
                            1, 1024)  # fmt: skip
-    seed = _seed(args.seed)
+    seed = parse_seed(args.seed)
     if seed + len(prompts) * n - 1 > MAX_SEED:
         raise ConfigError(f"--seed {seed} + {len(prompts) * n} images exceeds the largest seed {MAX_SEED}")
     width, height = parse_size(args.size, "--size") if args.size is not None else (None, None)
@@ -204,18 +133,6 @@ def _job_from_args(args: argparse.Namespace, mode: str) -> Job:
         for k in range(n):
             images.append(base.replace(prompt=prompt, seed=seed + p_index * n + k).validated(option_name))
     return Job(images, batch_size, guidance_given=args.guidance is not None)
-
-
-def _seed(value: str | None) -> int:
-    if value is None:
-        return DEFAULTS["seed"]
-    if value == "random":
-        return secrets.randbelow(2**32)
-    try:
-        seed = int(value)
-    except ValueError:
-        raise ConfigError(f"--seed must be an integer in [0, {MAX_SEED}] or 'random', got {value!r}") from None
-    return check_int("--seed", seed, 0, MAX_SEED)
 
 
 def _input_path(args: argparse.Namespace, name: str, mode: str) -> str | None:
@@ -253,29 +170,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError("--replay takes at most one PROMPT (it makes one image)")
         changes["prompt"] = args.prompt[0]
     if args.seed is not None:
-        changes["seed"] = _seed(args.seed)
+        changes["seed"] = parse_seed(args.seed)
     if args.size is not None:
         changes["width"], changes["height"] = parse_size(args.size, "--size")
     return changes
-
-
-def replay_loras(
-    recorded: tuple[Lora, ...], given: list[tuple[str, float | None]]
-) -> tuple[tuple[Lora, ...], list[str]]:
-    """The LoRAs of a replay: the recorded ones, or the --lora files given, which replace them. A given file
-    named as a recorded one must have its recorded content (its hash is carried over and checked before the
-    model loads) and takes its recorded weight unless it names one. Returns (LoRAs, notes)."""
-    if not given:
-        return recorded, []
-    by_name = {r.name: r for r in recorded}
-    out = []
-    for path, weight in given:
-        r = by_name.get(Path(path).name)
-        out.append(Lora(path, weight if weight is not None else (r.weight if r else 1.0), r.sha256 if r else None))
-    kept = {x.name for x in out}
-    notes = [f"replaying without the LoRA {r.name} the PNG records (the --lora files replace the recorded ones)"
-             for r in recorded if r.name not in kept]  # fmt: skip
-    return tuple(out), notes
 
 
 def _job_from_replay(args: argparse.Namespace, mode: str) -> Job:
@@ -392,7 +290,7 @@ def _run(args: argparse.Namespace, mode: str) -> int:
         if not written:
             writer.discard()  # a failed run leaves no empty folder behind
     if job.compare_with is not None and not quiet:
-        _report_replay(job.compare_with, written[0], provenance)
+        report_replay(job.compare_with, written[0], provenance)
     return 0
 
 
@@ -415,26 +313,6 @@ def _provenance(recipe: Recipe, job: Job, device: torch.device) -> dict[str, Any
             except OSError as e:
                 raise ConfigError(f"{option_name(field)} {path}: cannot be read ({e.strerror or e})") from None
     return provenance
-
-
-def _report_replay(original: Path, replayed: Path, provenance: dict[str, Any]) -> None:
-    try:
-        with Image.open(original) as a, Image.open(replayed) as b:
-            x = np.asarray(a.convert("RGB"), dtype=np.int16)
-            y = np.asarray(b.convert("RGB"), dtype=np.int16)
-        recorded = read_png_metadata(original)
-    except (OSError, DiffusekitError) as e:  # the original went away or changed meanwhile
-        print(f"replay: cannot compare with {original} ({e})", file=sys.stderr)
-        return
-    if x.shape == y.shape and np.array_equal(x, y):
-        print(f"replay: identical to {original}", file=sys.stderr)
-        return
-    diff = int(np.abs(x - y).max()) if x.shape == y.shape else "n/a (sizes differ)"
-    causes = replay_differences(recorded, provenance) or [
-        "the same recipe and files: a different machine, library version or thread count changes the last bits"
-    ]
-    print(f"replay: differs from {original} (largest pixel difference {diff}): {'; '.join(causes)}",
-          file=sys.stderr)  # fmt: skip
 
 
 def run_txt2img(args: argparse.Namespace) -> int:
@@ -593,10 +471,7 @@ def _add_options(p: argparse.ArgumentParser, mode: str) -> None:
 __all__ = [
     "add_parser",
     "load_model",
-    "lora_options",
     "option_name",
-    "parse_lora",
-    "replay_loras",
     "run_img2img",
     "run_inpaint",
     "run_txt2img",

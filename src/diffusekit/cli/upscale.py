@@ -19,9 +19,7 @@ from typing import Any
 
 from PIL import Image
 
-from diffusekit.cli.generate import _report_replay as report_replay
-from diffusekit.cli.generate import _seed as parse_seed
-from diffusekit.cli.generate import load_model, lora_options, replay_loras
+from diffusekit.cli.common import load_model, lora_options, parse_seed, replay_loras, report_replay
 from diffusekit.errors import ConfigError, DiffusekitError
 from diffusekit.io.fingerprint import file_sha256, model_fingerprint
 from diffusekit.io.images import MAX_IMAGE_PIXELS, read_image, to_pil

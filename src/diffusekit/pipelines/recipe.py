@@ -23,11 +23,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,14 +33,38 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from diffusekit.errors import ConfigError, DiffusekitError
+from diffusekit.errors import ConfigError
 from diffusekit.limits import check_flag, check_float, check_int
 from diffusekit.pipelines.common import generators_from_seeds
 from diffusekit.pipelines.denoise import grid_for, sampler_for
+from diffusekit.pipelines.fields import MAX_PATH_CHARS, MAX_PROMPT_CHARS, Namer, check_path, check_text, json_field
+from diffusekit.pipelines.fields import short as _short
+from diffusekit.pipelines.png_settings import (
+    MAX_METADATA_CHARS,
+    METADATA_FORMAT,
+    METADATA_KEY,
+    METADATA_VERSION,
+    PARAMETER_KEYS,
+    PARAMETERS_KEY,
+    READ_VERSIONS,
+    Parameters,
+    parameters_text,
+    read_png_metadata,
+    read_png_settings,
+    recipe_from_parameters,
+)
+from diffusekit.pipelines.recipe_loras import (
+    MAX_LORAS,
+    Lora,
+    apply_loras,
+    check_lora_files,
+    check_loras,
+    loras_from_json,
+)
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.samplers.common import StepInfo
 from diffusekit.samplers.config import ALIASES, SAMPLERS, SamplerConfig
-from diffusekit.samplers.names import KARRAS, KARRAS_SAMPLERS, WEB_UI, check_karras, lookup, web_ui_name
+from diffusekit.samplers.names import KARRAS_SAMPLERS, WEB_UI, check_karras, lookup, sampler_and_grid, web_ui_name
 
 MODES = ("txt2img", "img2img", "inpaint")
 USER_SAMPLERS = (*(n.name for n in WEB_UI), *SAMPLERS)  # as messages list them
@@ -50,52 +72,19 @@ USER_SAMPLERS = (*(n.name for n in WEB_UI), *SAMPLERS)  # as messages list them
 SAMPLER_NAMES = {**{s: s for s in SAMPLERS}, **ALIASES,
                  **{spelling: n.sampler for n in WEB_UI for spelling in (n.name, *n.aliases)}}  # fmt: skip
 LCM_GUIDANCE = 1.0  # the guidance latent consistency models are distilled for (Luo et al. 2023, sec. 4.2)
-MAX_LORAS = 32
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_SEED = 2**63 - 1
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 8, 16384, 8  # pixels; guards replays of hostile files as much as typos
 MAX_STEPS = 1000
 MAX_GUIDANCE = 1000.0
-MAX_PROMPT_CHARS = 10_000
-MAX_PATH_CHARS = 4096
 DEFAULTS: dict[str, Any] = {"negative_prompt": "", "seed": 0, "steps": 25, "guidance": 7.5, "sampler": None,
                             "width": None, "height": None, "eta": None, "tokenizer": None, "image": None,
                             "mask": None, "dtype": "float32", "karras": None, "loras": ()}  # fmt: skip
 DEFAULT_STRENGTH = {"txt2img": None, "img2img": 0.6, "inpaint": 1.0}
 
-METADATA_KEY = "diffusekit"  # PNG text chunk holding the JSON metadata
-PARAMETERS_KEY = "parameters"  # PNG text chunk in the human-readable form other SD tools use
-METADATA_FORMAT = "diffusekit-generation"
-METADATA_VERSION = 2  # 2 added karras and loras; a version-1 PNG used neither (the model's own sigma grid)
-READ_VERSIONS = (1, 2)
-MAX_METADATA_CHARS = 1_000_000
-
-Namer = Callable[[str], str]
-
-
-def json_field(field: str) -> str:
-    """The default vocabulary: a recipe's own field names, as the keys of its JSON form."""
-    return f"field '{field}'"
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The record and its validation
-
-
-@dataclass(frozen=True)
-class Lora:
-    """A LoRA file applied with ``weight`` (the popular UIs' multiplier: 1 as trained, 0 off, < 0 subtracts).
-    ``sha256`` is the file's content hash, recorded when it ran (None before: :func:`apply_loras` fills it);
-    a recorded hash must match the file found at ``path`` again."""
-
-    path: str
-    weight: float = 1.0
-    sha256: str | None = None
-
-    @property
-    def name(self) -> str:
-        """The file name, by which a replay matches a recorded LoRA to a given file."""
-        return Path(self.path).name
 
 
 @dataclass(frozen=True)
@@ -220,21 +209,6 @@ class Recipe:
         return json.dumps(self.to_dict(), ensure_ascii=True, sort_keys=True, allow_nan=False)
 
 
-def check_text(where: str, value: Any, limit: int = MAX_PROMPT_CHARS) -> str:
-    """``value`` if it is a string of at most ``limit`` characters; else a ConfigError naming ``where``."""
-    if not isinstance(value, str) or len(value) > limit:
-        raise ConfigError(f"{where} must be a string of at most {limit} characters, got {_short(value)}")
-    return value
-
-
-def check_path(where: str, value: Any) -> str:
-    """A non-empty path string of sane length."""
-    check_text(where, value, MAX_PATH_CHARS)
-    if not value:
-        raise ConfigError(f"{where} must name a file or folder, got an empty string")
-    return value
-
-
 def check_sampler(where: str, value: Any) -> str | None:
     """A sampler name as users type it -> ours (None stays None: the model's own sampler), for callers that
     have no Karras grid to offer: a Karras name is refused rather than run on another grid."""
@@ -245,58 +219,6 @@ def check_sampler(where: str, value: Any) -> str | None:
         plain = web_ui_name(sampler, False)
         raise ConfigError(f"{where} {value!r}: Karras sigmas are not available here; use {plain!r}")
     return sampler
-
-
-def sampler_and_grid(name: Namer, sampler: Any, karras: Any) -> tuple[str | None, bool | None]:
-    """(our sampler, karras) from a sampler name as typed and a ``karras`` value; a web-UI name fixes
-    ``karras`` (``"DPM++ 2M"``: False) and a ``karras`` that contradicts it is refused."""
-    if sampler is None:
-        return None, karras
-    ours, named = lookup(sampler, name("sampler"))
-    if named is not None and karras is not None and karras is not named:
-        raise ConfigError(f"{name('sampler')} {sampler!r} and {name('karras')} {_short(karras)} disagree; "
-                          f"give one of them")  # fmt: skip
-    return ours, named if karras is None else karras
-
-
-def check_sha256(where: str, value: Any) -> str:
-    """A SHA-256 as 64 lower-case hex digits."""
-    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
-        raise ConfigError(f"{where} must be a SHA-256 (64 hex digits), got {_short(value)}")
-    return value
-
-
-def check_loras(where: str, loras: Any) -> tuple[Lora, ...]:
-    """A tuple of at most MAX_LORAS :class:`Lora` with sane paths, weights and hashes."""
-    if not isinstance(loras, tuple) or len(loras) > MAX_LORAS or not all(isinstance(x, Lora) for x in loras):
-        raise ConfigError(f"{where} must be a list of at most {MAX_LORAS} LoRA files, got {_short(loras)}")
-    from diffusekit.networks.lora import check_weight
-
-    for lora in loras:
-        check_path(f"{where} path", lora.path)
-        check_weight(f"{where} {lora.name} weight", lora.weight)
-        if lora.sha256 is not None:
-            check_sha256(f"{where} {lora.name} sha256", lora.sha256)
-    return loras
-
-
-def loras_from_json(where: str, value: Any) -> tuple[Lora, ...]:
-    """``[{"path": ..., "weight": 0.8, "sha256": ...}, ...]`` (weight and sha256 optional) -> Loras."""
-    if isinstance(value, tuple) and all(isinstance(x, Lora) for x in value):
-        return check_loras(where, value)
-    if not isinstance(value, list | tuple) or len(value) > MAX_LORAS:
-        raise ConfigError(f"{where} must be a list of at most {MAX_LORAS} objects {{\"path\": FILE, \"weight\": "
-                          f"NUMBER}}, got {_short(value)}")  # fmt: skip
-    out = []
-    keys = [f.name for f in dataclasses.fields(Lora)]
-    for i, item in enumerate(value):
-        if not isinstance(item, Mapping) or "path" not in item or any(k not in keys for k in item):
-            raise ConfigError(f"{where}[{i}] must be an object with path (and weight, sha256), got {_short(item)}")
-        from diffusekit.networks.lora import check_weight
-
-        weight = check_weight(f"{where}[{i}] weight", item.get("weight", 1.0))
-        out.append(Lora(item["path"], weight, item.get("sha256")))
-    return check_loras(where, tuple(out))
 
 
 def check_side(where: str, value: Any) -> int:
@@ -324,11 +246,6 @@ def parse_size(text: str, where: str = "size") -> tuple[int, int]:
     return width, height
 
 
-def _short(value: Any) -> str:
-    text = str(value) if isinstance(value, Exception) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 # ---------------------------------------------------------------------------------------------------------
 # PNG metadata
 
@@ -353,87 +270,6 @@ def png_text(meta: Mapping[str, Any]) -> dict[str, str]:
             PARAMETERS_KEY: parameters_text(meta)}  # fmt: skip
 
 
-def parameters_text(meta: Mapping[str, Any]) -> str:
-    """The human-readable ``parameters`` chunk: prompt, negative prompt, then ``Key: value`` pairs."""
-    karras = bool(meta.get("karras"))
-    combined = web_ui_name(meta["sampler"], karras)  # "DPM++ 2M Karras"; else the plain name + Schedule type
-    shown = combined or web_ui_name(meta["sampler"], False)
-    loras = ", ".join(f"{Path(x['path']).name}: {x['weight']}" for x in meta.get("loras") or ())
-    fields = [
-        ("Steps", meta["steps"]),
-        ("Sampler", shown or meta["sampler"]),
-        ("Schedule type", KARRAS if karras and combined is None else None),
-        ("CFG scale", meta["guidance"]),
-        ("Seed", meta["seed"]),
-        ("Size", f"{meta['width']}x{meta['height']}"),
-        ("Model", Path(meta["model"]).name),
-        ("Denoising strength", meta["strength"]),
-        ("Eta", meta["eta"]),
-        ("LoRA", json.dumps(loras) if loras else None),  # quoted as the web UI quotes values with commas
-        ("Mode", meta["mode"]),
-        ("Version", f"diffusekit {meta['diffusekit_version']}"),
-    ]
-    pairs = ", ".join(f"{k}: {v}" for k, v in fields if v is not None)
-    lines = [meta["prompt"]]
-    if meta["negative_prompt"]:
-        lines.append(f"Negative prompt: {meta['negative_prompt']}")
-    return "\n".join([*lines, pairs])
-
-
-def _png_texts(path: str | os.PathLike, where: str) -> tuple[Any, Any]:
-    """The ``diffusekit`` and ``parameters`` text chunks of a PNG (None where absent); a ConfigError starting
-    with ``where PATH`` for a missing, unreadable or non-PNG file -- never a crash on a hostile file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{where}: file not found: {path}")
-    where = f"{where} {path}"
-    try:
-        with Image.open(path) as im:
-            if im.format != "PNG":
-                raise ConfigError(f"{where}: not a PNG image (format {im.format})")
-            texts = im.info.get(METADATA_KEY), im.info.get(PARAMETERS_KEY)
-    except DiffusekitError:
-        raise
-    except Exception as e:  # Pillow raises many types for malformed files; all mean "unreadable"
-        raise ConfigError(f"{where}: not a readable PNG ({type(e).__name__}: {_short(str(e))})") from None
-    return tuple(t.decode("latin-1") if isinstance(t, bytes) else t for t in texts)  # type: ignore[return-value]
-
-
-def read_png_settings(path: str | os.PathLike, where: str = "--replay") -> dict[str, Any] | Parameters:
-    """What a PNG records of how it was made: the ``diffusekit`` JSON object (:func:`read_png_metadata`), or,
-    in a PNG of another SD tool, its ``parameters`` text read by :func:`recipe_from_parameters`."""
-    ours, theirs = _png_texts(path, where)
-    if ours is None and theirs is not None:
-        return recipe_from_parameters(theirs, f"{where} {Path(path)}")
-    return read_png_metadata(path, where)
-
-
-def read_png_metadata(path: str | os.PathLike, where: str = "--replay") -> dict[str, Any]:
-    """The ``diffusekit`` JSON object of a PNG this library wrote; a ConfigError starting with ``where`` for
-    anything else (missing or unreadable file, not a PNG, no or malformed chunk) -- never a crash on a
-    hostile file."""
-    text, _ = _png_texts(path, where)
-    where = f"{where} {Path(path)}"
-    if text is None:
-        raise ConfigError(f"{where}: the PNG has no '{METADATA_KEY}' metadata or '{PARAMETERS_KEY}' text; only "
-                          "images written by diffusekit or another SD tool can be replayed")  # fmt: skip
-    if not isinstance(text, str) or len(text) > MAX_METADATA_CHARS:
-        raise ConfigError(f"{where}: the '{METADATA_KEY}' metadata is not text of a sane length")
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise ConfigError(f"{where}: the '{METADATA_KEY}' metadata is not valid JSON ({_short(e)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: the '{METADATA_KEY}' metadata is not a JSON object")
-    if data.get("format") != METADATA_FORMAT or data.get("format_version") not in READ_VERSIONS:
-        raise ConfigError(
-            f"{where}: unknown metadata format {_short(data.get('format'))} version "
-            f"{_short(data.get('format_version'))}; this diffusekit reads {METADATA_FORMAT} versions "
-            f"{', '.join(map(str, READ_VERSIONS))}"
-        )
-    return data
-
-
 def recipe_from_metadata(data: Mapping[str, Any], where: str) -> Recipe:
     """The validated recipe of a PNG's metadata; messages read ``{where}: field 'steps' ...``. Version-1
     metadata predates ``karras`` and ``loras``: it ran on the model's own grid, without LoRAs."""
@@ -443,95 +279,6 @@ def recipe_from_metadata(data: Mapping[str, Any], where: str) -> Recipe:
         raise ConfigError(f"{where}: the metadata lacks {', '.join(missing)}")
     data = {**{k: DEFAULTS[k] for k in optional}, **data}
     return Recipe.from_dict(data, name=lambda field: f"{where}: field '{field}'", complete=True, allow_unknown=True)
-
-
-# the ``parameters`` text other SD tools write: "Key: value" pairs, a value quoted when it holds a comma
-_PAIR = re.compile(r'\s*([A-Za-z][\w \-/().]*?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-# its keys -> (recipe field, parser); a key not here is listed as unused
-_PARAMETER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int),
-    "Denoising strength": ("strength", float), "Eta": ("eta", float), "Sampler": ("sampler", str),
-    "Schedule type": ("karras", str), "Size": ("width", str),
-}  # fmt: skip
-PARAMETER_KEYS = {field: key for key, (field, _) in _PARAMETER_KEYS.items()} | {"height": "Size"}  # field -> key
-_IGNORED_KEYS = ("Model", "Model hash", "Version", "Mode", "LoRA")  # identify the model or tool: nothing to redo
-_EXTRA_NETWORK = re.compile(r"<(lora|lyco|hypernet):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
-
-
-@dataclass(frozen=True)
-class Parameters:
-    """What :func:`recipe_from_parameters` read: recipe ``fields``, the LoRAs the prompt names as
-    ``<lora:NAME:WEIGHT>`` (taken out of the prompt), and the settings it cannot redo (``unused``)."""
-
-    fields: dict[str, Any]
-    loras: dict[str, float]
-    unused: list[str]
-
-
-def recipe_from_parameters(text: str, where: str) -> Parameters:
-    """The settings of another SD tool's ``parameters`` PNG text (prompt lines, ``Negative prompt: ...``,
-    then ``Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x768, ...``)
-    as recipe fields: prompt, negative_prompt, steps, guidance, seed, sampler and karras (web-UI names),
-    width and height, strength, eta (DDIM only). Values are checked by :meth:`Recipe.validated` later;
-    a value that does not parse, an unknown sampler or schedule type is a ConfigError naming
-    ``{where}: 'Key'``. The model and input images are not in the text: the caller names them."""
-    if not isinstance(text, str) or len(text) > MAX_METADATA_CHARS:
-        raise ConfigError(f"{where}: the '{PARAMETERS_KEY}' text is not text of a sane length")
-    lines = text.replace("\r\n", "\n").split("\n")
-    settings = lines.pop() if lines and re.search(r"(^|, )Steps: ", lines[-1]) else ""
-    if not settings:
-        raise ConfigError(f"{where}: the '{PARAMETERS_KEY}' text has no 'Steps: N, Sampler: ...' line")
-    prompt, negative, in_negative = [], [], False
-    for line in lines:
-        if line.startswith("Negative prompt:"):
-            in_negative, line = True, line[len("Negative prompt:") :].lstrip()
-        (negative if in_negative else prompt).append(line)
-    fields: dict[str, Any] = {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative).strip()}
-    loras: dict[str, float] = {}
-    unused: list[str] = []
-    for match in _EXTRA_NETWORK.finditer(fields["prompt"]):
-        kind, lora_name, weight = match.group(1), match.group(2).strip(), match.group(3)
-        if kind == "hypernet":
-            unused.append(match.group(0))
-            continue
-        try:
-            loras[lora_name] = float(weight) if weight not in (None, "") else 1.0
-        except ValueError:
-            raise ConfigError(f"{where}: the prompt's {match.group(0)} has no numeric weight") from None
-    fields["prompt"] = _EXTRA_NETWORK.sub("", fields["prompt"]).strip()
-    schedule = None
-    for key, value in _PAIR.findall(settings):
-        key, value = key.strip(), value.strip()
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = value[1:-1].replace('\\"', '"')
-        if key not in _PARAMETER_KEYS:
-            if key not in _IGNORED_KEYS:
-                unused.append(key)
-            continue
-        field, parse = _PARAMETER_KEYS[key]
-        if key == "Size":
-            m = re.fullmatch(r"(\d{1,6})x(\d{1,6})", value)
-            if not m:
-                raise ConfigError(f"{where}: 'Size' must be WIDTHxHEIGHT, got {_short(value)}")
-            fields["width"], fields["height"] = int(m.group(1)), int(m.group(2))
-        elif key == "Schedule type":
-            schedule = value
-        else:
-            try:
-                fields[field] = parse(value)
-            except (ValueError, OverflowError):
-                raise ConfigError(f"{where}: '{key}' {_short(value)} is not a number") from None
-    if "sampler" in fields:
-        fields["sampler"], fields["karras"] = lookup(fields["sampler"], f"{where}: 'Sampler'")
-    if schedule not in (None, "Automatic", KARRAS):
-        raise ConfigError(f"{where}: 'Schedule type' {_short(schedule)} is not supported; allowed: Automatic "
-                          f"(the sampler's own), {KARRAS}")  # fmt: skip
-    if schedule == KARRAS:
-        check_karras(f"{where}: 'Schedule type' {KARRAS}", fields.get("sampler") or "", True)
-        fields["karras"] = True
-    if fields.get("sampler") != "ddim" and fields.pop("eta", None) is not None:
-        unused.append("Eta")  # the web UI records eta for its ancestral samplers too; ours applies to DDIM only
-    return Parameters(fields, loras, unused)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -623,59 +370,6 @@ def resolve(recipe: Recipe, sd: StableDiffusion, name: Namer = json_field) -> Re
     return Resolved(sampler, size[0], size[1], inputs, karras)
 
 
-def check_lora_files(loras: Sequence[Lora], name: Namer = json_field) -> tuple[Lora, ...]:
-    """``loras`` with each file's SHA-256 filled in, before any model is loaded. A ConfigError naming
-    ``name('loras')`` for a missing or unreadable file, or one whose content differs from the hash the
-    LoRA carries (a replay given a different file under the same name)."""
-    from diffusekit.io.fingerprint import file_sha256
-
-    out = []
-    for lora in loras:
-        where = f"{name('loras')} {lora.path}"
-        if not Path(lora.path).is_file():
-            raise ConfigError(f"{where}: no such file")
-        try:
-            digest = file_sha256(lora.path)
-        except OSError as e:
-            raise ConfigError(f"{where}: cannot be read ({e.strerror or e})") from None
-        if lora.sha256 is not None and digest != lora.sha256:
-            raise ConfigError(f"{where}: a different file under the same name: its SHA-256 is {digest[:12]}..., the "
-                              f"image was made with {lora.sha256[:12]}...")  # fmt: skip
-        out.append(dataclasses.replace(lora, sha256=digest))
-    return tuple(out)
-
-
-def apply_loras(
-    sd: StableDiffusion, loras: Sequence[Lora], name: Namer = json_field, *, verify: bool = True
-) -> tuple[Lora, ...]:
-    """Attach ``loras`` to ``sd`` with their weights (:func:`diffusekit.pipelines.lora.load_lora`, once per run:
-    every image after it uses them) and return them with their files' hashes. ``verify``: hash the files
-    first (:func:`check_lora_files`; pass False for LoRAs it already returned). Errors name ``name('loras')``
-    and the file (another model family, keys that match no layer, a damaged file); on any error the LoRAs
-    attached here are removed again, leaving ``sd`` as it was."""
-    from diffusekit.pipelines import lora as adapters
-
-    checked = check_lora_files(loras, name) if verify else tuple(loras)
-    attached: list[str] = []
-    try:
-        for lora in checked:
-            stem, taken, i = Path(lora.path).stem, set(adapters.lora_weights(sd)), 1
-            label = stem
-            while label in taken:  # the same file name twice (from two folders, or one file given twice)
-                i += 1
-                label = f"{stem}-{i}"
-            try:
-                attached.append(adapters.load_lora(sd, lora.path, weight=lora.weight, name=label))
-            except DiffusekitError as e:
-                text = str(e) if str(e).startswith(lora.path) else f"{lora.path}: {e}"
-                raise type(e)(f"{name('loras')} {text}") from None
-    except BaseException:
-        for label in attached:
-            adapters.remove_lora(sd, label)
-        raise
-    return checked
-
-
 # the pipelines' parameter names (as their messages write them, ``steps=30``) -> recipe fields
 _FIELDS = {"num_inference_steps": "steps", "steps": "steps", "strength": "strength", "guidance_scale": "guidance",
            "eta": "eta"}  # fmt: skip
@@ -759,27 +453,14 @@ def generate(
     return to_pil(result.images)
 
 
+# the recipe's own names, and those it gathers from its helper modules (callers import them from here)
 __all__ = [
-    "DTYPES",
-    "METADATA_KEY",
-    "PARAMETERS_KEY",
-    "Lora",
-    "Parameters",
-    "Recipe",
-    "Resolved",
-    "apply_loras",
-    "check_lora_files",
-    "generate",
-    "json_field",
-    "load_inputs",
-    "parameters_text",
-    "parse_size",
-    "png_text",
-    "read_png_metadata",
-    "read_png_settings",
-    "recipe_from_metadata",
-    "recipe_from_parameters",
-    "replay_differences",
-    "resolve",
-    "to_metadata",
-]
+    "DEFAULTS", "DEFAULT_STRENGTH", "DTYPES", "LCM_GUIDANCE", "MAX_GUIDANCE", "MAX_LORAS", "MAX_METADATA_CHARS",
+    "MAX_PATH_CHARS", "MAX_PROMPT_CHARS", "MAX_SEED", "MAX_STEPS", "METADATA_FORMAT", "METADATA_KEY",
+    "METADATA_VERSION", "PARAMETERS_KEY", "PARAMETER_KEYS", "READ_VERSIONS", "SAMPLER_NAMES", "USER_SAMPLERS",
+    "Lora", "Namer", "Parameters", "Recipe", "Resolved", "apply_loras", "check_lora_files", "check_loras",
+    "check_path", "check_sampler", "check_side", "check_text", "generate", "json_field", "load_inputs",
+    "loras_from_json", "parameters_text", "parse_size", "png_text", "read_png_metadata", "read_png_settings",
+    "recipe_from_metadata", "recipe_from_parameters", "replay_differences", "resolve", "sampler_and_grid",
+    "to_metadata"
+]  # fmt: skip

@@ -12,7 +12,9 @@ noise differently, so the same seed never gives the web UI's pixels, only the sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from diffusekit.errors import ConfigError
 from diffusekit.samplers.config import ALIASES, MULTISTEP_SAMPLERS, SAMPLERS, SIGMA_SAMPLERS
@@ -98,5 +100,17 @@ def check_karras(where: str, sampler: str, karras: bool | None) -> None:
                           f"{sampler}")  # fmt: skip
 
 
+def sampler_and_grid(name: Callable[[str], str], sampler: Any, karras: Any) -> tuple[str | None, bool | None]:
+    """(our sampler, karras) from a sampler name as typed and a ``karras`` value; a web-UI name fixes
+    ``karras`` (``"DPM++ 2M"``: False) and a ``karras`` that contradicts it is refused."""
+    if sampler is None:
+        return None, karras
+    ours, named = lookup(sampler, name("sampler"))
+    if named is not None and karras is not None and karras is not named:
+        raise ConfigError(f"{name('sampler')} {sampler!r} and {name('karras')} {karras!r} disagree; "
+                          f"give one of them")  # fmt: skip
+    return ours, named if karras is None else karras
+
+
 __all__ = ["BY_NAME", "KARRAS", "KARRAS_SAMPLERS", "WEB_UI", "SamplerName", "check_karras", "lookup",
-           "names_for_messages", "web_ui_name"]  # fmt: skip
+           "names_for_messages", "sampler_and_grid", "web_ui_name"]  # fmt: skip
