@@ -127,7 +127,7 @@ class Upscale:
         if b != cond.context.shape[0]:
             raise ConfigError(f"got {b} images for {cond.context.shape[0]} prompts")
         noise_level = check_noise_level(noise_level, sd.max_noise_level)
-        tile, tile_overlap = _check_tile(tile, tile_overlap, sd.input_multiple, h * w)
+        tile, tile_overlap = check_tile(tile, tile_overlap, sd.input_multiple, h * w)
         config = sampler_for(sd.sampler_config, sampler, eta)
         grid = grid_for(config, steps)
 
@@ -142,7 +142,7 @@ class Upscale:
             raise ConfigError(f"latents must have shape {shape} for a {w}x{h} image, got {tuple(latents.shape)}")
         x = latents.to(sd.device, sd.dtype) * grid.init_noise_sigma
 
-        model = _with_image(cond.model(sd.unet, class_labels=level), image_noised, tile, tile_overlap)
+        model = with_image(cond.model(sd.unet, class_labels=level), image_noised, tile, tile_overlap)
         codec = sd.codec if tile is None else LatentCodec(sd.codec.vae, tile=tile)
         result = denoise(codec, config, model, x, grid, generator, callback, show_progress)
         f = sd.scale
@@ -150,7 +150,7 @@ class Upscale:
         return result
 
 
-def _check_tile(tile: int | None, overlap: int | None, multiple: int, pixels: int) -> tuple[int | None, int | None]:
+def check_tile(tile: int | None, overlap: int | None, multiple: int, pixels: int) -> tuple[int | None, int | None]:
     """Validated tile size and overlap (None, None: untiled, refused for more than MAX_UNTILED_PIXELS)."""
     if tile is None:
         if overlap is not None:
@@ -172,7 +172,7 @@ def _check_tile(tile: int | None, overlap: int | None, multiple: int, pixels: in
     return tile, overlap
 
 
-def _with_image(model: Model, image: Tensor, tile: int | None, overlap: int | None) -> Model:
+def with_image(model: Model, image: Tensor, tile: int | None, overlap: int | None) -> Model:
     """The model of latents alone: ``image`` stacked on as ``concat``; with ``tile``, evaluated on
     overlapping windows of latents and image whose outputs are blended (MultiDiffusion, Bar-Tal et al. 2023,
     eq. 5: each position gets the weighted mean of the windows covering it)."""
@@ -194,5 +194,7 @@ __all__ = [
     "StableDiffusionUpscaler",
     "Upscale",
     "check_noise_level",
+    "check_tile",
     "pad_to_multiple",
+    "with_image",
 ]

@@ -1,7 +1,7 @@
 """The training configuration: one dataclass per section, read from JSON or TOML, saved in every checkpoint.
 
-A config file has the sections ``data``, ``model``, ``diffusion``, ``optim``, ``ema`` and ``run`` with the
-field names below; every field is optional. Unknown keys are errors (a typo must not silently train with
+A config file has the sections ``data``, ``model``, ``diffusion``, ``optim``, ``ema``, ``run`` and ``task`` with
+the field names below; every field is optional. Unknown keys are errors (a typo must not silently train with
 defaults). Example (TOML)::
 
     [data]
@@ -30,9 +30,11 @@ from diffusekit.diffusion.parametrization import PREDICTION_TYPES
 from diffusekit.diffusion.schedules import BETA_SCHEDULES
 from diffusekit.errors import ConfigError, check_choice, check_range
 from diffusekit.limits import check_flag, check_float, check_int
+from diffusekit.pipelines.super_resolution import DOWNSAMPLE_MODES, MAX_SCALE
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+TASKS = ("generate", "super-resolution")
 
 # Upper bounds, checked before anything is loaded or allocated (a typo such as --resolution-px 100000 must
 # not meet the OOM killer); far above what pixel-space training on one machine can use. What fits in this
@@ -265,6 +267,34 @@ class RunConfig:
         check_int("run.sample_steps", self.sample_steps, 1, MAX_SAMPLE_STEPS)
 
 
+@dataclass
+class TaskConfig:
+    """What the network learns. ``kind``: ``generate`` (images from noise) or ``super-resolution`` (SR3,
+    Saharia et al. 2021; ``diffusekit.training.super_resolution``): each training image (the high-resolution
+    target) is blurred by a Gaussian of ``blur_sigma`` pixels (0 = off), made ``scale`` times smaller
+    (``downsample``: ``bicubic`` or ``area``), given Gaussian noise of standard deviation ``noise_std`` (on the
+    [-1, 1] scale, 0 = off), upsampled back by bicubic interpolation and stacked onto the network's input.
+    ``max_noise_level`` > 0 also noises that condition to a random level 0..max_noise_level of the training
+    schedule and gives the level to the network as its class label (cascaded diffusion's noise conditioning
+    augmentation); 0 = off. The other fields are ignored when ``kind`` is ``generate``.
+    """
+
+    kind: str = "generate"
+    scale: int = 4
+    downsample: str = "bicubic"
+    blur_sigma: float = 0.0
+    noise_std: float = 0.0
+    max_noise_level: int = 0
+
+    def validate(self) -> None:
+        check_choice("task.kind", self.kind, TASKS)
+        check_int("task.scale", self.scale, 2, MAX_SCALE)
+        check_choice("task.downsample", self.downsample, DOWNSAMPLE_MODES)
+        check_float("task.blur_sigma", self.blur_sigma, 0.0, 100.0)
+        check_float("task.noise_std", self.noise_std, 0.0, 10.0)
+        check_int("task.max_noise_level", self.max_noise_level, 0, MAX_TRAIN_TIMESTEPS)
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
@@ -272,6 +302,7 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "ema": EMAConfig,
     "run": RunConfig,
+    "task": TaskConfig,
 }
 
 
@@ -285,6 +316,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def validate(self) -> TrainConfig:
         """Check every field; raise ConfigError naming the first bad one. Returns self."""

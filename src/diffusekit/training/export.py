@@ -19,13 +19,16 @@ import torch
 
 from diffusekit.errors import CheckpointError, ConfigError
 from diffusekit.io.atomic import folder_atomic
+from diffusekit.io.weights import read_json
 from diffusekit.networks.unet import UNet, UNetConfig
+from diffusekit.pipelines.super_resolution import TASK, SuperResolutionPipeline, save_sr_pipeline
 from diffusekit.pipelines.unconditional import UnconditionalPipeline, load_pipeline, save_pipeline
 from diffusekit.samplers.config import SamplerConfig
 from diffusekit.training.checkpoint import load_checkpoint, resolve_checkpoint
-from diffusekit.training.config import DiffusionConfig, TrainConfig
+from diffusekit.training.config import DiffusionConfig, TaskConfig, TrainConfig
 
 EXPORT_DIR = "model"
+_SR_MODEL = "{path} is a super-resolution model, which upscales images: run 'diffusekit upscale --model {path} IMAGE'"
 
 
 def sampler_config(diffusion: DiffusionConfig, sampler: str | None = None) -> SamplerConfig:
@@ -53,13 +56,22 @@ def sampler_config(diffusion: DiffusionConfig, sampler: str | None = None) -> Sa
     )
 
 
-def export_inference(ema_model: UNet, diffusion: DiffusionConfig, folder: str | os.PathLike) -> Path:
-    """Write ``ema_model`` (float32, CPU copy) and its scheduler as an inference folder; atomic replace."""
+def export_inference(
+    ema_model: UNet, diffusion: DiffusionConfig, folder: str | os.PathLike, *, task: TaskConfig | None = None
+) -> Path:
+    """Write ``ema_model`` (float32, CPU copy) and its scheduler as an inference folder; atomic replace. A
+    super-resolution ``task`` writes the super-resolution layout, which records the task, its scale, its
+    downsampling and its conditioning noise levels (``pipelines.super_resolution.save_sr_pipeline``)."""
     folder = Path(folder)
     net = UNet(ema_model.config)
     net.load_state_dict({k: v.detach().float().cpu() for k, v in ema_model.state_dict().items()})
     with folder_atomic(folder, what="inference folder") as tmp:
-        save_pipeline(UnconditionalPipeline(net.eval(), sampler_config(diffusion)), tmp)
+        if task is not None and task.kind == TASK:
+            save_sr_pipeline(SuperResolutionPipeline(net.eval(), sampler_config(diffusion), scale=task.scale,
+                                                     max_noise_level=task.max_noise_level,
+                                                     downsample=task.downsample), tmp)  # fmt: skip
+        else:
+            save_pipeline(UnconditionalPipeline(net.eval(), sampler_config(diffusion)), tmp)
     return folder
 
 
@@ -74,10 +86,11 @@ def load_for_sampling(
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"model not found: {path}")
-    if (path / "model_index.json").is_file():
-        return load_pipeline(path, device=device)
-    if use_ema and (path / EXPORT_DIR / "model_index.json").is_file():
-        return load_pipeline(path / EXPORT_DIR, device=device)
+    for folder in (path, path / EXPORT_DIR) if use_ema else (path,):
+        if (folder / "model_index.json").is_file():
+            if read_json(folder / "model_index.json").get("task") == TASK:
+                raise ConfigError(_SR_MODEL.format(path=path))
+            return load_pipeline(folder, device=device)
     try:
         ckpt = load_checkpoint(resolve_checkpoint(path))
     except CheckpointError as e:
@@ -85,6 +98,8 @@ def load_for_sampling(
             f"{path} is neither an inference folder (model_index.json) nor a training run/checkpoint: {e}"
         ) from None
     train = TrainConfig.from_dict(ckpt.config["train"])
+    if train.task.kind == TASK:
+        raise ConfigError(_SR_MODEL.format(path=path))
     net = UNet(UNetConfig.from_dict(ckpt.config["unet"]))
     net.load_state_dict(ckpt.ema if use_ema else ckpt.model)
     return UnconditionalPipeline(net.to(device).eval(), sampler_config(train.diffusion))

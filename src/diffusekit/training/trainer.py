@@ -54,6 +54,7 @@ from diffusekit.training.precision import resolve_precision
 from diffusekit.training.presets import build_unet_config
 from diffusekit.training.randomness import BatchRandomness, micro_batch_generator, seed_everything
 from diffusekit.training.resume import CHECKPOINTS_DIR, checkpoint_payload, find_resume_state, restore_state
+from diffusekit.training.super_resolution import PREVIEW_COLUMNS, SuperResolution
 
 SAMPLES_DIR = "samples"
 
@@ -133,7 +134,8 @@ class Trainer:
         conditional = c.model.class_conditional if c.model.class_conditional is not None else ds.num_classes > 0
         if conditional and ds.num_classes == 0:
             raise ConfigError("model.class_conditional is on but the dataset has no labels (class sub-folders)")
-        self.num_classes = ds.num_classes if conditional else None
+        self.sr = SuperResolution.for_run(c, ds.resolution)  # None unless task.kind is super-resolution
+        self.num_classes = ds.num_classes if conditional and self.sr is None else None
 
         # model, EMA, optimizer (identical initial weights on every rank)
         torch.manual_seed(c.run.seed)
@@ -142,7 +144,7 @@ class Trainer:
                 self.unet_config = UNetConfig.from_dict(state.config["unet"])
             except ConfigError as e:
                 raise CheckpointError(f"{state.path}: config.json: unet: {e}") from None
-            if (self.unet_config.in_channels, self.unet_config.sample_size) != (ds.channels, ds.resolution):
+            if (self.unet_config.out_channels, self.unet_config.sample_size) != (ds.channels, ds.resolution):
                 raise ConfigError(
                     f"the checkpoint's model takes {self.unet_config.in_channels}-channel "
                     f"{self.unet_config.sample_size}px images, the data has {ds.channels}-channel {ds.resolution}px"
@@ -155,8 +157,9 @@ class Trainer:
                 resolution=ds.resolution,
                 num_classes=self.num_classes,
             )
+        self.unet_config = self.sr.unet_config(self.unet_config) if self.sr else self.unet_config
         device = self.env.device
-        check_training_memory(self.unet_config, channels=ds.channels, resolution=ds.resolution,
+        check_training_memory(self.unet_config, channels=self.unet_config.in_channels, resolution=ds.resolution,
                               batch_size=c.optim.batch_size, device=device)  # fmt: skip
         # channels-last on CPUs: oneDNN's NHWC convolutions and GroupNorm are faster there (one mnist-small
         # training step of 64 images: 1.71 s vs 2.20 s NCHW on one core); the weights' values are the same
@@ -368,7 +371,7 @@ class Trainer:
             last_ckpt = self.save_checkpoint()
         export_dir = None
         if main:
-            export_dir = export_inference(self.ema, c.diffusion, self.run_dir / EXPORT_DIR)
+            export_dir = export_inference(self.ema, c.diffusion, self.run_dir / EXPORT_DIR, task=c.task)
             plot_loss_curve(read_metrics(logger.path), self.run_dir / "loss_curve.png")
             logger.close()
         ddp.barrier(env)
@@ -412,12 +415,13 @@ class Trainer:
             labels = torch.where(rnd.drop_label, self.num_classes, labels).to(env.device)
         else:
             labels = None
+        concat, labels = self.sr.condition(x0, micro, env.rank * B, self.global_batch) if self.sr else (None, labels)
         x_t, t, target, weights = loss_inputs(self.schedule, c.diffusion, x0, noise, rnd.t.to(env.device), rnd.normal)
         x_t = x_t.contiguous(memory_format=self.memory_format)
         sync = self.ddp_model is None or last
         with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
             with amp:
-                out = model(x_t, t, class_labels=labels)
+                out = model(x_t, t, class_labels=labels, concat=concat)
             loss = weighted_mse(out, target, weights)
             scaled = loss / c.optim.grad_accum_steps
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -447,8 +451,8 @@ class Trainer:
 
         n = self.config.run.num_sample_images
         labels = self.preview_labels(n)
-        images = self.sample(n, seed=self.config.run.seed, class_labels=labels)
-        nrow = self.num_classes if self.num_classes else None
+        images = self.sr.preview(self, n) if self.sr else self.sample(n, seed=self.config.run.seed, class_labels=labels)
+        nrow = PREVIEW_COLUMNS if self.sr else self.num_classes or None
         path = save_image_grid(images, self.run_dir / SAMPLES_DIR / f"step-{self.step:08d}.png", nrow=nrow, scale=2)
         if logger is not None:
             logger.log_images("samples/ema_ddim", make_grid(images, nrow=nrow), self.step)
