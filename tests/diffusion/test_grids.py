@@ -13,6 +13,7 @@ import torch
 from diffusekit.diffusion.grids import Grid, arange64, linspace64, spaced_timesteps
 from diffusekit.diffusion.schedules import NoiseSchedule
 from diffusekit.errors import ConfigError
+from diffusekit.io.scheduler_config import scheduler_from_diffusers
 from diffusekit.samplers.config import SamplerConfig, build_grid
 
 
@@ -58,7 +59,7 @@ SD15 = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_sta
 def test_reference_dpm_solver_linspace_grid_rounds_on_numpys_value(n):
     """The reference's DPM-Solver: round(numpy.linspace(0, T-1, N+1)) reversed, last dropped (N = 26: 27 points,
     the middle one 499.49999... -> 499)."""
-    cfg = SamplerConfig.from_reference(
+    cfg = scheduler_from_diffusers(
         {"_class_name": "DPMSolverMultistepScheduler", **SD15, "timestep_spacing": "linspace"}
     )
     expected = np.linspace(0, 999, n + 1).round()[::-1][:-1]
@@ -66,7 +67,7 @@ def test_reference_dpm_solver_linspace_grid_rounds_on_numpys_value(n):
 
 
 def test_reference_dpm_solver_karras_grid_calls_the_network_at_integer_times():
-    cfg = SamplerConfig.from_reference(
+    cfg = scheduler_from_diffusers(
         {"_class_name": "DPMSolverMultistepScheduler", **SD15, "use_karras_sigmas": True}
     )
     grid = build_grid(cfg, 20)

@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from diffusekit.errors import ConfigError
+from diffusekit.io.scheduler_config import scheduler_from_diffusers
 from diffusekit.io.text_encoder_config import text_encoder_from_diffusers
 from diffusekit.io.unet_config import unet_from_diffusers
 from diffusekit.io.vae_config import vae_from_diffusers
@@ -94,10 +95,10 @@ def _use_sampler_config(config: SamplerConfig) -> None:
 @given(cfg=_any_mutation(SCHEDULERS))
 def test_scheduler_config(tally, cfg):
     def call():
-        config = SamplerConfig.from_reference(cfg)
+        config = scheduler_from_diffusers(cfg)
         _use_sampler_config(config)
 
-    tally.check("SamplerConfig.from_reference", call, describe=lambda: repr(cfg))
+    tally.check("scheduler_from_diffusers", call, describe=lambda: repr(cfg))
 
 
 @examples(150)
@@ -111,7 +112,7 @@ def test_sampler_config_from_our_own_dict(tally, d):
 
 def test_scheduler_config_refuses_a_huge_schedule_before_allocating(tally):
     cfg = {**SCHEDULERS[0], "num_train_timesteps": 10**12}
-    assert tally.check("SamplerConfig.from_reference", lambda: SamplerConfig.from_reference(cfg)) is None
+    assert tally.check("scheduler_from_diffusers", lambda: scheduler_from_diffusers(cfg)) is None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -260,7 +261,7 @@ def test_read_json(tally, tmp_path_factory, text, encoding):
 def test_deeply_nested_config_values(tally):
     nested = deep(100_000)
     for name, parse, base in [
-        ("SamplerConfig.from_reference", SamplerConfig.from_reference, SCHEDULERS[0]),
+        ("scheduler_from_diffusers", scheduler_from_diffusers, SCHEDULERS[0]),
         ("unet_from_diffusers", unet_from_diffusers, UNETS[0]),
         ("vae_from_diffusers", vae_from_diffusers, VAES[0]),
         ("text_encoder_from_diffusers", text_encoder_from_diffusers, TEXT[0]),

@@ -13,11 +13,11 @@ from diffusekit.io.text import (
     OPEN_CLIP_SINGLE_FILE_PREFIX,
     SINGLE_FILE_PREFIX,
     from_open_clip_state_dict,
-    from_reference_state_dict,
     load_state_strict,
     load_text_encoder,
     save_text_encoder,
-    to_reference_state_dict,
+    text_encoder_from_diffusers_state_dict,
+    text_encoder_to_diffusers_state_dict,
 )
 from diffusekit.networks.text_encoder import (
     TEXT_ENCODER_PRESETS,
@@ -122,15 +122,15 @@ def test_bad_inputs_raise_config_error(model):
 
 def test_key_mapping_round_trip_and_prefixes(model):
     ours = model.state_dict()
-    ref = to_reference_state_dict(ours)
+    ref = text_encoder_to_diffusers_state_dict(ours)
     assert "text_model.embeddings.token_embedding.weight" in ref
     assert "text_model.encoder.layers.1.self_attn.out_proj.bias" in ref
     assert "text_model.final_layer_norm.weight" in ref
-    assert from_reference_state_dict(ref).keys() == ours.keys()
-    single = to_reference_state_dict(ours, prefix=SINGLE_FILE_PREFIX)
+    assert text_encoder_from_diffusers_state_dict(ref).keys() == ours.keys()
+    single = text_encoder_to_diffusers_state_dict(ours, prefix=SINGLE_FILE_PREFIX)
     single["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(1)  # other parts of the checkpoint
     single[SINGLE_FILE_PREFIX + "embeddings.position_ids"] = torch.arange(77)[None]
-    back = from_reference_state_dict(single, prefix=SINGLE_FILE_PREFIX)
+    back = text_encoder_from_diffusers_state_dict(single, prefix=SINGLE_FILE_PREFIX)
     assert back.keys() == ours.keys()
     assert all(back[k] is ours[k] for k in ours)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from diffusekit.io.scheduler_config import scheduler_from_diffusers
 from diffusekit.io.single_file import SD1_SCHEDULER, to_single_file_state_dict
 from diffusekit.io.text import load_tokenizer
 from diffusekit.networks.text_encoder import TEXT_ENCODER_PRESETS, ClipTextEncoder
@@ -20,7 +21,6 @@ from diffusekit.pipelines.common import LatentCodec
 from diffusekit.pipelines.loading import load_pipeline, parts_of
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.pipelines.text_to_image import TextToImage
-from diffusekit.samplers.config import SamplerConfig
 
 MEMORY_LIMIT_GB = 24.0
 
@@ -40,7 +40,7 @@ def sd15_sized(tokenizer_folder: Path) -> StableDiffusion:
         codec=LatentCodec(AutoencoderKL(VAE_PRESETS["sd"]).eval()),
         tokenizer=load_tokenizer(tokenizer_folder),
         text_encoder=ClipTextEncoder(TEXT_ENCODER_PRESETS["sd1"]).eval(),
-        sampler_config=SamplerConfig.from_reference(SD1_SCHEDULER),
+        sampler_config=scheduler_from_diffusers(SD1_SCHEDULER),
     ).prepare()  # the runtime plan load_pipeline applies
 
 

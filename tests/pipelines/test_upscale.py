@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from diffusekit.errors import ConfigError, WeightsError
+from diffusekit.io.scheduler_config import scheduler_from_diffusers
 from diffusekit.io.unet_config import unet_from_diffusers, unet_to_diffusers
 from diffusekit.io.weights import load_weights, read_json
 from diffusekit.networks.unet import UNet
 from diffusekit.pipelines.loading import UPSCALER_FOLDER, identify, load_pipeline
 from diffusekit.pipelines.upscale import StableDiffusionUpscaler, Upscale, pad_to_multiple
-from diffusekit.samplers.config import SamplerConfig
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
 MODEL = FIXTURES / "pipelines" / "stable_diffusion_upscale"
@@ -44,7 +44,7 @@ def _smooth_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("case", CASES, ids=lambda p: p.name)
 def test_upscale_matches_reference_case(case: Path, sd: StableDiffusionUpscaler):
     meta, ref = read_json(case / "meta.json"), load_weights(case / "io.safetensors")
-    sd = dataclasses.replace(sd, sampler_config=SamplerConfig.from_reference(read_json(case / "scheduler_config.json")))
+    sd = dataclasses.replace(sd, sampler_config=scheduler_from_diffusers(read_json(case / "scheduler_config.json")))
     out = Upscale(sd)(
         meta["prompt"], ref["image"], negative_prompt=meta["negative_prompt"], noise_level=meta["noise_level"],
         steps=meta["num_inference_steps"], guidance_scale=meta["guidance_scale"],

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from diffusekit.errors import ConfigError
+from diffusekit.io.scheduler_config import scheduler_from_diffusers, scheduler_to_diffusers
 from diffusekit.samplers.common import Denoiser, EDMDenoiser
 from diffusekit.samplers.config import EDM_SAMPLERS, SamplerConfig, build_grid, run_sampler
 from diffusekit.samplers.heun import Churn, sample_heun
@@ -165,15 +166,15 @@ def test_edm_grid_is_the_karras_grid_of_the_config():
 def test_edm_config_round_trips_through_the_reference_layout():
     cfg = SamplerConfig(sampler="heun", preconditioning="edm", sigma_data=0.6, sigma_max=40.0, s_churn=10.0,
                         s_tmin=0.05, s_tmax=20.0, s_noise=1.003, clip_sample=1.0)  # fmt: skip
-    ref = cfg.to_reference()
+    ref = scheduler_to_diffusers(cfg)
     assert ref["_class_name"] == "EDMEulerScheduler" and ref["sigma_data"] == 0.6
-    assert SamplerConfig.from_reference(ref) == cfg
+    assert scheduler_from_diffusers(ref) == cfg
     assert SamplerConfig.from_dict(cfg.to_dict()) == cfg
     # the reference's own EDM scheduler config: its Euler sampler, its preconditioning
     theirs = {"_class_name": "EDMEulerScheduler", "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5,
               "sigma_schedule": "karras", "rho": 7.0, "prediction_type": "epsilon", "num_train_timesteps": 1000}
-    read = SamplerConfig.from_reference(theirs)
+    read = scheduler_from_diffusers(theirs)
     assert (read.sampler, read.preconditioning, read.sigma_max) == ("euler", "edm", 80.0)
     with pytest.raises(ConfigError, match="sigma_schedule"):
-        SamplerConfig.from_reference({**theirs, "sigma_schedule": "exponential"})
-    assert SamplerConfig().to_reference()["_class_name"] == "DDIMScheduler"  # the classic path is unchanged
+        scheduler_from_diffusers({**theirs, "sigma_schedule": "exponential"})
+    assert scheduler_to_diffusers(SamplerConfig())["_class_name"] == "DDIMScheduler"  # the classic path is unchanged

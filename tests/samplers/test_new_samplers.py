@@ -15,6 +15,7 @@ import torch
 
 from diffusekit.diffusion.grids import consistency_timesteps
 from diffusekit.errors import ConfigError
+from diffusekit.io.scheduler_config import scheduler_from_diffusers, scheduler_to_diffusers
 from diffusekit.samplers.config import SIGMA_SAMPLERS, SamplerConfig, build_grid, run_sampler
 from diffusekit.samplers.lcm import boundary_scalings
 
@@ -100,10 +101,10 @@ def test_lcm_boundary_conditions_and_grid():
     assert grid.timesteps.tolist() == [999, 759, 499, 259] and float(grid.alphas_cumprod_next[-1]) == 1.0
     with pytest.raises(ConfigError, match="num_inference_steps=51 must be <= original_inference_steps=50"):
         build_grid(SamplerConfig(sampler="lcm"), 51)
-    cfg = SamplerConfig.from_reference({"_class_name": "LCMScheduler", "original_inference_steps": 25,
+    cfg = scheduler_from_diffusers({"_class_name": "LCMScheduler", "original_inference_steps": 25,
                                         "timestep_scaling": 5.0})  # fmt: skip
     assert (cfg.sampler, cfg.original_inference_steps, cfg.timestep_scaling) == ("lcm", 25, 5.0)
-    assert SamplerConfig.from_reference(cfg.to_reference()) == cfg
+    assert scheduler_from_diffusers(scheduler_to_diffusers(cfg)) == cfg
 
 
 # ---------------------------------------------------------------- order of convergence on the exact ODE
@@ -184,8 +185,8 @@ def test_heun_refuses_a_grid_that_stops_short_of_its_correction_time():
 
 def test_unipc_translation_refuses_variants_it_does_not_implement():
     base = {"_class_name": "UniPCMultistepScheduler", "solver_type": "bh2", "disable_corrector": []}
-    assert SamplerConfig.from_reference(base).sampler == "unipc"
+    assert scheduler_from_diffusers(base).sampler == "unipc"
     for key, value in (("solver_type", "bh1"), ("solver_order", 3), ("predict_x0", False), ("lower_order_final", False),
                        ("disable_corrector", [0]), ("final_sigmas_type", "sigma_min")):  # fmt: skip
         with pytest.raises(ConfigError, match=f"{key}="):
-            SamplerConfig.from_reference({**base, key: value})
+            scheduler_from_diffusers({**base, key: value})

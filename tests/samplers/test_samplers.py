@@ -9,6 +9,7 @@ import torch
 
 from diffusekit.diffusion.grids import Grid, interpolate_sigma
 from diffusekit.errors import ConfigError
+from diffusekit.io.scheduler_config import scheduler_from_diffusers
 from diffusekit.samplers.common import Denoiser
 from diffusekit.samplers.config import SAMPLERS, SamplerConfig, build_grid, run_sampler
 from diffusekit.samplers.ddpm import sample_ddpm
@@ -103,7 +104,7 @@ def test_every_option_combines(sampler, spacing, steps, offset):
 def test_our_ddim_steps_along_the_grid_but_reference_configs_keep_the_stride_rule():
     """On a linspace grid the reference's DDIM lands on t - T // N, not on the next grid entry."""
     ours = SamplerConfig(sampler="ddim", timestep_spacing="linspace")
-    ref = SamplerConfig.from_reference(
+    ref = scheduler_from_diffusers(
         {"_class_name": "DDIMScheduler", "timestep_spacing": "linspace", "beta_schedule": "linear"}
     )
     g_ours, g_ref = build_grid(ours, 10), build_grid(ref, 10)
@@ -113,7 +114,7 @@ def test_our_ddim_steps_along_the_grid_but_reference_configs_keep_the_stride_rul
     assert float(g_ours.alphas_cumprod_next[0]) == float(abar[888])
     assert abs(float(g_ref.alphas_cumprod_next[0]) - float(abar[899])) < 1e-6
     # on a leading grid both rules agree
-    ref_leading = SamplerConfig.from_reference({"_class_name": "DDIMScheduler"})
+    ref_leading = scheduler_from_diffusers({"_class_name": "DDIMScheduler"})
     torch.testing.assert_close(
         build_grid(ref_leading, 10).alphas_cumprod_next.double(),
         build_grid(SamplerConfig(sampler="ddim"), 10).alphas_cumprod_next, rtol=1e-6, atol=0,
@@ -121,16 +122,16 @@ def test_our_ddim_steps_along_the_grid_but_reference_configs_keep_the_stride_rul
 
 
 def test_reference_config_translation_and_errors():
-    cfg = SamplerConfig.from_reference(
+    cfg = scheduler_from_diffusers(
         {"_class_name": "DDPMScheduler", "clip_sample": True, "clip_sample_range": 2.0, "variance_type": "fixed_large",
          "skip_prk_steps": True, "some_future_key": 3}
     )  # fmt: skip
     assert cfg.sampler == "ddpm" and cfg.clip_sample == 2.0 and cfg.variance == "fixed_large"
     assert "some_future_key" in cfg.ignored_keys
     with pytest.raises(ConfigError, match="_class_name='LMSDiscreteScheduler'"):
-        SamplerConfig.from_reference({"_class_name": "LMSDiscreteScheduler"})
+        scheduler_from_diffusers({"_class_name": "LMSDiscreteScheduler"})
     with pytest.raises(ConfigError, match="thresholding"):
-        SamplerConfig.from_reference({"_class_name": "DDPMScheduler", "thresholding": True})
+        scheduler_from_diffusers({"_class_name": "DDPMScheduler", "thresholding": True})
     with pytest.raises(ConfigError, match="sampler='lms'"):
         SamplerConfig(sampler="lms")
     with pytest.raises(ConfigError, match="num_inference_steps=2000"):
@@ -162,7 +163,7 @@ SD15_DPM = {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps":
 def test_reference_dpm_solver_leading_grid_is_its_own_rule():
     """The reference's DPM-Solver spaces a ``leading`` config by T // (N + 1) over N + 1 points, drops the last
     and adds steps_offset -- not DDIM's T // N (SD-1.5, 20 steps: 941, 894, ..., 48)."""
-    grid = build_grid(SamplerConfig.from_reference({**SD15_DPM, "timestep_spacing": "leading"}), 20)
+    grid = build_grid(scheduler_from_diffusers({**SD15_DPM, "timestep_spacing": "leading"}), 20)
     assert grid.timesteps.long().tolist() == [47 * k + 1 for k in range(20, 0, -1)]
 
 
@@ -179,7 +180,7 @@ def test_dpm_solver_follows_the_reference_scheduler(spacing, steps):
     cfg = {**SD15_DPM, "timestep_spacing": spacing}
     ref = diffusers.DPMSolverMultistepScheduler.from_config(cfg)
     ref.set_timesteps(steps)
-    ours = SamplerConfig.from_reference(cfg)
+    ours = scheduler_from_diffusers(cfg)
     grid = build_grid(ours, steps)
     assert grid.timesteps.long().tolist() == ref.timesteps.long().tolist()
     x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -40,7 +40,11 @@ from torch import Tensor, nn
 from diffusekit.errors import ConfigError, WeightsError, check_choice
 from diffusekit.io.diffusers_keys import from_diffusers_state_dict, to_diffusers_state_dict
 from diffusekit.io.single_file import UNET_PREFIX, unet_key_map
-from diffusekit.io.text import REFERENCE_PREFIX, from_reference_state_dict, to_reference_state_dict
+from diffusekit.io.text import (
+    REFERENCE_PREFIX,
+    text_encoder_from_diffusers_state_dict,
+    text_encoder_to_diffusers_state_dict,
+)
 from diffusekit.io.weights import (
     SafetensorsFile,
     not_a_weights_file,
@@ -259,7 +263,7 @@ def reference_module_name(component: str, module: str) -> str:
     if component == "unet":
         (ref,) = to_diffusers_state_dict({key: torch.empty(0)})
     else:
-        (ref,) = to_reference_state_dict({key: torch.empty(0)}, prefix=REFERENCE_PREFIX)
+        (ref,) = text_encoder_to_diffusers_state_dict({key: torch.empty(0)}, prefix=REFERENCE_PREFIX)
     return ref.removesuffix(".weight")
 
 
@@ -289,7 +293,7 @@ def _spellings(component: str, model: nn.Module) -> tuple[dict[str, str], dict[s
                 dotted.setdefault(old.removesuffix(".weight"), dotted[ref])
     elif isinstance(model, ClipTextEncoder):
         for ref in list(dotted):
-            (ours,) = from_reference_state_dict({f"{ref}.weight": torch.empty(0)})
+            (ours,) = text_encoder_from_diffusers_state_dict({f"{ref}.weight": torch.empty(0)})
             dotted.setdefault(ours.removesuffix(".weight"), dotted[ref])
     return kohya, dotted
 

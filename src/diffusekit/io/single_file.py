@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from diffusekit.errors import ConfigError, DiffusekitError, WeightsError
+from diffusekit.io.scheduler_config import scheduler_from_diffusers, scheduler_to_diffusers
 from diffusekit.io.single_file_layout import (
     IGNORED_KEYS,
     OTHER_FAMILIES,
@@ -75,7 +76,7 @@ from diffusekit.samplers.config import SamplerConfig
 from diffusekit.samplers.presets import SD1
 
 # The scheduler every SD-1.x model was released with, as its diffusers ``scheduler_config.json`` says it
-SD1_SCHEDULER = dataclasses.replace(SD1, reference_rules=True).to_reference()
+SD1_SCHEDULER = scheduler_to_diffusers(dataclasses.replace(SD1, reference_rules=True))
 _META_KEYS = {"unet": "diffusekit.unet", "vae": "diffusekit.vae", "text": "diffusekit.text_encoder",
               "sampler": "diffusekit.sampler"}  # fmt: skip
 
@@ -392,7 +393,7 @@ def _parts(
         _text_config_from_dict,
         lambda: infer_text_encoder_config(_component(state, TEXT_ENCODER_PREFIX), tokenizer),
     )
-    sampler = config("sampler", SamplerConfig.from_dict, lambda: SamplerConfig.from_reference(SD1_SCHEDULER))
+    sampler = config("sampler", SamplerConfig.from_dict, lambda: scheduler_from_diffusers(SD1_SCHEDULER))
     ids = max(tokenizer.vocab.values())
     if ids >= text_config.vocab_size:
         raise WeightsError(

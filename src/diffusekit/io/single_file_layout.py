@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusekit.errors import ConfigError, WeightsError
-from diffusekit.io.text import SINGLE_FILE_PREFIX, to_reference_state_dict
+from diffusekit.io.text import SINGLE_FILE_PREFIX, text_encoder_to_diffusers_state_dict
 from diffusekit.networks.text_encoder import ClipTextEncoder, TextEncoderConfig
 from diffusekit.networks.tokenizer import ClipTokenizer
 from diffusekit.networks.unet import UNet, UNetConfig
@@ -166,7 +166,7 @@ def text_encoder_key_map(config: TextEncoderConfig) -> KeyMap:
     """The single-file keys of a CLIP text encoder with this config (the names ``io.text`` gives it)."""
     names = {}
     for k in _meta_state(ClipTextEncoder, config):
-        (theirs,) = to_reference_state_dict({k: torch.empty(0)}, prefix=TEXT_ENCODER_PREFIX)
+        (theirs,) = text_encoder_to_diffusers_state_dict({k: torch.empty(0)}, prefix=TEXT_ENCODER_PREFIX)
         names[k] = theirs
     return KeyMap(names)
 

@@ -6,8 +6,8 @@ Text encoder folder: ``config.json`` (a ``CLIPTextModel`` config) + ``model.safe
 ``tokenizer/`` subfolders) is accepted too.
 
 The state-dict key mapping between our module names and the reference's lives here, and only here:
-``to_reference_state_dict`` / ``from_reference_state_dict`` (also used for single-file SD-1.x checkpoints,
-whose text-encoder keys start with ``cond_stage_model.transformer.text_model.``), and
+``text_encoder_to_diffusers_state_dict`` / ``text_encoder_from_diffusers_state_dict`` (also used for single-file
+SD-1.x checkpoints, whose text-encoder keys start with ``cond_stage_model.transformer.text_model.``), and
 ``from_open_clip_state_dict`` for SD-2.x single files (OpenCLIP names under ``cond_stage_model.model.``).
 """
 
@@ -89,7 +89,9 @@ def _rename(key: str, forward: bool) -> str | None:
     return None
 
 
-def to_reference_state_dict(state: dict[str, torch.Tensor], prefix: str = REFERENCE_PREFIX) -> dict[str, torch.Tensor]:
+def text_encoder_to_diffusers_state_dict(
+    state: dict[str, torch.Tensor], prefix: str = REFERENCE_PREFIX
+) -> dict[str, torch.Tensor]:
     """Our ``ClipTextEncoder`` state dict -> reference names, each preceded by ``prefix``
     (``"text_model."`` for a ``text_encoder/`` folder, ``SINGLE_FILE_PREFIX`` for a single-file checkpoint).
     Raises WeightsError for a key we do not know."""
@@ -105,7 +107,9 @@ def to_reference_state_dict(state: dict[str, torch.Tensor], prefix: str = REFERE
     return out
 
 
-def from_reference_state_dict(state: dict[str, torch.Tensor], prefix: str | None = None) -> dict[str, torch.Tensor]:
+def text_encoder_from_diffusers_state_dict(
+    state: dict[str, torch.Tensor], prefix: str | None = None
+) -> dict[str, torch.Tensor]:
     """Reference-named weights -> our names.
 
     ``prefix=None``: the keys are a text encoder's alone; a leading ``"text_model."`` is removed where present.
@@ -251,7 +255,7 @@ def load_text_encoder(
     state, source = _load_state(folder)
     with torch.device("meta"):
         model = ClipTextEncoder(config)
-    load_state_strict(model, from_reference_state_dict(state), source)
+    load_state_strict(model, text_encoder_from_diffusers_state_dict(state), source)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -259,7 +263,7 @@ def save_text_encoder(model: ClipTextEncoder, folder: str | os.PathLike, *, pref
     """Write ``config.json`` + ``model.safetensors`` in the reference layout (keys ``text_model.*``, as
     SD-1.x/2.x folders carry them; pass ``prefix=""`` for the unprefixed names newer versions write)."""
     folder = Path(folder)
-    state = to_reference_state_dict(model.state_dict(), prefix=prefix)
+    state = text_encoder_to_diffusers_state_dict(model.state_dict(), prefix=prefix)
     save_weights(state, folder / WEIGHTS_FILE, metadata={"format": "pt"})
     write_json(text_encoder_to_diffusers(model.config), folder / CONFIG_FILE)
 
@@ -371,11 +375,11 @@ __all__ = [
     "OPEN_CLIP_SINGLE_FILE_PREFIX",
     "SINGLE_FILE_PREFIX",
     "from_open_clip_state_dict",
-    "from_reference_state_dict",
+    "text_encoder_from_diffusers_state_dict",
     "load_state_strict",
     "load_text_encoder",
     "load_tokenizer",
     "save_text_encoder",
     "save_tokenizer",
-    "to_reference_state_dict",
+    "text_encoder_to_diffusers_state_dict",
 ]

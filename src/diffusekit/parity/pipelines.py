@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from diffusekit.io.models import load_unet
-from diffusekit.io.text import from_reference_state_dict
+from diffusekit.io.scheduler_config import scheduler_from_diffusers
+from diffusekit.io.text import text_encoder_from_diffusers_state_dict
 from diffusekit.io.weights import load_weights, read_json
 from diffusekit.parity.report import Comparison
 from diffusekit.pipelines import lora
@@ -49,7 +50,7 @@ def _stack_calls(rec: Recorder, i: int) -> Tensor:
 
 
 def _sampler_config(case: Path, meta: dict) -> SamplerConfig:
-    cfg = SamplerConfig.from_reference(read_json(case / "scheduler_config.json"))
+    cfg = scheduler_from_diffusers(read_json(case / "scheduler_config.json"))
     if cfg.sampler == "ddim":
         cfg = cfg.with_sampler("ddim", eta=float(meta.get("eta") or 0.0))
     return cfg
@@ -210,7 +211,7 @@ def _reference_param(parts: dict[str, torch.nn.Module], key: str) -> Tensor:
     component, param = key.split(".", 1)
     state = parts[component].state_dict()
     if component != "unet":  # the text encoder's reference names -> ours (io.text's key map)
-        (param,) = from_reference_state_dict({param: torch.empty(0)})
+        (param,) = text_encoder_from_diffusers_state_dict({param: torch.empty(0)})
     if param not in state:
         raise KeyError(f"{key}: no such parameter in our {component} (looked for {param!r})")
     return state[param].detach().clone()

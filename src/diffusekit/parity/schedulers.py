@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from diffusekit.io.scheduler_config import REFERENCE_CLASSES, scheduler_from_diffusers
 from diffusekit.io.weights import load_weights, read_json
 from diffusekit.parity.report import Comparison, Skip
 from diffusekit.samplers.common import StepInfo
-from diffusekit.samplers.config import REFERENCE_CLASSES, SamplerConfig, build_grid, run_sampler
+from diffusekit.samplers.config import SamplerConfig, build_grid, run_sampler
 from diffusekit.samplers.lcm import boundary_scalings
 
 
@@ -32,7 +33,7 @@ def _reference_config(case: Path) -> SamplerConfig:
     name = raw.get("_class_name") if isinstance(raw, dict) else None
     if name not in REFERENCE_CLASSES:
         raise Skip(f"scheduler class {name!r} is not implemented; implemented: {', '.join(sorted(REFERENCE_CLASSES))}")
-    return SamplerConfig.from_reference(raw)
+    return scheduler_from_diffusers(raw)
 
 
 def scheduler_case(case: Path, meta: dict) -> Comparison:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from diffusekit.errors import ConfigError, WeightsError
 from diffusekit.io.atomic import folder_atomic
 from diffusekit.io.models import load_unet, load_vae, save_unet, save_vae
+from diffusekit.io.scheduler_config import scheduler_from_diffusers, scheduler_to_diffusers
 from diffusekit.io.single_file import SingleFileParts, read_single_file_parts, save_single_file
 from diffusekit.io.text import load_text_encoder, load_tokenizer, save_text_encoder, save_tokenizer
 from diffusekit.io.weights import read_json, write_json
@@ -180,7 +181,7 @@ def _load_folder(
 def _scheduler(path: Path) -> SamplerConfig:
     """The sampler config of a reference ``scheduler_config.json``; messages name the file."""
     try:
-        return SamplerConfig.from_reference(read_json(path))
+        return scheduler_from_diffusers(read_json(path))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
@@ -291,7 +292,7 @@ def _save_folder(sd: StableDiffusion, folder: Path) -> None:
     save_vae(sd.codec.vae, folder / "vae")
     save_text_encoder(sd.text_encoder, folder / "text_encoder")
     save_tokenizer(sd.tokenizer, folder / "tokenizer")
-    sched = sd.sampler_config.to_reference()
+    sched = scheduler_to_diffusers(sd.sampler_config)
     write_json(sched, folder / SCHEDULER_CONFIG)
     index = {
         "_class_name": "StableDiffusionPipeline",
@@ -312,7 +313,7 @@ def _save_folder(sd: StableDiffusion, folder: Path) -> None:
                      tokenizer_2=["transformers", "CLIPTokenizer"],
                      force_zeros_for_empty_prompt=sd.force_zeros_for_empty_prompt)  # fmt: skip
     if isinstance(sd, StableDiffusionUpscaler):
-        low_res = sd.low_res_config.to_reference()
+        low_res = scheduler_to_diffusers(sd.low_res_config)
         write_json(low_res, folder / LOW_RES_SCHEDULER_CONFIG)
         index.update(_class_name=UPSCALER_CLASS, low_res_scheduler=["diffusers", low_res["_class_name"]],
                      max_noise_level=sd.max_noise_level)  # fmt: skip

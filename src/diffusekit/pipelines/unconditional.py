@@ -11,6 +11,7 @@ from torch import Tensor
 
 from diffusekit.errors import ConfigError, check_positive_int
 from diffusekit.io.models import load_unet, save_unet
+from diffusekit.io.scheduler_config import scheduler_from_diffusers, scheduler_to_diffusers
 from diffusekit.io.weights import read_json, write_json
 from diffusekit.networks.unet import UNet
 from diffusekit.pipelines.common import GeneratorArg, IdentityCodec, check_size, draw
@@ -105,7 +106,7 @@ def load_pipeline(
     convolutions, :mod:`diffusekit.runtime.policy`)."""
     folder = Path(folder)
     sched = folder / "scheduler" / "scheduler_config.json"
-    config = SamplerConfig.from_reference(read_json(sched)) if sched.exists() else SamplerConfig()
+    config = scheduler_from_diffusers(read_json(sched)) if sched.exists() else SamplerConfig()
     unet = load_unet(folder / "unet", device=device)
     prepare(unet, plan or Plan(dtype=torch.float32), device=device)
     return UnconditionalPipeline(unet, config)
@@ -115,9 +116,10 @@ def save_pipeline(pipe: UnconditionalPipeline, folder: str | os.PathLike) -> Non
     """Write the pipeline in the layout ``load_pipeline`` (and the reference) reads."""
     folder = Path(folder)
     save_unet(pipe.unet, folder / "unet")
-    write_json(pipe.sampler_config.to_reference(), folder / "scheduler" / "scheduler_config.json")
+    scheduler = scheduler_to_diffusers(pipe.sampler_config)
+    write_json(scheduler, folder / "scheduler" / "scheduler_config.json")
     write_json(
-        {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", pipe.sampler_config.to_reference()["_class_name"]],
+        {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", scheduler["_class_name"]],
          "unet": ["diffusers", "UNet2DModel"]},
         folder / "model_index.json",
     )  # fmt: skip
