@@ -140,7 +140,7 @@ def test_vae_round_trip(fixtures_dir: Path) -> None:
 # ---- text encoder --------------------------------------------------------------------------------------------
 
 
-def test_text_encoder_from_reference_json(fixtures_dir: Path) -> None:
+def test_text_encoder_from_diffusers_json(fixtures_dir: Path) -> None:
     config = text_encoder_from_diffusers(_raw(fixtures_dir, "models/text_encoder/model"))
     assert config == TextEncoderConfig(
         vocab_size=740, hidden_size=32, num_layers=2, num_heads=4, mlp_size=37, max_positions=77,
