@@ -14,7 +14,8 @@ from diffusekit.diffusion.parametrization import PREDICTION_TYPES
 from diffusekit.diffusion.schedules import BETA_SCHEDULES
 from diffusekit.errors import CheckpointError, ConfigError, DiffusekitError
 from diffusekit.limits import check_int
-from diffusekit.training.config import LR_SCHEDULES, MIXED_PRECISION, TrainConfig, load_config
+from diffusekit.pipelines.super_resolution import DOWNSAMPLE_MODES
+from diffusekit.training.config import LR_SCHEDULES, MIXED_PRECISION, TASKS, TrainConfig, load_config
 from diffusekit.training.presets import preset_names
 
 DESCRIPTION = """\
@@ -23,7 +24,7 @@ become class labels), MNIST-format IDX files, a .npz/.npy array, the named datas
 or the MNIST subset that ships with diffusekit (the default).
 
 Settings come from the defaults, then --config FILE (JSON or TOML with sections [data], [model],
-[diffusion], [optim], [ema], [run]; see diffusekit.training.config), then the options below. The full
+[diffusion], [optim], [ema], [run], [task]; see diffusekit.training.config), then the options below. The full
 config is saved into every checkpoint.
 
 The run folder (--output-dir) receives checkpoints/step-NNNNNNNN/ (atomic, resumable bit for bit),
@@ -43,6 +44,7 @@ examples:
   diffusekit train --data fashion-mnist --preset mnist-base --max-minutes 30 --output-dir runs/fashion
   diffusekit train --data ./photos --resolution-px 64 --preset ddpm-cifar10 --batch-size 32
   diffusekit train --resume --output-dir runs/digits --steps 4000      # continue the newest checkpoint
+  diffusekit train --task super-resolution --scale 4 --data fashion-mnist --output-dir runs/sr   # 7 -> 28 px
   torchrun --nproc_per_node 2 -m diffusekit train --config run.toml"""
 
 
@@ -100,6 +102,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="P",
         help="probability of dropping the class label, for classifier-free guidance",
     )
+    g = p.add_argument_group("task")
+    g.add_argument("--task", choices=TASKS,
+                   help="generate: images from noise; super-resolution: an SR3 upscaler whose input is the noisy "
+                   "image with the degraded image (downsampled by --scale, upsampled back by bicubic "
+                   "interpolation) stacked on; use it with 'diffusekit upscale'")  # fmt: skip
+    g.add_argument("--scale", type=int, metavar="N", help="super-resolution: the upscaling factor, 2-16")
+    g.add_argument("--downsample", choices=DOWNSAMPLE_MODES, help="super-resolution: how the inputs are made smaller")
+    g.add_argument("--blur-sigma", type=float, metavar="PX",
+                   help="super-resolution: Gaussian blur before downsampling, in pixels (0 = off)")  # fmt: skip
+    g.add_argument("--degrade-noise", type=float, metavar="STD",
+                   help="super-resolution: Gaussian noise added to the small image, on the [-1, 1] scale")  # fmt: skip
+    g.add_argument("--noise-aug-levels", type=int, metavar="N",
+                   help="super-resolution: noise the condition to a random level 0..N of the training schedule, "
+                   "given to the network (0 = off); 'diffusekit upscale --noise-level' then picks one")  # fmt: skip
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, metavar="N", help="optimizer steps to train to")
     g.add_argument("--max-minutes", type=float, metavar="M", help="wall-clock training budget of this invocation")
@@ -174,6 +190,9 @@ _FIELDS = {
     "output_dir": ("run", "output_dir"), "seed": ("run", "seed"), "device": ("run", "device"),
     "checkpoint_every_steps": ("run", "checkpoint_every"), "keep_checkpoints": ("run", "keep_checkpoints"),
     "log_every_steps": ("run", "log_every"), "sample_every_steps": ("run", "sample_every"),
+    "task": ("task", "kind"), "scale": ("task", "scale"), "downsample": ("task", "downsample"),
+    "blur_sigma": ("task", "blur_sigma"), "degrade_noise": ("task", "noise_std"),
+    "noise_aug_levels": ("task", "max_noise_level"),
 }  # fmt: skip
 
 
@@ -272,7 +291,9 @@ def _run(args: argparse.Namespace) -> int:
             f"last loss {loss}\n"
             f"  checkpoint: {result.checkpoint}\n  EMA model:  {result.export_dir}\n"
             f"  metrics:    {result.run_dir / 'metrics.jsonl'}, loss curve {result.run_dir / 'loss_curve.png'}\n"
-            f"sample with: diffusekit sample {result.export_dir} --n 64 --out grid.png"
+            + (f"upscale with: diffusekit upscale --model {result.export_dir} IMAGE --out DIR"
+               if trainer.config.task.kind == "super-resolution"
+               else f"sample with: diffusekit sample {result.export_dir} --n 64 --out grid.png")
         )
     from diffusekit.training.distributed import shutdown
 

@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image
 
 from diffusekit.cli.common import load_model, lora_options, parse_seed, replay_loras, report_replay
+from diffusekit.cli.upscale_pixels import is_pixel_sr_model, run_pixel_upscale
 from diffusekit.errors import ConfigError, DiffusekitError
 from diffusekit.io.fingerprint import file_sha256, model_fingerprint
 from diffusekit.io.images import MAX_IMAGE_PIXELS, read_image, to_pil
@@ -286,6 +287,8 @@ def run_upscale(args: argparse.Namespace) -> int:
     """``diffusekit upscale``."""
     job = job_from_replay(args) if args.replay is not None else job_from_args(args)
     settings, model = job.settings, job.model
+    if is_pixel_sr_model(model):  # trained by 'diffusekit train --task super-resolution'
+        return run_pixel_upscale(args, job)
     check_untiled_size(job.inputs, settings)
     writer = PngWriter(job.out, where=f"--out {job.out}")
     writer.prepare()  # a folder that cannot be written fails now, not after the images are made

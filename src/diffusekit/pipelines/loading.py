@@ -33,6 +33,7 @@ from diffusekit.networks.vae import AutoencoderKL
 from diffusekit.pipelines.common import LatentCodec
 from diffusekit.pipelines.sdxl import StableDiffusionXL, check_xl_parts
 from diffusekit.pipelines.stable_diffusion import StableDiffusion, check_parts
+from diffusekit.pipelines.super_resolution import SR_PIPELINE_CLASS
 from diffusekit.pipelines.upscale import StableDiffusionUpscaler
 from diffusekit.samplers.config import SamplerConfig
 from diffusekit.samplers.presets import SD1, SDXL
@@ -48,6 +49,8 @@ _OTHER_PIPELINES = {
     "StableDiffusionXLInpaintPipeline": "an SDXL inpainting model, which diffusekit does not load yet",
     "DDPMPipeline": "an unconditional pixel-space model: load it with diffusekit.pipelines.unconditional.load_pipeline "
     "(CLI: diffusekit sample)",
+    SR_PIPELINE_CLASS: "a pixel-space super-resolution model: load it with diffusekit.pipelines.super_resolution."
+    "load_sr_pipeline (CLI: diffusekit upscale --model FOLDER IMAGE --out DIR)",
 }  # fmt: skip
 
 
