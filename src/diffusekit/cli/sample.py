@@ -45,8 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("model", metavar="MODEL", help="inference folder, run folder or training checkpoint")
     p.add_argument("--n", type=int, default=64, metavar="N", help=f"number of images, 1-{MAX_IMAGES} (default 64)")
-    p.add_argument("--sampler", default="ddim", metavar="NAME",
-                   help=f"ddim (default), {', '.join(n for n in USER_SAMPLERS if n != 'ddim')}")  # fmt: skip
+    p.add_argument("--sampler", metavar="NAME",
+                   help=f"{', '.join(USER_SAMPLERS)} (default: ddim; heun for a model trained with "
+                        "--preconditioning edm)")  # fmt: skip
     p.add_argument("--steps", type=int, default=50, metavar="N",
                    help=f"sampling steps, 1-{MAX_STEPS} and at most the model's training steps (default 50)")
     p.add_argument("--eta", type=float, metavar="ETA",
@@ -96,7 +97,8 @@ def check_options(args: argparse.Namespace) -> list[int] | None:
     if args.eta is not None:
         check_float("--eta", args.eta, 0.0, 1.0)
     check_float("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
-    args.sampler = check_sampler("--sampler", args.sampler)
+    if args.sampler is not None:
+        args.sampler = check_sampler("--sampler", args.sampler)
     labels = args.class_labels
     if labels is None:
         return None
@@ -144,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
         writer.prepare()
     try:
         pipe = load_for_sampling(args.model, use_ema=not args.raw_weights, device=device)
+        if args.sampler is None:  # the model's own for EDM models (Karras et al. 2022 Alg. 1), else DDIM
+            args.sampler = "heun" if pipe.sampler_config.preconditioning == "edm" else "ddim"
         check_model(args, pipe, labels)
     except BaseException:
         if writer is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from diffusekit.diffusion.edm import PRECONDITIONINGS
 from diffusekit.diffusion.parametrization import PREDICTION_TYPES
 from diffusekit.diffusion.schedules import BETA_SCHEDULES
 from diffusekit.errors import CheckpointError, ConfigError, DiffusekitError
@@ -93,6 +94,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="condition on class labels (default: when the data has labels)",
     )
     g.add_argument("--prediction-type", choices=PREDICTION_TYPES, help="network target")
+    g.add_argument("--preconditioning", choices=PRECONDITIONINGS,
+                   help="edm: Karras et al. 2022 preconditioning, log-normal noise levels and loss weighting "
+                        "(sampled with Heun on the Karras grid); none: the classic eps/x0/v target")  # fmt: skip
+    g.add_argument("--sigma-data", type=float, metavar="S", help="edm: the data's standard deviation")
     g.add_argument("--beta-schedule", choices=BETA_SCHEDULES, help="noise schedule of the forward process")
     g.add_argument("--min-snr-gamma", type=float, metavar="G", help="Min-SNR-gamma loss weighting (e.g. 5)")
     g.add_argument("--offset-noise", type=float, metavar="S", help="offset-noise strength (e.g. 0.05)")
@@ -181,6 +186,7 @@ _FIELDS = {
     "num_workers": ("data", "num_workers"), "skip_bad_images": ("data", "skip_bad_images"),
     "preset": ("model", "preset"), "class_conditional": ("model", "class_conditional"),
     "prediction_type": ("diffusion", "prediction_type"), "beta_schedule": ("diffusion", "beta_schedule"),
+    "preconditioning": ("diffusion", "preconditioning"), "sigma_data": ("diffusion", "sigma_data"),
     "min_snr_gamma": ("diffusion", "min_snr_gamma"), "offset_noise": ("diffusion", "offset_noise"),
     "label_dropout": ("diffusion", "label_dropout"),
     "batch_size": ("optim", "batch_size"), "grad_accum_steps": ("optim", "grad_accum_steps"), "lr": ("optim", "lr"),

@@ -476,10 +476,13 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         prec = {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaling"}
         cond = f"class-conditional ({self.num_classes} classes + 'no class')" if self.num_classes else "unconditional"
+        if self.sr is not None:
+            cond = f"super-resolution x{c.task.scale}"
+        edm = c.diffusion.preconditioning == "edm"
+        target = "EDM preconditioning" if edm else f"{c.diffusion.prediction_type} target"
         lines = [
             f"diffusekit train: {len(ds)} images {ds.channels}x{ds.resolution}x{ds.resolution} from {c.data.source!r}",
-            f"  model: {c.model.preset} U-Net, {n_params / 1e6:.2f}M parameters, {cond}, "
-            f"{c.diffusion.prediction_type} target",
+            f"  model: {c.model.preset} U-Net, {n_params / 1e6:.2f}M parameters, {cond}, {target}",
             f"  batch: {c.optim.batch_size} x {c.optim.grad_accum_steps} accumulation x {self.env.world_size} "
             f"process(es) = {c.optim.batch_size * c.optim.grad_accum_steps * self.env.world_size} per step; "
             f"device {self.env.device}, {prec[self.autocast_dtype]}",
