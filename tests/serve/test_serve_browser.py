@@ -134,9 +134,9 @@ def test_queue_several_and_cancel(page, server):
     page.fill("#repeat", "2")
     page.click("#generate")
     page.wait_for_function("document.querySelector('#message').textContent === 'queued 2 jobs'")
-    running_li = page.wait_for_selector("#queue li:has(.state.running)")
+    page.wait_for_selector("#queue li:has(.state.running)")
     page.wait_for_selector("#queue li:has(.state.queued)")
-    running_li.query_selector("button.cancel").click()
+    page.locator("#queue li:has(.state.running) button.cancel").click()  # a locator: the row redraws each step
     page.wait_for_selector("#queue li:has(.state.cancelled)")
     page.click("#cancel-all")
     page.wait_for_function("document.querySelectorAll('#queue li .state.cancelled').length === 2")

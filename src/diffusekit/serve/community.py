@@ -5,12 +5,12 @@ A request body is a JSON object with the web UI's field names (``prompt``, ``cfg
 :class:`~diffusekit.pipelines.recipe.Recipe` fields and lets the recipe validate them, so the settings, their
 defaults and their bounds live in the recipe alone; messages name the API's field (``field 'cfg_scale'``).
 Fields this server does not use are listed, never an error (a script written for the web UI sends many).
-:func:`parse_infotext` reads the web UI's human-readable ``parameters`` PNG chunk back into API fields.
+Sampler names are the one table of :mod:`diffusekit.samplers.names`; :func:`api_settings` turns recipe
+fields (a PNG's metadata, or the ``parameters`` text read by the recipe's reader) back into API fields.
 """
 
 from __future__ import annotations
 
-import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,32 +18,18 @@ from typing import Any
 
 from diffusekit.errors import ConfigError
 from diffusekit.limits import check_flag, check_int
-from diffusekit.pipelines.recipe import DEFAULTS, MAX_SEED, SAMPLER_NAMES, Recipe
-
-# the web UI's sampler names -> ours, with the other spellings its clients send (old k-diffusion names, ours)
-SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "DPM++ 2M": ("dpmpp_2m", ("k_dpmpp_2m", "dpm++2m", "dpmpp_2m")),
-    "Euler a": ("euler_ancestral", ("k_euler_a", "k_euler_ancestral", "euler-a", "euler_a", "euler_ancestral")),
-    "Euler": ("euler", ("k_euler", "euler")),
-    "Heun": ("heun", ("k_heun", "heun")),
-    "DPM2": ("kdpm2", ("k_dpm_2", "kdpm2")),
-    "DDIM": ("ddim", ("ddim",)),
-    "PLMS": ("pndm", ("plms", "pndm")),
-    "UniPC": ("unipc", ("unipc",)),
-    "LCM": ("lcm", ("lcm",)),
-    "DDPM": ("ddpm", ("ddpm",)),
-}
-_SPELLINGS = {s.lower(): ours for name, (ours, aliases) in SAMPLERS.items() for s in (name, *aliases)}
-UI_NAME = {ours: name for name, (ours, _) in SAMPLERS.items()}  # our sampler -> the web UI's name
+from diffusekit.pipelines.recipe import DEFAULTS, MAX_SEED, Recipe
+from diffusekit.samplers.names import KARRAS, WEB_UI, lookup, web_ui_name
 
 # recipe fields -> the API fields that set them (the vocabulary of this server's messages)
 API_FIELDS = {"guidance": "cfg_scale", "sampler": "sampler_name", "strength": "denoising_strength",
-              "image": "init_images"}  # fmt: skip
+              "image": "init_images", "karras": "scheduler"}  # fmt: skip
 TXT2IMG_FIELDS = ("prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "steps",
                   "cfg_scale", "width", "height", "batch_size", "n_iter", "eta", "send_images",
                   "save_images")  # fmt: skip
 IMG2IMG_FIELDS = (*TXT2IMG_FIELDS, "init_images", "mask", "denoising_strength")
 RANDOM_SEED = -1
+SCHEDULERS = {"automatic": None, "": None, KARRAS.lower(): True}  # the web UI's schedule types we run
 
 
 def api_field(field: str) -> str:
@@ -92,13 +78,18 @@ def parse_request(
     send_images = check_flag("field 'send_images'", get("send_images", True))
     check_flag("field 'save_images'", get("save_images", True))  # accepted; every image is kept on disk
     sampler_field = "sampler_index" if "sampler_name" not in body and "sampler_index" in body else "sampler_name"
-    sampler = sampler_name(get(sampler_field), sampler_field)
+    sampler = get(sampler_field)  # any accepted spelling; the recipe reads it ("Euler a", "DPM++ 2M Karras")
+    sampler = None if sampler == "" else sampler
+    ours = lookup(sampler, f"field '{sampler_field}'")[0] if sampler is not None else None
     scheduler = get("scheduler")
-    if scheduler is not None and (not isinstance(scheduler, str) or scheduler.lower() not in ("automatic", "")):
-        raise ConfigError(f"field 'scheduler' must be 'Automatic' (the sampler's own noise schedule), got "
+    if scheduler is not None and (not isinstance(scheduler, str) or scheduler.lower() not in SCHEDULERS):
+        raise ConfigError(f"field 'scheduler' must be Automatic (the sampler's own noise levels) or {KARRAS}, got "
                           f"{_short(scheduler)}")  # fmt: skip
+    karras = SCHEDULERS[scheduler.lower()] if scheduler is not None else None
+    if karras is not None and sampler is not None:
+        sampler = ours  # the web UI's newer clients name the grid apart: "DPM++ 2M" with scheduler "Karras"
     eta = get("eta")
-    if eta is not None and sampler != "ddim":
+    if eta is not None and ours != "ddim":
         ignored.add("eta")  # clients send eta with every sampler; it applies to DDIM only
         eta = None
     seed = get("seed", RANDOM_SEED)
@@ -106,10 +97,12 @@ def parse_request(
         seed = secrets.randbelow(2**32)
     data: dict[str, Any] = {
         "mode": mode, "prompt": get("prompt", ""), "negative_prompt": get("negative_prompt", ""), "seed": seed,
-        "steps": get("steps", DEFAULTS["steps"]), "guidance": get("cfg_scale", DEFAULTS["guidance"]),
-        "sampler": sampler, "width": get("width"), "height": get("height"), "eta": eta, "model": model,
-        "tokenizer": tokenizer, "dtype": dtype,
+        "steps": get("steps", DEFAULTS["steps"]), "sampler": sampler, "width": get("width"),
+        "height": get("height"), "eta": eta, "model": model, "tokenizer": tokenizer, "dtype": dtype,
+        "karras": karras,
     }  # fmt: skip
+    if get("cfg_scale") is not None:  # else the recipe's default (the sampler's: LCM runs at guidance 1)
+        data["guidance"] = get("cfg_scale")
     images: dict[str, tuple[str, Any, str]] = {}  # recipe field -> (API field, base64 value, image mode)
     if mode == "img2img":
         init = get("init_images")
@@ -136,13 +129,8 @@ def parse_request(
         data[field] = store_image(api, value, image_mode)
     base = Recipe.from_dict(data, name=name)
     recipes = [base.replace(seed=base.seed + i) for i in range(total)]
-    parameters: dict[str, Any] = {"scheduler": scheduler}
-    parameters.update(prompt=base.prompt, negative_prompt=base.negative_prompt, seed=base.seed, steps=base.steps,
-                      cfg_scale=base.guidance, width=base.width, height=base.height, batch_size=batch_size,
-                      n_iter=n_iter, send_images=send_images, eta=base.eta,
-                      sampler_name=UI_NAME.get(base.sampler) if base.sampler else None)  # fmt: skip
-    if mode == "img2img":
-        parameters["denoising_strength"] = base.strength
+    parameters = {**api_settings(base.to_dict()), "batch_size": batch_size, "n_iter": n_iter,
+                  "send_images": send_images}  # fmt: skip
     return Request(base.mode, recipes, batch_size, send_images, sorted(ignored), parameters)
 
 
@@ -153,75 +141,35 @@ def _namer(sampler_field: str) -> Callable[[str], str]:
     return name
 
 
-def sampler_name(value: Any, where: str = "sampler_name") -> str | None:
-    """The web UI's sampler name (or one of its other spellings, or ours) -> ours; None/"" -> None (the
-    model's own sampler). A ConfigError lists the web UI's names."""
-    if value is None or value == "":
+def sampler_label(sampler: str | None, karras: bool | None) -> str | None:
+    """The name the web UI gives ``sampler`` on its grid (``"DPM++ 2M Karras"``), else ours; None stays None."""
+    if sampler is None:
         return None
-    if isinstance(value, str) and value.lower() in _SPELLINGS:
-        return _SPELLINGS[value.lower()]
-    if isinstance(value, str) and value in SAMPLER_NAMES:
-        return SAMPLER_NAMES[value]
-    raise ConfigError(f"field '{where}' must be one of {', '.join(SAMPLERS)}, got {_short(value)}")
+    return web_ui_name(sampler, bool(karras)) or web_ui_name(sampler, False) or sampler
 
 
-def samplers_list() -> list[dict[str, Any]]:
-    """``GET /sdapi/v1/samplers``: the web UI's names with their aliases."""
-    return [{"name": name, "aliases": list(aliases), "options": {}} for name, (_, aliases) in SAMPLERS.items()]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The web UI's ``parameters`` text, read back
-
-_PAIR = re.compile(r'\s*([A-Za-z][\w \-/().]*?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-_NUMBER_KEYS = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
-                "Denoising strength": ("denoising_strength", float), "Eta": ("eta", float)}  # fmt: skip
-MAX_INFOTEXT_CHARS = 200_000
-
-
-def parse_infotext(text: str) -> dict[str, Any]:
-    """The web UI's ``parameters`` text (prompt lines, ``Negative prompt: ...``, then ``Key: value, ...``)
-    -> API fields (prompt, negative_prompt, steps, sampler_name, cfg_scale, seed, width, height,
-    denoising_strength, eta); keys it does not know go under ``other``. Malformed values are skipped."""
-    text = text[:MAX_INFOTEXT_CHARS].replace("\r\n", "\n")
-    lines = text.split("\n")
-    settings_line = ""
-    if lines and _looks_like_settings(lines[-1]):
-        settings_line = lines.pop()
-    prompt, negative, in_negative = [], [], False
-    for line in lines:
-        if line.startswith("Negative prompt:"):
-            in_negative = True
-            line = line[len("Negative prompt:") :].lstrip()
-        (negative if in_negative else prompt).append(line)
-    out: dict[str, Any] = {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative).strip()}
-    other: dict[str, str] = {}
-    for key, value in _PAIR.findall(settings_line):
-        key, value = key.strip(), value.strip()
-        if value.startswith('"') and value.endswith('"') and len(value) >= 2:
-            value = value[1:-1].replace('\\"', '"')
-        if key in _NUMBER_KEYS:
-            field, kind = _NUMBER_KEYS[key]
-            try:
-                out[field] = kind(value)
-            except ValueError:
-                continue
-        elif key == "Sampler":
-            spelled = _SPELLINGS.get(value.lower()) or SAMPLER_NAMES.get(value)
-            out["sampler_name"] = UI_NAME.get(spelled, value) if spelled else value
-        elif key == "Size":
-            m = re.fullmatch(r"(\d{1,6})x(\d{1,6})", value)
-            if m:
-                out["width"], out["height"] = int(m.group(1)), int(m.group(2))
-        else:
-            other[key] = value
-    if other:
-        out["other"] = other
+def api_settings(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Recipe fields (a recipe's dict, a PNG's metadata, the ``parameters`` text as the recipe reads it) ->
+    the API fields that make the image again; fields absent from ``fields`` are left out."""
+    out: dict[str, Any] = {}
+    for field in ("prompt", "negative_prompt", "seed", "steps", "width", "height", "eta"):
+        if fields.get(field) is not None:
+            out[field] = fields[field]
+    if fields.get("guidance") is not None:
+        out["cfg_scale"] = fields["guidance"]
+    if fields.get("strength") is not None:
+        out["denoising_strength"] = fields["strength"]
+    if "sampler" in fields:
+        out["sampler_name"] = sampler_label(fields["sampler"], fields.get("karras"))
+    if fields.get("mode") is not None:
+        out["mode"] = fields["mode"]
     return out
 
 
-def _looks_like_settings(line: str) -> bool:
-    return bool(re.search(r"(^|, )Steps: \d", line))
+def samplers_list() -> list[dict[str, Any]]:
+    """``GET /sdapi/v1/samplers``: the web UI's names this server runs, with their aliases."""
+    return [{"name": n.name, "aliases": [*n.aliases, n.sampler], "options": {"scheduler": KARRAS} if n.karras else {}}
+            for n in WEB_UI]  # fmt: skip
 
 
 def _short(value: Any) -> str:
@@ -229,5 +177,5 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-__all__ = ["API_FIELDS", "SAMPLERS", "UI_NAME", "Limits", "Request", "api_field", "parse_infotext", "parse_request",
-           "sampler_name", "samplers_list"]  # fmt: skip
+__all__ = ["API_FIELDS", "Limits", "Request", "api_field", "api_settings", "parse_request", "sampler_label",
+           "samplers_list"]  # fmt: skip

@@ -24,13 +24,14 @@ from diffusekit.pipelines.recipe import (
     SIDE_MULTIPLE,
     read_png_metadata,
     recipe_from_metadata,
+    recipe_from_parameters,
     resolve,
 )
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.serve import community, images
-from diffusekit.serve.community import UI_NAME, Limits
+from diffusekit.serve.community import Limits, api_settings, sampler_label
 from diffusekit.serve.jobs import Job, JobQueue, NotFound, batches
-from diffusekit.serve.worker import JOB_KEYS, Work, Worker, image_record, settings_from_metadata
+from diffusekit.serve.worker import JOB_KEYS, Work, Worker, image_record
 
 
 @dataclass(frozen=True)
@@ -90,11 +91,11 @@ class Service:
             raise ConfigError(f"field 'init_images' is {resolved.width}x{resolved.height} pixels, larger than "
                               f"{s.limits.max_side} a side on this server (diffusekit serve --max-side); set "
                               "width and height to resize it")  # fmt: skip
-        steps = len(grid_for(sampler_for(self.sd.sampler_config, resolved.sampler, first.eta), first.steps,
+        steps = len(grid_for(sampler_for(resolved.sampler_config(self.sd), None, first.eta), first.steps,
                              first.strength or 1.0))  # fmt: skip
         parameters = {**request.parameters, "width": resolved.width, "height": resolved.height}
         if parameters["sampler_name"] is None:
-            parameters["sampler_name"] = UI_NAME.get(resolved.sampler, resolved.sampler)
+            parameters["sampler_name"] = sampler_label(resolved.sampler, resolved.karras)
         job = Job(id=secrets.token_hex(8), number=-1, mode=request.mode, parameters=parameters,
                   total_images=len(request.recipes), steps_per_batch=steps,
                   batches=batches(len(request.recipes), request.batch_size), ignored=request.ignored,
@@ -175,7 +176,12 @@ class Service:
         chunks = images.text_chunks("image", data)
         info = chunks.get(PARAMETERS_KEY, "")
         items = {k: v for k, v in chunks.items() if k != PARAMETERS_KEY}
-        parameters = community.parse_infotext(info) if info else {}
+        parameters: dict[str, Any] = {}
+        if info:
+            try:
+                parameters = api_settings(recipe_from_parameters(info, "image").fields)
+            except DiffusekitError:
+                pass  # text that is not the web UI's form: the text itself is all there is
         if METADATA_KEY in chunks:
             try:
                 parameters = {**parameters, **_settings_of_png(data)}
@@ -187,7 +193,7 @@ class Service:
         """``GET /api/info``: what the page needs to draw its form."""
         cfg = self.sd.sampler_config
         native = (self.sd.unet.config.sample_size or 64) * self.sd.codec.downsample_factor
-        return {"model": self.model_name, "sampler": UI_NAME.get(cfg.sampler, cfg.sampler),
+        return {"model": self.model_name, "sampler": sampler_label(cfg.sampler, cfg.karras_sigmas),
                 "samplers": community.samplers_list(), "native_size": native,
                 "size_multiple": math.lcm(SIDE_MULTIPLE, self.sd.latent_multiple), "limits": vars(self.settings.limits),
                 "queue_size": self.settings.queue_size, "max_body_bytes": self.settings.max_body_bytes}  # fmt: skip
@@ -202,7 +208,7 @@ def _settings_of_png(data: bytes) -> dict[str, Any]:
         f.flush()
         meta = read_png_metadata(f.name, where="image")
         recipe_from_metadata(meta, "image")  # validated: a hostile file is refused, not echoed
-    return settings_from_metadata(meta)
+    return api_settings(meta)
 
 
 def restore_jobs(out: Path) -> list[Job]:

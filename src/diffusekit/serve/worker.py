@@ -22,7 +22,7 @@ from diffusekit.pipelines.common import to_unit_range
 from diffusekit.pipelines.recipe import Recipe, Resolved, generate, parameters_text, png_text, to_metadata
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.samplers.common import StepInfo
-from diffusekit.serve.community import UI_NAME, Request
+from diffusekit.serve.community import Request, api_settings
 from diffusekit.serve.images import png_bytes
 from diffusekit.serve.jobs import Cancelled, ImageRecord, Job, JobQueue
 
@@ -72,7 +72,7 @@ class Worker(threading.Thread):
                 images = generate(self.sd, batch, resolved, callback=callback)
                 for k, (recipe, image) in enumerate(zip(batch, images)):
                     meta = to_metadata(recipe, width=resolved.width, height=resolved.height,
-                                       sampler=resolved.sampler,
+                                       sampler=resolved.sampler, karras=resolved.karras,
                                        provenance={**provenance, "job_image": start + k})  # fmt: skip
                     path = self.writer.write(image, recipe.seed, png_text(meta))
                     record = image_record(path, meta)
@@ -125,20 +125,7 @@ def _input_hashes(recipe: Recipe) -> dict[str, str]:
 
 def image_record(path: Path, meta: Mapping[str, Any]) -> ImageRecord:
     """What the server keeps of a written PNG: its path, seed, infotext and the API fields that remake it."""
-    return ImageRecord(path, int(meta["seed"]), parameters_text(meta), settings_from_metadata(meta))
+    return ImageRecord(path, int(meta["seed"]), parameters_text(meta), api_settings(meta))
 
 
-def settings_from_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The community API's fields of one image's recipe (as a diffusekit PNG's JSON metadata holds it)."""
-    out = {"prompt": meta.get("prompt"), "negative_prompt": meta.get("negative_prompt"), "seed": meta.get("seed"),
-           "steps": meta.get("steps"), "cfg_scale": meta.get("guidance"),
-           "sampler_name": UI_NAME.get(meta.get("sampler"), meta.get("sampler")), "width": meta.get("width"),
-           "height": meta.get("height"), "mode": meta.get("mode")}  # fmt: skip
-    if meta.get("strength") is not None:
-        out["denoising_strength"] = meta["strength"]
-    if meta.get("eta") is not None:
-        out["eta"] = meta["eta"]
-    return out
-
-
-__all__ = ["JOB_KEYS", "Work", "Worker", "image_record", "settings_from_metadata"]
+__all__ = ["JOB_KEYS", "Work", "Worker", "image_record"]
