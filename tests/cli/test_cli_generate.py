@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, PngImagePlugin
 
 from diffusekit.cli import generate
@@ -27,18 +26,7 @@ def settings_from_metadata(meta: dict, path: Path):
     return recipe_from_metadata(meta, f"--replay {path}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny networks run fastest on one thread (and are not slowed by a busy machine's other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def sd_folder(fixtures_dir: Path) -> Path:
-    return fixtures_dir / "pipelines" / "stable_diffusion"
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,7 @@ from diffusekit.pipelines.recipe import PARAMETERS_KEY, read_png_metadata
 BASE = ["--steps", "2", "--size", "16x16", "--seed", "3", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def sd_folder(fixtures_dir: Path) -> Path:
-    return fixtures_dir / "pipelines" / "stable_diffusion"
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

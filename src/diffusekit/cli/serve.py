@@ -10,6 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
+from diffusekit.cli.common import parse_lora
 from diffusekit.errors import ConfigError
 from diffusekit.limits import check_float, check_int
 
@@ -44,18 +45,12 @@ def _check(args: argparse.Namespace) -> tuple[str | None, list[tuple[str, float]
 
 
 def _lora_spec(spec: str) -> tuple[str, float]:
-    """``FILE`` or ``FILE:WEIGHT`` -> (FILE, WEIGHT); the file must exist."""
-    path, weight = spec, 1.0
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            path, weight = head, float(tail)
-        except ValueError:
-            pass  # a colon inside the path
-    check_float(f"--lora {spec} weight", weight, -100.0, 100.0)
+    """``FILE`` or ``FILE:WEIGHT`` -> (FILE, WEIGHT) by the rule every command uses (:func:`cli.common.parse_lora`,
+    weight 1 when none is given); the file must exist."""
+    path, weight = parse_lora(spec)
     if not Path(path).is_file():
         raise ConfigError(f"--lora {path}: no such file (a kohya or PEFT .safetensors LoRA file)")
-    return path, weight
+    return path, 1.0 if weight is None else weight
 
 
 def run(args: argparse.Namespace) -> int:
