@@ -145,7 +145,7 @@ def test_a_lora_of_another_architecture_is_named_as_such(parts, tmp_path):
         resolve(read_lora(_write(tmp_path / "sdxl.safetensors", t)), parts)
     t = {f"lora_unet_down_blocks_2_attentions_1_transformer_blocks_{i}_attn1_to_q.lora_{r}.weight": torch.ones(4, 4)
          for i in range(3) for r in ("down", "up")}  # fmt: skip
-    with pytest.raises(WeightsError, match="another model architecture"):
+    with pytest.raises(WeightsError, match=r"other.safetensors: made for another model family: 3 of 3 adapted"):
         resolve(read_lora(_write(tmp_path / "other.safetensors", t)), parts)
 
 

@@ -299,20 +299,25 @@ def _spellings(component: str, model: nn.Module) -> tuple[dict[str, str], dict[s
 
 
 def resolve(lora: LoraFile, components: Mapping[str, nn.Module]) -> dict[str, dict[str, LowRank]]:
-    """The file's updates as {component: {our module name: update}}, each fitted to its layer. Raises
-    WeightsError naming the file: for a component the model lacks (an SDXL LoRA on SD-1: ``text_encoder_2``),
-    for modules that match no layer (a few listed, with their count), for a shape that does not fit (naming
-    the key). Changes nothing."""
+    """The file's updates as {component: {our module name: update}}, each fitted to its layer. Changes nothing.
+    Raises WeightsError naming the file:
+
+    * a LoRA of another model family (an SDXL LoRA on SD-1 and the reverse), told before any shape is
+      blamed: adapters for a component the model lacks (``text_encoder_2`` on SD-1), or more than half of
+      the adapted modules (at least two) matching no layer or fitting none of its shapes; a few keys named;
+    * otherwise the first module whose shapes do not fit (naming the key), or the modules that match no
+      layer (a few listed, with their count)."""
     out: dict[str, dict[str, LowRank]] = {}
+    model_has = ", ".join(components) + (": SDXL" if "text_encoder_2" in components else "")
     missing = [c for c in lora.components if c not in components]
     if missing:
-        example = next(m.stem for m in lora.modules if m.component == missing[0])
+        stems = sorted(m.stem for m in lora.modules if m.component in missing)
         raise WeightsError(
-            f"{lora.path}: has adapters for {', '.join(missing)} (e.g. {example}), which this model does not have "
-            f"(it has {', '.join(components)}); the LoRA was made for another model family"
+            f"{lora.path}: has adapters for {', '.join(missing)} ({_few(stems, 3)}), which this model does not "
+            f"have (it has {model_has}); the LoRA was made for another model family"
         )
     unmatched: list[str] = []
-    total = Counter(m.component for m in lora.modules)
+    misfits: list[tuple[str, str]] = []  # (stem, why its shapes do not fit)
     for component in lora.components:
         model = components[component]
         kohya, dotted = _spellings(component, model)
@@ -331,13 +336,20 @@ def resolve(lora: LoraFile, components: Mapping[str, nn.Module]) -> dict[str, di
             try:
                 mapped[ours] = fitted(layers[ours], update)
             except WeightsError as e:
-                raise WeightsError(f"{lora.path}: {module.stem}: {e}") from None
+                misfits.append((module.stem, str(e)))
         out[component] = mapped
+    foreign = sorted(unmatched + [stem for stem, _ in misfits])
+    if len(foreign) >= 2 and len(foreign) > len(lora.modules) / 2:
+        raise WeightsError(
+            f"{lora.path}: made for another model family: {len(foreign)} of {len(lora.modules)} adapted modules "
+            f"match no layer of this model ({model_has}) or fit none of its shapes: {_few(foreign, 3)}"
+        )
+    if misfits:
+        stem, why = misfits[0]
+        raise WeightsError(f"{lora.path}: {stem}: {why}")
     if unmatched:
-        share = len(unmatched) / max(1, sum(total.values()))
-        hint = "; most keys match nothing: the LoRA was made for another model architecture" if share > 0.5 else ""
         raise WeightsError(f"{lora.path}: {len(unmatched)} of {len(lora.modules)} adapted modules match no layer "
-                           f"of the model: {_few(sorted(unmatched))}{hint}")  # fmt: skip
+                           f"of the model: {_few(sorted(unmatched))}")  # fmt: skip
     return out
 
 

@@ -74,6 +74,8 @@ def _unet_modules(c: UNetConfig) -> dict[str, tuple[str, dict[str, str]]]:
         "time_embedding.linear_1": ("time_embed.0", _SAME),
         "time_embedding.linear_2": ("time_embed.2", _SAME),
         "class_embedding": ("label_emb", _SAME),
+        "add_embedding.linear_1": ("label_emb.0.0", _SAME),  # SDXL's added text/time embedding (SGM names)
+        "add_embedding.linear_2": ("label_emb.0.2", _SAME),
         "conv_in": ("input_blocks.0.0", _SAME),
         "conv_norm_out": ("out.0", _SAME),
         "conv_out": ("out.2", _SAME),

@@ -1,4 +1,4 @@
-"""LoRA adapters on a Stable Diffusion pipeline: its U-Net and text encoder together.
+"""LoRA adapters on a Stable Diffusion pipeline: its U-Net and text encoder(s) together (SDXL: both).
 
     sd = load_pipeline("model/")
     load_lora(sd, "style.safetensors", weight=0.8)          # kohya/A1111 or PEFT layout, told from the keys
@@ -7,8 +7,8 @@
     fuse_lora(sd); ...; unfuse_lora(sd); remove_lora(sd, "detail")
 
 The per-module rule (:mod:`diffusekit.networks.lora`): ``y = W x + b + sum_a scale * weight_a * (alpha_a / r_a)
-B_a A_a x``; ``scale`` is the reference pipeline's ``lora_scale`` and applies to the U-Net and the text encoder
-alike. A failed load leaves the pipeline as it was.
+B_a A_a x``; ``scale`` is the reference pipeline's ``lora_scale`` and applies to the U-Net and the text
+encoders alike. A failed load leaves the pipeline as it was.
 """
 
 from __future__ import annotations
@@ -22,12 +22,17 @@ from torch import nn
 from diffusekit.errors import ConfigError
 from diffusekit.io.lora import read_lora, resolve, save_lora
 from diffusekit.networks import lora
+from diffusekit.pipelines.sdxl import StableDiffusionXL
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 
 
 def components(sd: StableDiffusion) -> dict[str, nn.Module]:
-    """The networks a LoRA file may adapt, by the component names the files use."""
-    return {"unet": sd.unet, "text_encoder": sd.text_encoder}
+    """The networks a LoRA file may adapt, by the component names the files use: ``unet``, ``text_encoder``
+    and, for SDXL, ``text_encoder_2`` (the OpenCLIP encoder; kohya ``lora_te2_``, PEFT ``text_encoder_2.``)."""
+    parts: dict[str, nn.Module] = {"unet": sd.unet, "text_encoder": sd.text_encoder}
+    if isinstance(sd, StableDiffusionXL):
+        parts["text_encoder_2"] = sd.text_encoder_2
+    return parts
 
 
 def load_lora(sd: StableDiffusion, path: str | os.PathLike, *, weight: float = 1.0, name: str | None = None) -> str:
@@ -94,7 +99,7 @@ def remove_lora(sd: StableDiffusion, name: str | None = None) -> None:
 
 
 def fuse_lora(sd: StableDiffusion) -> None:
-    """Merge the loaded LoRAs into the U-Net's and text encoder's weights (generation then runs at the base
+    """Merge the loaded LoRAs into the U-Net's and text encoders' weights (generation then runs at the base
     model's speed); :func:`unfuse_lora` takes them out again."""
     for model in components(sd).values():
         lora.fuse(model)
