@@ -329,7 +329,7 @@ BAD_CLI = [
     (["--steps", "x"], r"argument --steps: invalid int value"),
     (["--guidance", "-1"], r"--guidance must be a finite number in \[0.0, 1000.0\], got -1.0"),
     (["--guidance", "nan"], r"--guidance must be a finite number in \[0.0, 1000.0\], got nan"),
-    (["--sampler", "dpmpp_sde"], r"argument --sampler: invalid choice: 'dpmpp_sde' \(choose from"),
+    (["--sampler", "dpmpp_sde"], r"--sampler must be a sampler name: 'Euler', .*; got 'dpmpp_sde'"),
     (["--seed", "-1"], r"--seed must be an integer in \[0, 9223372036854775807\]"),
     (["--n", "0"], r"--n must be an integer in \[1, 10000\]"),
     (["--eta", "0.5", "--sampler", "euler"], r"--eta applies to the ddim sampler only"),
