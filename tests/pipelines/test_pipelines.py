@@ -45,8 +45,9 @@ def test_each_image_in_a_batch_equals_the_image_generated_alone(sd):
     kw = dict(height=16, width=16, steps=3, sampler="euler_ancestral", show_progress=False)
     batch = t2i(["a cat", "a dog", "a cow"], generator=generators_from_seeds(10, 3), **kw)
     alone = t2i("a dog", generator=generators_from_seeds(11, 1), **kw)
-    # the noise is identical; batched kernels may round differently from a batch of one in the last bits
-    torch.testing.assert_close(batch.images[1], alone.images[0], rtol=0, atol=1e-5)
+    # the noise is identical; batched kernels may round differently from a batch of one in the last bits, and
+    # which kernel a batch size gets depends on the CPU (1.4e-5 seen here; a wrong image is off by > 0.01)
+    torch.testing.assert_close(batch.images[1], alone.images[0], rtol=0, atol=1e-4)
     other = t2i("a dog", generator=generators_from_seeds(12, 1), **kw)
     assert (other.images[0] - alone.images[0]).abs().max() > 0.01
     again = t2i(["a cat", "a dog", "a cow"], generator=generators_from_seeds(10, 3), **kw)
