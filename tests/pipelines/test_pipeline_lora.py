@@ -82,7 +82,8 @@ def test_fused_generation_equals_unfused_and_unfuse_restores_the_weights(sd, fix
     unfused = _images(sd)
     lora.fuse_lora(sd)
     assert any(not torch.equal(v, original[k]) for k, v in _states(sd).items())
-    torch.testing.assert_close(_images(sd), unfused, atol=1e-5, rtol=0)
+    # W + s*BA in one matrix vs W x + s*B(A x): other roundings, in kernels that differ between CPUs
+    torch.testing.assert_close(_images(sd), unfused, atol=1e-4, rtol=0)
     lora.unfuse_lora(sd)
     for key, value in _states(sd).items():
         torch.testing.assert_close(value, original[key], atol=1e-6, rtol=0, msg=key)
