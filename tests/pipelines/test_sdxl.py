@@ -223,5 +223,3 @@ def test_saved_folder_loads_back_the_same_model(sdxl, tmp_path):
     a = TextToImageXL(sdxl)("a cat", generator=_seeded(6), **RUN)
     b = TextToImageXL(back)("a cat", generator=_seeded(6), **RUN)
     torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
-    with pytest.raises(ConfigError, match="an SDXL model is written as a diffusers folder only"):
-        save_pipeline(sdxl, tmp_path / "xl.safetensors")

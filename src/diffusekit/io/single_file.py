@@ -118,7 +118,7 @@ def read_single_file_parts(
     path = require_file(path, "checkpoint file")
     kind = sniff_format(path)
     if kind == "pickle":
-        state, metadata = _read_pickle(path, allow_pickle), {}
+        state, metadata = read_pickle(path, allow_pickle), {}
         _drop_duplicate_text_encoder(state, state.__getitem__, path)
         _normalize_keys(state)
         parts = _parts(state, state.pop, metadata, tokenizer, path=path, dtype=dtype)
@@ -126,7 +126,7 @@ def read_single_file_parts(
         return parts
     if kind is None and path.suffix.lower() != ".safetensors":
         raise not_a_weights_file(path, pickles=True)
-    with _LazySafetensors(path) as lazy:  # a .safetensors name with other content gets the reader's message
+    with LazySafetensors(path) as lazy:  # a .safetensors name with other content gets the reader's message
         return _parts(lazy.tensors, lazy.read, lazy.metadata, tokenizer, path=path, dtype=dtype)
 
 
@@ -142,14 +142,14 @@ def read_single_file(
     path = require_file(path, "checkpoint file")
     kind = sniff_format(path)
     if kind == "pickle":
-        return _read_pickle(path, allow_pickle), {}
+        return read_pickle(path, allow_pickle), {}
     if kind is None and path.suffix.lower() != ".safetensors":
         raise not_a_weights_file(path, pickles=True)
     with SafetensorsFile(path) as f:
         return {key: f.read(key) for key in f.keys()}, f.metadata
 
 
-def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, Tensor]:
+def read_pickle(path: Path, allow_pickle: bool) -> dict[str, Tensor]:
     if not allow_pickle:
         raise pickle_refused(path, offered=True)
     try:
@@ -242,7 +242,7 @@ def _few(keys: list[str], limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def _config_from_metadata(metadata: dict[str, str], key: str, parse: Callable[[dict], Any], path: Path) -> Any:
+def config_from_metadata(metadata: dict[str, str], key: str, parse: Callable[[dict], Any], path: Path) -> Any:
     """Our config stored under ``key`` in the file's metadata, or None when absent."""
     text = metadata.get(key)
     if text is None:
@@ -256,7 +256,7 @@ def _config_from_metadata(metadata: dict[str, str], key: str, parse: Callable[[d
         raise WeightsError(f"{path}: invalid {key!r} config in the file's metadata ({e})") from None
 
 
-def _text_config_from_dict(d: dict) -> TextEncoderConfig:
+def text_config_from_dict(d: dict) -> TextEncoderConfig:
     known = {f.name for f in fields(TextEncoderConfig)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -270,7 +270,7 @@ def _text_config_from_dict(d: dict) -> TextEncoderConfig:
         raise ConfigError(f"invalid text encoder config in the file's metadata: {e}") from None
 
 
-def _take(
+def take(
     read: Callable[[str], Tensor], key_map: KeyMap, expected: dict[str, Tensor], *, dtype: torch.dtype, source: Path
 ) -> dict[str, Tensor]:
     """The network's state dict under our names, read tensor by tensor with ``read(file key)`` and cast as it
@@ -292,16 +292,23 @@ def _take(
     return owned
 
 
-def _check_keys(state: dict[str, Tensor], maps: list[tuple[KeyMap, dict[str, Tensor]]], path: Path) -> None:
-    """WeightsError naming the file and a few keys unless ``state`` holds exactly the expected tensors."""
-    expected: dict[str, tuple[int, ...]] = {}
-    convs: set[str] = set()
+def expected_keys(maps: list[tuple[KeyMap, dict[str, Tensor]]]) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """({file key: shape}, {keys stored as 1x1 convolutions}) of (key map, meta state dict) pairs."""
+    expected, convs = {}, set()
     for key_map, shapes in maps:
         for ours, theirs in key_map.names.items():
             expected[theirs] = tuple(shapes[ours].shape)
             if ours in key_map.conv_weights:
                 convs.add(theirs)
-    present = {k for k in state if not IGNORED_KEYS.fullmatch(k)}
+    return expected, convs
+
+
+def check_keys(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], convs: set[str], path: Path, *,
+               layout: str = "a Stable Diffusion 1.x single-file layout", ignored: re.Pattern = IGNORED_KEYS,
+               families: dict[str, str] = OTHER_FAMILIES) -> None:  # fmt: skip
+    """WeightsError naming the file, ``layout`` and a few keys unless ``state`` holds exactly the ``expected``
+    tensors (``ignored`` keys aside); unexpected keys under a prefix of ``families`` say what the file is."""
+    present = {k for k in state if not ignored.fullmatch(k)}
     missing = sorted(set(expected) - present)
     unexpected = sorted(present - set(expected))
     wrong = []
@@ -312,7 +319,7 @@ def _check_keys(state: dict[str, Tensor], maps: list[tuple[KeyMap, dict[str, Ten
     if not (missing or unexpected or wrong):
         return
     problems = []
-    for prefix, what in OTHER_FAMILIES.items():
+    for prefix, what in families.items():
         if any(k.startswith(prefix) for k in unexpected):
             problems.append(f"this looks like {what}")
     if missing:
@@ -321,14 +328,14 @@ def _check_keys(state: dict[str, Tensor], maps: list[tuple[KeyMap, dict[str, Ten
         problems.append(f"unexpected keys: {_few(unexpected)}")
     if wrong:
         problems.append(f"shape mismatches: {_few(wrong)}")
-    raise WeightsError(f"{path} does not fit a Stable Diffusion 1.x single-file layout: " + "; ".join(problems))
+    raise WeightsError(f"{path} does not fit {layout}: " + "; ".join(problems))
 
 
 def _component(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-class _LazySafetensors:
+class LazySafetensors:
     """A safetensors file opened for reading one tensor at a time: ``tensors`` holds meta tensors (shape and
     dtype, no data) for config inference and checks, under the names :func:`_normalize_keys` gives them,
     ``read(key)`` the data of one, ``metadata`` the header's string metadata. Use as a context manager."""
@@ -336,7 +343,7 @@ class _LazySafetensors:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def __enter__(self) -> _LazySafetensors:
+    def __enter__(self) -> LazySafetensors:
         self._file = SafetensorsFile(self.path).__enter__()
         try:
             self.metadata = self._file.metadata
@@ -358,7 +365,7 @@ class _LazySafetensors:
 def read_single_file_shapes(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
     """A ``.safetensors`` single file's tensors as meta tensors (shapes and dtypes only; no data is read) and its
     metadata: enough to inspect a checkpoint, infer its configs or find its :func:`stored_dtype`."""
-    with _LazySafetensors(require_file(path, "checkpoint file")) as lazy:
+    with LazySafetensors(require_file(path, "checkpoint file")) as lazy:
         return lazy.tensors, lazy.metadata
 
 
@@ -378,7 +385,7 @@ def _parts(
         raise WeightsError(f"{path}: this is {other}")
 
     def config(key: str, parse: Callable[[dict], Any], infer: Callable[[], Any]) -> Any:
-        stored = _config_from_metadata(metadata, _META_KEYS[key], parse, path)
+        stored = config_from_metadata(metadata, _META_KEYS[key], parse, path)
         if stored is not None:
             return stored
         try:
@@ -390,7 +397,7 @@ def _parts(
     vae_config = config("vae", VAEConfig.from_dict, lambda: infer_vae_config(_component(state, VAE_PREFIX)))
     text_config = config(
         "text",
-        _text_config_from_dict,
+        text_config_from_dict,
         lambda: infer_text_encoder_config(_component(state, TEXT_ENCODER_PREFIX), tokenizer),
     )
     sampler = config("sampler", SamplerConfig.from_dict, lambda: scheduler_from_diffusers(SD1_SCHEDULER))
@@ -408,9 +415,9 @@ def _parts(
     ]
     with torch.device("meta"):
         shapes = [build(cfg).state_dict() for _, build, cfg, _ in maps]
-    _check_keys(state, [(m[0], s) for m, s in zip(maps, shapes)], path)
+    check_keys(state, *expected_keys([(m[0], s) for m, s in zip(maps, shapes)]), path)
     unet, vae, text = (
-        _take(read, key_map, expected, dtype=dt, source=path) for (key_map, _, _, dt), expected in zip(maps, shapes)
+        take(read, key_map, expected, dtype=dt, source=path) for (key_map, _, _, dt), expected in zip(maps, shapes)
     )
     return SingleFileParts(unet_config, unet, vae_config, vae, text_config, text, sampler)
 

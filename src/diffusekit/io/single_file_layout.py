@@ -45,7 +45,8 @@ IGNORED_KEYS = re.compile(
 # Families we recognise but do not read, with what to say.
 OTHER_FAMILIES = {
     "cond_stage_model.model.": "an SD-2.x checkpoint (OpenCLIP text encoder); only SD-1.x single files are read",
-    "conditioner.embedders.": "an SDXL checkpoint; only SD-1.x single files are read",
+    "conditioner.embedders.": "an SDXL checkpoint, read by diffusekit.io.single_file_sdxl (load_pipeline tells "
+    "the two apart)",
 }
 # Parameter names inside one module: ours -> the file's.
 _UNET_RESNET = {
@@ -164,11 +165,13 @@ def vae_key_map(config: VAEConfig) -> KeyMap:
     return KeyMap(names, convs)
 
 
-def text_encoder_key_map(config: TextEncoderConfig) -> KeyMap:
-    """The single-file keys of a CLIP text encoder with this config (the names ``io.text`` gives it)."""
+def text_encoder_key_map(config: TextEncoderConfig, prefix: str = TEXT_ENCODER_PREFIX) -> KeyMap:
+    """The single-file keys of a CLIP text encoder with this config (the names ``io.text`` gives it, under
+    ``prefix``: SD-1.x's ``cond_stage_model.transformer.text_model.``, SDXL's first encoder's
+    ``conditioner.embedders.0.transformer.text_model.``)."""
     names = {}
     for k in _meta_state(ClipTextEncoder, config):
-        (theirs,) = text_encoder_to_diffusers_state_dict({k: torch.empty(0)}, prefix=TEXT_ENCODER_PREFIX)
+        (theirs,) = text_encoder_to_diffusers_state_dict({k: torch.empty(0)}, prefix=prefix)
         names[k] = theirs
     return KeyMap(names)
 

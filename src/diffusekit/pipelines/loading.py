@@ -24,6 +24,13 @@ from diffusekit.io.atomic import folder_atomic
 from diffusekit.io.models import load_unet, load_vae, save_unet, save_vae
 from diffusekit.io.scheduler_config import scheduler_from_diffusers, scheduler_to_diffusers
 from diffusekit.io.single_file import SingleFileParts, read_single_file_parts, save_single_file
+from diffusekit.io.single_file_sdxl import (
+    SDXLSingleFileParts,
+    check_sdxl_single_file,
+    is_sdxl_single_file,
+    read_sdxl_single_file_parts,
+    save_sdxl_single_file,
+)
 from diffusekit.io.text import load_text_encoder, load_tokenizer, save_text_encoder, save_tokenizer
 from diffusekit.io.weights import read_json, write_json
 from diffusekit.limits import check_flag
@@ -70,6 +77,7 @@ class ModelKind:
 STABLE_DIFFUSION_FOLDER = ModelKind("stable-diffusion", Layout.FOLDER)
 STABLE_DIFFUSION_FILE = ModelKind("stable-diffusion", Layout.SINGLE_FILE)
 SDXL_FOLDER = ModelKind("sdxl", Layout.FOLDER)
+SDXL_FILE = ModelKind("sdxl", Layout.SINGLE_FILE)
 # model_index.json classes of SDXL folders (text-to-image and image-to-image share the components)
 SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 UPSCALER_FOLDER = ModelKind("sd-x4-upscaler", Layout.FOLDER)
@@ -101,7 +109,7 @@ def identify(path: str | os.PathLike) -> ModelKind:
                 f"{path}: is a file of the diffusers model folder {folder}, not a single-file checkpoint; "
                 f"pass the folder that holds it: {folder}"
             )
-        return STABLE_DIFFUSION_FILE
+        return SDXL_FILE if is_sdxl_single_file(path) else STABLE_DIFFUSION_FILE
     if path.exists() or path.is_symlink():
         raise WeightsError(f"{path}: not a model folder or a checkpoint file (a broken link or a special file)")
     raise WeightsError(f"{path}: no such folder or file")
@@ -129,7 +137,9 @@ def load_pipeline(
     :func:`identify`). An x4-upscaler folder gives a :class:`StableDiffusionUpscaler`.
 
     ``tokenizer``: a tokenizer folder (``vocab.json`` + ``merges.txt``, or a model folder holding
-    ``tokenizer/``); required for single files, which carry none, and replacing a folder's own.
+    ``tokenizer/``); required for single files, which carry none, and replacing a folder's own. An SDXL
+    single file needs both of SDXL's tokenizers: a folder holding ``tokenizer/`` and ``tokenizer_2/`` (any SDXL
+    diffusers model folder).
     ``allow_pickle``: read a pickled single file with ``torch.load(weights_only=True)``.
     ``dtype``: of the U-Net and text encoder (the VAE stays float32); None keeps the dtype the file stores
     its U-Net in. ``fast``: apply the runtime plan for inference (:meth:`StableDiffusion.prepare`).
@@ -142,6 +152,9 @@ def load_pipeline(
         return sd.prepare() if fast else sd
     if kind.layout is Layout.FOLDER:
         sd = _load_folder(path, tokenizer, device=device, dtype=dtype, upscaler=kind == UPSCALER_FOLDER)
+        return sd.prepare() if fast else sd
+    if kind == SDXL_FILE:
+        sd = _load_sdxl_file(path, tokenizer, allow_pickle=allow_pickle, device=device, dtype=dtype)
         return sd.prepare() if fast else sd
     if tokenizer is None:
         raise ConfigError(
@@ -238,6 +251,35 @@ def _load_sdxl_folder(
     )  # fmt: skip
 
 
+def _load_sdxl_file(
+    path: Path, tokenizer: str | os.PathLike | None, *, allow_pickle: bool, device: str | torch.device,
+    dtype: torch.dtype | None,
+) -> StableDiffusionXL:  # fmt: skip
+    """An SDXL single file (SGM layout) with the tokenizers of the folder ``tokenizer`` (``tokenizer/`` and
+    ``tokenizer_2/``); the file's structure is checked before any tokenizer is read."""
+    check_sdxl_single_file(path)
+    folder = None if tokenizer is None else Path(tokenizer)
+    if folder is None or not (folder / "tokenizer").is_dir() or not (folder / "tokenizer_2").is_dir():
+        given = "none was given" if folder is None else f"{folder} does not hold both"
+        raise ConfigError(
+            f"{path}: an SDXL single file carries no tokenizers; pass tokenizer (CLI: --tokenizer DIR), a folder "
+            f"holding SDXL's two, tokenizer/ and tokenizer_2/, such as any SDXL diffusers model folder ({given})"
+        )
+    tok, tok_2 = load_tokenizer(folder / "tokenizer"), load_tokenizer(folder / "tokenizer_2")
+    parts = read_sdxl_single_file_parts(path, tok, tok_2, allow_pickle=allow_pickle, dtype=dtype)
+    sd = StableDiffusionXL(
+        unet=_network(UNet, parts.unet_config, parts.unet, device),
+        codec=LatentCodec(_network(AutoencoderKL, parts.vae_config, parts.vae, device)),
+        tokenizer=tok, text_encoder=_network(ClipTextEncoder, parts.text_encoder_config, parts.text_encoder, device),
+        tokenizer_2=tok_2,
+        text_encoder_2=_network(ClipTextEncoder, parts.text_encoder_2_config, parts.text_encoder_2, device),
+        sampler_config=parts.sampler, force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
+        name=path.stem,
+    )  # fmt: skip
+    check_xl_parts(path, sd.unet, sd.codec.vae, [(tok, sd.text_encoder), (tok_2, sd.text_encoder_2)])
+    return sd
+
+
 def _sd_default_sampler() -> SamplerConfig:
     """SD-1.x's scheduler, for folders without ``scheduler/scheduler_config.json``."""
     return SD1
@@ -256,15 +298,15 @@ def _network(build: Callable[[object], M], config: object, state: dict[str, Tens
 
 
 def save_pipeline(sd: StableDiffusion, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
-    """Write ``sd`` to ``path``: a single ``.safetensors`` file in the SD-1.x layout when ``path`` ends in
-    ``.safetensors`` (``dtype`` casts the weights; no tokenizer inside), else a diffusers-layout folder that
-    :func:`load_pipeline` and the reference read (the networks in their own dtypes; ``dtype`` must be None).
+    """Write ``sd`` to ``path``: a single ``.safetensors`` file in the SD-1.x layout (SDXL: the SGM layout) when
+    ``path`` ends in ``.safetensors`` (``dtype`` casts the weights; no tokenizer inside), else a diffusers-layout
+    folder that :func:`load_pipeline` and the reference read (the networks in their own dtypes; ``dtype`` must be None).
     Both are written atomically: a folder is built beside ``path`` and swapped in whole."""
     path = Path(path)
     if path.suffix == ".safetensors":
         if isinstance(sd, StableDiffusionXL):
-            raise ConfigError(f"{path}: an SDXL model is written as a diffusers folder only; give a folder path "
-                              "(without .safetensors)")  # fmt: skip
+            save_sdxl_single_file(parts_of(sd), path, dtype=dtype)
+            return path
         if isinstance(sd, StableDiffusionUpscaler):
             raise ConfigError(f"{path}: an x4 upscaler is written as a diffusers folder only (its low-res schedule "
                               "and max_noise_level have no place in a single file); give a folder path")  # fmt: skip
@@ -278,7 +320,16 @@ def save_pipeline(sd: StableDiffusion, path: str | os.PathLike, *, dtype: torch.
 
 
 def parts_of(sd: StableDiffusion) -> SingleFileParts:
-    """The networks of ``sd`` as configs and state dicts (what ``io.single_file`` writes)."""
+    """The networks of ``sd`` as configs and state dicts (what ``io.single_file`` writes; for SDXL the
+    :class:`SDXLSingleFileParts` that ``io.single_file_sdxl`` writes)."""
+    if isinstance(sd, StableDiffusionXL):
+        return SDXLSingleFileParts(
+            unet_config=sd.unet.config, unet=sd.unet.state_dict(), vae_config=sd.codec.vae.config,
+            vae=sd.codec.vae.state_dict(), text_encoder_config=sd.text_encoder.config,
+            text_encoder=sd.text_encoder.state_dict(), sampler=sd.sampler_config,
+            text_encoder_2_config=sd.text_encoder_2.config, text_encoder_2=sd.text_encoder_2.state_dict(),
+            force_zeros_for_empty_prompt=sd.force_zeros_for_empty_prompt,
+        )  # fmt: skip
     return SingleFileParts(
         unet_config=sd.unet.config,
         unet=sd.unet.state_dict(),
