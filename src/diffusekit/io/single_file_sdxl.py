@@ -59,7 +59,7 @@ from diffusekit.io.single_file_layout import (
     unet_key_map,
     vae_key_map,
 )
-from diffusekit.io.weights import not_a_weights_file, require_file, save_weights, sniff_format
+from diffusekit.io.weights import SafetensorsFile, not_a_weights_file, require_file, save_weights, sniff_format
 from diffusekit.limits import check_flag
 from diffusekit.networks.text_encoder import ClipTextEncoder, TextEncoderConfig
 from diffusekit.networks.tokenizer import ClipTokenizer
@@ -196,8 +196,8 @@ def is_sdxl_single_file(path: str | os.PathLike) -> bool:
     try:
         if sniff_format(path) != "safetensors":
             return False
-        with LazySafetensors(Path(path)) as lazy:
-            return any(k.startswith(SDXL_PREFIX) for k in lazy.tensors)
+        with SafetensorsFile(path) as f:  # the header's keys only: no tensor is read
+            return any(k.startswith(SDXL_PREFIX) for k in f.keys())
     except (WeightsError, ConfigError, OSError):
         return False
 
@@ -224,8 +224,8 @@ def check_sdxl_single_file(path: str | os.PathLike) -> None:
     """:func:`check_sdxl_structure` on a ``.safetensors`` file's header (pickles are checked when read)."""
     path = require_file(path, "checkpoint file")
     if sniff_format(path) == "safetensors":
-        with LazySafetensors(path) as lazy:
-            check_sdxl_structure(list(lazy.tensors), path)
+        with SafetensorsFile(path) as f:
+            check_sdxl_structure(f.keys(), path)
 
 
 # ---------------------------------------------------------------------------------------------------------
