@@ -1,5 +1,5 @@
 """diffusekit against the reference implementation (diffusers + transformers, the ``bench`` extra), same
-weights, same process, same machine: workloads W1-W6 of issue 5 in float32 and bfloat16, W5 with each
+weights, same process, same machine: workloads W1-W6 (benchmarks/README.md) in float32 and bfloat16, W5 with each
 side's default settings, peak memory of W5 per side (separate processes), FLOP/s of W3 against the measured
 matrix-multiply peak, and PSNR of bfloat16 against float32 images (W5, W6).
 

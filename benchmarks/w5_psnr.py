@@ -1,5 +1,5 @@
-"""W5 at full size on diffusekit alone: the PSNR of its bfloat16 image against its float32 image (issue 5 asks
-for >= 30 dB), with the time of each. No reference needed: the model is diffusekit's own SD-1.5-size pipeline
+"""W5 at full size on diffusekit alone: the PSNR of its bfloat16 image against its float32 image (the target is
+>= 30 dB), with the time of each. No reference needed: the model is diffusekit's own SD-1.5-size pipeline
 with random weights (``workloads.save_random_pipeline``), 512x512, 20 steps DPM-Solver++(2M), guidance 7.5.
 
     python benchmarks/w5_psnr.py [--workdir DIR] [--json benchmarks/results/w5_psnr.json]
