@@ -459,20 +459,21 @@ def save_single_file(parts: SingleFileParts, path: str | os.PathLike, *, dtype: 
     """Write ``parts`` as one ``.safetensors`` file in the SD-1.x single-file layout (atomically), with our
     exact configs in its metadata so that :func:`read_single_file_parts` rebuilds the same networks. No
     tokenizer is stored (no single file carries one). ``dtype`` (e.g. ``torch.float16``) casts the weights."""
+    configs = {"unet": parts.unet_config.to_dict(), "vae": parts.vae_config.to_dict(),
+               "text": parts.text_encoder_config.to_dict(), "sampler": parts.sampler.to_dict()}  # fmt: skip
+    path = Path(path)
+    save_weights(to_single_file_state_dict(parts, dtype), path, metadata=file_metadata(path, configs, _META_KEYS))
+
+
+def file_metadata(path: Path, configs: dict[str, dict], keys: dict[str, str]) -> dict[str, str]:
+    """The safetensors header metadata of a single file we write: our version and each config as JSON under
+    its ``keys`` name. Refuses an output name that does not end in .safetensors."""
     from diffusekit import __version__
 
-    path = Path(path)
     if path.suffix != ".safetensors":
         raise ConfigError(f"single-file output must end in .safetensors, got {path}")
-    metadata = {
-        "format": "pt",
-        "diffusekit_version": __version__,
-        _META_KEYS["unet"]: json.dumps(parts.unet_config.to_dict()),
-        _META_KEYS["vae"]: json.dumps(parts.vae_config.to_dict()),
-        _META_KEYS["text"]: json.dumps(parts.text_encoder_config.to_dict()),
-        _META_KEYS["sampler"]: json.dumps(parts.sampler.to_dict()),
-    }
-    save_weights(to_single_file_state_dict(parts, dtype), path, metadata=metadata)
+    meta = {keys[name]: json.dumps(config, allow_nan=False) for name, config in configs.items()}
+    return {"format": "pt", "diffusekit_version": __version__, **meta}
 
 
 __all__ = [

@@ -24,7 +24,6 @@ exact configs there. The mapping of each key runs both ways from one table per n
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from diffusekit.io.single_file import (
     check_keys,
     config_from_metadata,
     expected_keys,
+    file_metadata,
     read_pickle,
     take,
     text_config_from_dict,
@@ -421,21 +421,11 @@ def save_sdxl_single_file(
     """Write ``parts`` as one ``.safetensors`` file in the SGM layout (atomically), with our exact configs
     in its metadata so that :func:`read_sdxl_single_file_parts` rebuilds the same networks; no tokenizer is
     stored. ``dtype`` (e.g. ``torch.float16``) casts the weights."""
-    from diffusekit import __version__
-
+    configs = {"unet": parts.unet_config.to_dict(), "vae": parts.vae_config.to_dict(),
+               "text": parts.text_encoder_config.to_dict(), "text_2": parts.text_encoder_2_config.to_dict(),
+               "sampler": parts.sampler.to_dict(), "force_zeros": {"value": parts.force_zeros_for_empty_prompt}}
     path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ConfigError(f"single-file output must end in .safetensors, got {path}")
-    metadata = {
-        "format": "pt",
-        "diffusekit_version": __version__,
-        _META_KEYS["unet"]: json.dumps(parts.unet_config.to_dict()),
-        _META_KEYS["vae"]: json.dumps(parts.vae_config.to_dict()),
-        _META_KEYS["text"]: json.dumps(parts.text_encoder_config.to_dict()),
-        _META_KEYS["text_2"]: json.dumps(parts.text_encoder_2_config.to_dict()),
-        _META_KEYS["sampler"]: json.dumps(parts.sampler.to_dict()),
-        _META_KEYS["force_zeros"]: json.dumps({"value": parts.force_zeros_for_empty_prompt}),
-    }
+    metadata = file_metadata(path, configs, _META_KEYS)
     save_weights(to_sdxl_state_dict(parts, dtype), path, metadata=metadata)
 
 
