@@ -82,7 +82,9 @@ def run_convert(args: argparse.Namespace) -> int:
             raise ConfigError(f"DST {dst}: converting a folder makes a single file; DST must end in .safetensors")
         _check_file_destination(dst, args.overwrite)
         save_pipeline(load_pipeline(src, fast=False), dst, dtype=dtype)
-        print(f"wrote {dst} (no tokenizer inside: load it with --tokenizer {src / 'tokenizer'})", file=sys.stderr)
+        # SDXL needs both tokenizers: the model folder holds tokenizer/ and tokenizer_2/
+        tokenizer = src if (src / "tokenizer_2").is_dir() else src / "tokenizer"
+        print(f"wrote {dst} (no tokenizer inside: load it with --tokenizer {tokenizer})", file=sys.stderr)
     elif dst.suffix == ".safetensors":
         if dst.resolve() == src.resolve():
             raise ConfigError(f"DST {dst} is SRC; choose another output file")
