@@ -242,11 +242,17 @@ def _few(keys: list[str], limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def config_from_metadata(metadata: dict[str, str], key: str, parse: Callable[[dict], Any], path: Path) -> Any:
-    """Our config stored under ``key`` in the file's metadata, or None when absent."""
+def config_from_metadata(
+    metadata: dict[str, str], key: str, parse: Callable[[dict], Any], infer: Callable[[], Any], path: Path
+) -> Any:
+    """Our config stored under ``key`` in the file's metadata; a file without one (any other tool's) gets
+    ``infer()``, the config read from its tensors' shapes, whose WeightsError then names the file."""
     text = metadata.get(key)
     if text is None:
-        return None
+        try:
+            return infer()
+        except WeightsError as e:
+            raise WeightsError(f"{path}: {e}") from None
     try:
         data = json.loads(text)
         if not isinstance(data, dict):
@@ -385,13 +391,7 @@ def _parts(
         raise WeightsError(f"{path}: this is {other}")
 
     def config(key: str, parse: Callable[[dict], Any], infer: Callable[[], Any]) -> Any:
-        stored = config_from_metadata(metadata, _META_KEYS[key], parse, path)
-        if stored is not None:
-            return stored
-        try:
-            return infer()
-        except WeightsError as e:
-            raise WeightsError(f"{path}: {e}") from None
+        return config_from_metadata(metadata, _META_KEYS[key], parse, infer, path)
 
     unet_config = config("unet", UNetConfig.from_dict, lambda: infer_unet_config(_component(state, UNET_PREFIX)))
     vae_config = config("vae", VAEConfig.from_dict, lambda: infer_vae_config(_component(state, VAE_PREFIX)))

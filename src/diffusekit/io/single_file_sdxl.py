@@ -327,13 +327,7 @@ def _parts(
     check_sdxl_structure(list(state), path)
 
     def config(key: str, parse: Callable[[dict], Any], infer: Callable[[], Any]) -> Any:
-        stored = config_from_metadata(metadata, _META_KEYS[key], parse, path)
-        if stored is not None:
-            return stored
-        try:
-            return infer()
-        except WeightsError as e:
-            raise WeightsError(f"{path}: {e}") from None
+        return config_from_metadata(metadata, _META_KEYS[key], parse, infer, path)
 
     text_config = config(
         "text",
