@@ -1,5 +1,6 @@
 """What the generating commands share (txt2img, img2img, inpaint, upscale): loading the model, ``--seed``,
-``--lora FILE[:WEIGHT]`` and the LoRAs of a replay, and the report comparing a replay with its original."""
+``--lora FILE[:WEIGHT]`` and the LoRAs of a replay, writing an upscaled image with its metadata, and the report
+comparing a replay with its original."""
 
 from __future__ import annotations
 
@@ -15,9 +16,22 @@ import torch
 from PIL import Image
 
 from diffusekit.errors import ConfigError, DiffusekitError, WeightsError
+from diffusekit.io.fingerprint import file_sha256
+from diffusekit.io.images import to_pil
+from diffusekit.io.png import PngWriter
 from diffusekit.limits import check_int
 from diffusekit.networks.lora import MAX_WEIGHT
-from diffusekit.pipelines.recipe import DEFAULTS, MAX_LORAS, MAX_SEED, Lora, read_png_metadata, replay_differences
+from diffusekit.pipelines.recipe import (
+    DEFAULTS,
+    MAX_LORAS,
+    MAX_SEED,
+    Lora,
+    Recipe,
+    png_text,
+    read_png_metadata,
+    replay_differences,
+    to_metadata,
+)
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 
 LORA_FORM = (f"FILE or FILE:WEIGHT, WEIGHT a number from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} (default 1), e.g. "
@@ -138,4 +152,20 @@ def report_replay(original: Path, replayed: Path, provenance: dict[str, Any]) ->
           file=sys.stderr)  # fmt: skip
 
 
-__all__ = ["LORA_FORM", "load_model", "lora_options", "parse_lora", "parse_seed", "replay_loras", "report_replay"]
+def write_upscaled(
+    writer: PngWriter, images: torch.Tensor, recipe: Recipe, source: Path, provenance: dict[str, Any], **extra: Any
+) -> Path:
+    """Write the upscaled ``images`` (1, C, H, W) as the next numbered PNG, with the recipe's metadata and a
+    provenance that adds the input file's SHA-256 and the upscaling settings ``extra`` (noise level, tiles, the
+    input's size). An input that can no longer be read is a ConfigError naming it."""
+    try:
+        image_hash = file_sha256(source)
+    except OSError as e:
+        raise ConfigError(f"INPUT {source}: cannot be read ({e.strerror or e})") from None
+    meta = to_metadata(recipe, width=recipe.width, height=recipe.height, sampler=recipe.sampler,
+                       provenance={**provenance, "image_sha256": image_hash, **extra})  # fmt: skip
+    return writer.write(to_pil(images)[0], recipe.seed, png_text(meta))
+
+
+__all__ = ["LORA_FORM", "load_model", "lora_options", "parse_lora", "parse_seed", "replay_loras", "report_replay",
+           "write_upscaled"]

@@ -19,11 +19,11 @@ from typing import Any
 
 from PIL import Image
 
-from diffusekit.cli.common import load_model, lora_options, parse_seed, replay_loras, report_replay
+from diffusekit.cli.common import load_model, lora_options, parse_seed, replay_loras, report_replay, write_upscaled
 from diffusekit.cli.upscale_pixels import is_pixel_sr_model, run_pixel_upscale
 from diffusekit.errors import ConfigError, DiffusekitError
-from diffusekit.io.fingerprint import file_sha256, model_fingerprint
-from diffusekit.io.images import MAX_IMAGE_PIXELS, read_image, to_pil
+from diffusekit.io.fingerprint import model_fingerprint
+from diffusekit.io.images import MAX_IMAGE_PIXELS, read_image
 from diffusekit.io.png import PngWriter
 from diffusekit.limits import check_float, check_int
 from diffusekit.pipelines.common import generators_from_seeds
@@ -41,9 +41,7 @@ from diffusekit.pipelines.recipe import (
     check_sampler,
     check_text,
     loras_from_json,
-    png_text,
     read_png_metadata,
-    to_metadata,
 )
 from diffusekit.pipelines.upscale import (
     DEFAULT_NOISE_LEVEL,
@@ -346,15 +344,8 @@ def _upscale_one(
                     guidance=s.guidance, sampler=sampler, width=width, height=height, eta=s.eta, strength=None,
                     model=model, tokenizer=None, image=str(item.path.absolute()), mask=None, dtype=s.dtype,
                     loras=s.loras)  # fmt: skip
-    try:
-        image_hash = file_sha256(item.path)
-    except OSError as e:
-        raise ConfigError(f"INPUT {item.path}: cannot be read ({e.strerror or e})") from None
-    meta = to_metadata(recipe, width=width, height=height, sampler=sampler,
-                       provenance={**provenance, "image_sha256": image_hash, "noise_level": level, "tile": tile,
-                                   "tile_overlap": s.tile_overlap if tile else None, "input_width": w,
-                                   "input_height": h})  # fmt: skip
-    return writer.write(to_pil(result.images)[0], seed, png_text(meta))
+    return write_upscaled(writer, result.images, recipe, item.path, provenance, noise_level=level, tile=tile,
+                          tile_overlap=s.tile_overlap if tile else None, input_width=w, input_height=h)
 
 
 _DESCRIPTION = """\

@@ -8,13 +8,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from diffusekit.cli.common import write_upscaled
 from diffusekit.errors import ConfigError, DiffusekitError
-from diffusekit.io.fingerprint import file_sha256, model_fingerprint
-from diffusekit.io.images import read_image, to_pil
+from diffusekit.io.fingerprint import model_fingerprint
+from diffusekit.io.images import read_image
 from diffusekit.io.png import PngWriter
 from diffusekit.io.weights import read_json
 from diffusekit.pipelines.common import generators_from_seeds
-from diffusekit.pipelines.recipe import DTYPES, Recipe, png_text, to_metadata
+from diffusekit.pipelines.recipe import DTYPES, Recipe
 from diffusekit.pipelines.super_resolution import (
     MAX_UNTILED_OUTPUT_PIXELS,
     SR_PIPELINE_CLASS,
@@ -106,15 +107,9 @@ def run_pixel_upscale(args: argparse.Namespace, job) -> int:
                             guidance=1.0, sampler=sampler, width=width, height=height, eta=settings.eta,
                             strength=None, model=model, tokenizer=None, image=str(item.path.absolute()), mask=None,
                             dtype=settings.dtype)  # fmt: skip
-            try:
-                image_hash = file_sha256(item.path)
-            except OSError as e:
-                raise ConfigError(f"INPUT {item.path}: cannot be read ({e.strerror or e})") from None
-            meta = to_metadata(recipe, width=width, height=height, sampler=sampler,
-                               provenance={**provenance, "image_sha256": image_hash, "noise_level": level,
-                                           "tile": tile, "tile_overlap": overlap, "input_width": w,
-                                           "input_height": h, "scale": pipe.scale})  # fmt: skip
-            written.append(writer.write(to_pil(result.images.float().cpu())[0], seed, png_text(meta)))
+            written.append(write_upscaled(writer, result.images, recipe, item.path, provenance, noise_level=level,
+                                          tile=tile, tile_overlap=overlap, input_width=w, input_height=h,
+                                          scale=pipe.scale))  # fmt: skip
             print(written[-1], flush=True)
     finally:
         if not written:
