@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     report["speedup_lcm"] = report["median_seconds"]["dpmpp_2m"] / report["median_seconds"]["lcm"]
     print(json.dumps(report, indent=1))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        harness.write_report(args.json, report)
 
 
 if __name__ == "__main__":

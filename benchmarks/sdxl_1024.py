@@ -103,8 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(json.dumps(report, indent=1))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        harness.write_report(args.json, report)
 
 
 if __name__ == "__main__":

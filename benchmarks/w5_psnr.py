@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {"machine": harness.machine(), "tiny": args.tiny, "seconds": seconds, "psnr_bf16_vs_fp32_db": value}
     print(json.dumps(report, indent=1))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        harness.write_report(args.json, report)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 
 from diffusekit.bench import timing
 from diffusekit.bench.workloads import TITLES, Case, Spec, spec
+from diffusekit.io.atomic import write_text_atomic
 from diffusekit.runtime.policy import cpu_flags, native_bf16
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "default": None}
@@ -158,8 +159,8 @@ def _measure_cases(name: str, dtype_name: str, cases: dict[str, Case], settings:
 
 
 def write_report(path: str | os.PathLike, report: dict[str, Any]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    """``report`` as JSON at ``path``, written atomically (folders made as needed)."""
+    write_text_atomic(path, json.dumps(report, indent=2, default=str) + "\n", what="report")
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
