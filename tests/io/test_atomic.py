@@ -85,3 +85,20 @@ def test_no_overwrite_keeps_a_file_that_appeared_meanwhile(tmp_path):
     assert path.read_bytes() == b"someone else's"
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
     assert write_atomic(tmp_path / "free.png", lambda t: t.write_bytes(b"x"), overwrite=False).read_bytes() == b"x"
+
+
+def test_no_overwrite_works_without_hard_links_and_still_keeps_a_taken_name(tmp_path, monkeypatch):
+    import errno
+
+    from diffusekit.io.atomic import write_atomic
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")  # e.g. vfat, some network file systems
+
+    monkeypatch.setattr(os, "link", no_links)
+    free = write_atomic(tmp_path / "a.png", lambda t: t.write_bytes(b"new"), overwrite=False)
+    assert free.read_bytes() == b"new"
+    with pytest.raises(OutputError, match="it is kept"):
+        write_atomic(free, lambda t: t.write_bytes(b"other"), overwrite=False)
+    assert free.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]

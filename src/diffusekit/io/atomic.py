@@ -11,6 +11,7 @@ the caller sees.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -78,16 +79,36 @@ def write_atomic(
         os.chmod(tmp, file_mode())
         if overwrite:
             os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails if the name is taken, whatever appeared since the caller's check
+        elif not place_new(tmp, path):  # whatever appeared since the caller's check is kept
+            raise OutputError(f"{path}: a file of this name appeared while the {what} was made; it is kept")
         fsync_dir(path.parent)
-    except FileExistsError:
-        raise OutputError(f"{path}: a file of this name appeared while the {what} was made; it is kept") from None
+    except OutputError:
+        raise
     except OSError as e:
         raise OutputError(f"{path}: could not write the {what} ({e.strerror or e})") from None
     finally:
         _remove_quietly(tmp)
     return path
+
+
+def place_new(tmp: Path, target: Path) -> bool:
+    """Move the complete file ``tmp`` to ``target`` unless a file of that name exists; False if one does.
+    Checked and done in one step: a hard link fails on a taken name. On a file system without hard links the
+    name is reserved with an exclusive create, then the reservation is replaced."""
+    try:
+        os.link(tmp, target)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+    try:
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, file_mode()))
+    except FileExistsError:
+        return False
+    os.replace(tmp, target)
+    return True
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, what: str = "file") -> Path:

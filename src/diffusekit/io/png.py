@@ -9,7 +9,6 @@ is tried). Clean-up after a failure never raises, so the error the caller sees i
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from diffusekit.errors import OutputError
-from diffusekit.io.atomic import check_writable_folder, file_mode, fsync_dir
+from diffusekit.io.atomic import check_writable_folder, file_mode, fsync_dir, place_new
 
 _NUMBERED = re.compile(r"(\d{5,})-")
 _TEMP_PREFIX = ".diffusekit-"
@@ -72,7 +71,7 @@ class PngWriter:
             for _ in range(100_000):
                 target = self.folder / f"{self.next_index:05d}-{seed}.png"
                 self.next_index += 1
-                if self._place(tmp, target):
+                if place_new(tmp, target):
                     fsync_dir(self.folder)
                     self._created = []  # the folders now hold an image: never removed
                     return target
@@ -83,24 +82,6 @@ class PngWriter:
             raise OutputError(f"{self.where}: could not write an image ({e.strerror or e})") from None
         finally:
             _remove_quietly(tmp)
-
-    @staticmethod
-    def _place(tmp: Path, target: Path) -> bool:
-        """Move ``tmp`` to ``target`` unless ``target`` exists; False if it does."""
-        try:
-            os.link(tmp, target)  # atomic, and fails if the name is taken
-            return True
-        except FileExistsError:
-            return False
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                raise
-        try:  # a file system without hard links: reserve the name, then replace the reservation
-            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, file_mode()))
-        except FileExistsError:
-            return False
-        os.replace(tmp, target)
-        return True
 
 
 def _remove_quietly(path: Path) -> None:
