@@ -33,7 +33,7 @@ MAX_SAMPLE_SIZE = 65_536  # a config's training resolution hint, in pixels or la
 def check_int(name: str, value: Any, low: int, high: int) -> int:
     """``value`` if it is an integer (not a bool) in [low, high]; else a ConfigError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {_short(value)}")
+        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {short_repr(value)}")
     return value
 
 
@@ -45,23 +45,24 @@ def check_float(name: str, value: Any, low: float, high: float, *, open_low: boo
         ok = (low < value if open_low else low <= value) and value <= high
     if not ok:
         interval = f"{'(' if open_low else '['}{low}, {high}]"
-        raise ConfigError(f"{name} must be a finite number in {interval}, got {_short(value)}")
+        raise ConfigError(f"{name} must be a finite number in {interval}, got {short_repr(value)}")
     return float(value)
 
 
 def check_flag(name: str, value: Any) -> bool:
     """``value`` if it is a boolean (JSON true/false; 0 and 1 pass too); else a ConfigError naming ``name``."""
     if value not in (True, False) or not isinstance(value, bool | int):
-        raise ConfigError(f"{name} must be true or false, got {_short(value)}")
+        raise ConfigError(f"{name} must be true or false, got {short_repr(value)}")
     return bool(value)
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters for an error message (an int too long to print is described)."""
     try:
         text = repr(value)
     except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
         return f"an integer of {value.bit_length()} bits"
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def translating(what: str, names: dict[str, str] | None = None) -> Callable[[F], F]:

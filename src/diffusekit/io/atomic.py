@@ -48,7 +48,9 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
 
 
-def _remove_quietly(path: Path) -> None:
+def remove_quietly(path: Path) -> None:
+    """Remove a file or folder left by a failed write; never raises (a read-only file system must not hide
+    the error that led here)."""
     with contextlib.suppress(OSError):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
@@ -87,7 +89,7 @@ def write_atomic(
     except OSError as e:
         raise OutputError(f"{path}: could not write the {what} ({e.strerror or e})") from None
     finally:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
     return path
 
 
@@ -128,7 +130,7 @@ def folder_atomic(folder: str | os.PathLike, *, what: str = "folder") -> Iterato
     error the temporary folder is removed and ``folder`` is left as it was."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    _remove_quietly(tmp)
+    remove_quietly(tmp)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
@@ -139,7 +141,7 @@ def folder_atomic(folder: str | os.PathLike, *, what: str = "folder") -> Iterato
         fsync_dir(tmp)
         replace_folder(tmp, folder)
     except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
 
 
@@ -150,7 +152,7 @@ def replace_folder(tmp: Path, folder: Path) -> None:
     try:
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            _remove_quietly(old)
+            remove_quietly(old)
             os.replace(folder, old)
         os.replace(tmp, folder)
         fsync_dir(folder.parent)
@@ -160,7 +162,7 @@ def replace_folder(tmp: Path, folder: Path) -> None:
                 os.replace(old, folder)
         raise OutputError(f"{folder}: could not replace the folder ({e.strerror or e})") from None
     if old is not None:
-        _remove_quietly(old)
+        remove_quietly(old)
 
 
 def check_writable_folder(folder: str | os.PathLike, where: str) -> list[Path]:
@@ -188,7 +190,7 @@ def check_writable_folder(folder: str | os.PathLike, where: str) -> list[Path]:
             created.append(parent)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".diffusekit-", suffix=".probe")
         os.close(fd)
-        _remove_quietly(Path(probe))
+        remove_quietly(Path(probe))
     except OutputError:
         raise
     except OSError as e:  # (OutputError is an OSError too: passed on above as it is)

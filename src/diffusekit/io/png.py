@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from diffusekit.errors import OutputError
-from diffusekit.io.atomic import check_writable_folder, file_mode, fsync_dir, place_new
+from diffusekit.io.atomic import check_writable_folder, file_mode, fsync_dir, place_new, remove_quietly
 
 _NUMBERED = re.compile(r"(\d{5,})-")
 _TEMP_PREFIX = ".diffusekit-"
@@ -81,12 +81,7 @@ class PngWriter:
         except OSError as e:  # a full disk, a quota, an I/O error: the temp file goes, earlier images stay
             raise OutputError(f"{self.where}: could not write an image ({e.strerror or e})") from None
         finally:
-            _remove_quietly(tmp)
-
-
-def _remove_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink(missing_ok=True)
+            remove_quietly(tmp)
 
 
 __all__ = ["PngWriter"]

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from diffusekit.errors import ConfigError
+from diffusekit.limits import short_repr
 
 MAX_PROMPT_CHARS = 10_000
 MAX_PATH_CHARS = 4096
@@ -46,7 +47,10 @@ def check_sha256(where: str, value: Any) -> str:
 
 
 def short(value: Any) -> str:
-    text = str(value) if isinstance(value, Exception) else repr(value)
+    """A value (its repr) or an exception (its message) cut to 60 characters for an error message."""
+    if not isinstance(value, Exception):
+        return short_repr(value, 60)
+    text = str(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from diffusekit.errors import ConfigError
-from diffusekit.limits import check_flag, check_int
+from diffusekit.limits import check_flag, check_int, short_repr
 from diffusekit.pipelines.recipe import DEFAULTS, MAX_SEED, Recipe
 from diffusekit.samplers.names import KARRAS, WEB_UI, lookup, web_ui_name
 
@@ -84,7 +84,7 @@ def parse_request(
     scheduler = get("scheduler")
     if scheduler is not None and (not isinstance(scheduler, str) or scheduler.lower() not in SCHEDULERS):
         raise ConfigError(f"field 'scheduler' must be Automatic (the sampler's own noise levels) or {KARRAS}, got "
-                          f"{_short(scheduler)}")  # fmt: skip
+                          f"{short_repr(scheduler, 60)}")  # fmt: skip
     karras = SCHEDULERS[scheduler.lower()] if scheduler is not None else None
     if karras is not None and sampler is not None:
         sampler = ours  # the web UI's newer clients name the grid apart: "DPM++ 2M" with scheduler "Karras"
@@ -107,7 +107,7 @@ def parse_request(
     if mode == "img2img":
         init = get("init_images")
         if not isinstance(init, list) or len(init) != 1:
-            got = f"{len(init)} images" if isinstance(init, list) else _short(init)
+            got = f"{len(init)} images" if isinstance(init, list) else short_repr(init, 60)
             raise ConfigError(f"field 'init_images' must be a list of one base64-encoded image, got {got}")
         images["image"] = ("init_images", init[0], "RGB")
         if get("mask") is not None:
@@ -170,11 +170,6 @@ def samplers_list() -> list[dict[str, Any]]:
     """``GET /sdapi/v1/samplers``: the web UI's names this server runs, with their aliases."""
     return [{"name": n.name, "aliases": [*n.aliases, n.sampler], "options": {"scheduler": KARRAS} if n.karras else {}}
             for n in WEB_UI]  # fmt: skip
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 __all__ = ["API_FIELDS", "Limits", "Request", "api_field", "api_settings", "parse_request", "sampler_label",

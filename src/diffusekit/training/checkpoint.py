@@ -20,7 +20,6 @@ truncated file, or a file whose hash differs from the manifest, is refused with 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import random
 import re
@@ -36,6 +35,7 @@ from torch import Tensor
 
 from diffusekit.errors import CheckpointError, DiffusekitError
 from diffusekit.io.atomic import folder_atomic
+from diffusekit.io.fingerprint import file_sha256
 from diffusekit.io.weights import load_weights, read_json, save_weights, write_json
 
 FORMAT = "diffusekit-training-checkpoint"
@@ -57,14 +57,6 @@ _DEBRIS = re.compile(r"^\.(?:(?:tmp|old)-step-\d+|step-\d+\.(?:tmp|old|del))-(\d
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -179,7 +171,7 @@ def save_checkpoint(
         save_weights(rng_tensors, tmp / "rng.safetensors", metadata=meta)
         write_json({**state, "step": step, "optimizer": opt_scalars, "rng": rng_scalars}, tmp / "state.json")
         write_json(config, tmp / "config.json")
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
+        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)} for name in FILES}
         write_json({"format": FORMAT, "version": FORMAT_VERSION, "step": step, "files": files}, tmp / MANIFEST)
     prune_checkpoints(root, keep)
     return final
@@ -280,7 +272,7 @@ def verify_checkpoint(path: str | os.PathLike, hashes: bool = True) -> dict[str,
             raise CheckpointError(
                 f"{path}: {name} is truncated or corrupt ({size} bytes, expected {info.get('bytes')})"
             )
-        if hashes and _sha256(f) != info.get("sha256"):
+        if hashes and file_sha256(f) != info.get("sha256"):
             raise CheckpointError(f"{path}: {name} is corrupt (its SHA-256 differs from {MANIFEST})")
     return manifest
 
