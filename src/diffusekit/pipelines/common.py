@@ -73,6 +73,12 @@ class LatentCodec:
             noise = draw(posterior.mean.shape, generator, posterior.mean.dtype, posterior.mean.device)
         return posterior.sample(noise=noise) * self.scaling_factor
 
+    def posterior(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The scaled mean and standard deviation of q(z | images): ``mean + std * noise`` is a scaled sample
+        (what training caches, so that it can draw a fresh sample each step)."""
+        posterior = self.vae.encode(images, tile=self.tile * self.downsample_factor if self.tile else None)
+        return posterior.mean * self.scaling_factor, posterior.std * self.scaling_factor
+
     def decode(self, latents: Tensor) -> Tensor:
         return self.vae.decode(latents / self.scaling_factor, tile=self.tile)
 
