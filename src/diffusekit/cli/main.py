@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from diffusekit import __version__
 from diffusekit.cli import bench, convert, demo, fid, generate, sample, serve, train, upscale
 from diffusekit.errors import DiffusekitError
+from diffusekit.io.atomic import write_bytes_atomic
+from diffusekit.runtime import autotune
 
 # each module adds its sub-command(s) with add_parser(subparsers); generate adds txt2img, img2img, inpaint
 COMMAND_MODULES = (demo, train, sample, fid, generate, upscale, convert, bench, serve)
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with cli_warnings():
         try:
+            # measured kernel choices are kept across runs in the user cache folder, written atomically
+            autotune.configure(writer=write_bytes_atomic)
             return int(args.run(args) or 0)
         except DiffusekitError as e:
             print(f"diffusekit {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)

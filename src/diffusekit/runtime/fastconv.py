@@ -30,17 +30,21 @@ Measured on a 2-core AVX2 CPU (benchmarks/README.md): Winograd 1.3-2x faster tha
 256-640 channels at 32x32-256x256 pixels, im2col 2x faster for 1280-2560 channels at 8x8. Both paths are
 taken only for float32 on the CPU; in training (gradients needed) Winograd also computes the input and weight
 gradients (the latter by the transpose of the forward algorithm, :func:`winograd_weight_grad`). Everything
-else runs ``F.conv2d``.
+else runs ``F.conv2d``. Those size rules (:func:`size_rule`) were fitted on one CPU: for inference,
+:mod:`diffusekit.runtime.autotune` times the paths once per layer shape on the machine at hand and keeps the
+fastest, with the size rules as its fallback (``DIFFUSEKIT_AUTOTUNE=rules`` pins them).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from diffusekit.runtime import autotune
 
 # F(4x4, 3x3): output tile m = 4, filter r = 3, input tile a = m + r - 1 = 6 (Lavin & Gray, section 4.2).
 _M, _A = 4, 6
@@ -72,6 +76,9 @@ MIN_TILES_PER_OUT_CHANNEL = 0.25
 #: The im2col path: at least this many input channels, at most this many output pixels (N * H * W).
 GEMM_MIN_CHANNELS = 1024
 GEMM_MAX_PIXELS = 128
+#: The im2col path is a measured candidate (:func:`candidates`) only while its gathered (pixels, 9 * C_in)
+#: matrix is at most this large.
+GEMM_MAX_COLUMN_BYTES = 64 << 20
 #: Set this environment variable to 0 to turn both fast paths off everywhere (every convolution then runs
 #: ``F.conv2d``, bit for bit what PyTorch computes). It is read once, when this module is imported, into
 #: :data:`ENABLED`.
@@ -125,11 +132,10 @@ def choose(
     groups: int = 1,
 ) -> str | None:
     """Which fast path computes this convolution: ``"winograd"``, ``"gemm"`` or ``None`` (the direct
-    convolution). Only float32 CPU 3x3 convolutions with stride 1, padding 1 and no dilation or groups qualify
-    (``"gemm"`` only when no gradient is needed), and none when :data:`ENABLED` is false (the environment
-    variable ``DIFFUSEKIT_FAST_CONV=0`` at start-up); then the sizes decide (:data:`MIN_CHANNELS`,
-    :data:`MIN_TILE_CHANNELS`, :data:`MIN_TILES_PER_OUT_CHANNEL`, :data:`GEMM_MIN_CHANNELS`,
-    :data:`GEMM_MAX_PIXELS`)."""
+    convolution). Only float32 CPU 3x3 convolutions with stride 1, padding 1 and no dilation or groups qualify,
+    and none when :data:`ENABLED` is false (the environment variable ``DIFFUSEKIT_FAST_CONV=0`` at start-up).
+    Without gradients the process's :class:`~diffusekit.runtime.autotune.Tuner` picks among the paths by
+    measurement where that matters; otherwise, and as its fallback, :func:`size_rule` decides."""
     if not ENABLED:
         return None
     if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
@@ -138,6 +144,18 @@ def choose(
         return None
     if _pair(stride) != (1, 1) or _pair(padding) not in ((1, 1), "same") or _pair(dilation) != (1, 1):
         return None
+    rule = size_rule(x, weight)
+    if _needs_grad(x, weight):
+        return rule
+    picked = autotune.current().pick(x, weight, rule or autotune.DIRECT, candidates(x, weight))
+    return None if picked == autotune.DIRECT else picked
+
+
+def size_rule(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """The path the sizes say is fastest for a 3x3 'same' convolution that qualifies (see :func:`choose`),
+    as fitted on the machines of benchmarks/README.md (:data:`MIN_CHANNELS`, :data:`MIN_TILE_CHANNELS`,
+    :data:`MIN_TILES_PER_OUT_CHANNEL`, :data:`GEMM_MIN_CHANNELS`, :data:`GEMM_MAX_PIXELS`); ``"gemm"`` only
+    when no gradient is needed."""
     n, c, h, w = x.shape
     if c >= GEMM_MIN_CHANNELS and n * h * w <= GEMM_MAX_PIXELS and not _needs_grad(x, weight):
         return "gemm"
@@ -146,6 +164,20 @@ def choose(
     if narrow >= MIN_CHANNELS and t * narrow >= MIN_TILE_CHANNELS and t >= co * MIN_TILES_PER_OUT_CHANNEL:
         return "winograd"
     return None
+
+
+def candidates(x: torch.Tensor, weight: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    """The paths that can compute ``F.conv2d(x, weight, padding=1)`` (a qualifying convolution, see
+    :func:`choose`), each as a call for :mod:`~diffusekit.runtime.autotune` to time; im2col only while its
+    gathered matrix stays under :data:`GEMM_MAX_COLUMN_BYTES`."""
+    paths: dict[str, Callable[[], torch.Tensor]] = {
+        autotune.DIRECT: lambda: F.conv2d(x, weight, None, 1, 1),
+        "winograd": lambda: winograd_conv3x3(x, weight),
+    }
+    n, c, h, w = x.shape
+    if n * h * w * 9 * c * x.element_size() <= GEMM_MAX_COLUMN_BYTES:
+        paths["gemm"] = lambda: gemm_conv3x3(x, weight)
+    return paths
 
 
 def _chunks(n: int, th: int, tw: int, channels: int, element_size: int) -> Iterator[tuple[int, int, int, int]]:
