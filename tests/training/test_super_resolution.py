@@ -81,7 +81,7 @@ def test_condition_noise_levels_follow_the_schedule():
     DDPM schedule, computed here from its betas) and exactly zero at level 0; levels cover 0..max."""
     config = TrainConfig().replace(task={"kind": "super-resolution", "scale": 2, "max_noise_level": 3})
     sr = SuperResolution.for_run(config, 16)
-    cond, levels = sr.condition(torch.zeros(400, 1, 16, 16), micro=0, start=0, global_batch=400)
+    _, cond, levels = sr.condition(torch.zeros(400, 1, 16, 16), micro=0, start=0, global_batch=400)
     assert set(levels.tolist()) == {0, 1, 2, 3}
     abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
     for k in range(4):
@@ -166,4 +166,4 @@ def test_cli_train_task_options(tmp_path, capsys):
     assert code == 0
     task = json.loads(capsys.readouterr().out)["task"]
     assert task == {"kind": "super-resolution", "scale": 2, "downsample": "area", "blur_sigma": 0.4,
-                    "noise_std": 0.1, "max_noise_level": 7}  # fmt: skip
+                    "noise_std": 0.1, "max_noise_level": 7, "crop_px": 0}  # fmt: skip

@@ -121,6 +121,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--noise-aug-levels", type=int, metavar="N",
                    help="super-resolution: noise the condition to a random level 0..N of the training schedule, "
                    "given to the network (0 = off); 'diffusekit upscale --noise-level' then picks one")  # fmt: skip
+    g.add_argument("--crop-px", type=int, metavar="PX",
+                   help="super-resolution: train on a random PX x PX window of each image (a new one every "
+                   "step), a multiple of --scale; the model then tiles larger inputs (0 = the whole image, the "
+                   "default)")  # fmt: skip
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, metavar="N", help="optimizer steps to train to")
     g.add_argument("--max-minutes", type=float, metavar="M", help="wall-clock training budget of this invocation")
@@ -198,7 +202,7 @@ _FIELDS = {
     "log_every_steps": ("run", "log_every"), "sample_every_steps": ("run", "sample_every"),
     "task": ("task", "kind"), "scale": ("task", "scale"), "downsample": ("task", "downsample"),
     "blur_sigma": ("task", "blur_sigma"), "degrade_noise": ("task", "noise_std"),
-    "noise_aug_levels": ("task", "max_noise_level"),
+    "noise_aug_levels": ("task", "max_noise_level"), "crop_px": ("task", "crop_px"),
 }  # fmt: skip
 
 

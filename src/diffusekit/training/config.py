@@ -276,7 +276,11 @@ class TaskConfig:
     [-1, 1] scale, 0 = off), upsampled back by bicubic interpolation and stacked onto the network's input.
     ``max_noise_level`` > 0 also noises that condition to a random level 0..max_noise_level of the training
     schedule and gives the level to the network as its class label (cascaded diffusion's noise conditioning
-    augmentation); 0 = off. The other fields are ignored when ``kind`` is ``generate``.
+    augmentation); 0 = off. ``crop_px`` > 0 trains on a random ``crop_px`` x ``crop_px`` window of each
+    ``data.resolution``-sized image (a new window per example and step, drawn from the step's seeded
+    generator), so large images are learned at full detail; the model's training size is then ``crop_px`` and
+    ``diffusekit upscale`` tiles larger inputs; 0 = the whole image. The other fields are ignored when ``kind``
+    is ``generate``, which refuses ``crop_px``.
     """
 
     kind: str = "generate"
@@ -285,6 +289,7 @@ class TaskConfig:
     blur_sigma: float = 0.0
     noise_std: float = 0.0
     max_noise_level: int = 0
+    crop_px: int = 0
 
     def validate(self) -> None:
         check_choice("task.kind", self.kind, TASKS)
@@ -293,6 +298,10 @@ class TaskConfig:
         check_float("task.blur_sigma", self.blur_sigma, 0.0, 100.0)
         check_float("task.noise_std", self.noise_std, 0.0, 10.0)
         check_int("task.max_noise_level", self.max_noise_level, 0, MAX_TRAIN_TIMESTEPS)
+        check_int("task.crop_px", self.crop_px, 0, MAX_RESOLUTION_PX)
+        if self.crop_px and self.kind == "generate":
+            raise ConfigError("task.crop_px applies to task.kind 'super-resolution' only; leave it 0 (or unset) "
+                              "for 'generate'")  # fmt: skip
 
 
 SECTIONS: dict[str, type] = {

@@ -136,6 +136,7 @@ class Trainer:
             raise ConfigError("model.class_conditional is on but the dataset has no labels (class sub-folders)")
         self.sr = SuperResolution.for_run(c, ds.resolution)  # None unless task.kind is super-resolution
         self.num_classes = ds.num_classes if conditional and self.sr is None else None
+        self.train_size = self.sr.size if self.sr else ds.resolution  # the side the network trains on
 
         # model, EMA, optimizer (identical initial weights on every rank)
         torch.manual_seed(c.run.seed)
@@ -144,10 +145,10 @@ class Trainer:
                 self.unet_config = UNetConfig.from_dict(state.config["unet"])
             except ConfigError as e:
                 raise CheckpointError(f"{state.path}: config.json: unet: {e}") from None
-            if (self.unet_config.out_channels, self.unet_config.sample_size) != (ds.channels, ds.resolution):
+            if (self.unet_config.out_channels, self.unet_config.sample_size) != (ds.channels, self.train_size):
                 raise ConfigError(
                     f"the checkpoint's model takes {self.unet_config.in_channels}-channel "
-                    f"{self.unet_config.sample_size}px images, the data has {ds.channels}-channel {ds.resolution}px"
+                    f"{self.unet_config.sample_size}px images, the data has {ds.channels}-channel {self.train_size}px"
                 )
         else:
             self.unet_config = build_unet_config(
@@ -159,7 +160,7 @@ class Trainer:
             )
         self.unet_config = self.sr.unet_config(self.unet_config) if self.sr else self.unet_config
         device = self.env.device
-        check_training_memory(self.unet_config, channels=self.unet_config.in_channels, resolution=ds.resolution,
+        check_training_memory(self.unet_config, channels=self.unet_config.in_channels, resolution=self.train_size,
                               batch_size=c.optim.batch_size, device=device)  # fmt: skip
         # channels-last on CPUs: oneDNN's NHWC convolutions and GroupNorm are faster there (one mnist-small
         # training step of 64 images: 1.71 s vs 2.20 s NCHW on one core); the weights' values are the same
@@ -401,7 +402,7 @@ class Trainer:
         2-5); gradients accumulate (DDP synchronises them on the ``last`` micro-batch). Returns the loss."""
         c, env = self.config, self.env
         B = c.optim.batch_size
-        shape = (self.dataset.channels, self.dataset.resolution, self.dataset.resolution)
+        shape = (self.dataset.channels, self.train_size, self.train_size)
         rnd = BatchRandomness.draw(micro_batch_generator(c.run.seed, micro), self.global_batch, shape,
                                    self.schedule.num_train_timesteps, c.diffusion.label_dropout)  # fmt: skip
         rnd = rnd.slice(env.rank * B, (env.rank + 1) * B)
@@ -415,7 +416,10 @@ class Trainer:
             labels = torch.where(rnd.drop_label, self.num_classes, labels).to(env.device)
         else:
             labels = None
-        concat, labels = self.sr.condition(x0, micro, env.rank * B, self.global_batch) if self.sr else (None, labels)
+        if self.sr is not None:  # x0 becomes this micro-batch's crops, when cropping
+            x0, concat, labels = self.sr.condition(x0, micro, env.rank * B, self.global_batch)
+        else:
+            concat = None
         x_t, t, target, weights = loss_inputs(self.schedule, c.diffusion, x0, noise, rnd.t.to(env.device), rnd.normal)
         x_t = x_t.contiguous(memory_format=self.memory_format)
         sync = self.ddp_model is None or last
