@@ -22,10 +22,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from diffusekit.utils.images import save_image_grid
 
 from diffusekit.evaluation.features import InceptionFeatures, dataset_stats, tensor_batches
 from diffusekit.evaluation.fid import fid_from_stats
+from diffusekit.io.images import save_image_grid
 from diffusekit.training.config import TrainConfig
 from diffusekit.training.data import DataSpec, from_model_range, load_dataset
 from diffusekit.training.trainer import Trainer
