@@ -23,7 +23,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from diffusekit.diffusion.edm import P_MEAN, P_STD, PRECONDITIONINGS, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from diffusekit.diffusion.parametrization import PREDICTION_TYPES
@@ -334,45 +334,71 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["optim"]["betas"] = list(self.optim.betas)
-        return d
+        return sections_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build from nested dicts (a parsed JSON/TOML file), rejecting unknown sections and keys."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"a training config must be a table/object, got {type(d).__name__}")
-        unknown = sorted(set(d) - set(SECTIONS))
-        if unknown:
-            raise ConfigError(f"unknown config sections {unknown}; known sections: {sorted(SECTIONS)}")
-        parts = {}
-        for name, klass in SECTIONS.items():
-            section = d.get(name, {})
-            if not isinstance(section, dict):
-                raise ConfigError(f"config section [{name}] must be a table/object, got {section!r}")
-            known = {f.name for f in fields(klass)}
-            bad = sorted(set(section) - known)
-            if bad:
-                raise ConfigError(f"unknown keys {bad} in config section [{name}]; known keys: {sorted(known)}")
-            values = dict(section)
-            if "betas" in values:
-                values["betas"] = tuple(values["betas"])
-            parts[name] = klass(**values)
-        return cls(**parts).validate()
+        return sections_from_dict(cls, d, what="a training config")
 
     def replace(self, **sections: dict[str, Any]) -> TrainConfig:
         """A copy with some fields of some sections replaced: ``cfg.replace(run={"max_steps": 10})``."""
-        d = self.to_dict()
-        for name, values in sections.items():
-            if name not in SECTIONS:
-                raise ConfigError(f"unknown config section {name!r}; known sections: {sorted(SECTIONS)}")
-            d[name].update(values)
-        return TrainConfig.from_dict(d)
+        return replace_sections(self, sections)
 
 
-def load_config(path: str | os.PathLike) -> TrainConfig:
-    """Read a training config from a ``.json`` or ``.toml`` file."""
+C = TypeVar("C")
+
+
+def sections_from_dict(cls: type[C], d: Any, *, what: str) -> C:
+    """``cls`` (a dataclass whose fields are config sections with ``validate()``) from nested dicts: each
+    section starts from ``cls()``'s default section, so a config class with its own section defaults keeps
+    them; unknown sections and keys are errors (a typo must not silently train with defaults). ``what`` names
+    the config in messages. Returns the validated config."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} must be a table/object, got {type(d).__name__}")
+    defaults = cls()
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(d) - set(names), key=str)
+    if unknown:
+        raise ConfigError(f"unknown config sections {unknown}; known sections: {sorted(names)}")
+    parts = {}
+    for name in names:
+        section = d.get(name, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"config section [{name}] must be a table/object, got {section!r}")
+        base = getattr(defaults, name)
+        known = {f.name for f in fields(base)}
+        bad = sorted(set(section) - known, key=str)
+        if bad:
+            raise ConfigError(f"unknown keys {bad} in config section [{name}]; known keys: {sorted(known)}")
+        values = dict(section)
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        parts[name] = dataclasses.replace(base, **values)
+    return cls(**parts).validate()
+
+
+def sections_to_dict(config: Any) -> dict[str, Any]:
+    """A sectioned config as nested JSON-ready dicts (AdamW's betas as a list)."""
+    d = dataclasses.asdict(config)
+    if "optim" in d:
+        d["optim"]["betas"] = list(config.optim.betas)
+    return d
+
+
+def replace_sections(config: C, sections: dict[str, dict[str, Any]]) -> C:
+    """A copy of ``config`` with some fields of some sections replaced, validated."""
+    d = config.to_dict()
+    for name, values in sections.items():
+        if name not in d:
+            raise ConfigError(f"unknown config section {name!r}; known sections: {sorted(d)}")
+        d[name].update(values)
+    return type(config).from_dict(d)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The nested dicts of a ``.json`` or ``.toml`` config file (ConfigError naming the file when it is
+    missing, unreadable or of another kind)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -386,16 +412,20 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
             except ModuleNotFoundError:
                 raise ConfigError("reading TOML configs on Python 3.10 needs the 'tomli' package") from None
         try:
-            data = tomllib.loads(text)
+            return tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML ({e})") from None
-    elif path.suffix.lower() == ".json":
+    if path.suffix.lower() == ".json":
         try:
-            data = json.loads(text)
+            return json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: invalid JSON ({e})") from None
-    else:
-        raise ConfigError(f"{path}: config files must end in .json or .toml")
+    raise ConfigError(f"{path}: config files must end in .json or .toml")
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read a training config from a ``.json`` or ``.toml`` file."""
+    data = read_config_file(path)
     try:
         return TrainConfig.from_dict(data)
     except TypeError as e:  # a value of the wrong type reaching a dataclass
