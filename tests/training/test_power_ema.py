@@ -15,6 +15,7 @@ from diffusekit.errors import ConfigError, WeightsError
 from diffusekit.training.power_ema import (
     PowerEMA,
     Snapshot,
+    first_average,
     gamma_of_sigma_rel,
     list_snapshots,
     reconstruct,
@@ -168,3 +169,22 @@ def test_options_and_files_are_checked(tmp_path):
     (tmp_path / "step-00000010.safetensors").write_bytes(b"garbage!")
     with pytest.raises(WeightsError):
         list_snapshots(tmp_path)
+
+
+def test_the_checkpoint_dict_keeps_the_first_average_under_the_models_names():
+    model = Weights(3)
+    a = PowerEMA(model, [0.05, 0.1, 0.2])
+    with torch.no_grad():
+        model.w.fill_(2.0)
+    a.update(model, 1)
+    with torch.no_grad():
+        model.w.fill_(5.0)
+    a.update(model, 2)
+    saved = a.checkpoint_dict()
+    assert set(first_average(saved)) == {"w", "count"}  # loads into the bare model
+    Weights(3).load_state_dict(first_average(saved))
+    b = PowerEMA(Weights(3), [0.05, 0.1, 0.2])
+    b.load_checkpoint_dict(saved)
+    for x, y in zip(a.averages, b.averages):
+        assert torch.equal(x.w, y.w)
+    assert len({float(avg.w[0]) for avg in b.averages}) == 3  # three different averages came back

@@ -53,6 +53,7 @@ SIGMA_REL_MAX = 0.28
 SIGMA_REL_MIN = 1e-4  # gamma ~ 1e4
 SNAPSHOT_DIR = "ema_snapshots"
 SNAPSHOT_FORMAT = "diffusekit-power-ema-snapshot"
+TRACKED_PREFIX = "power_ema/"  # checkpoint EMA keys of the averages after the first ("/" is in no module name)
 _SNAPSHOT_NAME = re.compile(r"^step-(\d{8,})\.safetensors$")
 
 
@@ -139,13 +140,37 @@ class PowerEMA:
             prefix = f"{k}/"
             average.load_state_dict({n[len(prefix) :]: v for n, v in tensors.items() if n.startswith(prefix)})
 
-    def save_snapshot(self, folder: str | os.PathLike, step: int) -> Path:
-        """Write every tracked average at ``step`` to ``folder/step-XXXXXXXX.safetensors`` (atomically)."""
+    def checkpoint_dict(self) -> dict[str, Tensor]:
+        """What a training checkpoint's EMA file holds: the first tracked average under the model's own names (so
+        every reader of an EMA state dict gets a usable model) and the others under ``"power_ema/<k>/<name>"``."""
+        out = dict(self.averages[0].state_dict())
+        for k, average in enumerate(self.averages[1:], start=1):
+            out.update({f"{TRACKED_PREFIX}{k}/{name}": v for name, v in average.state_dict().items()})
+        return out
+
+    def load_checkpoint_dict(self, tensors: dict[str, Tensor]) -> None:
+        """Put ``checkpoint_dict()``'s tensors back (RuntimeError when they do not fit)."""
+        self.averages[0].load_state_dict(first_average(tensors))
+        for k, average in enumerate(self.averages[1:], start=1):
+            prefix = f"{TRACKED_PREFIX}{k}/"
+            average.load_state_dict({n[len(prefix) :]: v for n, v in tensors.items() if n.startswith(prefix)})
+
+    def save_snapshot(self, folder: str | os.PathLike, step: int, config: dict | None = None) -> Path:
+        """Write every tracked average at ``step`` to ``folder/step-XXXXXXXX.safetensors`` (atomically), with the
+        run's ``config`` (JSON-ready: what rebuilds the network) in the file's metadata."""
         path = Path(folder) / f"step-{step:08d}.safetensors"
         meta = {"format": SNAPSHOT_FORMAT, "step": str(step), "sigma_rels": json.dumps(self.sigma_rels)}
+        if config is not None:
+            meta["config"] = json.dumps(config, sort_keys=True)
         tensors = {k: v.float() if v.is_floating_point() else v for k, v in self.state_dict().items()}
         save_weights(tensors, path, metadata=meta)
         return path
+
+
+def first_average(ema: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The EMA state dict of a checkpoint without the further tracked averages of a power-function EMA (the
+    first average, or a classic EMA's dict as it is)."""
+    return {name: v for name, v in ema.items() if not name.startswith(TRACKED_PREFIX)}
 
 
 def check_sigma_rels(name: str, sigma_rels: Iterable[float]) -> list[float]:
@@ -187,6 +212,18 @@ def list_snapshots(folder: str | os.PathLike) -> list[Snapshot]:
         except (KeyError, ValueError) as e:
             raise WeightsError(f"{path}: not a power-EMA snapshot ({e})") from None
     return sorted(found, key=lambda s: s.step)
+
+
+def snapshot_config(snapshot: Snapshot) -> dict:
+    """The run config a snapshot was written with (``PowerEMA.save_snapshot(config=...)``); WeightsError if none."""
+    meta = read_safetensors_header(snapshot.path)[0].get("__metadata__") or {}
+    try:
+        config = json.loads(meta["config"])
+    except (KeyError, ValueError, RecursionError):
+        raise WeightsError(f"{snapshot.path}: the snapshot records no run config") from None
+    if not isinstance(config, dict):
+        raise WeightsError(f"{snapshot.path}: the snapshot's run config is not a JSON object")
+    return config
 
 
 def reconstruct(
