@@ -91,7 +91,7 @@ def test_cli_bench_without_reference(tmp_path, capsys, fixtures_dir):
     out = tmp_path / "bench.json"
     pipeline = fixtures_dir / "pipelines" / "stable_diffusion"
     argv = ["bench", "--tiny", "--reps", "1", "--workloads", "W1", "W6", "--dtypes", "float32",
-            "--pipeline", str(pipeline), "--json", str(out)]  # fmt: skip
+            "--pipeline", str(pipeline), "--json", str(out), "--allow-busy"]  # fmt: skip
     assert cli(argv) == 0
     report = json.loads(out.read_text())
     assert [r["workload"] for r in report["rows"]] == ["W1", "W6"]
@@ -117,7 +117,7 @@ def test_compare_tiny_against_reference(tmp_path, fixtures_dir):
     # tiny models: the reference runs in-process in every dtype (--reference-limit-seconds 0)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--tiny", "--reps", "1",
            "--workloads", "W1", "W2", "W3", "W4", "W6", "--pipeline", str(pipeline), "--json", str(out),
-           "--reference-limit-seconds", "0"]  # fmt: skip
+           "--reference-limit-seconds", "0", "--allow-busy"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -13,21 +13,22 @@ or None, limit)``: the cases it is too slow for are then timed once in a separat
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
 import json
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from diffusekit.bench import timing
 from diffusekit.bench.workloads import TITLES, Case, Spec, spec
+from diffusekit.errors import ConfigError
 from diffusekit.io.atomic import write_text_atomic
+from diffusekit.runtime.autotune import cpu_model
 from diffusekit.runtime.policy import cpu_flags, native_bf16
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "default": None}
@@ -40,6 +41,7 @@ COLUMNS = [
     ("ratio", "ratio"),
     ("max_abs_diff", "max abs diff"),
     ("runs", "runs"),
+    ("load", "load"),
     ("note", "note"),
 ]
 
@@ -63,21 +65,15 @@ class Settings:
     log: Callable[[str], None] = print
     skip: Callable[[str, str], str | None] = lambda workload, dtype: None  # a reason to skip, or None
     outputs: dict = field(default_factory=dict)  # (workload, dtype, side) -> first output, for PSNR
+    busy_load: float = timing.BUSY_LOAD  # rows measured while other work kept the load above this are flagged
+    meter: timing.LoadMeter = field(default_factory=timing.LoadMeter)
 
 
 def machine() -> dict[str, Any]:
     """What the table was measured on."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": model,
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -99,10 +95,34 @@ def run(sides: Sequence[Side], settings: Settings) -> list[dict[str, Any]]:
                 rows.append({"workload": name, "dtype": dtype_name, "note": reason})
                 continue
             settings.log(f"[{name} {dtype_name}] {TITLES[name]}: building")
-            rows.append(_measure(name, s, dtype_name, sides, settings))
+            rows.append(under_load(settings, functools.partial(_measure, name, s, dtype_name, sides, settings)))
             settings.log("  " + json.dumps({k: v for k, v in rows[-1].items() if k != "times"}))
             gc.collect()
     return rows
+
+
+def under_load(settings: Settings, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The row ``measure()`` returns, with the 1-minute load average before and after it (``load_before``,
+    ``load_after``) and ``load``, the larger of the two readings less this process's own share
+    (:class:`~diffusekit.bench.timing.LoadMeter`). A row whose ``load`` is above ``settings.busy_load`` is
+    marked ``busy`` and its note says so: it was measured beside other work and is not evidence."""
+    raw_before, before = settings.meter.read()
+    row = measure()
+    raw_after, after = settings.meter.read()
+    row["load_before"], row["load_after"] = raw_before, raw_after
+    if before is None or after is None:
+        return row
+    row["load"] = round(max(before, after), 2)
+    row["busy"] = row["load"] > settings.busy_load
+    if row["busy"]:
+        flag = f"load {row['load']:.1f} - not evidence"
+        row["note"] = f"{flag}; {row['note']}" if row.get("note") else flag
+    return row
+
+
+def busy_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of ``report`` measured on a busy machine (see :func:`under_load`)."""
+    return [r for r in report.get("rows", []) if r.get("busy")]
 
 
 def _measure(name: str, s: Spec, dtype_name: str, sides: Sequence[Side], settings: Settings) -> dict[str, Any]:
@@ -158,8 +178,18 @@ def _measure_cases(name: str, dtype_name: str, cases: dict[str, Case], settings:
     return row
 
 
-def write_report(path: str | os.PathLike, report: dict[str, Any]) -> None:
-    """``report`` as JSON at ``path``, written atomically (folders made as needed)."""
+def write_report(path: str | os.PathLike, report: dict[str, Any], *, allow_busy: bool = False) -> None:
+    """``report`` as JSON at ``path``, written atomically (folders made as needed). A report with rows
+    measured on a busy machine (:func:`busy_rows`) is refused with a ConfigError naming ``--allow-busy``
+    unless ``allow_busy``: such a table is not evidence and must not be committed as if it were."""
+    busy = busy_rows(report)
+    if busy and not allow_busy:
+        where = ", ".join(f"{r['workload']} {r['dtype']} at {r['load']:.1f}" for r in busy)
+        raise ConfigError(
+            f"{path} not written: {len(busy)} row(s) measured while other work kept the 1-minute load average "
+            f"above {timing.BUSY_LOAD} ({where}); measure on an idle machine, or pass --allow-busy to write "
+            "them flagged as not evidence"
+        )
     write_text_atomic(path, json.dumps(report, indent=2, default=str) + "\n", what="report")
 
 

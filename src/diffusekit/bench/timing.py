@@ -4,6 +4,8 @@ peak memory, the machine's matrix-multiply peak, FLOP counts, PSNR and a plain-t
 from __future__ import annotations
 
 import gc
+import math
+import os
 import resource
 import statistics
 import sys
@@ -119,6 +121,58 @@ def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 1.0) -> float:
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
+
+
+#: Rows measured while other work kept the 1-minute load average above this are not evidence: flagged in the
+#: table, and refused by :func:`diffusekit.bench.harness.write_report` unless the caller allows them.
+BUSY_LOAD = 1.5
+#: The kernel's load averages are exponentially damped: the 1-minute one has a 60-second time constant.
+LOAD_TAU_S = 60.0
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (None where the system does not report one)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system, all threads) used so far by this process and its finished children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class LoadMeter:
+    """The 1-minute load average that *other* work puts on the machine, for telling evidence from noise.
+
+    The load average counts this benchmark's own busy threads too (a 2-thread benchmark alone on an idle
+    machine drives it to about 2), so the raw figure cannot tell a busy machine from a busy benchmark. The
+    kernel computes it as an exponentially damped average of the number of runnable threads,
+    L(t + dt) = L(t) e^{-dt/60} + n (1 - e^{-dt/60}), which is linear in n: this meter damps this process's
+    own CPU use (CPU seconds per wall second between two readings) with the same time constant and subtracts
+    it. A thread of ours that waits for a core counts in the load but not in our CPU time, so on a busy
+    machine the estimate errs high (towards flagging)."""
+
+    def __init__(self, load: Callable[[], float | None] = load_average, cpu: Callable[[], float] = cpu_seconds,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self._load, self._cpu, self._clock = load, cpu, clock
+        self._t, self._used = clock(), cpu()
+        self.own = 0.0  # this process's damped share of the load average
+
+    def read(self) -> tuple[float | None, float | None]:
+        """(the raw 1-minute load average, the part of it that is not this process's), both None where the
+        system reports no load average."""
+        now, used = self._clock(), self._cpu()
+        dt = now - self._t
+        if dt > 0:
+            decay = math.exp(-dt / LOAD_TAU_S)
+            self.own = self.own * decay + (used - self._used) / dt * (1 - decay)
+        self._t, self._used = now, used
+        raw = self._load()
+        return raw, None if raw is None else max(0.0, raw - self.own)
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
