@@ -51,6 +51,7 @@ from diffusekit.training.ema import ema_update, make_ema
 # as gamma grows; gamma >= 0 (sigma_rel <= 1 / sqrt(12) = 0.2887) keeps the profile non-increasing towards tau = 0
 SIGMA_REL_MAX = 0.28
 SIGMA_REL_MIN = 1e-4  # gamma ~ 1e4
+EMA_KINDS = ("classic", "power")  # ema.kind: training.ema's decay rule, or this module's profiles
 SNAPSHOT_DIR = "ema_snapshots"
 SNAPSHOT_FORMAT = "diffusekit-power-ema-snapshot"
 TRACKED_PREFIX = "power_ema/"  # checkpoint EMA keys of the averages after the first ("/" is in no module name)
