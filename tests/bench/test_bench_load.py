@@ -6,9 +6,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffusekit.bench import harness, timing
 from diffusekit.errors import ConfigError
@@ -95,9 +97,7 @@ def test_a_report_with_busy_rows_is_refused_unless_allowed(tmp_path):
 
 
 def test_compare_merge_refuses_busy_rows_without_allow_busy(tmp_path, capsys):
-    module_spec = importlib.util.spec_from_file_location("compare_under_test", ROOT / "benchmarks" / "compare.py")
-    compare = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(compare)
+    compare = _script("compare")
     part = tmp_path / "part.json"
     part.write_text(json.dumps(_report(0.3, 4.2)))
     out = tmp_path / "merged.json"
@@ -108,3 +108,51 @@ def test_compare_merge_refuses_busy_rows_without_allow_busy(tmp_path, capsys):
     assert not out.exists()
     assert compare.main(["--merge", str(part), "--json", str(out), "--allow-busy"]) == 0
     assert json.loads(out.read_text())["rows"][1]["busy"] is True
+
+
+def _script(name: str):
+    module_spec = importlib.util.spec_from_file_location(f"{name}_under_test", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_autotune_layers_finds_the_shapes_a_real_forward_pass_offers(monkeypatch):
+    """The meta-device shape census of benchmarks/autotune_layers.py against the convolutions that reach the
+    fast-path check in a real forward pass of the tiny W1 and W4 models."""
+    from diffusekit.bench.workloads import ours, spec
+    from diffusekit.runtime import fastconv
+
+    if not fastconv.ENABLED:
+        pytest.skip("the fast convolutions are switched off (DIFFUSEKIT_FAST_CONV=0)")
+    layers = _script("autotune_layers")
+    for workload in ("W1", "W4"):
+        seen: Counter = Counter()
+        real = fastconv.qualifies
+
+        def spy(x, weight, *args, _seen=seen, _real=real):
+            ok = _real(x, weight, *args)
+            if ok:
+                _seen[(tuple(x.shape), weight.shape[0])] += 1
+            return ok
+
+        monkeypatch.setattr(fastconv, "qualifies", spy)
+        ours(workload, spec(workload, tiny=True), torch.float32).run()
+        monkeypatch.setattr(fastconv, "qualifies", real)
+        assert seen and layers.conv_shapes(workload, tiny=True) == seen, workload
+
+
+def test_autotune_layers_rows_say_what_autotune_picks(monkeypatch):
+    from diffusekit.runtime import autotune
+
+    layers = _script("autotune_layers")
+    costs = {"direct": 2e-3, "winograd": 1e-3, "gemm": 3e-3}
+    tuner = autotune.Tuner(mode="measure", path=None, seconds=lambda kernel, call: costs[kernel])
+    monkeypatch.setattr(autotune, "MIN_MACS", 0)
+    row = layers.measure_layer("W1", ((1, 8, 8, 8), 8), 3, tuner)
+    assert (row["rule"], row["fastest"], row["autotune"]) == ("direct", "winograd", "winograd")
+    assert row["gain"] == pytest.approx(2.0) and row["direct_ms"] == pytest.approx(2.0)
+    assert layers.summary([row])[0].startswith("W1: 3x3 convolutions of one forward 6.0 ms by the size rules, 3.0 ms")
+    monkeypatch.setattr(autotune, "MIN_MACS", 1e12)  # too small to measure: autotune keeps the rule
+    row = layers.measure_layer("W1", ((1, 8, 8, 8), 8), 3, tuner)
+    assert (row["fastest"], row["autotune"]) == ("winograd", "direct")

@@ -184,7 +184,8 @@ def write_report(path: str | os.PathLike, report: dict[str, Any], *, allow_busy:
     unless ``allow_busy``: such a table is not evidence and must not be committed as if it were."""
     busy = busy_rows(report)
     if busy and not allow_busy:
-        where = ", ".join(f"{r['workload']} {r['dtype']} at {r['load']:.1f}" for r in busy)
+        where = ", ".join(" ".join(str(r[k]) for k in ("workload", "dtype", "layer") if k in r)
+                          + f" at {r['load']:.1f}" for r in busy)  # fmt: skip
         raise ConfigError(
             f"{path} not written: {len(busy)} row(s) measured while other work kept the 1-minute load average "
             f"above {timing.BUSY_LOAD} ({where}); measure on an idle machine, or pass --allow-busy to write "

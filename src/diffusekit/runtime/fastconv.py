@@ -136,19 +136,30 @@ def choose(
     and none when :data:`ENABLED` is false (the environment variable ``DIFFUSEKIT_FAST_CONV=0`` at start-up).
     Without gradients the process's :class:`~diffusekit.runtime.autotune.Tuner` picks among the paths by
     measurement where that matters; otherwise, and as its fallback, :func:`size_rule` decides."""
-    if not ENABLED:
-        return None
-    if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return None
-    if tuple(weight.shape[2:]) != (3, 3) or groups != 1 or x.shape[1] != weight.shape[1]:
-        return None
-    if _pair(stride) != (1, 1) or _pair(padding) not in ((1, 1), "same") or _pair(dilation) != (1, 1):
+    if not ENABLED or not qualifies(x, weight, stride, padding, dilation, groups):
         return None
     rule = size_rule(x, weight)
     if _needs_grad(x, weight):
         return rule
     picked = autotune.current().pick(x, weight, rule or autotune.DIRECT, candidates(x, weight))
     return None if picked == autotune.DIRECT else picked
+
+
+def qualifies(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: tuple[int, ...] | int = 1,
+    padding: tuple[int, ...] | int | str = 1,
+    dilation: tuple[int, ...] | int = 1,
+    groups: int = 1,
+) -> bool:
+    """Whether a fast path can compute this convolution at all: float32 on the CPU, a 3x3 kernel, stride 1,
+    'same' padding, no dilation or groups (whatever its size)."""
+    if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if tuple(weight.shape[2:]) != (3, 3) or groups != 1 or x.shape[1] != weight.shape[1]:
+        return False
+    return _pair(stride) == (1, 1) and _pair(padding) in ((1, 1), "same") and _pair(dilation) == (1, 1)
 
 
 def size_rule(x: torch.Tensor, weight: torch.Tensor) -> str | None:
