@@ -357,13 +357,25 @@ def resolve(lora: LoraFile, components: Mapping[str, nn.Module]) -> dict[str, di
 # Writing
 
 
-def save_lora(updates: Mapping[str, Mapping[str, LowRank]], path: str | os.PathLike, *, format: str = "kohya") -> None:
+def save_lora(
+    updates: Mapping[str, Mapping[str, LowRank]],
+    path: str | os.PathLike,
+    *,
+    format: str = "kohya",
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = True,
+) -> None:
     """Write {component: {our module name: update}} as a ``.safetensors`` LoRA file in the ``format`` layout
     (``"kohya"`` or ``"peft"``), atomically. kohya: the text encoder is ``lora_te_`` (``lora_te1_`` when a
     ``text_encoder_2`` is present), alpha as a 0-d float32 tensor per module. PEFT: per component ``r`` and
     ``lora_alpha`` (the most common values) with ``rank_pattern`` / ``alpha_pattern`` for the other modules
-    in ``__metadata__["lora_adapter_metadata"]``, as the reference's loader reads them."""
+    in ``__metadata__["lora_adapter_metadata"]``, as the reference's loader reads them. ``metadata``: more
+    header entries (strings; kohya's trainers record theirs as ``ss_*``). ``overwrite=False``: an existing
+    file of that name is kept and WeightsError raised."""
     check_choice("format", format, FORMATS)
+    extra = dict(metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+        raise ConfigError("LoRA file metadata must map strings to strings")
     unknown = [c for c in updates if c not in COMPONENTS]
     if unknown:
         raise ConfigError(f"component {unknown[0]!r} is not supported; allowed values: {', '.join(COMPONENTS)}")
@@ -386,10 +398,10 @@ def save_lora(updates: Mapping[str, Mapping[str, LowRank]], path: str | os.PathL
                 tensors[f"{stem}.lora_B.weight"] = u.up
         if format == "peft" and modules:
             config.update(_peft_config(component, modules))
-    metadata = {"format": "pt"}
+    header = {**extra, "format": "pt"}
     if format == "peft":
-        metadata[METADATA_KEY] = json.dumps(config, indent=2, sort_keys=True)
-    save_weights(tensors, path, metadata=metadata)
+        header[METADATA_KEY] = json.dumps(config, indent=2, sort_keys=True)
+    save_weights(tensors, path, metadata=header, overwrite=overwrite)
 
 
 def _peft_config(component: str, modules: Mapping[str, LowRank]) -> dict[str, object]:

@@ -249,10 +249,13 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return {key: f.read(key) for key in f.keys()}
 
 
-def save_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+def save_weights(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None, *, overwrite: bool = True
+) -> None:
     """Write ``tensors`` to ``path`` atomically (``io.atomic.write_atomic``: temp file, fsync, the umask's
     permissions, rename). A full disk or a read-only folder raises WeightsError naming ``path``; the
-    previous file of that name is left as it was."""
+    previous file of that name is left as it was. ``overwrite=False``: a file of that name is never replaced
+    (WeightsError)."""
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
     def write(tmp: Path) -> None:
@@ -261,7 +264,7 @@ def save_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta
         except SafetensorError as e:  # safetensors reports its I/O failures this way
             raise OSError(str(e)) from None
 
-    _as_weights_error(lambda: write_atomic(path, write, what="weights file"))
+    _as_weights_error(lambda: write_atomic(path, write, what="weights file", overwrite=overwrite))
 
 
 def _as_weights_error(write: Callable[[], object]) -> None:
