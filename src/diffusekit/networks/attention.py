@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from diffusekit.networks.layers import Conv2d, GroupNorm, LayerNorm, Linear
 
@@ -188,10 +189,16 @@ class SpatialTransformer(nn.Module):
             )
             for _ in range(depth)
         )
+        self.checkpointing = False  # recompute activations in the backward pass (UNet.set_gradient_checkpointing)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if context is None:
             raise ValueError("SpatialTransformer needs a context tensor (B, L, context_dim)")
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, context, use_reentrant=False)
+        return self._forward(x, context)
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)  # (B, C, H, W)
         if self.linear_projection:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from diffusekit.networks.attention import SpatialSelfAttention, SpatialTransformer
 from diffusekit.networks.layers import Conv2d, GroupNorm, Linear
@@ -46,8 +47,14 @@ class ResnetBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.checkpointing = False  # recompute activations in the backward pass (UNet.set_gradient_checkpointing)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, emb, use_reentrant=False)
+        return self._forward(x, emb)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]  # + (B, C_out, 1, 1)

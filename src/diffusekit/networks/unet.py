@@ -24,7 +24,7 @@ from torch import nn
 
 from diffusekit.errors import ConfigError
 from diffusekit.networks.attention import SpatialSelfAttention, SpatialTransformer
-from diffusekit.networks.blocks import AttentionFactory, DownLevel, MidBlock, UpLevel, init_weights
+from diffusekit.networks.blocks import AttentionFactory, DownLevel, MidBlock, ResnetBlock, UpLevel, init_weights
 from diffusekit.networks.embeddings import TimestepEmbedding, timestep_embedding
 from diffusekit.networks.layers import Conv2d, GroupNorm
 from diffusekit.networks.unet_config import UNET_PRESETS, UNetConfig
@@ -113,6 +113,14 @@ class UNet(nn.Module):
             upcast_attention=c.upcast_attention,
             text_only=text_only,
         )
+
+    def set_gradient_checkpointing(self, on: bool = True) -> None:
+        """Recompute each residual block's and transformer's activations in the backward pass instead of
+        keeping them (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"): less memory for
+        about one more forward pass of time. Outputs and gradients are unchanged; inference is unaffected."""
+        for module in self.modules():
+            if isinstance(module, ResnetBlock | SpatialTransformer):
+                module.checkpointing = bool(on)
 
     def forward(
         self,
