@@ -125,7 +125,7 @@ def check_model(args: argparse.Namespace, pipe, labels: list[int] | None) -> Non
     train_steps = pipe.sampler_config.num_train_timesteps
     if args.steps > train_steps:
         raise ConfigError(f"--steps must be at most {train_steps} (the model's training steps), got {args.steps}")
-    size = pipe.unet.config.sample_size or 32
+    size = pipe.image_size  # pixels: a latent model's samples are decoded to the VAE's size
     check_grid_size(args.n, size, size, args.nrow, scale=args.scale, where="--n/--nrow/--scale")
 
 

@@ -1,4 +1,5 @@
-"""Unconditional (and class-conditional) image generation with a pixel-space U-Net: DDPM, DDIM, ..."""
+"""Unconditional (and class-conditional) image generation with a U-Net in pixel space, or in a VAE's latent
+space when the folder has ``vae/``: DDPM, DDIM, ..."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import torch
 from torch import Tensor
 
 from diffusekit.errors import ConfigError, check_positive_int
-from diffusekit.io.models import load_unet, save_unet
+from diffusekit.io.models import load_unet, load_vae, save_unet, save_vae
 from diffusekit.io.scheduler_config import scheduler_from_diffusers, scheduler_to_diffusers
 from diffusekit.io.weights import read_json, write_json
 from diffusekit.networks.unet import UNet
-from diffusekit.pipelines.common import GeneratorArg, IdentityCodec, check_size, draw
+from diffusekit.pipelines.common import Codec, GeneratorArg, IdentityCodec, LatentCodec, check_size, draw
 from diffusekit.pipelines.denoise import denoise, grid_for, sampler_for
 from diffusekit.runtime.policy import Plan, prepare
 from diffusekit.samplers.common import StepInfo
@@ -23,15 +24,22 @@ from diffusekit.samplers.guidance import guided
 
 
 class UnconditionalPipeline:
-    """Samples images from a pixel-space U-Net with any sampler.
+    """Samples images from a U-Net with any sampler: in pixel space, or with a :class:`LatentCodec` in its VAE's
+    latent space (the samples are decoded; sizes are in pixels).
 
     Class-conditional models trained with label dropout use the last class id as the "no class" label,
     which classifier-free guidance needs (``guidance_scale`` > 1).
     """
 
-    def __init__(self, unet: UNet, sampler_config: SamplerConfig):
+    def __init__(self, unet: UNet, sampler_config: SamplerConfig, codec: Codec | None = None):
         self.unet = unet
         self.sampler_config = sampler_config
+        self.codec = codec if codec is not None else IdentityCodec(channels=unet.config.out_channels)
+
+    @property
+    def image_size(self) -> int:
+        """The side in pixels of the images the model was trained on (32 when its config does not say)."""
+        return (self.unet.config.sample_size or 32) * self.codec.downsample_factor
 
     @torch.inference_mode()
     def __call__(
@@ -58,21 +66,19 @@ class UnconditionalPipeline:
         """
         check_positive_int("n", n)
         config = sampler_for(self.sampler_config, sampler, eta)
-        uc = self.unet.config
-        size = uc.sample_size or 32
-        height, width = height or size, width or size
-        check_size(height, width, 2 ** (uc.levels - 1))
+        uc, f = self.unet.config, self.codec.downsample_factor
+        height, width = height or self.image_size, width or self.image_size
+        check_size(height, width, f * 2 ** (uc.levels - 1))
         device, dtype = _device_dtype(self.unet)
         grid = grid_for(config, steps)
-        shape = (n, uc.out_channels, height, width)
+        shape = (n, uc.out_channels, height // f, width // f)
         if latents is None:
             latents = draw(shape, generator, dtype, device)
         elif latents.shape != shape:
             raise ConfigError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         model = self._model(n, class_labels, guidance_scale, device)
-        codec = IdentityCodec(channels=uc.out_channels)
         x = latents * grid.init_noise_sigma
-        return denoise(codec, config, model, x, grid, generator, callback, show_progress).images
+        return denoise(self.codec, config, model, x, grid, generator, callback, show_progress).images
 
     def _model(self, n: int, class_labels, guidance_scale: float, device: torch.device):
         num_classes = self.unet.config.num_classes
@@ -101,15 +107,22 @@ def _device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
 def load_pipeline(
     folder: str | os.PathLike, *, device: str | torch.device = "cpu", plan: Plan | None = None
 ) -> UnconditionalPipeline:
-    """Load a ``{model_index.json, unet/, scheduler/scheduler_config.json}`` folder (the DDPMPipeline layout)
-    and apply the runtime ``plan`` to its U-Net (default: float32 inference with the machine's fast
-    convolutions, :mod:`diffusekit.runtime.policy`)."""
+    """Load a ``{model_index.json, unet/, scheduler/scheduler_config.json}`` folder (the DDPMPipeline layout),
+    with ``vae/`` for a latent model, and apply the runtime ``plan`` to its U-Net (default: float32 inference
+    with the machine's fast convolutions, :mod:`diffusekit.runtime.policy`)."""
     folder = Path(folder)
     sched = folder / "scheduler" / "scheduler_config.json"
     config = scheduler_from_diffusers(read_json(sched)) if sched.exists() else SamplerConfig()
     unet = load_unet(folder / "unet", device=device)
     prepare(unet, plan or Plan(dtype=torch.float32), device=device)
-    return UnconditionalPipeline(unet, config)
+    codec = None
+    if (folder / "vae").is_dir():
+        vae = load_vae(folder / "vae", device=device)
+        if vae.config.latent_channels != unet.config.out_channels:
+            raise ConfigError(f"{folder}: the U-Net makes {unet.config.out_channels}-channel latents, the VAE "
+                              f"decodes {vae.config.latent_channels}-channel ones")  # fmt: skip
+        codec = LatentCodec(vae)
+    return UnconditionalPipeline(unet, config, codec)
 
 
 def save_pipeline(pipe: UnconditionalPipeline, folder: str | os.PathLike) -> None:
@@ -118,8 +131,9 @@ def save_pipeline(pipe: UnconditionalPipeline, folder: str | os.PathLike) -> Non
     save_unet(pipe.unet, folder / "unet")
     scheduler = scheduler_to_diffusers(pipe.sampler_config)
     write_json(scheduler, folder / "scheduler" / "scheduler_config.json")
-    write_json(
-        {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", scheduler["_class_name"]],
-         "unet": ["diffusers", "UNet2DModel"]},
-        folder / "model_index.json",
-    )  # fmt: skip
+    index = {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", scheduler["_class_name"]],
+             "unet": ["diffusers", "UNet2DModel"]}  # fmt: skip
+    if isinstance(pipe.codec, LatentCodec):
+        save_vae(pipe.codec.vae, folder / "vae")
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+    write_json(index, folder / "model_index.json")

@@ -50,7 +50,9 @@ def activation_bytes(config: UNetConfig, channels: int, resolution: int) -> tupl
     try:
         x = torch.empty(1, channels, resolution, resolution, device="meta")  # (1, C, R, R)
         t = torch.zeros(1, dtype=torch.long, device="meta")
-        net(x, t)
+        # a text-conditioned network cross-attends to CLIP's 77 tokens (the longest context a caption gets)
+        context = torch.empty(1, 77, config.cross_attention_dim, device="meta") if config.needs_context else None
+        net(x, t, context=context)
     finally:
         for h in hooks:
             h.remove()

@@ -29,6 +29,23 @@ TRAIN_PRESETS: dict[str, UNetConfig] = {
         num_heads=(1, 1, 4),
         norm_groups=16,
     ),
+    # latent models (8x8 latents of 32px images at f=4, up to 32x32 latents): attention at the two coarser levels,
+    # transformer blocks with cross-attention when trained on captions; ~2.5M parameters
+    "latent-small": UNetConfig(
+        channels=(64, 128, 128),
+        layers_per_block=1,
+        attention_levels=(False, True, True),
+        num_heads=(1, 4, 4),
+        norm_groups=16,
+    ),
+    # a few thousand parameters with one attention level (cross-attention with captions): for tests
+    "latent-tiny": UNetConfig(
+        channels=(8, 16),
+        layers_per_block=1,
+        attention_levels=(False, True),
+        num_heads=(1, 2),
+        norm_groups=4,
+    ),
     # a few thousand parameters, no attention: for tests
     "test-tiny": UNetConfig(
         channels=(8, 16),
@@ -52,10 +69,13 @@ def build_unet_config(
     channels: int,
     resolution: int,
     num_classes: int | None,
+    context_dim: int | None = None,
 ) -> UNetConfig:
     """The preset with ``overrides`` applied, its image channels/size set from the data, and
     ``num_classes + 1`` class ids when class-conditional (the last id means "no class", for label dropout
-    and classifier-free guidance); ``num_classes=None`` builds an unconditional network."""
+    and classifier-free guidance); ``num_classes=None`` builds an unconditional network. ``context_dim``: the
+    width of the text tokens of a caption-conditioned network (its attention becomes transformer blocks with
+    cross-attention); None refuses text-conditioned presets."""
     base = TRAIN_PRESETS.get(preset) or UNET_PRESETS.get(preset)
     if base is None:
         raise ConfigError(f"model.preset={preset!r} is not known; allowed: {', '.join(preset_names())}")
@@ -67,7 +87,11 @@ def build_unet_config(
         sample_size=resolution,
         num_classes=None if num_classes is None else num_classes + 1,
     )
-    if d.get("cross_attention_dim") is not None:
+    if context_dim is not None:
+        d["cross_attention_dim"] = context_dim
+        if not (any(d["attention_levels"]) or d.get("mid_attention", True)):
+            raise ConfigError(f"model.preset={preset!r} has no attention layers, which text conditioning needs")
+    elif d.get("cross_attention_dim") is not None:
         raise ConfigError(
             f"model.preset={preset!r} is a text-conditioned (cross-attention) network; training "
             "text-to-image models is not supported here"
