@@ -28,6 +28,7 @@ from diffusekit.bench import timing
 from diffusekit.bench.workloads import TITLES, Case, Spec, spec
 from diffusekit.errors import ConfigError
 from diffusekit.io.atomic import write_text_atomic
+from diffusekit.runtime import autotune, fastconv
 from diffusekit.runtime.autotune import cpu_model
 from diffusekit.runtime.policy import cpu_flags, native_bf16
 
@@ -81,6 +82,9 @@ def machine() -> dict[str, Any]:
         "bf16_flags": sorted(f for f in cpu_flags() if "bf16" in f or f.startswith("amx")),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "fast_conv": fastconv.ENABLED,
+        "autotune": autotune.current().mode,
+        "autotune_file": str(autotune.current().path),
     }
 
 
