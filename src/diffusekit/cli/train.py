@@ -227,7 +227,7 @@ def resume_config(args: argparse.Namespace, config: TrainConfig) -> tuple[TrainC
     unless --output-dir says otherwise."""
     from diffusekit.io.weights import read_json
     from diffusekit.training.checkpoint import latest_checkpoint, resolve_checkpoint
-    from diffusekit.training.trainer import CHECKPOINTS_DIR
+    from diffusekit.training.resume import CHECKPOINTS_DIR
 
     if args.resume == "latest":
         path = latest_checkpoint(Path(config.run.output_dir) / CHECKPOINTS_DIR)
@@ -274,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from diffusekit.training.checkpoint import list_checkpoints
-    from diffusekit.training.trainer import CHECKPOINTS_DIR, Trainer
+    from diffusekit.training.resume import CHECKPOINTS_DIR
+    from diffusekit.training.trainer import Trainer
 
     config = config_from_args(args)
     if args.print_config:

@@ -19,7 +19,7 @@ from diffusekit.training.checkpoint import (
 from diffusekit.training.randomness import seed_everything
 
 if TYPE_CHECKING:
-    from diffusekit.training.trainer import Trainer
+    from diffusekit.training.loop import TrainingLoop as Trainer
 
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -40,8 +40,7 @@ def restore_state(trainer: Trainer, state: TrainingState) -> None:
     """Put ``state`` back into ``trainer``: weights, EMA, optimizer, position in the data stream, loss window,
     RNG states. CheckpointError naming the checkpoint when it does not fit the trainer's model."""
     try:
-        trainer.model.load_state_dict(state.model)
-        trainer.ema.load_state_dict(state.ema)
+        trainer.load_weights(state.model, state.ema)
         trainer.optimizer.load_state_dict(state.optimizer)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{state.path}: does not match the model/optimizer of its config ({e})") from None
@@ -69,10 +68,10 @@ def restore_state(trainer: Trainer, state: TrainingState) -> None:
 
 def checkpoint_payload(trainer: Trainer) -> dict[str, Any]:
     """What a checkpoint of ``trainer`` holds: weights, EMA, optimizer, the loop state and the full config."""
-    c = trainer.config
+    model, ema = trainer.weights()
     return dict(
-        model=trainer.model.state_dict(),
-        ema=trainer.ema.state_dict(),
+        model=model,
+        ema=ema,
         optimizer=trainer.optimizer.state_dict(),
         state={
             "data_position": trainer.data_position,
@@ -84,15 +83,5 @@ def checkpoint_payload(trainer: Trainer) -> dict[str, Any]:
             "grad_scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
             "diffusekit_version": __version__,
         },
-        config={
-            "train": c.to_dict(),
-            "unet": trainer.unet_config.to_dict(),
-            "dataset": {
-                "size": len(trainer.dataset),
-                "channels": trainer.dataset.channels,
-                "resolution": trainer.dataset.resolution,
-                "num_classes": trainer.dataset.num_classes,
-                "class_names": list(trainer.dataset.class_names),
-            },
-        },
+        config=trainer.checkpoint_config(),
     )

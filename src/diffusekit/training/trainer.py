@@ -14,71 +14,35 @@ N processes compute the same gradient as one process with the same global batch 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import signal
-import sys
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from diffusekit.diffusion.schedules import NoiseSchedule
-from diffusekit.errors import CheckpointError, ConfigError, DiffusekitError
-from diffusekit.io.atomic import check_writable_folder
+from diffusekit.errors import CheckpointError, ConfigError
 from diffusekit.networks.unet import UNet, UNetConfig
 from diffusekit.runtime.policy import Plan, prepare
 from diffusekit.training import distributed as ddp
-from diffusekit.training.batches import StreamBatchSampler, make_batches
-from diffusekit.training.checkpoint import (
-    latest_checkpoint,
-    save_checkpoint,
-    step_dir_name,
-)
 from diffusekit.training.config import TrainConfig
 from diffusekit.training.data import DataSpec, TrainDataset, default_random_flip, load_dataset
-from diffusekit.training.ema import ema_decay, ema_update, make_ema
 from diffusekit.training.export import EXPORT_DIR, export_inference, sampler_config
-from diffusekit.training.interrupt import on_sigint, request_stop
+from diffusekit.training.loop import SAMPLES_DIR, TrainingDiverged, TrainingLoop, TrainResult
 from diffusekit.training.losses import loss_inputs, offset_noise, weighted_mse
-from diffusekit.training.lr_schedule import lr_factor
 from diffusekit.training.memory import check_training_memory
-from diffusekit.training.monitor import MetricsLogger, plot_loss_curve, read_metrics
-from diffusekit.training.precision import resolve_precision
+from diffusekit.training.monitor import MetricsLogger
 from diffusekit.training.presets import build_unet_config
-from diffusekit.training.randomness import BatchRandomness, micro_batch_generator, seed_everything
-from diffusekit.training.resume import CHECKPOINTS_DIR, checkpoint_payload, find_resume_state, restore_state
+from diffusekit.training.randomness import BatchRandomness, micro_batch_generator
 from diffusekit.training.super_resolution import PREVIEW_COLUMNS, SuperResolution
 
-SAMPLES_DIR = "samples"
+__all__ = ["SAMPLES_DIR", "Trainer", "TrainResult", "TrainingDiverged"]
 
 
-class TrainingDiverged(DiffusekitError):
-    """The loss (or gradient norm) became NaN or infinite; the run stopped without writing bad weights."""
-
-
-@dataclass
-class TrainResult:
-    """What ``Trainer.fit`` returns."""
-
-    run_dir: Path
-    step: int
-    stopped_by: str  # "max_steps", "max_minutes" or "interrupted" (Ctrl-C / SIGINT; the checkpoint was saved)
-    checkpoint: Path | None
-    export_dir: Path | None
-    loss: float | None  # mean loss of the last logging interval
-    train_seconds: float  # wall-clock time of this invocation's optimizer steps
-    steps_per_second: float
-
-
-class Trainer:
-    """Trains a U-Net on a dataset as a ``TrainConfig`` says; ``fit()`` runs to the end of the budget.
+class Trainer(TrainingLoop):
+    """Trains a U-Net on a dataset as a ``TrainConfig`` says; ``fit()`` (training.loop) runs to the end of the budget.
 
     ``resume``: a checkpoint folder, a run folder, or "latest" (the newest intact checkpoint in
     ``run.output_dir``). On resume the checkpoint's own config is used; only the ``run`` section's loop
@@ -96,28 +60,8 @@ class Trainer:
         env: ddp.DistEnv | None = None,
         on_step_end: Callable[[Trainer, int], None] | None = None,
     ) -> None:
-        config.validate()
-        self.env = env or ddp.init_distributed(config.run.device)
-        self.on_step_end = on_step_end
-        state = find_resume_state(resume, config.run.output_dir) if resume is not None else None
-        if state is not None:
-            for key in ("train", "unet"):  # what the trainer itself writes; a hand-edited file may lack them
-                if not isinstance(state.config.get(key), dict):
-                    raise CheckpointError(f"{state.path}: config.json: {key} must be a JSON object")
-            try:  # the saved config with this run's loop settings (checked together: they replace old ones)
-                config = TrainConfig.from_dict({**state.config["train"], "run": config.to_dict()["run"]})
-            except ConfigError as e:
-                raise CheckpointError(f"{state.path}: config.json: {e}") from None
-        self.config = c = config
-        self.run_dir = Path(c.run.output_dir)
-        if self.env.is_main:
-            check_writable_folder(self.run_dir, f"run.output_dir {self.run_dir}")
-        if state is not None and state.step >= c.run.max_steps:
-            raise ConfigError(
-                f"{state.path} is at step {state.step} and run.max_steps is {c.run.max_steps}: there is nothing "
-                f"to train; to continue, pass a run.max_steps above {state.step}"
-            )
-
+        super().__init__(config, resume=resume, env=env, on_step_end=on_step_end)
+        c, state = self.config, self.resume_state
         # data
         self.dataset = dataset or load_dataset(
             DataSpec(
@@ -168,12 +112,6 @@ class Trainer:
         # the training plan: float32 weights (autocast picks the compute dtype), train mode, and on the CPU
         # the Winograd 3x3 convolutions where they are faster (128+ channels; runtime.fastconv)
         plan = Plan(dtype=torch.float32, channels_last=device.type == "cpu", inference=False)
-        self.model = prepare(UNet(self.unet_config), plan, device=device)
-        self.ema = make_ema(self.model)
-        o = c.optim
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
-        )
         self.schedule = NoiseSchedule.from_name(
             c.diffusion.beta_schedule,
             c.diffusion.num_train_timesteps,
@@ -181,43 +119,25 @@ class Trainer:
             c.diffusion.beta_end,
             c.diffusion.zero_terminal_snr,
         )
-        self.autocast_dtype = resolve_precision(c.run.mixed_precision, device)
-        self.scaler = (
-            torch.amp.GradScaler("cuda") if device.type == "cuda" and self.autocast_dtype == torch.float16 else None
-        )
-
-        self.step = 0
-        self.data_position = 0  # examples consumed from the data stream (all ranks together)
-        self.train_seconds_total = 0.0
-        self.log_window: list[float] = []  # losses of the steps since the last metrics record
-        self.resumed_from: Path | None = None
-        seed_everything(c.run.seed, self.env.rank)
-        if state is not None:
-            restore_state(self, state)
-        self.ddp_model = (
-            DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-            if self.env.distributed
-            else None
-        )
+        self._init_training(prepare(UNet(self.unet_config), plan, device=device))
 
     # ------------------------------------------------------------------------------------------- parts
-    @property
-    def global_batch(self) -> int:
-        """Examples per micro-batch over all ranks."""
-        return self.config.optim.batch_size * self.env.world_size
+    CONFIG_KEYS = ("train", "unet")
 
-    def save_checkpoint(self) -> Path:
-        """Write the current state (rank 0 writes; every rank returns the checkpoint's path)."""
-        path = self.run_dir / CHECKPOINTS_DIR / step_dir_name(self.step)
-        if self.env.is_main:
-            path = save_checkpoint(
-                self.run_dir / CHECKPOINTS_DIR,
-                self.step,
-                keep=self.config.run.keep_checkpoints,
-                **checkpoint_payload(self),
-            )
-        ddp.barrier(self.env)
-        return path
+    def checkpoint_config(self) -> dict[str, Any]:
+        """The run's config, the U-Net's and the dataset's shape and classes."""
+        ds = self.dataset
+        return {
+            "train": self.config.to_dict(),
+            "unet": self.unet_config.to_dict(),
+            "dataset": {
+                "size": len(ds),
+                "channels": ds.channels,
+                "resolution": ds.resolution,
+                "num_classes": ds.num_classes,
+                "class_names": list(ds.class_names),
+            },
+        }
 
     @torch.no_grad()
     def sample(
@@ -251,148 +171,14 @@ class Trainer:
         """Class labels for preview grids: column j of a grid with num_classes columns shows class j."""
         return None if self.num_classes is None else torch.arange(n) % self.num_classes
 
-    # ------------------------------------------------------------------------------------------- loop
-    def fit(self) -> TrainResult:
-        """Train until run.max_steps or run.max_minutes; checkpoint, export the EMA model and plot the loss."""
-        c, env = self.config, self.env
-        model = self.ddp_model or self.model
-        model.train()
-        main = env.is_main
-        logger = (
-            MetricsLogger(
-                self.run_dir, resume_step=self.step if self.resumed_from else None, tensorboard=c.run.tensorboard
-            )
-            if main
-            else None
-        )
-        sampler = StreamBatchSampler(
-            len(self.dataset),
-            c.optim.batch_size,
-            c.run.seed,
-            start=self.data_position,
-            rank=env.rank,
-            world_size=env.world_size,
-        )
-        workers = c.data.num_workers if c.data.num_workers is not None else min(4, os.cpu_count() or 1)
-        batches = make_batches(self.dataset, sampler, num_workers=workers, pin_memory=env.device.type == "cuda")
-        bar = tqdm(
-            total=c.run.max_steps if c.run.max_minutes is None else None,  # a time budget: budget_left is the ETA
-            initial=self.step,
-            desc="training",
-            unit="step",
-            dynamic_ncols=True,
-            disable=not (main and c.run.progress),
-            file=sys.stderr,
-        )
-        if main:
-            self._print_header()
-        accum = c.optim.grad_accum_steps
-        budget = c.run.max_minutes * 60 if c.run.max_minutes is not None else math.inf
-        amp = (
-            torch.autocast(env.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        start_step, t_start = self.step, time.perf_counter()
-        interval_steps, interval_start = 0, time.perf_counter()
-        last_loss, last_ckpt, stopped_by = None, None, "max_steps"
-        interrupted = threading.Event()
-        previous_handler = on_sigint(lambda: request_stop(interrupted))
-        try:
-            while True:
-                elapsed = time.perf_counter() - t_start
-                stop = self.step >= c.run.max_steps or elapsed >= budget or interrupted.is_set()
-                if env.distributed:  # rank 0's clock (and Ctrl-C) decides, so every rank stops at the same step
-                    flag = torch.tensor([float(stop)], device=env.device)
-                    torch.distributed.broadcast(flag, 0)
-                    stop = bool(flag.item())
-                if stop:
-                    if self.step >= c.run.max_steps:
-                        stopped_by = "max_steps"
-                    else:
-                        stopped_by = "max_minutes" if elapsed >= budget else "interrupted"
-                    break
-                lr = c.optim.lr * lr_factor(self.step, c.optim, c.run.max_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum = torch.zeros((), device=env.device)
-                for a in range(accum):
-                    x0, labels = next(batches)
-                    loss_sum += self._accumulate(model, x0, labels, self.step * accum + a, last=a == accum - 1, amp=amp)
-                self.data_position += accum * self.global_batch
-                mean_loss, grad_norm = self._optimizer_step(loss_sum / accum, last_ckpt)
-                self.step += 1
-                decay = ema_decay(self.step, c.ema.decay, c.ema.warmup)
-                ema_update(self.ema, self.model, decay)
-                self.log_window.append(mean_loss)
-                interval_steps += 1
-                bar.update(1)
-
-                if self.step % c.run.log_every == 0 or self.step == c.run.max_steps:
-                    now = time.perf_counter()
-                    rate = interval_steps / max(now - interval_start, 1e-9)
-                    # the whole window, also where it began before a resume (its losses are in the checkpoint)
-                    last_loss = sum(self.log_window) / len(self.log_window)
-                    record = {
-                        "step": self.step,
-                        "loss": last_loss,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "ema_decay": decay,
-                        "steps_per_s": rate,
-                        "images_per_s": rate * accum * self.global_batch,
-                        "elapsed_s": self.train_seconds_total + now - t_start,
-                    }
-                    if logger is not None:
-                        logger.log(record)
-                    postfix = {"loss": f"{last_loss:.4f}", "lr": f"{lr:.2e}"}
-                    if math.isfinite(budget):
-                        postfix["budget_left"] = _mmss(budget - (now - t_start))
-                    bar.set_postfix(postfix, refresh=False)
-                    interval_steps, interval_start = 0, now
-                    if self.step % c.run.log_every == 0:  # the extra record of a run's last step keeps its window
-                        self.log_window = []
-                if self.step % c.run.checkpoint_every == 0:
-                    last_ckpt = self.save_checkpoint()
-                if c.run.sample_every and self.step % c.run.sample_every == 0 and main:
-                    self._write_samples(logger)
-                if self.on_step_end is not None:
-                    self.on_step_end(self, self.step)
-        except BaseException:
-            if logger is not None:
-                logger.close()
-            raise
-        finally:
-            bar.close()
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
-        train_seconds = time.perf_counter() - t_start
-        self.train_seconds_total += train_seconds
-        if last_ckpt is None or last_ckpt.name != step_dir_name(self.step):
-            last_ckpt = self.save_checkpoint()
-        export_dir = None
-        if main:
-            export_dir = export_inference(self.ema, c.diffusion, self.run_dir / EXPORT_DIR, task=c.task)
-            plot_loss_curve(read_metrics(logger.path), self.run_dir / "loss_curve.png")
-            logger.close()
-        ddp.barrier(env)
-        steps_done = self.step - start_step
-        return TrainResult(
-            run_dir=self.run_dir,
-            step=self.step,
-            stopped_by=stopped_by,
-            checkpoint=last_ckpt,
-            export_dir=export_dir,
-            loss=last_loss,
-            train_seconds=train_seconds,
-            steps_per_second=steps_done / train_seconds if train_seconds > 0 else 0.0,
-        )
+    # ------------------------------------------------------------------------------------------- hooks
+    def _export(self) -> Path:
+        return export_inference(self.ema, self.config.diffusion, self.run_dir / EXPORT_DIR, task=self.config.task)
 
     def _accumulate(
         self,
         model: torch.nn.Module,
-        x0: Tensor,
-        labels: Tensor | None,
+        batch: tuple[Tensor, Tensor | None],
         micro: int,
         *,
         last: bool,
@@ -401,6 +187,7 @@ class Trainer:
         """Forward and backward of this rank's slice of global micro-batch ``micro`` (DDPM Algorithm 1, lines
         2-5); gradients accumulate (DDP synchronises them on the ``last`` micro-batch). Returns the loss."""
         c, env = self.config, self.env
+        x0, labels = batch
         B = c.optim.batch_size
         shape = (self.dataset.channels, self.train_size, self.train_size)
         rnd = BatchRandomness.draw(micro_batch_generator(c.run.seed, micro), self.global_batch, shape,
@@ -431,25 +218,6 @@ class Trainer:
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return loss.detach()
 
-    def _optimizer_step(self, loss: Tensor, last_ckpt: Path | None) -> tuple[float, float]:
-        """Check the (all-reduced) loss, clip the gradient norm, step AdamW. Returns (loss, grad norm)."""
-        mean_loss = float(ddp.all_reduce_mean(loss, self.env))
-        if not math.isfinite(mean_loss):
-            self._diverged("loss", mean_loss, last_ckpt)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        clip = self.config.optim.grad_clip_norm if self.config.optim.grad_clip_norm is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the step if fp16 gradients overflowed
-            self.scaler.update()
-        else:
-            if not math.isfinite(grad_norm):
-                self._diverged("gradient norm", grad_norm, last_ckpt)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return mean_loss, grad_norm
-
     def _write_samples(self, logger: MetricsLogger | None) -> Path:
         from diffusekit.io.images import make_grid, save_image_grid
 
@@ -462,20 +230,7 @@ class Trainer:
             logger.log_images("samples/ema_ddim", make_grid(images, nrow=nrow), self.step)
         return path
 
-    def _diverged(self, what: str, value: float, last_ckpt: Path | None) -> None:
-        ckpt = last_ckpt or latest_checkpoint(self.run_dir / CHECKPOINTS_DIR)
-        where = (
-            f"the last good checkpoint is {ckpt}; resume from it with --resume {ckpt}"
-            if ckpt
-            else "no checkpoint was written yet"
-        )
-        raise TrainingDiverged(
-            f"the {what} became {value} at step {self.step + 1} (stopping before the optimizer step, so no bad "
-            f"weights were saved); {where}. Try a lower optim.lr, gradient clipping (optim.grad_clip_norm) or "
-            "run.mixed_precision='no'."
-        )
-
-    def _print_header(self) -> None:
+    def _header_lines(self) -> list[str]:
         c, ds = self.config, self.dataset
         n_params = sum(p.numel() for p in self.model.parameters())
         prec = {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaling"}
@@ -492,9 +247,5 @@ class Trainer:
             f"device {self.env.device}, {prec[self.autocast_dtype]}",
             f"  run folder: {self.run_dir}" + (f" (resumed from {self.resumed_from})" if self.resumed_from else ""),
         ]
-        print("\n".join(lines), file=sys.stderr, flush=True)
+        return lines
 
-
-def _mmss(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 60:d}:{seconds % 60:02d}"
