@@ -61,19 +61,31 @@ def test_the_measured_fastest_kernel_is_chosen(tmp_path, fastest):
 
 def test_each_shape_is_measured_once_and_within_the_budget(tmp_path):
     log: list[str] = []
-    tuner = autotune.configure("measure", path=tmp_path / "k.json", seconds=_fake({"direct": 1.0, "winograd": 2.0,
-                               "gemm": 5.0}, log), budget_s=1.0)  # fmt: skip
+    costs = {"direct": 0.01, "winograd": 0.02, "gemm": 0.05}  # 3 calls of each pass PER_CANDIDATE_S
+    tuner = autotune.configure("measure", path=tmp_path / "k.json", seconds=_fake(costs, log), budget_s=0.01)
     x, w = _layer()
     assert fastconv.choose(x, w) is None
     calls = len(log)
-    # warm-up + MIN_REPEATS timed calls; gemm's first timed call is > 3x the best median: dropped after it
-    assert log.count("direct") == log.count("winograd") == 1 + autotune.MIN_REPEATS and log.count("gemm") == 2
+    # warm-up + MIN_REPEATS timed calls; gemm's warm-up is > 3x the best median: dropped after it
+    assert log.count("direct") == log.count("winograd") == 1 + autotune.MIN_REPEATS and log.count("gemm") == 1
     assert fastconv.choose(x, w) is None and len(log) == calls  # remembered
+    cheap_log: list[str] = []
+    cheap = autotune.Tuner(seconds=_fake({"direct": 1e-4, "winograd": 2e-4, "gemm": 2e-4}, cheap_log))
+    cheap.measure(fastconv.candidates(x, w))  # fast calls: REPEATS timed calls each
+    assert cheap_log.count("direct") == cheap_log.count("gemm") == 1 + autotune.REPEATS
     # the budget is spent: a new shape takes the size rules without a measurement
-    assert tuner.spent_s >= 1.0
+    assert tuner.spent_s >= 0.01
     x2, w2 = _layer(n=2, c=1024, h=4, w=4, co=16)
     assert fastconv.choose(x2, w2) == fastconv.size_rule(x2, w2) == "gemm"
     assert len(log) == calls
+
+
+def test_slow_calls_are_timed_once():
+    log: list[str] = []
+    tuner = autotune.Tuner(seconds=_fake({"direct": 2.0, "winograd": 1.5, "gemm": 0.5}, log))
+    x, w = _layer()
+    assert tuner.measure(fastconv.candidates(x, w)) == ("gemm", {"direct": 2000.0, "winograd": 1500.0, "gemm": 500.0})
+    assert log == ["direct", "winograd", "gemm"]
 
 
 def test_cache_round_trip(tmp_path):

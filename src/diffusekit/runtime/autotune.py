@@ -5,11 +5,13 @@ timed once at first use and remembered, in the spirit of cuDNN's benchmark mode
 The size rules of :mod:`diffusekit.runtime.fastconv` were fitted on one CPU; on another CPU family the
 crossover points move. Where a convolution could take more than one path and is big enough for the choice to
 matter (:func:`worth_measuring`), the process-wide :class:`Tuner` times every candidate on the real inputs:
-one untimed warm-up call, then timed calls until :data:`REPEATS` are done or :data:`PER_CANDIDATE_S` is spent
-(at least :data:`MIN_REPEATS`), and keeps the one with the smallest median. A candidate whose first timed call
-is :data:`GIVE_UP_FACTOR` times slower than the best median so far is dropped early. Every process has a total
-measuring budget (:data:`BUDGET_S`); after it is spent, and in every mode that does not measure, the size rules
-decide.
+one warm-up call, then timed calls until :data:`REPEATS` are done or :data:`PER_CANDIDATE_S` is spent (at
+least :data:`MIN_REPEATS`), and keeps the one with the smallest median. A candidate whose warm-up takes
+:data:`SLOW_CALL_S` or more is timed by that call alone, and one whose warm-up or first timed call is
+:data:`GIVE_UP_FACTOR` times slower than the best so far is dropped. Every process has a total measuring
+budget (:data:`BUDGET_S`; checked before each new layer shape, so one shape's measurement may run past it);
+after it is spent, and in every mode that does not measure, the size rules decide (and the unmeasured shapes
+are measured by a later process).
 
 Choices are keyed by the machine (CPU model, a digest of its feature flags, the torch version) and, within
 it, by the layer (batch, channels in and out, height, width, dtype, memory format and torch's thread count),
@@ -58,6 +60,9 @@ KERNELS = (DIRECT, "winograd", "gemm")
 
 BUDGET_S = 10.0  # measuring time per process, all layers together
 PER_CANDIDATE_S = 0.02  # timed calls of one candidate stop once this much is spent (after MIN_REPEATS)
+#: A candidate whose warm-up call takes this long is timed by that call alone (one call per candidate: the
+#: VAE's 512x512 layers take seconds each on a small CPU).
+SLOW_CALL_S = 0.1
 MIN_REPEATS, REPEATS = 3, 7
 GIVE_UP_FACTOR = 3.0
 #: Convolutions with fewer multiply-adds than this take the size rules (a choice among paths that take
@@ -217,12 +222,17 @@ class Tuner:
         medians: dict[str, float] = {}
         for name, call in candidates.items():
             with torch.no_grad():
-                self.spent_s += self.seconds(name, call)  # warm-up: allocations, oneDNN primitive creation
+                warm = self.seconds(name, call)  # allocations, oneDNN primitive creation
+                self.spent_s += warm
+                best = min(medians.values(), default=float("inf"))
+                if warm >= SLOW_CALL_S or warm > GIVE_UP_FACTOR * best:
+                    medians[name] = warm  # slow enough that set-up is noise beside it, or clearly losing
+                    continue
                 runs: list[float] = []
                 while len(runs) < REPEATS and (len(runs) < MIN_REPEATS or sum(runs) < PER_CANDIDATE_S):
                     runs.append(self.seconds(name, call))
                     self.spent_s += runs[-1]
-                    if len(runs) == 1 and medians and runs[0] > GIVE_UP_FACTOR * min(medians.values()):
+                    if len(runs) == 1 and runs[0] > GIVE_UP_FACTOR * best:
                         break
             medians[name] = statistics.median(runs)
         best = min(medians, key=medians.__getitem__)
