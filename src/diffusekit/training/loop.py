@@ -8,6 +8,7 @@ A trainer is a subclass of ``TrainingLoop`` that builds its model and data in ``
   exact and N processes match one); returns the detached loss;
 - ``_write_samples(logger)``: a preview grid under ``run_dir/samples``;
 - ``_export()``: the inference folder written from the EMA weights at the end (rank 0);
+- ``extra_metrics()``: numbers added to each metrics record (e.g. the terms of a composite loss);
 - ``_header_lines()``: what the run prints first; ``checkpoint_config()``: the config a checkpoint records
   (its ``CONFIG_KEYS`` sections are checked on resume).
 
@@ -159,6 +160,11 @@ class TrainingLoop:
     def _header_lines(self) -> list[str]:
         return [f"diffusekit train: run folder {self.run_dir}"]
 
+    def extra_metrics(self) -> dict[str, float]:
+        """Numbers of the record's step that the subclass adds to each metrics record (e.g. the terms of a
+        composite loss); none by default."""
+        return {}
+
     def _make_ema(self) -> torch.nn.Module:
         """The EMA copy of ``self.model`` (a frozen copy of the weights)."""
         return make_ema(self.model)
@@ -297,6 +303,7 @@ class TrainingLoop:
                         "steps_per_s": rate,
                         "images_per_s": rate * accum * self.global_batch,
                         "elapsed_s": self.train_seconds_total + now - t_start,
+                        **self.extra_metrics(),
                     }
                     if logger is not None:
                         logger.log(record)

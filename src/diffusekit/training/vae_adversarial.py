@@ -53,6 +53,15 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)  # (B, 1, h, w)
 
 
+def patch_map_size(image_size: int, layers: int) -> int:
+    """The side of :class:`PatchDiscriminator`'s logit map for ``image_size`` x ``image_size`` images: each
+    stride-2 4x4 convolution (padding 1) halves it (rounding down), each stride-1 one takes one away."""
+    n = image_size
+    for _ in range(layers):  # the first convolution and layers - 1 of the deeper ones have stride 2
+        n //= 2
+    return n - 2  # the stride-1 convolution and the output convolution
+
+
 def discriminator_hinge_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     """E[max(0, 1 - D(x))] + E[max(0, 1 + D(x_hat))] (hinge loss; Miyato et al. 2018, eq. 14), halved as
     in Esser et al. 2021's implementation so each half is the mean over its images."""

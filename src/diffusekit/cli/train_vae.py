@@ -1,0 +1,284 @@
+"""``diffusekit train-vae``: train the KL autoencoder of latent diffusion on images, export it as a VAE folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusekit.errors import CheckpointError, ConfigError, DiffusekitError
+from diffusekit.limits import check_int
+from diffusekit.training.config import LR_SCHEDULES, MIXED_PRECISION
+from diffusekit.training.vae_losses import RECONSTRUCTION_LOSSES
+from diffusekit.training.vae_presets import vae_preset_names
+from diffusekit.training.vae_train_config import VAETrainConfig, load_vae_train_config
+
+DESCRIPTION = """\
+Train the KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, sec. 3 and appendix G) on
+images, and save it as a VAE folder in the reference (diffusers AutoencoderKL) layout that the latent
+pipelines load.
+
+DATA is a folder of PNG/JPEG images, MNIST-format IDX files, a .npz/.npy array, the named datasets mnist and
+fashion-mnist, or 'bundled' (the MNIST subset that ships with diffusekit). Images are resized and
+centre-cropped to --resolution-px, which must be a multiple of the autoencoder's downsampling factor.
+
+The encoder maps an image to a diagonal Gaussian over latents --downsample-factor times smaller with
+--latent-channels channels; the decoder maps latents back. The loss is the per-pixel reconstruction error
+(--reconstruction-loss l1 or l2) plus --kl-weight times the KL divergence to N(0, I) summed over the latent
+(the paper's regulariser, ~1e-6). --adversarial adds a PatchGAN discriminator with the hinge loss and the
+adaptive weight of Esser et al. 2021 from --adversarial-start-steps on (off by default). The paper's
+perceptual (LPIPS) loss needs pretrained network weights that are not shipped, so it is not offered.
+
+Settings come from the defaults, then --config FILE (JSON or TOML with sections [data], [vae], [loss],
+[optim], [ema], [run]; see diffusekit.training.vae_train_config), then the options below.
+
+The run folder (--output-dir) receives checkpoints/step-NNNNNNNN/ (atomic, resumable bit for bit, also after
+a kill), vae/ (the EMA weights: config.json and diffusion_pytorch_model.safetensors, whose scaling_factor is
+1 / the standard deviation of posterior samples of --scaling-examples training images), metrics.jsonl,
+loss_curve.png, samples/ (originals | reconstructions) and, when tensorboard is installed, tensorboard/ with
+the same grids.
+
+Ctrl-C stops after the current step and saves a checkpoint. Several processes or GPUs:
+torchrun --nproc_per_node N -m diffusekit train-vae ... (DDP; --batch-size is per process)."""
+
+EPILOG = """\
+examples:
+  diffusekit train-vae fashion-mnist --output-dir runs/vae-fashion --steps 5000        # f=4: 28 -> 7x7x4
+  diffusekit train-vae ./photos --resolution-px 256 --preset kl-f8 --batch-size 8 --output-dir runs/vae256
+  diffusekit train-vae bundled --train-minutes 10 --output-dir runs/vae-digits --kl-weight 1e-5
+  diffusekit train-vae --resume --output-dir runs/vae-fashion --steps 10000            # continue the newest
+  torchrun --nproc_per_node 2 -m diffusekit train-vae ./photos --config vae.toml"""
+
+# option -> (section, field) of VAETrainConfig
+FIELDS = {
+    "data": ("data", "source"), "data_root": ("data", "data_root"), "resolution_px": ("data", "resolution"),
+    "channels": ("data", "channels"), "limit": ("data", "limit"), "random_flip": ("data", "random_flip"),
+    "num_workers": ("data", "num_workers"), "skip_bad_images": ("data", "skip_bad_images"),
+    "preset": ("vae", "preset"), "latent_channels": ("vae", "latent_channels"),
+    "downsample_factor": ("vae", "downsample_factor"), "scaling_examples": ("vae", "scaling_examples"),
+    "reconstruction_loss": ("loss", "reconstruction"), "kl_weight": ("loss", "kl_weight"),
+    "sample_posterior": ("loss", "sample_posterior"), "adversarial": ("loss", "adversarial"),
+    "adversarial_start_steps": ("loss", "adversarial_start"), "adversarial_weight": ("loss", "adversarial_weight"),
+    "discriminator_layers": ("loss", "discriminator_layers"),
+    "batch_size": ("optim", "batch_size"), "grad_accum_steps": ("optim", "grad_accum_steps"), "lr": ("optim", "lr"),
+    "warmup_steps": ("optim", "warmup_steps"), "lr_schedule": ("optim", "lr_schedule"),
+    "ema_decay": ("ema", "decay"),
+    "steps": ("run", "max_steps"), "train_minutes": ("run", "max_minutes"),
+    "mixed_precision": ("run", "mixed_precision"), "output_dir": ("run", "output_dir"), "seed": ("run", "seed"),
+    "device": ("run", "device"), "checkpoint_every_steps": ("run", "checkpoint_every"),
+    "keep_checkpoints": ("run", "keep_checkpoints"), "log_every_steps": ("run", "log_every"),
+    "sample_every_steps": ("run", "sample_every"), "preview_images": ("run", "num_sample_images"),
+}  # fmt: skip
+# config names in library messages -> the options a user of this command types
+OPTION_NAMES = {f"{s}.{n}": ("DATA" if o == "data" else "--" + o.replace("_", "-")) for o, (s, n) in FIELDS.items()}
+_OPTION_PATTERN = re.compile(r"\b(" + "|".join(map(re.escape, OPTION_NAMES)) + r")\b")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train-vae",
+        help="train a latent-diffusion autoencoder (VAE) on images",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("data", nargs="?", metavar="DATA",
+                   help="bundled | mnist | fashion-mnist | image folder | IDX file | .npz/.npy (not needed with "
+                        "--resume)")  # fmt: skip
+    p.add_argument("--config", metavar="FILE", help="JSON or TOML train-vae config")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-root", metavar="DIR", help="folder holding mnist/ and fashion-mnist/ IDX folders")
+    g.add_argument(
+        "--resolution-px", type=int, metavar="N",
+        help="square training size, a multiple of the downsampling factor (default: the data's)",
+    )  # fmt: skip
+    g.add_argument("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: the data's)")
+    g.add_argument("--limit", type=int, metavar="N", help="use only the first N examples")
+    g.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (default: on for image folders, off for digits)")  # fmt: skip
+    g.add_argument("--num-workers", type=int, metavar="N",
+                   help="DataLoader processes for image folders (default: min(4, CPUs))")  # fmt: skip
+    g.add_argument("--skip-bad-images", action="store_true", default=None,
+                   help="train without the files of an image folder that cannot be read (they are listed); "
+                        "without this option such a folder is refused")  # fmt: skip
+    g = p.add_argument_group("autoencoder")
+    g.add_argument("--preset", choices=vae_preset_names(),
+                   help="architecture: mnist-f4 (28x28 data), kl-f8 (the paper's and SD's f=8, for 256px and up), "
+                        "test-tiny (tests)")  # fmt: skip
+    g.add_argument("--latent-channels", type=int, metavar="N", help="channels of the latents (default: the preset's)")
+    g.add_argument("--downsample-factor", type=int, metavar="F",
+                   help="image side / latent side, a power of two (default: the preset's)")  # fmt: skip
+    g.add_argument("--scaling-examples", type=int, metavar="N",
+                   help="training images the exported scaling_factor (1 / latent std) is measured on")  # fmt: skip
+    g = p.add_argument_group("loss")
+    g.add_argument("--reconstruction-loss", choices=RECONSTRUCTION_LOSSES, help="per-pixel |x - x_hat| or squared")
+    g.add_argument("--kl-weight", type=float, metavar="W",
+                   help="weight of the KL divergence summed over the latent, relative to the reconstruction "
+                        "error summed over pixels (sensible: 1e-6 to 1e-4)")  # fmt: skip
+    g.add_argument("--sample-posterior", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode latents sampled from the posterior (off: decode its mean)")  # fmt: skip
+    g.add_argument("--adversarial", action="store_true", default=None,
+                   help="add the PatchGAN hinge loss with the adaptive weight (default: off)")  # fmt: skip
+    g.add_argument("--adversarial-start-steps", type=int, metavar="N", help="step at which the adversarial term starts")
+    g.add_argument("--adversarial-weight", type=float, metavar="W", help="factor on the adaptive weight")
+    g.add_argument("--discriminator-layers", type=int, metavar="N",
+                   help="stride-2 layers of the discriminator; images need at least 3 * 2^N pixels a side")  # fmt: skip
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, metavar="N", help="optimizer steps to train to")
+    g.add_argument("--train-minutes", "--max-minutes", dest="train_minutes", type=float, metavar="M",
+                   help="wall-clock training budget of this invocation, in minutes")  # fmt: skip
+    g.add_argument("--batch-size", type=int, metavar="N", help="images per micro-batch per process")
+    g.add_argument("--grad-accum-steps", type=int, metavar="N", help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, metavar="LR", help="AdamW learning rate")
+    g.add_argument("--warmup-steps", type=int, metavar="N", help="linear LR warmup")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="after warmup")
+    g.add_argument("--ema-decay", type=float, metavar="D", help="maximum EMA decay (the EMA weights are exported)")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION,
+                   help="autocast: auto = bf16 where the device has it, else float32 (fp16 with loss scaling on "
+                        "older GPUs)")  # fmt: skip
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", metavar="DIR", help="run folder")
+    g.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                   help="continue a run: without a value, the newest intact checkpoint in --output-dir; or a "
+                        "checkpoint / run folder. Only run options (steps, minutes, intervals) may change")  # fmt: skip
+    g.add_argument("--seed", type=int, metavar="N", help="seed of the weights, the data order and the noise")
+    g.add_argument("--device", metavar="DEV", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--cpu-threads", type=int, metavar="N",
+                   help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")  # fmt: skip
+    g.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="checkpoint interval")
+    g.add_argument("--keep-checkpoints", type=int, metavar="N", help="newest checkpoints kept")
+    g.add_argument("--log-every-steps", type=int, metavar="N", help="metrics interval")
+    g.add_argument("--sample-every-steps", type=int, metavar="N", help="reconstruction grids (0 = off)")
+    g.add_argument("--preview-images", type=int, metavar="N", help="images in each reconstruction grid")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
+    show_defaults(p, VAETrainConfig().to_dict(), FIELDS)
+    p.set_defaults(run=run)
+    return p
+
+
+def show_defaults(parser: argparse.ArgumentParser, defaults: dict[str, Any], fields: dict[str, tuple]) -> None:
+    """Append each config option's default (from the config class, the one source of defaults) to its help."""
+    for action in parser._actions:
+        if action.dest in fields and action.dest != "data":
+            section, name = fields[action.dest]
+            value = defaults[section][name]
+            if value is None:  # "the data's", "the preset's": each option's help says what None means
+                if "default" not in (action.help or ""):
+                    action.help = f"{action.help or ''} (default: none)".strip()
+                continue
+            shown = ("on" if value else "off") if isinstance(value, bool) else value
+            action.help = f"{action.help or ''} (default: {shown})".strip()
+
+
+def _changes(args: argparse.Namespace, sections: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The config fields the command line sets (only those of ``sections`` when given)."""
+    changes: dict[str, dict[str, Any]] = {}
+    for option, (section, name) in FIELDS.items():
+        value = getattr(args, option, None)
+        if value is not None and (sections is None or section in sections):
+            changes.setdefault(section, {})[name] = value
+    if args.no_progress:
+        changes.setdefault("run", {})["progress"] = False
+    if args.no_tensorboard:
+        changes.setdefault("run", {})["tensorboard"] = False
+    return changes
+
+
+def config_from_args(args: argparse.Namespace) -> VAETrainConfig:
+    """Defaults, then the --config file, then every option that was given."""
+    config = load_vae_train_config(args.config) if args.config else VAETrainConfig()
+    changes = _changes(args)
+    return config.replace(**changes) if changes else config.validate()
+
+
+def resume_config(args: argparse.Namespace, config: VAETrainConfig) -> tuple[VAETrainConfig, Path | None]:
+    """For --resume: the checkpoint (None if "latest" finds none) and its saved config with only the run
+    options given on the command line changed. A checkpoint named explicitly continues in its own run folder
+    unless --output-dir says otherwise."""
+    from diffusekit.io.weights import read_json
+    from diffusekit.training.checkpoint import latest_checkpoint, resolve_checkpoint
+    from diffusekit.training.resume import CHECKPOINTS_DIR
+
+    if args.resume == "latest":
+        path = latest_checkpoint(Path(config.run.output_dir) / CHECKPOINTS_DIR)
+        if path is None:
+            print(f"note: no checkpoint in {config.run.output_dir}; starting a new run", file=sys.stderr)
+            return config, None
+    else:
+        path = resolve_checkpoint(args.resume)
+    ignored = [OPTION_NAMES[f"{s}.{n}"] for o, (s, n) in FIELDS.items() if s != "run" and getattr(args, o) is not None]
+    ignored += ["--config"] if args.config else []
+    if ignored:
+        print(f"note: resuming uses the checkpoint's config; ignoring {', '.join(ignored)}", file=sys.stderr)
+    saved = read_json(path / "config.json").get("train")
+    if not isinstance(saved, dict) or not isinstance(saved.get("run", {}), dict):
+        raise CheckpointError(f"{path}: config.json: train must be a JSON object with a run section")
+    run_changes = _changes(args, {"run"}).get("run", {})
+    if args.resume != "latest" and args.output_dir is None:
+        run_changes["output_dir"] = str(path.parent.parent)
+    try:  # the options given replace saved run settings before they are checked
+        return VAETrainConfig.from_dict({**saved, "run": {**saved.get("run", {}), **run_changes}}), path
+    except ConfigError as e:
+        raise ConfigError(f"{path}: the checkpoint's settings with the options given: {e}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except DiffusekitError as e:  # say --resolution-px, not data.resolution
+        message = _OPTION_PATTERN.sub(lambda m: OPTION_NAMES[m.group(1)], str(e))
+        raise type(e)(message) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from diffusekit.training.checkpoint import list_checkpoints
+    from diffusekit.training.distributed import shutdown
+    from diffusekit.training.resume import CHECKPOINTS_DIR
+    from diffusekit.training.vae_trainer import VAETrainer
+
+    if args.data is None and args.resume is None and not args.print_config:
+        raise ConfigError("DATA is required (a folder of images, an IDX or .npz/.npy file, mnist, fashion-mnist or "
+                          "bundled), unless --resume continues a run")  # fmt: skip
+    config = config_from_args(args)
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    if args.cpu_threads is not None:
+        torch.set_num_threads(check_int("--cpu-threads", args.cpu_threads, 1, 4096))
+    out = Path(config.run.output_dir)
+    if args.resume is None and list_checkpoints(out / CHECKPOINTS_DIR):
+        raise ConfigError(
+            f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another --output-dir"
+        )
+    resume = None
+    if args.resume is not None:
+        config, resume = resume_config(args, config)
+    trainer = VAETrainer(config, resume=resume)
+    result = trainer.fit()
+    if trainer.env.is_main:
+        loss = "(no metrics record in this run)" if result.loss is None else f"{result.loss:.5f}"
+        std, factor = trainer.last_scaling or (float("nan"), float("nan"))
+        print(
+            f"trained to step {result.step} ({result.stopped_by}; {result.steps_per_second:.2f} steps/s); last loss "
+            f"{loss}\n  checkpoint: {result.checkpoint}\n"
+            f"  VAE folder: {result.export_dir} (EMA weights; latent std {std:.4g} -> scaling_factor {factor:.5g})\n"
+            f"  metrics:    {result.run_dir / 'metrics.jsonl'}, loss curve {result.run_dir / 'loss_curve.png'}"
+        )
+    shutdown(trainer.env)
+    if result.stopped_by == "interrupted":
+        if trainer.env.is_main:
+            n = trainer.env.world_size
+            launcher = f"torchrun --nproc_per_node {n} -m diffusekit" if n > 1 else "diffusekit"
+            resume_with = f"{launcher} train-vae --resume {shlex.quote(str(result.checkpoint))}"
+            print(f"interrupted at step {result.step}; the checkpoint is saved. Resume with:\n  {resume_with}",
+                  file=sys.stderr)  # fmt: skip
+        return 130
+    return 0
