@@ -225,3 +225,12 @@ def test_real_measurement_picks_a_path_that_computes_the_plain_convolution(tmp_p
     choice = autotune.current().choices[autotune.layer_key(x, w)]
     assert choice["kernel"] in autotune.KERNELS and set(choice["ms"]) <= set(autotune.KERNELS)
     assert torch.allclose(y, F.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4)
+
+
+def test_a_bad_mode_is_a_one_line_cli_error(monkeypatch, capsys):
+    from diffusekit.cli.main import main
+
+    monkeypatch.setattr(autotune, "_ENV_MODE_VALUE", "fastest")
+    assert main(["bench", "--tiny", "--workloads", "W1"]) == 2  # refused before any work
+    err = capsys.readouterr().err
+    assert err.startswith("diffusekit bench: error: DIFFUSEKIT_AUTOTUNE must be one of measure, cached, rules")

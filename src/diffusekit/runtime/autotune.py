@@ -275,7 +275,7 @@ def configure(
     :func:`cache_path`), the atomic ``writer`` that saves it, the measuring budget and the timer."""
     global _tuner
     _tuner = Tuner(
-        mode=parse_mode(mode if mode is not None else _ENV_MODE_VALUE, option="autotune mode"),
+        mode=parse_mode(_ENV_MODE_VALUE) if mode is None else parse_mode(mode, option="autotune mode"),
         path=path if path is not None else cache_path(),
         writer=writer,
         budget_s=BUDGET_S if budget_s is None else budget_s,
