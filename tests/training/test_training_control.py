@@ -3,6 +3,7 @@ resuming with nothing left to train, pruning after a kill, the loss window acros
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -260,7 +261,9 @@ def test_help_shows_every_default():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     parser = sub.choices["train"]
     text = " ".join(parser.format_help().split())
-    defaults = TrainConfig().to_dict()
+    from diffusekit.training.latent_config import LatentConfig
+
+    defaults = {**TrainConfig().to_dict(), "latent": dataclasses.asdict(LatentConfig())}
     for action in parser._actions:
         if action.dest in _FIELDS:
             section, name = _FIELDS[action.dest]

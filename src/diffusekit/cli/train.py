@@ -1,8 +1,10 @@
-"""``diffusekit train``: train a pixel-space diffusion U-Net from a config file and/or options."""
+"""``diffusekit train``: train a diffusion U-Net from a config file and/or options, on pixels or (``--latent``) on
+the latents of a frozen VAE."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shlex
 import sys
@@ -16,7 +18,8 @@ from diffusekit.diffusion.schedules import BETA_SCHEDULES
 from diffusekit.errors import CheckpointError, ConfigError, DiffusekitError
 from diffusekit.limits import check_int
 from diffusekit.pipelines.super_resolution import DOWNSAMPLE_MODES
-from diffusekit.training.config import LR_SCHEDULES, MIXED_PRECISION, TASKS, TrainConfig, load_config
+from diffusekit.training.config import LR_SCHEDULES, MIXED_PRECISION, TASKS, TrainConfig, load_config, read_config_file
+from diffusekit.training.latent_config import CONDITIONINGS, POSTERIORS, LatentConfig, LatentTrainConfig
 from diffusekit.training.presets import preset_names
 
 DESCRIPTION = """\
@@ -36,6 +39,15 @@ Ctrl-C stops after the current step, saves a checkpoint and prints the command t
 (a second Ctrl-C quits at once without saving). Sizes are checked before anything is loaded: a batch whose
 estimated memory exceeds the device's is refused with the estimate.
 
+Latent diffusion (--latent VAE_FOLDER): the images are encoded once by the frozen VAE (latents cached in the
+run folder, flips encoded in pixel space; a cache of another VAE or other data is rebuilt), the U-Net trains
+on them, conditioned on class labels or on captions (image.txt beside image.png, or --caption for all) through
+a CLIP text encoder trained from scratch on a BPE vocabulary of the captions, or a frozen --text-encoder.
+model/ is then a complete pipeline folder (with vae/; text_encoder/ and tokenizer/ for captions) for
+`diffusekit sample` (classes) or `diffusekit txt2img` (captions). The config file's [latent] section holds
+these settings (see diffusekit.training.latent_config); --task does not apply, and the defaults of --preset
+and --beta-schedule become latent-small and scaled_linear (Stable Diffusion's schedule).
+
 Several processes or GPUs: torchrun --nproc_per_node N -m diffusekit train ... (DDP; --batch-size is per
 process)."""
 
@@ -46,6 +58,8 @@ examples:
   diffusekit train --data ./photos --resolution-px 64 --preset ddpm-cifar10 --batch-size 32
   diffusekit train --resume --output-dir runs/digits --steps 4000      # continue the newest checkpoint
   diffusekit train --task super-resolution --scale 4 --data fashion-mnist --output-dir runs/sr   # 7 -> 28 px
+  diffusekit train --latent runs/vae/model --data fashion-mnist --resolution-px 32 --output-dir runs/ldm
+  diffusekit train --latent runs/vae/model --data ./captioned --preset latent-small --output-dir runs/t2i
   torchrun --nproc_per_node 2 -m diffusekit train --config run.toml"""
 
 
@@ -125,6 +139,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="super-resolution: train on a random PX x PX window of each image (a new one every "
                    "step), a multiple of --scale; the model then tiles larger inputs (0 = the whole image, the "
                    "default)")  # fmt: skip
+    g = p.add_argument_group("latent diffusion")
+    g.add_argument("--latent", metavar="VAE_FOLDER",
+                   help="train on the latents of this frozen VAE (a VAE folder or a pipeline folder holding vae/)")
+    g.add_argument("--latent-cache", metavar="FILE", help="the latent cache (default: latents.safetensors in the run "
+                   "folder); a cache of another VAE or other data is encoded again")
+    g.add_argument("--posterior", choices=POSTERIORS, help="sample: a fresh z ~ q(z|x) each time an image is used "
+                   "(as Stable Diffusion trains); mean: the posterior mean")
+    g.add_argument("--conditioning", choices=CONDITIONINGS, help="auto: captions when the folder has .txt files or "
+                   "--caption is given, else class labels when the data has them, else none")
+    g.add_argument("--caption", metavar="TEXT", help="the caption of every image without a .txt file (an empty "
+                   "text is the empty prompt)")
+    g.add_argument("--text-encoder", metavar="FOLDER", help="a pretrained CLIP text encoder (a pipeline folder with "
+                   "text_encoder/ and tokenizer/), kept frozen; default: one trained from scratch on the captions")
+    g.add_argument("--vocab-size", type=int, metavar="N", help="tokens of the BPE vocabulary learned from the "
+                   "captions (with the 514 byte and special tokens)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, metavar="N", help="optimizer steps to train to")
     g.add_argument("--max-minutes", type=float, metavar="M", help="wall-clock training budget of this invocation")
@@ -170,7 +199,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
     """Append each config option's default (read from TrainConfig, the one source of defaults) to its help."""
-    defaults = TrainConfig().to_dict()
+    defaults = {**TrainConfig().to_dict(), "latent": dataclasses.asdict(LatentConfig())}
     for action in parser._actions:
         if action.dest in _FIELDS:
             section, name = _FIELDS[action.dest]
@@ -203,16 +232,29 @@ _FIELDS = {
     "task": ("task", "kind"), "scale": ("task", "scale"), "downsample": ("task", "downsample"),
     "blur_sigma": ("task", "blur_sigma"), "degrade_noise": ("task", "noise_std"),
     "noise_aug_levels": ("task", "max_noise_level"), "crop_px": ("task", "crop_px"),
+    "latent": ("latent", "vae"), "latent_cache": ("latent", "cache"), "posterior": ("latent", "posterior"),
+    "conditioning": ("latent", "conditioning"), "caption": ("latent", "caption"),
+    "text_encoder": ("latent", "text_encoder"), "vocab_size": ("latent", "vocab_size"),
 }  # fmt: skip
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the --config file, then every option that was given."""
-    config = load_config(args.config) if args.config else TrainConfig()
+def config_from_args(args: argparse.Namespace) -> TrainConfig | LatentTrainConfig:
+    """Defaults, then the --config file, then every option that was given. A latent run (--latent, or a config
+    file with a [latent] section) gives a LatentTrainConfig."""
+    data = read_config_file(args.config) if args.config else {}
+    latent = getattr(args, "latent", None) is not None or "latent" in data
+    if latent:
+        config = LatentTrainConfig.from_dict(data)
+    else:
+        config = load_config(args.config) if args.config else TrainConfig()
     changes: dict[str, dict] = {}
     for option, (section, name) in _FIELDS.items():
         value = getattr(args, option, None)
         if value is not None:
+            if section in ("latent", "task") and (section == "latent") != latent:
+                raise ConfigError(f"--{option.replace('_', '-')} applies to "
+                                  + ("latent runs only (add --latent VAE_FOLDER)" if section == "latent"
+                                     else "pixel-space runs only, not with --latent"))  # fmt: skip
             changes.setdefault(section, {})[name] = value
     if args.no_progress:
         changes.setdefault("run", {})["progress"] = False
@@ -221,7 +263,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config.replace(**changes) if changes else config.validate()
 
 
-def resume_config(args: argparse.Namespace, config: TrainConfig) -> tuple[TrainConfig, Path | None]:
+def resume_config(
+    args: argparse.Namespace, config: TrainConfig | LatentTrainConfig
+) -> tuple[TrainConfig | LatentTrainConfig, Path | None]:
     """For --resume: the checkpoint (None if "latest" finds none) and its saved config, with only the run
     options given on the command line changed. A checkpoint named explicitly continues in its own run folder
     unless --output-dir says otherwise."""
@@ -254,7 +298,8 @@ def resume_config(args: argparse.Namespace, config: TrainConfig) -> tuple[TrainC
     if args.resume != "latest" and args.output_dir is None:
         changes["output_dir"] = str(path.parent.parent)
     try:  # the options given replace saved run settings before they are checked (an old run's max_minutes=0)
-        return TrainConfig.from_dict({**saved, "run": {**saved.get("run", {}), **changes}}), path
+        kind = LatentTrainConfig if "latent" in saved else TrainConfig  # what the checkpoint's run trained
+        return kind.from_dict({**saved, "run": {**saved.get("run", {}), **changes}}), path
     except ConfigError as e:
         raise ConfigError(f"{path}: the checkpoint's settings with the options given: {e}") from None
 
@@ -293,6 +338,8 @@ def _run(args: argparse.Namespace) -> int:
     resume = None
     if args.resume is not None:
         config, resume = resume_config(args, config)
+    if isinstance(config, LatentTrainConfig):
+        from diffusekit.training.latent_trainer import LatentTrainer as Trainer  # noqa: N814
     trainer = Trainer(config, resume=resume)
     result = trainer.fit()
     if trainer.env.is_main:
@@ -302,9 +349,7 @@ def _run(args: argparse.Namespace) -> int:
             f"last loss {loss}\n"
             f"  checkpoint: {result.checkpoint}\n  EMA model:  {result.export_dir}\n"
             f"  metrics:    {result.run_dir / 'metrics.jsonl'}, loss curve {result.run_dir / 'loss_curve.png'}\n"
-            + (f"upscale with: diffusekit upscale --model {result.export_dir} IMAGE --out DIR"
-               if trainer.config.task.kind == "super-resolution"
-               else f"sample with: diffusekit sample {result.export_dir} --n 64 --out grid.png")
+            + _next_command(trainer, result.export_dir)
         )
     from diffusekit.training.distributed import shutdown
 
@@ -320,3 +365,14 @@ def _run(args: argparse.Namespace) -> int:
             )
         return 130
     return 0
+
+
+def _next_command(trainer, export_dir: Path | None) -> str:
+    """The command that uses the exported model."""
+    if getattr(trainer, "mode", None) == "text":
+        size = trainer.dataset.resolution
+        return (f"generate with: diffusekit txt2img --model {export_dir} \"a caption\" --size {size}x{size} "
+                "--out DIR")
+    if isinstance(trainer.config, TrainConfig) and trainer.config.task.kind == "super-resolution":
+        return f"upscale with: diffusekit upscale --model {export_dir} IMAGE --out DIR"
+    return f"sample with: diffusekit sample {export_dir} --n 64 --out grid.png"

@@ -399,7 +399,7 @@ def _conditioning(c: LatentTrainConfig, ds: TrainDataset) -> str:
     ):
         mode = "text"
     else:
-        mode = "class" if ds.num_classes > 0 else "none"
+        mode = "class" if ds.num_classes > 0 and c.model.class_conditional is not False else "none"
     if mode == "class" and ds.num_classes == 0:
         raise ConfigError(
             "latent.conditioning is 'class' but the data has no labels (class sub-folders or a labelled dataset)"
