@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffusekit.bench import timing
 from diffusekit.bench.harness import machine
-from diffusekit.runtime import fastconv, timing
+from diffusekit.runtime import fastconv
 
 # (batch, C_in, C_out, size): the 3x3 stride-1 layers of W1 (DDPM CIFAR-10, batch 16), W3 (SD U-Net,
 # batch 2 latents) and W4 (SD VAE decoder, one 512x512 image), plus narrower/wider neighbours.
