@@ -74,6 +74,12 @@ def test_bad_input_is_refused_naming_the_option(tmp_path, blobs, capsys):
                  str(tmp_path / "r"), *TINY])  # fmt: skip
     assert code == 2
     assert "--discriminator-layers=2 needs images of at least 12px, the data has 8px" in capsys.readouterr().err
+    code = main(["train-vae", blobs, "--preset", "kl-f8", "--resolution-px", "1024", "--limit", "2", "--batch-size",
+                 "100000", "--output-dir", str(tmp_path / "r"), "--device", "cpu"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--batch-size=100000 at --resolution-px=1024 needs about" in err and "use a smaller --batch-size" in err
+    assert not (tmp_path / "r" / "checkpoints").exists()
     with pytest.raises(SystemExit):
         main(["train-vae", blobs, "--reconstruction-loss", "lpips"])
     assert "invalid choice: 'lpips'" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -32,12 +33,9 @@ def device_memory_bytes(device: torch.device) -> int | None:
         return None
 
 
-def activation_bytes(config: UNetConfig, channels: int, resolution: int) -> tuple[int, int]:
-    """(bytes of the float32 layer outputs one example's forward pass keeps for the backward pass, number of
-    parameters) of the U-Net ``config``."""
-    # class labels cannot be range-checked on the meta device; their embedding is one vector per example
-    with torch.device("meta"):
-        net = UNet(dataclasses.replace(config, num_classes=None))
+def forward_activation_bytes(net: torch.nn.Module, forward: Callable[[torch.nn.Module], object]) -> int:
+    """Bytes (float32) of the outputs of every leaf module of ``net`` (built on the ``meta`` device) while
+    ``forward(net)`` runs on meta tensors: what a training step keeps for the backward pass."""
     total = 0
 
     def count(module: torch.nn.Module, inputs: object, output: object) -> None:
@@ -48,15 +46,28 @@ def activation_bytes(config: UNetConfig, channels: int, resolution: int) -> tupl
     leaves = [m for m in net.modules() if next(m.children(), None) is None]
     hooks = [m.register_forward_hook(count) for m in leaves]
     try:
+        forward(net)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def activation_bytes(config: UNetConfig, channels: int, resolution: int) -> tuple[int, int]:
+    """(bytes of the float32 layer outputs one example's forward pass keeps for the backward pass, number of
+    parameters) of the U-Net ``config``."""
+    # class labels cannot be range-checked on the meta device; their embedding is one vector per example
+    with torch.device("meta"):
+        net = UNet(dataclasses.replace(config, num_classes=None))
+
+    def forward(net: torch.nn.Module) -> None:
         x = torch.empty(1, channels, resolution, resolution, device="meta")  # (1, C, R, R)
         t = torch.zeros(1, dtype=torch.long, device="meta")
         # a text-conditioned network cross-attends to CLIP's 77 tokens (the longest context a caption gets)
         context = torch.empty(1, 77, config.cross_attention_dim, device="meta") if config.needs_context else None
         net(x, t, context=context)
-    finally:
-        for h in hooks:
-            h.remove()
-    return total, sum(p.numel() for p in net.parameters())
+
+    return forward_activation_bytes(net, forward), sum(p.numel() for p in net.parameters())
 
 
 def check_training_memory(
@@ -65,6 +76,13 @@ def check_training_memory(
     """Refuse (ConfigError naming optim.batch_size and data.resolution) a micro-batch whose estimated memory
     exceeds ``device``'s; return the estimate in bytes."""
     per_example, n_params = activation_bytes(config, channels, resolution)
+    return check_memory(per_example, n_params, resolution=resolution, batch_size=batch_size, device=device)
+
+
+def check_memory(per_example: int, n_params: int, *, resolution: int, batch_size: int, device: torch.device) -> int:
+    """Refuse (ConfigError naming optim.batch_size and data.resolution) a micro-batch of ``batch_size``
+    examples of ``per_example`` activation bytes for a network of ``n_params`` parameters (PARAMETER_COPIES
+    float32 copies) when it exceeds ``device``'s memory; return the estimate in bytes."""
     params = n_params * 4 * PARAMETER_COPIES
     need = params + batch_size * per_example
     have = device_memory_bytes(device)

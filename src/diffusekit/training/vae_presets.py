@@ -16,7 +16,7 @@ from diffusekit.limits import MAX_LEVELS
 from diffusekit.networks.vae import VAE_PRESETS, VAEConfig
 
 TRAIN_VAE_PRESETS: dict[str, VAEConfig] = {
-    # 28x28 -> 14 -> 7 with 4 latent channels; ~0.6M parameters
+    # 28x28 -> 14 -> 7 with 4 latent channels; ~0.95M parameters
     "mnist-f4": VAEConfig(latent_channels=4, channels=(32, 64, 64), layers_per_block=1, norm_groups=8),
     # Rombach et al. 2022's KL-f8 (ch 128, ch_mult 1,2,4,4, 2 residual blocks, z 4): the SD-1.x VAE, ~84M
     "kl-f8": VAEConfig(latent_channels=4, channels=(128, 256, 512, 512), layers_per_block=2, norm_groups=32),

@@ -40,6 +40,7 @@ from diffusekit.runtime.policy import Plan, prepare
 from diffusekit.training import distributed as ddp
 from diffusekit.training.data import DataSpec, TrainDataset, default_random_flip, from_model_range, load_dataset
 from diffusekit.training.loop import SAMPLES_DIR, TrainingLoop
+from diffusekit.training.memory import check_memory, forward_activation_bytes
 from diffusekit.training.monitor import MetricsLogger
 from diffusekit.training.randomness import micro_batch_generator
 from diffusekit.training.vae_adversarial import (
@@ -161,11 +162,32 @@ class VAETrainer(TrainingLoop):
             else None
         )
         device = self.env.device
+        self._check_memory(disc is not None)
         plan = Plan(dtype=torch.float32, channels_last=device.type == "cpu", inference=False)
         self.memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
         self._init_training(prepare(AutoencoderTraining(AutoencoderKL(self.vae_config), disc), plan, device=device))
         self.last_scaling: tuple[float, float] | None = None  # (latent std, scaling factor) of the export
         self._terms: dict[str, Tensor] = {}  # the last optimizer step's loss terms (extra_metrics)
+
+    def _check_memory(self, adversarial: bool) -> None:
+        """Refuse a micro-batch whose estimated memory (a meta-device forward, ``training.memory``) exceeds
+        the device's, naming optim.batch_size and data.resolution, before the model is allocated."""
+        c, v, res = self.config, self.vae_config, self.dataset.resolution
+        lc = c.loss
+        with torch.device("meta"):
+            disc = PatchDiscriminator(v.in_channels, channels=lc.discriminator_channels,
+                                      layers=lc.discriminator_layers) if adversarial else None  # fmt: skip
+            net = AutoencoderTraining(AutoencoderKL(v), disc)
+
+        def forward(net: nn.Module) -> None:
+            x = torch.empty(1, v.in_channels, res, res, device="meta")  # (1, C, R, R)
+            noise = torch.empty(1, v.latent_channels, res // v.downsample_factor, res // v.downsample_factor,
+                                device="meta")  # fmt: skip
+            net(x, noise, reconstruction=lc.reconstruction, kl_weight=lc.kl_weight)
+
+        per_example = forward_activation_bytes(net, forward)
+        n_params = sum(p.numel() for p in net.parameters())
+        check_memory(per_example, n_params, resolution=res, batch_size=c.optim.batch_size, device=self.env.device)
 
     # ------------------------------------------------------------------------------------------- hooks
     def checkpoint_config(self) -> dict[str, Any]:
