@@ -3,6 +3,7 @@ loads and samples at the data's size, resume is exact and refuses another VAE, b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -191,3 +192,36 @@ def test_bad_input_is_named(tmp_path, vae_dir):
         LatentTrainer(cfg)
     trainer = LatentTrainer(cfg.replace(data={"skip_bad_images": True}))
     assert trainer.texts == ["fine"] and len(trainer.cache) == 1
+
+
+def test_sizes_are_named_in_image_pixels(tmp_path, vae_dir):
+    images, labels = two_patterns(4, size=12)  # 6x6 latents; the 3-level U-Net needs multiples of 4, so 8 px
+    with pytest.raises(
+        ConfigError, match=r"data resolution 12 \(6 px latents of a 2x downsampling VAE\).* multiple of 8 \(e.g. 16\)"
+    ):
+        LatentTrainer(
+            config(tmp_path, vae_dir).replace(model={"preset": "latent-small"}), dataset=ArrayDataset(images, labels)
+        )
+    folder = tmp_path / "mixed"  # images of two sizes: as for pixel training, the size must be chosen
+    folder.mkdir()
+    Image.fromarray(images[0]).save(folder / "a.png")
+    Image.fromarray(two_patterns(1, size=16)[0][0]).save(folder / "b.png")
+    with pytest.raises(ConfigError, match="different sizes.*data.resolution"):
+        LatentTrainer(config(tmp_path, vae_dir).replace(data={"source": str(folder)}, latent={"caption": "x"}))
+    trainer = LatentTrainer(
+        config(tmp_path, vae_dir).replace(data={"source": str(folder), "resolution": 16}, latent={"caption": "x"})
+    )
+    assert trainer.cache.latent_shape == (4, 8, 8) and trainer.texts == ["x", "x"]
+
+
+def test_posterior_mean_or_sample(tmp_path, vae_dir):
+    images, labels = two_patterns(4)
+    trainer = LatentTrainer(config(tmp_path, vae_dir, posterior="mean"), dataset=ArrayDataset(images, labels))
+    seen = []
+    real = trainer.cache.latents
+    trainer.cache.latents = lambda idx, **kw: seen.append(kw["noise"]) or real(idx, **kw)
+    trainer._accumulate(trainer.model, torch.arange(4), 0, last=True, amp=contextlib.nullcontext())
+    assert seen == [None]
+    trainer.config.latent.posterior = "sample"
+    trainer._accumulate(trainer.model, torch.arange(4), 0, last=True, amp=contextlib.nullcontext())
+    assert seen[1].shape == (4, 4, 8, 8)

@@ -187,6 +187,7 @@ class LatentTrainer(TrainingLoop):
                 resolution=latent_res,
                 num_classes=self.num_classes,
                 context_dim=context_dim,
+                pixels_per_input=self.vae.config.downsample_factor,
             )
         if self.unet_config.in_channels != latent_c:
             raise ConfigError(

@@ -70,12 +70,14 @@ def build_unet_config(
     resolution: int,
     num_classes: int | None,
     context_dim: int | None = None,
+    pixels_per_input: int = 1,
 ) -> UNetConfig:
     """The preset with ``overrides`` applied, its image channels/size set from the data, and
     ``num_classes + 1`` class ids when class-conditional (the last id means "no class", for label dropout
     and classifier-free guidance); ``num_classes=None`` builds an unconditional network. ``context_dim``: the
     width of the text tokens of a caption-conditioned network (its attention becomes transformer blocks with
-    cross-attention); None refuses text-conditioned presets."""
+    cross-attention); None refuses text-conditioned presets. ``pixels_per_input``: image pixels per network
+    input pixel (a latent model's VAE downsampling factor), so that a size error names the image size to choose."""
     base = TRAIN_PRESETS.get(preset) or UNET_PRESETS.get(preset)
     if base is None:
         raise ConfigError(f"model.preset={preset!r} is not known; allowed: {', '.join(preset_names())}")
@@ -97,10 +99,11 @@ def build_unet_config(
             "text-to-image models is not supported here"
         )
     config = UNetConfig.from_dict(d)
-    f = config.downsample_factor
+    f, k = config.downsample_factor, pixels_per_input
     if resolution % f:
+        latent = f" ({resolution} px latents of a {k}x downsampling VAE)" if k > 1 else ""
         raise ConfigError(
-            f"data resolution {resolution} is not a multiple of {f}, which the {config.levels}-level U-Net "
-            f"needs; set data.resolution to a multiple of {f} (e.g. {resolution + f - resolution % f})"
+            f"data resolution {resolution * k}{latent} is not a multiple of {f * k}, which the {config.levels}-level "
+            f"U-Net needs; set data.resolution to a multiple of {f * k} (e.g. {(resolution + f - resolution % f) * k})"
         )
     return config
