@@ -10,13 +10,25 @@ import warnings
 from collections.abc import Iterator
 
 from diffusekit import __version__
-from diffusekit.cli import bench, convert, demo, fid, generate, sample, serve, train, train_vae, upscale
+from diffusekit.cli import (
+    bench,
+    convert,
+    demo,
+    ema_reconstruct,
+    fid,
+    generate,
+    sample,
+    serve,
+    train,
+    train_vae,
+    upscale,
+)
 from diffusekit.errors import DiffusekitError
 from diffusekit.io.atomic import write_bytes_atomic
 from diffusekit.runtime import autotune
 
 # each module adds its sub-command(s) with add_parser(subparsers); generate adds txt2img, img2img, inpaint
-COMMAND_MODULES = (demo, train, train_vae, sample, fid, generate, upscale, convert, bench, serve)
+COMMAND_MODULES = (demo, train, train_vae, ema_reconstruct, sample, fid, generate, upscale, convert, bench, serve)
 
 
 class Parser(argparse.ArgumentParser):

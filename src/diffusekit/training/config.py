@@ -31,6 +31,7 @@ from diffusekit.diffusion.schedules import BETA_SCHEDULES
 from diffusekit.errors import ConfigError, check_choice, check_range
 from diffusekit.limits import check_flag, check_float, check_int
 from diffusekit.pipelines.super_resolution import DOWNSAMPLE_MODES, MAX_SCALE
+from diffusekit.training.power_ema import EMA_KINDS, check_sigma_rels
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -214,15 +215,27 @@ class OptimConfig:
 class EMAConfig:
     """Exponential moving average of the weights (Polyak & Juditsky 1992; used by DDPM, sec. B).
 
-    The decay at optimizer step n is min(``decay``, (1 + n) / (10 + n)) when ``warmup`` is on (the
-    num_updates rule of TensorFlow's ExponentialMovingAverage), so early, random weights are forgotten fast.
+    ``kind`` ``classic``: the decay at optimizer step n is min(``decay``, (1 + n) / (10 + n)) when ``warmup`` is
+    on (the num_updates rule of TensorFlow's ExponentialMovingAverage), so early, random weights are forgotten
+    fast. ``power``: the power-function EMA of EDM2 (Karras et al. 2024, sec. 3.1), whose window is a fixed
+    fraction of the run, at each of ``sigma_rels`` (that fraction as a relative standard deviation, in
+    [0.0001, 0.28]); the previews, checkpoints' EMA and the export use the first one, and every
+    ``snapshot_every`` steps (and at each checkpoint) all of them are saved to ``ema_snapshots/``, from which
+    ``diffusekit ema-reconstruct`` builds the model of any other sigma_rel after training (appendix C.2).
+    ``decay`` and ``warmup`` do not apply to it.
     """
 
     decay: float = 0.9999
     warmup: bool = True
+    kind: str = "classic"
+    sigma_rels: tuple[float, ...] = (0.05, 0.10)
+    snapshot_every: int = 500
 
     def validate(self) -> None:
         check_range("ema.decay", self.decay, 0.0, 1.0)
+        check_choice("ema.kind", self.kind, EMA_KINDS)
+        self.sigma_rels = tuple(check_sigma_rels("ema.sigma_rels", self.sigma_rels))
+        check_int("ema.snapshot_every", self.snapshot_every, 1, MAX_STEPS)
 
 
 @dataclass

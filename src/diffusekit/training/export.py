@@ -26,6 +26,7 @@ from diffusekit.pipelines.unconditional import UnconditionalPipeline, load_pipel
 from diffusekit.samplers.config import SamplerConfig
 from diffusekit.training.checkpoint import load_checkpoint, resolve_checkpoint
 from diffusekit.training.config import DiffusionConfig, TaskConfig, TrainConfig
+from diffusekit.training.power_ema import first_average
 
 EXPORT_DIR = "model"
 _SR_MODEL = "{path} is a super-resolution model, which upscales images: run 'diffusekit upscale --model {path} IMAGE'"
@@ -101,5 +102,5 @@ def load_for_sampling(
     if train.task.kind == TASK:
         raise ConfigError(_SR_MODEL.format(path=path))
     net = UNet(UNetConfig.from_dict(ckpt.config["unet"]))
-    net.load_state_dict(ckpt.ema if use_ema else ckpt.model)
+    net.load_state_dict(first_average(ckpt.ema) if use_ema else ckpt.model)  # a power EMA's first average
     return UnconditionalPipeline(net.to(device).eval(), sampler_config(train.diffusion))

@@ -47,6 +47,7 @@ from diffusekit.training.ema import ema_decay, ema_update, make_ema
 from diffusekit.training.interrupt import on_sigint, request_stop
 from diffusekit.training.lr_schedule import lr_factor
 from diffusekit.training.monitor import MetricsLogger, plot_loss_curve, read_metrics
+from diffusekit.training.power_ema import SNAPSHOT_DIR, PowerEMA, power_beta
 from diffusekit.training.precision import resolve_precision
 from diffusekit.training.randomness import seed_everything
 from diffusekit.training.resume import CHECKPOINTS_DIR, checkpoint_payload, find_resume_state, restore_state
@@ -115,6 +116,7 @@ class TrainingLoop:
         self.train_seconds_total = 0.0
         self.log_window: list[float] = []  # losses of the steps since the last metrics record
         self.resumed_from: Path | None = None
+        self.power_ema: PowerEMA | None = None  # the tracked averages of ema.kind 'power' (see _make_ema)
 
     def _init_training(self, model: torch.nn.Module) -> None:
         """Take ``model`` (already on the device, in training layout): its EMA copy, AdamW over the parameters
@@ -123,6 +125,8 @@ class TrainingLoop:
         c, device = self.config, self.env.device
         self.model = model
         self.ema = self._make_ema()
+        if c.ema.kind == "power" and self.power_ema is None:
+            raise ConfigError(f"ema.kind 'power' is not available for {type(self).__name__}; allowed: 'classic'")
         o = c.optim
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
@@ -166,22 +170,47 @@ class TrainingLoop:
         return {}
 
     def _make_ema(self) -> torch.nn.Module:
-        """The EMA copy of ``self.model`` (a frozen copy of the weights)."""
+        """The EMA copy of ``self.model`` (a frozen copy of the weights); with ema.kind 'power' the first of the
+        power-function averages, all of which ``self.power_ema`` tracks."""
+        if self.config.ema.kind == "power":
+            self.power_ema = PowerEMA(self.model, self.config.ema.sigma_rels)
+            return self.power_ema.averages[0]
         return make_ema(self.model)
 
+    def _ema_decay(self) -> float:
+        """The decay of the EMA update after optimizer step ``self.step`` (a power EMA: its first profile's)."""
+        if self.power_ema is not None:
+            return power_beta(self.step, self.power_ema.gammas[0])
+        return ema_decay(self.step, self.config.ema.decay, self.config.ema.warmup)
+
     def _update_ema(self, decay: float) -> None:
-        """ema <- decay * ema + (1 - decay) * weights, after each optimizer step."""
-        ema_update(self.ema, self.model, decay)
+        """ema <- decay * ema + (1 - decay) * weights, after each optimizer step; a power EMA updates each of
+        its averages with its own beta_t and saves them every ema.snapshot_every steps."""
+        if self.power_ema is None:
+            ema_update(self.ema, self.model, decay)
+            return
+        self.power_ema.update(self.model, self.step)
+        if self.step % self.config.ema.snapshot_every == 0:
+            self._save_ema_snapshot()
+
+    def _save_ema_snapshot(self) -> None:
+        """Rank 0 writes the power EMA's averages of this step to ``run_dir/ema_snapshots`` with the run config."""
+        if self.env.is_main and self.power_ema is not None:
+            self.power_ema.save_snapshot(self.run_dir / SNAPSHOT_DIR, self.step, config=self.checkpoint_config())
 
     def weights(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The (model, EMA) state dicts a checkpoint holds; a subclass that trains a few parameters of a big
-        frozen model (adapters) returns only those."""
-        return self.model.state_dict(), self.ema.state_dict()
+        frozen model (adapters) returns only those. A power EMA's dict holds all of its averages."""
+        ema = self.power_ema.checkpoint_dict() if self.power_ema is not None else self.ema.state_dict()
+        return self.model.state_dict(), ema
 
     def load_weights(self, model: dict[str, Tensor], ema: dict[str, Tensor]) -> None:
         """Put ``weights()``'s dicts back (RuntimeError/KeyError when they do not fit)."""
         self.model.load_state_dict(model)
-        self.ema.load_state_dict(ema)
+        if self.power_ema is not None:
+            self.power_ema.load_checkpoint_dict(ema)
+        else:
+            self.ema.load_state_dict(ema)
 
     def checkpoint_config(self) -> dict[str, Any]:
         """The sections of a checkpoint's config.json (``train`` at least)."""
@@ -208,8 +237,11 @@ class TrainingLoop:
         return self.config.optim.batch_size * self.env.world_size
 
     def save_checkpoint(self) -> Path:
-        """Write the current state (rank 0 writes; every rank returns the checkpoint's path)."""
+        """Write the current state (rank 0 writes; every rank returns the checkpoint's path), and a power EMA's
+        snapshot of this step if its interval did not just write one."""
         path = self.run_dir / CHECKPOINTS_DIR / step_dir_name(self.step)
+        if self.power_ema is not None and self.step % self.config.ema.snapshot_every != 0:
+            self._save_ema_snapshot()
         if self.env.is_main:
             path = save_checkpoint(
                 self.run_dir / CHECKPOINTS_DIR,
@@ -283,7 +315,7 @@ class TrainingLoop:
                 self.data_position += accum * self.global_batch
                 mean_loss, grad_norm = self._optimizer_step(loss_sum / accum, last_ckpt)
                 self.step += 1
-                decay = ema_decay(self.step, c.ema.decay, c.ema.warmup)
+                decay = self._ema_decay()
                 self._update_ema(decay)
                 self.log_window.append(mean_loss)
                 interval_steps += 1
