@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from diffusekit.errors import ConfigError
+from diffusekit.errors import ConfigError, WeightsError
 from diffusekit.io.models import load_vae, save_vae
 from diffusekit.networks.text_encoder import ClipTextEncoder, TextEncoderConfig
 from diffusekit.networks.unet import UNet
@@ -63,6 +63,12 @@ def test_class_conditional_export_samples_decoded_images(tmp_path, vae):
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     got = pipe(1, steps=1, latents=latents, sampler="ddim", show_progress=False)
     assert got.shape == (1, 3, 16, 16)
+
+
+def test_txt2img_loader_points_a_class_model_to_sample(tmp_path, vae):
+    folder = export_latent_pipeline(unet(vae, num_classes=2), vae, DIFFUSION, tmp_path / "model")
+    with pytest.raises(WeightsError, match=r"latents with vae/\), not a text-to-image one.*diffusekit sample"):
+        load_pipeline(folder)
 
 
 def test_scheduler_does_not_clip_latents(tmp_path, vae):

@@ -54,7 +54,8 @@ DEFAULT_MAX_NOISE_LEVEL = 350  # the reference pipeline's, for a model_index.jso
 # model_index.json classes of other families, with what to say about them
 _OTHER_PIPELINES = {
     "StableDiffusionXLInpaintPipeline": "an SDXL inpainting model, which diffusekit does not load yet",
-    "DDPMPipeline": "an unconditional pixel-space model: load it with diffusekit.pipelines.unconditional.load_pipeline "
+    "DDPMPipeline": "an unconditional or class-conditional model (pixels, or latents with vae/), not a text-to-image "
+    "one: load it with diffusekit.pipelines.unconditional.load_pipeline "
     "(CLI: diffusekit sample)",
     SR_PIPELINE_CLASS: "a pixel-space super-resolution model: load it with diffusekit.pipelines.super_resolution."
     "load_sr_pipeline (CLI: diffusekit upscale --model FOLDER IMAGE --out DIR)",
