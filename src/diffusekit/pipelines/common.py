@@ -11,7 +11,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffusekit.errors import ConfigError, check_positive_int
-from diffusekit.networks.vae import AutoencoderKL
+from diffusekit.networks.vae import AutoencoderKL, DiagonalGaussian
 from diffusekit.samplers.common import Generator as GeneratorArg
 from diffusekit.samplers.common import StepInfo
 from diffusekit.samplers.common import draw_noise as draw  # noqa: F401  (the pipelines' name for it)
@@ -68,7 +68,7 @@ class LatentCodec:
 
     def encode(self, images: Tensor, noise: Tensor | None = None, generator: GeneratorArg = None) -> Tensor:
         """A posterior sample z = mean + std * noise, scaled."""
-        posterior = self.vae.encode(images, tile=self.tile * self.downsample_factor if self.tile else None)
+        posterior = self._encode(images)
         if noise is None:
             noise = draw(posterior.mean.shape, generator, posterior.mean.dtype, posterior.mean.device)
         return posterior.sample(noise=noise) * self.scaling_factor
@@ -76,8 +76,11 @@ class LatentCodec:
     def posterior(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """The scaled mean and standard deviation of q(z | images): ``mean + std * noise`` is a scaled sample
         (what training caches, so that it can draw a fresh sample each step)."""
-        posterior = self.vae.encode(images, tile=self.tile * self.downsample_factor if self.tile else None)
+        posterior = self._encode(images)
         return posterior.mean * self.scaling_factor, posterior.std * self.scaling_factor
+
+    def _encode(self, images: Tensor) -> DiagonalGaussian:
+        return self.vae.encode(images, tile=self.tile * self.downsample_factor if self.tile else None)
 
     def decode(self, latents: Tensor) -> Tensor:
         return self.vae.decode(latents / self.scaling_factor, tile=self.tile)
