@@ -281,7 +281,10 @@ class VAETrainer(TrainingLoop):
         """The EMA autoencoder as a reference VAE folder, its scaling factor 1 / std of posterior samples
         over ``vae.scaling_examples`` training images."""
         vae = self.ema.vae
-        std = latent_std(vae, self.dataset, examples=self.config.vae.scaling_examples, device=self.env.device)
+        c = self.config
+        # encoded in training-sized batches: a batch that fits a training step fits an encoder pass
+        std = latent_std(vae, self.dataset, examples=c.vae.scaling_examples, device=self.env.device,
+                         batch_size=c.optim.batch_size)  # fmt: skip
         factor = scaling_factor_from_std(std)
         self.last_scaling = (std, factor)
         return export_vae(vae, self.run_dir / VAE_EXPORT_DIR, factor)
