@@ -14,9 +14,9 @@ a training run at --sigma-rel, reconstructed after training from the run's snaps
 
 The run must have been trained with ema.kind = "power": it then keeps the averages of a
 few EMA lengths (ema.sigma_rels, e.g. 0.05 and 0.10) in RUN/ema_snapshots/ every ema.snapshot_every steps.
-sigma_rel is the width of the averaging window as a fraction of the training length: 0.05 averages about
-the last 5 %-15 % of the steps, 0.15 a wider stretch. Any value in [0.0001, 0.28] can be reconstructed;
-values between the tracked ones are reproduced best (the profile error printed says how well)."""
+sigma_rel is the width of the averaging window (its standard deviation) as a fraction of the training length:
+0.05 puts 95 % of the weight on the last 15 % of the steps, 0.10 on the last 30 %. Any value in [0.0001, 0.28]
+can be reconstructed; values between the tracked ones come out best (the profile error printed says how well)."""
 
 EPILOG = """\
 examples:
