@@ -20,6 +20,7 @@ from diffusekit.cli import (
     sample,
     serve,
     train,
+    train_lora,
     train_vae,
     upscale,
 )
@@ -28,7 +29,9 @@ from diffusekit.io.atomic import write_bytes_atomic
 from diffusekit.runtime import autotune
 
 # each module adds its sub-command(s) with add_parser(subparsers); generate adds txt2img, img2img, inpaint
-COMMAND_MODULES = (demo, train, train_vae, ema_reconstruct, sample, fid, generate, upscale, convert, bench, serve)
+COMMAND_MODULES = (
+    demo, train, train_vae, train_lora, ema_reconstruct, sample, fid, generate, upscale, convert, bench, serve
+)  # fmt: skip
 
 
 class Parser(argparse.ArgumentParser):

@@ -129,7 +129,7 @@ class TrainingLoop:
             raise ConfigError(f"ema.kind 'power' is not available for {type(self).__name__}; allowed: 'classic'")
         o = c.optim
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad],
+            self._parameter_groups(),
             lr=o.lr,
             betas=o.betas,
             eps=o.eps,
@@ -197,6 +197,12 @@ class TrainingLoop:
         """Rank 0 writes the power EMA's averages of this step to ``run_dir/ema_snapshots`` with the run config."""
         if self.env.is_main and self.power_ema is not None:
             self.power_ema.save_snapshot(self.run_dir / SNAPSHOT_DIR, self.step, config=self.checkpoint_config())
+
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW's parameter groups: one holding the parameters that require grad. A subclass may return
+        several, each with an ``lr_scale``: its rate is the scheduled rate times that (e.g. text-encoder
+        adapters trained at their own rate)."""
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
 
     def weights(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The (model, EMA) state dicts a checkpoint holds; a subclass that trains a few parameters of a big
@@ -306,7 +312,7 @@ class TrainingLoop:
                     break
                 lr = c.optim.lr * lr_factor(self.step, c.optim, c.run.max_steps)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 loss_sum = torch.zeros((), device=env.device)
                 for a in range(accum):
                     loss_sum += self._accumulate(

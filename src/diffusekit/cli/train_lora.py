@@ -1,0 +1,234 @@
+"""``diffusekit train-lora MODEL DATA --output FILE.safetensors``: LoRA fine-tuning of an SD-1.x/2.x or SDXL model
+on a folder of captioned images."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from diffusekit.errors import ConfigError, DiffusekitError
+from diffusekit.limits import check_int
+from diffusekit.training.config import LR_SCHEDULES, MIXED_PRECISION
+from diffusekit.training.lora_config import FORMATS, TARGETS, LoraTrainConfig
+
+DESCRIPTION = """\
+Fine-tune a Stable Diffusion model (SD-1.x/2.x or SDXL; a diffusers-layout folder or a single .safetensors
+file) with LoRA adapters (Hu et al. 2021): small low-rank updates (alpha / rank) B A on chosen layers of the
+U-Net, and optionally of the text encoder(s), trained on your images while the model itself stays frozen.
+
+DATA is a folder of images (PNG, JPEG, WebP, ...; sub-folders are read too). Each image is captioned by a UTF-8
+text file of the same name beside it (cat.png + cat.txt, the convention of kohya's and other trainers); images
+without one take --caption, and without --caption such a folder is refused. An empty caption trains the
+empty prompt. Images are resized so their shorter side is --resolution, then centre-cropped to a square.
+
+The frozen VAE encodes every image once; the latents are cached in the run folder (latents.safetensors) and
+reused only for the same VAE, images and settings. Each step draws a noise level on the model's own training
+schedule and trains the adapters to predict the model's own target (epsilon or v, from its scheduler config);
+SDXL is conditioned as its pipeline does it (both text encoders, the pooled embedding, and each image's
+original size and crop as micro-conditioning).
+
+The result is one .safetensors file in the kohya layout (lora_unet_*, lora_te_* with .lora_down, .lora_up,
+.alpha; what A1111, ComfyUI and kohya's tools read) or with --format peft the layout of the reference's
+save_lora_weights; load it with 'diffusekit txt2img --lora FILE'. An existing file is never replaced without
+--overwrite. The run folder (--run-dir) holds checkpoints of the adapters and optimizer only (not the base
+model; resumable bit for bit with --resume), metrics.jsonl, loss_curve.png and samples/.
+
+Ctrl-C stops after the current step and saves a checkpoint. Several processes or GPUs: torchrun
+--nproc_per_node N -m diffusekit train-lora ... (DDP; --batch-size is per process)."""
+
+EPILOG = """\
+examples:
+  diffusekit train-lora models/sd15 photos/ --output style.safetensors --steps 1000
+  diffusekit train-lora models/sd15 dog/ --caption "a photo of sks dog" --output dog.safetensors --rank 8
+  diffusekit train-lora models/sdxl photos/ --resolution 1024 --mixed-precision bf16 --gradient-checkpointing \\
+      --output xl.safetensors
+  diffusekit train-lora models/sd15 photos/ --output style.safetensors --resume --steps 2000 --overwrite
+  diffusekit txt2img "a portrait, in my style" --model models/sd15 --lora style.safetensors:0.8 --out images/"""
+
+# option -> (section, field)
+_FIELDS = {
+    "tokenizer": ("lora", "tokenizer"), "rank": ("lora", "rank"), "alpha": ("lora", "alpha"),
+    "targets": ("lora", "targets"), "train_text_encoder": ("lora", "train_text_encoder"),
+    "text_encoder_lr": ("lora", "text_encoder_lr"), "gradient_checkpointing": ("lora", "gradient_checkpointing"),
+    "caption_dropout": ("lora", "caption_dropout"), "min_snr_gamma": ("lora", "min_snr_gamma"),
+    "format": ("lora", "format"),
+    "caption": ("data", "caption"), "resolution": ("data", "resolution"), "random_flip": ("data", "random_flip"),
+    "skip_bad_images": ("data", "skip_bad_images"),
+    "batch_size": ("optim", "batch_size"), "grad_accum_steps": ("optim", "grad_accum_steps"), "lr": ("optim", "lr"),
+    "warmup_steps": ("optim", "warmup_steps"), "lr_schedule": ("optim", "lr_schedule"),
+    "ema_decay": ("ema", "decay"),
+    "steps": ("run", "max_steps"), "max_minutes": ("run", "max_minutes"), "mixed_precision": ("run", "mixed_precision"),
+    "run_dir": ("run", "output_dir"), "seed": ("run", "seed"), "device": ("run", "device"),
+    "checkpoint_every_steps": ("run", "checkpoint_every"), "keep_checkpoints": ("run", "keep_checkpoints"),
+    "log_every_steps": ("run", "log_every"), "sample_every_steps": ("run", "sample_every"),
+}  # fmt: skip
+# config names in library messages -> what a user of this command types
+_OPTION_NAMES = {f"{section}.{name}": "--" + option.replace("_", "-") for option, (section, name) in _FIELDS.items()}
+_OPTION_NAMES.update({"lora.model": "MODEL", "data.source": "DATA", "lora.output": "--output"})
+_OPTION_PATTERN = re.compile(r"\b(" + "|".join(map(re.escape, _OPTION_NAMES)) + r")\b")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train-lora",
+        help="fine-tune a Stable Diffusion model with LoRA adapters on captioned images",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL", help="SD-1.x/2.x or SDXL model folder (diffusers layout) or single file")
+    p.add_argument("data", metavar="DATA", help="folder of images, each with a caption .txt of the same name")
+    p.add_argument("--output", required=True, metavar="FILE.safetensors", help="the LoRA file written at the end")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--format", choices=FORMATS,
+                   help="kohya: lora_unet_*/lora_te_* keys (A1111, ComfyUI, kohya); peft: the reference's "
+                        "pytorch_lora_weights layout")  # fmt: skip
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder, for a single-file MODEL (which has none)")
+    g = p.add_argument_group("adapters")
+    g.add_argument("--rank", type=int, metavar="R", help="rank r of each update B A (1 and up; 4-32 is usual)")
+    g.add_argument("--alpha", type=float, metavar="A",
+                   help="the update is scaled by alpha / rank (default: alpha = rank, scale 1)")  # fmt: skip
+    g.add_argument("--targets", choices=TARGETS,
+                   help="attention: the q/k/v/out projections of the U-Net's attentions; transformer: every "
+                        "linear layer and 1x1 convolution of its transformer layers (kohya's set)")  # fmt: skip
+    g.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="adapters on the text encoder(s) too (attention projections and MLPs)")  # fmt: skip
+    g.add_argument("--text-encoder-lr", type=float, metavar="LR",
+                   help="learning rate of the text-encoder adapters (default: --lr)")  # fmt: skip
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute U-Net activations in the backward pass: less memory, ~30%% more time")  # fmt: skip
+    g = p.add_argument_group("data")
+    g.add_argument("--caption", metavar="TEXT", help="caption of every image that has no .txt file")
+    g.add_argument("--resolution", type=int, metavar="PX",
+                   help="square training size, a multiple of the model's latent multiple (default: the model's "
+                        "own, 512 for SD-1.x, 1024 for SDXL)")  # fmt: skip
+    g.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (both flips are encoded once)")  # fmt: skip
+    g.add_argument("--caption-dropout", type=float, metavar="P",
+                   help="probability of training an image with the empty prompt (keeps guidance working)")  # fmt: skip
+    g.add_argument("--skip-bad-images", action="store_true", default=None,
+                   help="train without images or caption files that cannot be read (they are listed); without "
+                        "this option such a folder is refused")  # fmt: skip
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, metavar="N", help="optimizer steps to train to")
+    g.add_argument("--max-minutes", type=float, metavar="M", help="wall-clock training budget of this invocation")
+    g.add_argument("--batch-size", type=int, metavar="N", help="images per micro-batch per process")
+    g.add_argument("--grad-accum-steps", type=int, metavar="N", help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, metavar="LR", help="AdamW learning rate of the adapters")
+    g.add_argument("--warmup-steps", type=int, metavar="N", help="linear LR warmup")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="after warmup")
+    g.add_argument("--min-snr-gamma", type=float, metavar="G", help="Min-SNR-gamma loss weighting (e.g. 5)")
+    g.add_argument("--ema-decay", type=float, metavar="D", help="EMA of the adapters written at the end (0 = off)")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION,
+                   help="autocast: auto = bf16 where the device has it, else float32 (fp16 with loss scaling on "
+                        "older GPUs)")  # fmt: skip
+    g = p.add_argument_group("run")
+    g.add_argument("--run-dir", metavar="DIR",
+                   help="checkpoints, latent cache, metrics and samples (default: --output's name with '.run' "
+                        "instead of '.safetensors')")  # fmt: skip
+    g.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                   help="continue a run: without a value, the newest intact checkpoint in --run-dir; or a "
+                        "checkpoint folder. The checkpoint's adapter, data and optimiser settings are used; only "
+                        "run options (steps, minutes, intervals) and --output may change")  # fmt: skip
+    g.add_argument("--seed", type=int, metavar="N", help="seed of the adapters' initial weights, the data order "
+                   "and the noise")  # fmt: skip
+    g.add_argument("--device", metavar="DEV", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--cpu-threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="checkpoint interval")
+    g.add_argument("--keep-checkpoints", type=int, metavar="N", help="newest checkpoints kept")
+    g.add_argument("--log-every-steps", type=int, metavar="N", help="metrics interval")
+    g.add_argument("--sample-every-steps", type=int, metavar="N",
+                   help="a grid of images for the first captions every N steps (0 = off)")  # fmt: skip
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
+    _show_defaults(p)
+    p.set_defaults(run=run)
+    return p
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append each option's default (from LoraTrainConfig, the one source of defaults) to its help."""
+    defaults = LoraTrainConfig().to_dict()
+    for action in parser._actions:
+        if action.dest in _FIELDS and "default:" not in (action.help or ""):
+            section, name = _FIELDS[action.dest]
+            value = defaults[section][name]
+            if value is None or action.dest == "run_dir":
+                continue
+            shown = ("on" if value else "off") if isinstance(value, bool) else value
+            action.help = f"{action.help or ''} (default: {shown})".strip()
+
+
+def default_run_dir(output: str) -> str:
+    """style.safetensors -> style.run (beside the output)."""
+    path = Path(output)
+    return str(path.with_name(path.stem + ".run"))
+
+
+def config_from_args(args: argparse.Namespace) -> LoraTrainConfig:
+    """The fine-tuning defaults, then every option that was given."""
+    d = LoraTrainConfig().to_dict()
+    d["lora"].update(model=args.model, output=args.output)
+    d["data"]["source"] = args.data
+    d["run"]["output_dir"] = default_run_dir(args.output)
+    for option, (section, name) in _FIELDS.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            d[section][name] = value
+    if args.no_progress:
+        d["run"]["progress"] = False
+    if args.no_tensorboard:
+        d["run"]["tensorboard"] = False
+    return LoraTrainConfig.from_dict(d)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except DiffusekitError as e:  # say --rank, not lora.rank
+        message = _OPTION_PATTERN.sub(lambda m: _OPTION_NAMES[m.group(1)], str(e))
+        raise type(e)(message) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from diffusekit.training.checkpoint import list_checkpoints
+    from diffusekit.training.distributed import shutdown
+    from diffusekit.training.lora_trainer import LoraTrainer, check_output
+    from diffusekit.training.resume import CHECKPOINTS_DIR
+
+    config = config_from_args(args)
+    check_output(args.output, args.overwrite, "--output")
+    if args.cpu_threads is not None:
+        torch.set_num_threads(check_int("--cpu-threads", args.cpu_threads, 1, 4096))
+    run_dir = Path(config.run.output_dir)
+    if args.resume is None and list_checkpoints(run_dir / CHECKPOINTS_DIR):
+        raise ConfigError(f"--run-dir {run_dir} already holds checkpoints of a run; pass --resume to continue it, "
+                          "or choose another --run-dir")  # fmt: skip
+    if args.resume is not None:
+        given = [f"--{o.replace('_', '-')}" for o, (section, _) in _FIELDS.items()
+                 if section != "run" and getattr(args, o, None) is not None]  # fmt: skip
+        if given:
+            print(f"note: resuming uses the checkpoint's settings; ignoring {', '.join(given)}", file=sys.stderr)
+    trainer = LoraTrainer(config, resume=args.resume, output=args.output, overwrite=args.overwrite)
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.env.is_main:
+        loss = "(no metrics record in this run)" if result.loss is None else round(result.loss, 5)
+        print(
+            f"trained to step {result.step} ({result.stopped_by}; {result.steps_per_second:.2f} steps/s); "
+            f"last loss {loss}\n"
+            f"  LoRA file:  {result.export_dir}\n  checkpoint: {result.checkpoint}\n"
+            f"  metrics:    {result.run_dir / 'metrics.jsonl'}, loss curve {result.run_dir / 'loss_curve.png'}\n"
+            f"generate with: diffusekit txt2img \"PROMPT\" --model {args.model} --lora {result.export_dir} --out DIR"
+        )
+        if result.stopped_by == "interrupted":
+            print(f"interrupted at step {result.step}; the checkpoint is saved. Resume with the same command and "
+                  "--resume --overwrite", file=sys.stderr)  # fmt: skip
+    shutdown(trainer.env)
+    return 130 if result.stopped_by == "interrupted" else 0
