@@ -3,6 +3,8 @@ checkpoints (resume stays exact), and ``diffusekit ema-reconstruct`` writing a m
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -126,3 +128,14 @@ def test_power_ema_options_are_checked():
     with pytest.raises(ConfigError, match="ema.snapshot_every"):
         TrainConfig().replace(ema={"kind": "power", "snapshot_every": 0})
     assert TrainConfig().ema.kind == "classic"  # the classic EMA stays the default
+
+
+def test_the_train_command_takes_the_power_ema_options(tmp_path, capsys):
+    base = ["train", "--data", "bundled", "--output-dir", str(tmp_path / "run"), "--print-config"]
+    assert main([*base, "--ema-kind", "power", "--ema-sigma-rels", "0.04", "0.12", "--ema-snapshot-every-steps",
+                 "50"]) == 0  # fmt: skip
+    ema = json.loads(capsys.readouterr().out)["ema"]
+    assert (ema["kind"], ema["sigma_rels"], ema["snapshot_every"]) == ("power", [0.04, 0.12], 50)
+    assert main([*base, "--ema-kind", "power", "--ema-sigma-rels", "0.05", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffusekit train: error:") and "--ema-sigma-rels" in err and "0.28" in err, err

@@ -20,6 +20,7 @@ from diffusekit.limits import check_int
 from diffusekit.pipelines.super_resolution import DOWNSAMPLE_MODES
 from diffusekit.training.config import LR_SCHEDULES, MIXED_PRECISION, TASKS, TrainConfig, load_config, read_config_file
 from diffusekit.training.latent_config import CONDITIONINGS, POSTERIORS, LatentConfig, LatentTrainConfig
+from diffusekit.training.power_ema import EMA_KINDS
 from diffusekit.training.presets import preset_names
 
 DESCRIPTION = """\
@@ -163,6 +164,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--warmup-steps", type=int, metavar="N", help="linear LR warmup")
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="after warmup")
     g.add_argument("--ema-decay", type=float, metavar="D", help="maximum EMA decay")
+    g.add_argument("--ema-kind", choices=EMA_KINDS,
+                   help="classic: the decay above; power: EDM2's power-function EMA at --ema-sigma-rels, saved "
+                   "to RUN/ema_snapshots so that 'diffusekit ema-reconstruct' can pick the EMA length after "
+                   "training")  # fmt: skip
+    g.add_argument("--ema-sigma-rels", type=float, nargs="+", metavar="S",
+                   help="power EMA: the lengths tracked, as fractions of the run in [0.0001, 0.28]; the first is "
+                   "the one exported")  # fmt: skip
+    g.add_argument("--ema-snapshot-every-steps", type=int, metavar="N", help="power EMA: snapshot interval")
     g.add_argument(
         "--mixed-precision",
         choices=MIXED_PRECISION,
@@ -224,7 +233,8 @@ _FIELDS = {
     "label_dropout": ("diffusion", "label_dropout"),
     "batch_size": ("optim", "batch_size"), "grad_accum_steps": ("optim", "grad_accum_steps"), "lr": ("optim", "lr"),
     "warmup_steps": ("optim", "warmup_steps"), "lr_schedule": ("optim", "lr_schedule"),
-    "ema_decay": ("ema", "decay"),
+    "ema_decay": ("ema", "decay"), "ema_kind": ("ema", "kind"), "ema_sigma_rels": ("ema", "sigma_rels"),
+    "ema_snapshot_every_steps": ("ema", "snapshot_every"),
     "steps": ("run", "max_steps"), "max_minutes": ("run", "max_minutes"), "mixed_precision": ("run", "mixed_precision"),
     "output_dir": ("run", "output_dir"), "seed": ("run", "seed"), "device": ("run", "device"),
     "checkpoint_every_steps": ("run", "checkpoint_every"), "keep_checkpoints": ("run", "keep_checkpoints"),
