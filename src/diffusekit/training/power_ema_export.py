@@ -36,6 +36,8 @@ def export_reconstruction(
     config = snapshot_config(used[-1])
     if not isinstance(config.get("unet"), dict) or not isinstance(config.get("train"), dict):
         raise ConfigError(f"{used[-1].path}: not a diffusion model's run (ema-reconstruct writes U-Net models)")
+    if "latent" in config["train"]:
+        raise ConfigError(f"{used[-1].path}: a latent diffusion run; ema-reconstruct writes pixel-space models only")
     try:
         train = TrainConfig.from_dict(config["train"])
         net = UNet(UNetConfig.from_dict(config["unet"]))
