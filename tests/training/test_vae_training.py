@@ -193,6 +193,8 @@ def test_the_discriminator_trains_only_after_its_start_and_only_on_its_own_loss(
         run={"max_steps": 2},
     )
     d0 = {k: v.clone() for k, v in trainer.model.discriminator.state_dict().items()}
+    plain = tiny_trainer(tmp_path / "plain").model.vae.state_dict()  # the same initial autoencoder as without
+    assert all(torch.equal(v, plain[k]) for k, v in trainer.model.vae.state_dict().items())
     trainer.fit()
     for k, v in trainer.model.discriminator.state_dict().items():
         assert torch.equal(v, d0[k]), f"{k} moved before the adversarial start"

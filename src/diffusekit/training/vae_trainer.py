@@ -156,16 +156,17 @@ class VAETrainer(TrainingLoop):
                 f"{3 * 2**lc.discriminator_layers}px, the data has {ds.resolution}px; "
                 + (f"use loss.discriminator_layers={fits} or fewer" if fits else "turn loss.adversarial off")
             )
+        device = self.env.device
+        self._check_memory(lc.adversarial)
+        vae = AutoencoderKL(self.vae_config)  # drawn first: the same initial autoencoder with or without a critic
         disc = (
             PatchDiscriminator(ds.channels, channels=lc.discriminator_channels, layers=lc.discriminator_layers)
             if lc.adversarial
             else None
         )
-        device = self.env.device
-        self._check_memory(disc is not None)
         plan = Plan(dtype=torch.float32, channels_last=device.type == "cpu", inference=False)
         self.memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-        self._init_training(prepare(AutoencoderTraining(AutoencoderKL(self.vae_config), disc), plan, device=device))
+        self._init_training(prepare(AutoencoderTraining(vae, disc), plan, device=device))
         self.last_scaling: tuple[float, float] | None = None  # (latent std, scaling factor) of the export
         self._terms: dict[str, Tensor] = {}  # the last optimizer step's loss terms (extra_metrics)
 
