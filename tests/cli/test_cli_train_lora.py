@@ -98,3 +98,13 @@ def test_bad_data_folder_and_caption_file(sd_folder, tmp_path, capsys):
     assert main(["train-lora", str(sd_folder), str(data), "--output", out, *QUICK]) == 2
     message = _error(capsys)
     assert "1.txt" in message and "not UTF-8" in message
+
+
+def test_format_peft_writes_the_reference_layout(sd_folder, tmp_path):
+    data = _folder(tmp_path / "data")
+    out = tmp_path / "p.safetensors"
+    assert main(["train-lora", str(sd_folder), str(data), "--output", str(out), "--steps", "1", "--format", "peft",
+                 "--rank", "2", "--alpha", "1", *QUICK]) == 0  # fmt: skip
+    f = read_lora(out)
+    assert f.format == "peft" and {u.scale for u in f.modules.values()} == {0.5}
+    assert all(m.stem.startswith("unet.") for m in f.modules)
