@@ -218,7 +218,7 @@ class Job:
 
 def job_from_args(args: argparse.Namespace) -> Job:
     if args.model is None:
-        raise ConfigError("--model FOLDER is required (an x4 upscaler model folder)")
+        raise ConfigError("--model FOLDER is required (an x4 upscaler model folder or a super-resolution run)")
     if args.out is None:
         raise ConfigError("--out DIR is required (the folder the PNGs are written to)")
     inputs = find_inputs(list(args.inputs or []))
@@ -349,13 +349,15 @@ def _upscale_one(
 
 
 _DESCRIPTION = """\
-Make images four times larger with the Stable Diffusion x4 upscaler (a latent diffusion model that
-redraws a noised copy of the input at four times its size, guided by an optional text prompt).
+Make images larger with a diffusion upscaler: the Stable Diffusion x4 upscaler (a latent diffusion model
+that redraws a noised copy of the input at four times its size, guided by an optional text prompt), or a
+pixel-space upscaler trained with 'diffusekit train --task super-resolution --scale N' (SR3, Saharia et al.
+2021: it upscales by the scale it was trained for; --prompt, --negative and --guidance do not apply to it).
 
 Each INPUT is an image file or a folder (its image files, not its subfolders). Any image mode is read:
 alpha channels are dropped, palette, greyscale and 16-bit images are converted to RGB (each conversion is
 reported). Sides that are not multiples of the model's factor are padded by repeating the edge and the
-result is cropped back to exactly 4 x the input. Inputs larger than --tile pixels on a side are upscaled
+result is cropped back to exactly scale x the input. Inputs larger than --tile pixels on a side are upscaled
 in overlapping tiles whose predictions are blended at every step, so no seams show.
 """
 
@@ -373,6 +375,7 @@ examples:
   diffusekit upscale --model ./stable-diffusion-x4-upscaler scan.png --tile 96 --tile-overlap 32 --out big/
   diffusekit upscale --replay big/00000-0.png                    # the same image again
   diffusekit upscale --replay big/00000-0.png --noise-level 60   # the same input and settings, more noise
+  diffusekit upscale --model runs/sr/model small_digits/ --out big/  # a model trained with --task super-resolution
 
 hires fix (generate small, upscale, optionally redraw at the large size):
   diffusekit txt2img --model ./stable-diffusion-v1-5 "a lighthouse at dusk" --size 256 --out small/
@@ -392,7 +395,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--model", metavar="FOLDER",
                        help="an x4 upscaler model folder in the diffusers layout (model_index.json naming "
                        "StableDiffusionUpscalePipeline, unet/, vae/, text_encoder/, tokenizer/, scheduler/, "
-                       "low_res_scheduler/)")  # fmt: skip
+                       "low_res_scheduler/), or the model/ folder of a super-resolution run of "
+                       "'diffusekit train'")  # fmt: skip
     model.add_argument(
         "--device",
         metavar="DEVICE",
