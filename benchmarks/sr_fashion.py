@@ -75,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-minutes", type=float, default=30.0,
                    help="wall-clock training budget of EACH network (default 30)")  # fmt: skip
+    p.add_argument("--train-steps", type=int,
+                   help="train EACH network for exactly this many optimizer steps instead of --train-minutes (the "
+                   "two networks cost the same per step, so equal steps is equal compute on a machine whose load "
+                   "varies)")  # fmt: skip
     p.add_argument("--samples", type=int, default=2000, help="test images upscaled and scored (default 2000)")
     p.add_argument("--output-dir", default="runs/sr_fashion", help="training runs go here")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results",
@@ -97,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--samples must be at least {STRIP_ROWS} (the strip's rows), got {args.samples}")
     if not args.train_minutes > 0:
         p.error(f"--train-minutes must be positive, got {args.train_minutes}")
+    if args.train_steps is not None and args.train_steps < 1:
+        p.error(f"--train-steps must be at least 1, got {args.train_steps}")
     return args
 
 
@@ -112,8 +118,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         task={"kind": "super-resolution", "scale": SCALE, "downsample": "bicubic"},
         optim={"lr": args.lr, "batch_size": args.batch_size, "warmup_steps": args.warmup_steps},
         ema={"decay": args.ema_decay},
-        run={"output_dir": str(Path(args.output_dir) / "diffusion"), "max_steps": 10**9,
-             "max_minutes": args.train_minutes, "checkpoint_every": 10**9, "seed": args.seed, "log_every": 20,
+        run={"output_dir": str(Path(args.output_dir) / "diffusion"), "max_steps": args.train_steps or 10**9,
+             "max_minutes": None if args.train_steps else args.train_minutes, "checkpoint_every": 10**9,
+             "seed": args.seed, "log_every": 20,
              "tensorboard": False},
     )  # fmt: skip
 
@@ -136,8 +143,9 @@ class Regression:
         cond = cond.to(self.device).contiguous(memory_format=self.memory_format)
         return net(cond, torch.zeros(cond.shape[0], dtype=torch.long, device=self.device))
 
-    def fit(self, dataset: Any, minutes: float, loss_name: str) -> dict[str, Any]:
-        """Train for ``minutes`` of wall clock on the trainer's data stream; returns steps, seconds, last loss."""
+    def fit(self, dataset: Any, minutes: float, loss_name: str, steps: int | None = None) -> dict[str, Any]:
+        """Train for ``minutes`` of wall clock (or exactly ``steps`` steps) on the trainer's data stream; returns
+        steps, seconds, last loss."""
         c = self.config
         o = c.optim
         opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
@@ -148,7 +156,7 @@ class Regression:
         loss_fn = F.mse_loss if loss_name == "l2" else F.l1_loss
         clip = o.grad_clip_norm if o.grad_clip_norm is not None else math.inf
         step, losses, start = 0, [], time.perf_counter()
-        while time.perf_counter() - start < minutes * 60:
+        while (step < steps) if steps else (time.perf_counter() - start < minutes * 60):
             for group in opt.param_groups:
                 group["lr"] = o.lr * lr_factor(step, o, c.run.max_steps)
             x0 = next(batches)[0].to(self.device)  # (B, C, H, W) in [-1, 1]
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = Trainer(config)
     diffusion_run = trainer.fit()
     regression = Regression(trainer)
-    regression_run = regression.fit(trainer.dataset, args.train_minutes, args.regression_loss)
+    regression_run = regression.fit(trainer.dataset, args.train_minutes, args.regression_loss, args.train_steps)
 
     n = args.samples
     test = load_dataset(DataSpec(source="fashion-mnist", split="test", data_root=args.data_root, limit=n))
