@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
-import shlex
 import sys
 from pathlib import Path
 
-import torch
-
+from diffusekit.cli import train_common as common
 from diffusekit.diffusion.edm import PRECONDITIONINGS
 from diffusekit.diffusion.parametrization import PREDICTION_TYPES
 from diffusekit.diffusion.schedules import BETA_SCHEDULES
-from diffusekit.errors import CheckpointError, ConfigError, DiffusekitError
-from diffusekit.limits import check_int
+from diffusekit.errors import ConfigError
 from diffusekit.pipelines.super_resolution import DOWNSAMPLE_MODES
-from diffusekit.training.config import LR_SCHEDULES, MIXED_PRECISION, TASKS, TrainConfig, load_config, read_config_file
+from diffusekit.training.config import LR_SCHEDULES, MIXED_PRECISION, TASKS, TrainConfig, read_config_file
 from diffusekit.training.latent_config import CONDITIONINGS, POSTERIORS, LatentConfig, LatentTrainConfig
 from diffusekit.training.power_ema import EMA_KINDS
 from diffusekit.training.presets import preset_names
@@ -201,24 +197,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--sample-every-steps", type=int, metavar="N", help="EMA sample grids (0 = off)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
-    _show_defaults(p)
+    defaults = {**TrainConfig().to_dict(), "latent": dataclasses.asdict(LatentConfig())}
+    common.show_defaults(p, defaults, _FIELDS)  # TrainConfig and LatentConfig: the one source of defaults
     p.set_defaults(run=run)
     return p
-
-
-def _show_defaults(parser: argparse.ArgumentParser) -> None:
-    """Append each config option's default (read from TrainConfig, the one source of defaults) to its help."""
-    defaults = {**TrainConfig().to_dict(), "latent": dataclasses.asdict(LatentConfig())}
-    for action in parser._actions:
-        if action.dest in _FIELDS:
-            section, name = _FIELDS[action.dest]
-            value = defaults[section][name]
-            if value is None:  # "the data's", "none": each option's help says what None means
-                if "default" not in (action.help or ""):
-                    action.help = f"{action.help or ''} (default: none)".strip()
-                continue
-            shown = ("on" if value else "off") if isinstance(value, bool) else value
-            action.help = f"{action.help or ''} (default: {shown})".strip()
 
 
 # option -> (section, field)
@@ -246,6 +228,8 @@ _FIELDS = {
     "conditioning": ("latent", "conditioning"), "caption": ("latent", "caption"),
     "text_encoder": ("latent", "text_encoder"), "vocab_size": ("latent", "vocab_size"),
 }  # fmt: skip
+# config names in library messages -> the options a user of this command types
+_OPTION_NAMES = common.option_names(_FIELDS)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig | LatentTrainConfig:
@@ -253,83 +237,29 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig | LatentTrainConfi
     file with a [latent] section) gives a LatentTrainConfig."""
     data = read_config_file(args.config) if args.config else {}
     latent = getattr(args, "latent", None) is not None or "latent" in data
-    if latent:
-        config = LatentTrainConfig.from_dict(data)
-    else:
-        config = load_config(args.config) if args.config else TrainConfig()
-    changes: dict[str, dict] = {}
-    for option, (section, name) in _FIELDS.items():
-        value = getattr(args, option, None)
-        if value is not None:
-            if section in ("latent", "task") and (section == "latent") != latent:
-                raise ConfigError(f"--{option.replace('_', '-')} applies to "
-                                  + ("latent runs only (add --latent VAE_FOLDER)" if section == "latent"
-                                     else "pixel-space runs only, not with --latent"))  # fmt: skip
-            changes.setdefault(section, {})[name] = value
-    if args.no_progress:
-        changes.setdefault("run", {})["progress"] = False
-    if args.no_tensorboard:
-        changes.setdefault("run", {})["tensorboard"] = False
+    kind = LatentTrainConfig if latent else TrainConfig
+    config = kind.from_file_data(data, args.config) if args.config else kind()
+    for option, (section, _) in _FIELDS.items():  # the options of the other kind of run
+        other = section in ("latent", "task") and (section == "latent") != latent
+        if other and getattr(args, option, None) is not None:
+            raise ConfigError(f"--{option.replace('_', '-')} applies to "
+                              + ("latent runs only (add --latent VAE_FOLDER)" if section == "latent"
+                                 else "pixel-space runs only, not with --latent"))  # fmt: skip
+    changes = common.changes_from_args(args, _FIELDS)
     return config.replace(**changes) if changes else config.validate()
 
 
-def resume_config(
-    args: argparse.Namespace, config: TrainConfig | LatentTrainConfig
-) -> tuple[TrainConfig | LatentTrainConfig, Path | None]:
-    """For --resume: the checkpoint (None if "latest" finds none) and its saved config, with only the run
-    options given on the command line changed. A checkpoint named explicitly continues in its own run folder
-    unless --output-dir says otherwise."""
-    from diffusekit.io.weights import read_json
-    from diffusekit.training.checkpoint import latest_checkpoint, resolve_checkpoint
-    from diffusekit.training.resume import CHECKPOINTS_DIR
-
-    if args.resume == "latest":
-        path = latest_checkpoint(Path(config.run.output_dir) / CHECKPOINTS_DIR)
-        if path is None:
-            print(f"note: no checkpoint in {config.run.output_dir}; starting a new run", file=sys.stderr)
-            return config, None
-    else:
-        path = resolve_checkpoint(args.resume)
-    ignored = [f"--{o.replace('_', '-')}" for o, (section, _) in _FIELDS.items()
-               if section != "run" and getattr(args, o, None) is not None]  # fmt: skip
-    if args.config:
-        ignored.append("--config")
-    if ignored:
-        print(f"note: resuming uses the checkpoint's config; ignoring {', '.join(ignored)}", file=sys.stderr)
-    saved = read_json(path / "config.json").get("train")
-    if not isinstance(saved, dict) or not isinstance(saved.get("run", {}), dict):
-        raise CheckpointError(f"{path}: config.json: train must be a JSON object with a run section")
-    changes = {name: getattr(args, o) for o, (section, name) in _FIELDS.items()
-               if section == "run" and getattr(args, o, None) is not None}  # fmt: skip
-    if args.no_progress:
-        changes["progress"] = False
-    if args.no_tensorboard:
-        changes["tensorboard"] = False
-    if args.resume != "latest" and args.output_dir is None:
-        changes["output_dir"] = str(path.parent.parent)
-    try:  # the options given replace saved run settings before they are checked (an old run's max_minutes=0)
-        kind = LatentTrainConfig if "latent" in saved else TrainConfig  # what the checkpoint's run trained
-        return kind.from_dict({**saved, "run": {**saved.get("run", {}), **changes}}), path
-    except ConfigError as e:
-        raise ConfigError(f"{path}: the checkpoint's settings with the options given: {e}") from None
-
-
-# config names in library messages -> the options a user of this command types
-_OPTION_NAMES = {f"{section}.{name}": "--" + option.replace("_", "-") for option, (section, name) in _FIELDS.items()}
-_OPTION_PATTERN = re.compile(r"\b(" + "|".join(map(re.escape, _OPTION_NAMES)) + r")\b")
+def _from_saved(saved: dict) -> TrainConfig | LatentTrainConfig:
+    """A checkpoint's config, of the kind of run it trained."""
+    return (LatentTrainConfig if "latent" in saved else TrainConfig).from_dict(saved)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except DiffusekitError as e:  # say --steps, not run.max_steps
-        message = _OPTION_PATTERN.sub(lambda m: _OPTION_NAMES[m.group(1)], str(e))
-        raise type(e)(message) from None
+    return common.run_naming_options(_run, args, _OPTION_NAMES)  # say --steps, not run.max_steps
 
 
 def _run(args: argparse.Namespace) -> int:
-    from diffusekit.training.checkpoint import list_checkpoints
-    from diffusekit.training.resume import CHECKPOINTS_DIR
+    from diffusekit.training.distributed import shutdown
     from diffusekit.training.trainer import Trainer
 
     config = config_from_args(args)
@@ -338,41 +268,25 @@ def _run(args: argparse.Namespace) -> int:
 
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    if args.cpu_threads is not None:
-        torch.set_num_threads(check_int("--cpu-threads", args.cpu_threads, 1, 4096))
-    out = Path(config.run.output_dir)
-    if args.resume is None and list_checkpoints(out / CHECKPOINTS_DIR):
-        raise ConfigError(
-            f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another --output-dir"
-        )
+    common.prepare_run(args, config.run.output_dir, "--output-dir")
     resume = None
     if args.resume is not None:
-        config, resume = resume_config(args, config)
+        config, resume = common.resume_config(args, config, _FIELDS, _OPTION_NAMES, _from_saved)
     if isinstance(config, LatentTrainConfig):
         from diffusekit.training.latent_trainer import LatentTrainer as Trainer  # noqa: N814
     trainer = Trainer(config, resume=resume)
     result = trainer.fit()
     if trainer.env.is_main:
-        loss = "(no metrics record in this run)" if result.loss is None else round(result.loss, 5)
         print(
-            f"trained to step {result.step} ({result.stopped_by}; {result.steps_per_second:.2f} steps/s); "
-            f"last loss {loss}\n"
+            f"{common.summary_line(result)}\n"
             f"  checkpoint: {result.checkpoint}\n  EMA model:  {result.export_dir}\n"
-            f"  metrics:    {result.run_dir / 'metrics.jsonl'}, loss curve {result.run_dir / 'loss_curve.png'}\n"
+            f"{common.metrics_line(result)}\n"
             + _next_command(trainer, result.export_dir)
         )
-    from diffusekit.training.distributed import shutdown
-
     shutdown(trainer.env)
     if result.stopped_by == "interrupted":
         if trainer.env.is_main:
-            n = trainer.env.world_size
-            launcher = f"torchrun --nproc_per_node {n} -m diffusekit" if n > 1 else "diffusekit"
-            print(
-                f"interrupted at step {result.step}; the checkpoint is saved. Resume with:\n"
-                f"  {launcher} train --resume {shlex.quote(str(result.checkpoint))}",
-                file=sys.stderr,
-            )
+            print(common.interrupted_note(result, trainer.env.world_size, "train"), file=sys.stderr)
         return 130
     return 0
 

@@ -4,14 +4,10 @@ on a folder of captioned images."""
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
-import torch
-
-from diffusekit.errors import ConfigError, DiffusekitError
-from diffusekit.limits import check_int
+from diffusekit.cli import train_common as common
 from diffusekit.training.config import LR_SCHEDULES, MIXED_PRECISION
 from diffusekit.training.lora_config import FORMATS, TARGETS, LoraTrainConfig
 
@@ -67,9 +63,7 @@ _FIELDS = {
     "log_every_steps": ("run", "log_every"), "sample_every_steps": ("run", "sample_every"),
 }  # fmt: skip
 # config names in library messages -> what a user of this command types
-_OPTION_NAMES = {f"{section}.{name}": "--" + option.replace("_", "-") for option, (section, name) in _FIELDS.items()}
-_OPTION_NAMES.update({"lora.model": "MODEL", "data.source": "DATA", "lora.output": "--output"})
-_OPTION_PATTERN = re.compile(r"\b(" + "|".join(map(re.escape, _OPTION_NAMES)) + r")\b")
+_OPTION_NAMES = common.option_names(_FIELDS, {"lora.model": "MODEL", "data.source": "DATA", "lora.output": "--output"})
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -145,22 +139,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="a grid of images for the first captions every N steps (0 = off)")  # fmt: skip
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
-    _show_defaults(p)
+    common.show_defaults(p, LoraTrainConfig().to_dict(), _FIELDS)  # LoraTrainConfig: the one source of defaults
     p.set_defaults(run=run)
     return p
-
-
-def _show_defaults(parser: argparse.ArgumentParser) -> None:
-    """Append each option's default (from LoraTrainConfig, the one source of defaults) to its help."""
-    defaults = LoraTrainConfig().to_dict()
-    for action in parser._actions:
-        if action.dest in _FIELDS and "default:" not in (action.help or ""):
-            section, name = _FIELDS[action.dest]
-            value = defaults[section][name]
-            if value is None or action.dest == "run_dir":
-                continue
-            shown = ("on" if value else "off") if isinstance(value, bool) else value
-            action.help = f"{action.help or ''} (default: {shown})".strip()
 
 
 def default_run_dir(output: str) -> str:
@@ -175,56 +156,34 @@ def config_from_args(args: argparse.Namespace) -> LoraTrainConfig:
     d["lora"].update(model=args.model, output=args.output)
     d["data"]["source"] = args.data
     d["run"]["output_dir"] = default_run_dir(args.output)
-    for option, (section, name) in _FIELDS.items():
-        value = getattr(args, option, None)
-        if value is not None:
-            d[section][name] = value
-    if args.no_progress:
-        d["run"]["progress"] = False
-    if args.no_tensorboard:
-        d["run"]["tensorboard"] = False
+    for section, values in common.changes_from_args(args, _FIELDS).items():
+        d[section].update(values)
     return LoraTrainConfig.from_dict(d)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except DiffusekitError as e:  # say --rank, not lora.rank
-        message = _OPTION_PATTERN.sub(lambda m: _OPTION_NAMES[m.group(1)], str(e))
-        raise type(e)(message) from None
+    return common.run_naming_options(_run, args, _OPTION_NAMES)  # say --rank, not lora.rank
 
 
 def _run(args: argparse.Namespace) -> int:
-    from diffusekit.training.checkpoint import list_checkpoints
     from diffusekit.training.distributed import shutdown
     from diffusekit.training.lora_trainer import LoraTrainer, check_output
-    from diffusekit.training.resume import CHECKPOINTS_DIR
 
     config = config_from_args(args)
     check_output(args.output, args.overwrite, "--output")
-    if args.cpu_threads is not None:
-        torch.set_num_threads(check_int("--cpu-threads", args.cpu_threads, 1, 4096))
-    run_dir = Path(config.run.output_dir)
-    if args.resume is None and list_checkpoints(run_dir / CHECKPOINTS_DIR):
-        raise ConfigError(f"--run-dir {run_dir} already holds checkpoints of a run; pass --resume to continue it, "
-                          "or choose another --run-dir")  # fmt: skip
-    if args.resume is not None:
-        given = [f"--{o.replace('_', '-')}" for o, (section, _) in _FIELDS.items()
-                 if section != "run" and getattr(args, o, None) is not None]  # fmt: skip
-        if given:
-            print(f"note: resuming uses the checkpoint's settings; ignoring {', '.join(given)}", file=sys.stderr)
+    common.prepare_run(args, config.run.output_dir, "--run-dir")
+    if args.resume is not None:  # the trainer reads the checkpoint's config itself
+        common.ignored_on_resume(args, _FIELDS, _OPTION_NAMES)
     trainer = LoraTrainer(config, resume=args.resume, output=args.output, overwrite=args.overwrite)
     try:
         result = trainer.fit()
     finally:
         trainer.close()
     if trainer.env.is_main:
-        loss = "(no metrics record in this run)" if result.loss is None else round(result.loss, 5)
         print(
-            f"trained to step {result.step} ({result.stopped_by}; {result.steps_per_second:.2f} steps/s); "
-            f"last loss {loss}\n"
+            f"{common.summary_line(result)}\n"
             f"  LoRA file:  {result.export_dir}\n  checkpoint: {result.checkpoint}\n"
-            f"  metrics:    {result.run_dir / 'metrics.jsonl'}, loss curve {result.run_dir / 'loss_curve.png'}\n"
+            f"{common.metrics_line(result)}\n"
             f"generate with: diffusekit txt2img \"PROMPT\" --model {args.model} --lora {result.export_dir} --out DIR"
         )
         if result.stopped_by == "interrupted":

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import shlex
 import sys
-from pathlib import Path
-from typing import Any
 
-import torch
-
-from diffusekit.errors import CheckpointError, ConfigError, DiffusekitError
-from diffusekit.limits import check_int
+from diffusekit.cli import train_common as common
+from diffusekit.errors import ConfigError
 from diffusekit.training.config import LR_SCHEDULES, MIXED_PRECISION
 from diffusekit.training.vae_losses import RECONSTRUCTION_LOSSES
 from diffusekit.training.vae_presets import vae_preset_names
-from diffusekit.training.vae_train_config import VAETrainConfig, load_vae_train_config
+from diffusekit.training.vae_train_config import VAETrainConfig
 
 DESCRIPTION = """\
 Train the KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, sec. 3 and appendix G) on
@@ -76,8 +70,7 @@ FIELDS = {
     "sample_every_steps": ("run", "sample_every"), "preview_images": ("run", "num_sample_images"),
 }  # fmt: skip
 # config names in library messages -> the options a user of this command types
-OPTION_NAMES = {f"{s}.{n}": ("DATA" if o == "data" else "--" + o.replace("_", "-")) for o, (s, n) in FIELDS.items()}
-_OPTION_PATTERN = re.compile(r"\b(" + "|".join(map(re.escape, OPTION_NAMES)) + r")\b")
+OPTION_NAMES = common.option_names(FIELDS, {"data.source": "DATA"})
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -159,89 +152,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--preview-images", type=int, metavar="N", help="images in each reconstruction grid")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
-    show_defaults(p, VAETrainConfig().to_dict(), FIELDS)
+    common.show_defaults(p, VAETrainConfig().to_dict(), FIELDS)  # VAETrainConfig: the one source of defaults
     p.set_defaults(run=run)
     return p
 
 
-def show_defaults(parser: argparse.ArgumentParser, defaults: dict[str, Any], fields: dict[str, tuple]) -> None:
-    """Append each config option's default (from the config class, the one source of defaults) to its help."""
-    for action in parser._actions:
-        if action.dest in fields and action.dest != "data":
-            section, name = fields[action.dest]
-            value = defaults[section][name]
-            if value is None:  # "the data's", "the preset's": each option's help says what None means
-                if "default" not in (action.help or ""):
-                    action.help = f"{action.help or ''} (default: none)".strip()
-                continue
-            shown = ("on" if value else "off") if isinstance(value, bool) else value
-            action.help = f"{action.help or ''} (default: {shown})".strip()
-
-
-def _changes(args: argparse.Namespace, sections: set[str] | None = None) -> dict[str, dict[str, Any]]:
-    """The config fields the command line sets (only those of ``sections`` when given)."""
-    changes: dict[str, dict[str, Any]] = {}
-    for option, (section, name) in FIELDS.items():
-        value = getattr(args, option, None)
-        if value is not None and (sections is None or section in sections):
-            changes.setdefault(section, {})[name] = value
-    if args.no_progress:
-        changes.setdefault("run", {})["progress"] = False
-    if args.no_tensorboard:
-        changes.setdefault("run", {})["tensorboard"] = False
-    return changes
-
-
 def config_from_args(args: argparse.Namespace) -> VAETrainConfig:
     """Defaults, then the --config file, then every option that was given."""
-    config = load_vae_train_config(args.config) if args.config else VAETrainConfig()
-    changes = _changes(args)
+    config = VAETrainConfig.load(args.config) if args.config else VAETrainConfig()
+    changes = common.changes_from_args(args, FIELDS)
     return config.replace(**changes) if changes else config.validate()
 
 
-def resume_config(args: argparse.Namespace, config: VAETrainConfig) -> tuple[VAETrainConfig, Path | None]:
-    """For --resume: the checkpoint (None if "latest" finds none) and its saved config with only the run
-    options given on the command line changed. A checkpoint named explicitly continues in its own run folder
-    unless --output-dir says otherwise."""
-    from diffusekit.io.weights import read_json
-    from diffusekit.training.checkpoint import latest_checkpoint, resolve_checkpoint
-    from diffusekit.training.resume import CHECKPOINTS_DIR
-
-    if args.resume == "latest":
-        path = latest_checkpoint(Path(config.run.output_dir) / CHECKPOINTS_DIR)
-        if path is None:
-            print(f"note: no checkpoint in {config.run.output_dir}; starting a new run", file=sys.stderr)
-            return config, None
-    else:
-        path = resolve_checkpoint(args.resume)
-    ignored = [OPTION_NAMES[f"{s}.{n}"] for o, (s, n) in FIELDS.items() if s != "run" and getattr(args, o) is not None]
-    ignored += ["--config"] if args.config else []
-    if ignored:
-        print(f"note: resuming uses the checkpoint's config; ignoring {', '.join(ignored)}", file=sys.stderr)
-    saved = read_json(path / "config.json").get("train")
-    if not isinstance(saved, dict) or not isinstance(saved.get("run", {}), dict):
-        raise CheckpointError(f"{path}: config.json: train must be a JSON object with a run section")
-    run_changes = _changes(args, {"run"}).get("run", {})
-    if args.resume != "latest" and args.output_dir is None:
-        run_changes["output_dir"] = str(path.parent.parent)
-    try:  # the options given replace saved run settings before they are checked
-        return VAETrainConfig.from_dict({**saved, "run": {**saved.get("run", {}), **run_changes}}), path
-    except ConfigError as e:
-        raise ConfigError(f"{path}: the checkpoint's settings with the options given: {e}") from None
-
-
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except DiffusekitError as e:  # say --resolution-px, not data.resolution
-        message = _OPTION_PATTERN.sub(lambda m: OPTION_NAMES[m.group(1)], str(e))
-        raise type(e)(message) from None
+    return common.run_naming_options(_run, args, OPTION_NAMES)  # say --resolution-px, not data.resolution
 
 
 def _run(args: argparse.Namespace) -> int:
-    from diffusekit.training.checkpoint import list_checkpoints
     from diffusekit.training.distributed import shutdown
-    from diffusekit.training.resume import CHECKPOINTS_DIR
     from diffusekit.training.vae_trainer import VAETrainer
 
     if args.data is None and args.resume is None and not args.print_config:
@@ -251,34 +179,22 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    if args.cpu_threads is not None:
-        torch.set_num_threads(check_int("--cpu-threads", args.cpu_threads, 1, 4096))
-    out = Path(config.run.output_dir)
-    if args.resume is None and list_checkpoints(out / CHECKPOINTS_DIR):
-        raise ConfigError(
-            f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another --output-dir"
-        )
+    common.prepare_run(args, config.run.output_dir, "--output-dir")
     resume = None
     if args.resume is not None:
-        config, resume = resume_config(args, config)
+        config, resume = common.resume_config(args, config, FIELDS, OPTION_NAMES, VAETrainConfig.from_dict)
     trainer = VAETrainer(config, resume=resume)
     result = trainer.fit()
     if trainer.env.is_main:
-        loss = "(no metrics record in this run)" if result.loss is None else f"{result.loss:.5f}"
         std, factor = trainer.last_scaling or (float("nan"), float("nan"))
         print(
-            f"trained to step {result.step} ({result.stopped_by}; {result.steps_per_second:.2f} steps/s); last loss "
-            f"{loss}\n  checkpoint: {result.checkpoint}\n"
+            f"{common.summary_line(result)}\n  checkpoint: {result.checkpoint}\n"
             f"  VAE folder: {result.export_dir} (EMA weights; latent std {std:.4g} -> scaling_factor {factor:.5g})\n"
-            f"  metrics:    {result.run_dir / 'metrics.jsonl'}, loss curve {result.run_dir / 'loss_curve.png'}"
+            f"{common.metrics_line(result)}"
         )
     shutdown(trainer.env)
     if result.stopped_by == "interrupted":
         if trainer.env.is_main:
-            n = trainer.env.world_size
-            launcher = f"torchrun --nproc_per_node {n} -m diffusekit" if n > 1 else "diffusekit"
-            resume_with = f"{launcher} train-vae --resume {shlex.quote(str(result.checkpoint))}"
-            print(f"interrupted at step {result.step}; the checkpoint is saved. Resume with:\n  {resume_with}",
-                  file=sys.stderr)  # fmt: skip
+            print(common.interrupted_note(result, trainer.env.world_size, "train-vae"), file=sys.stderr)
         return 130
     return 0

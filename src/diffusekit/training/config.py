@@ -23,7 +23,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from diffusekit.diffusion.edm import P_MEAN, P_STD, PRECONDITIONINGS, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from diffusekit.diffusion.parametrization import PREDICTION_TYPES
@@ -317,20 +317,55 @@ class TaskConfig:
                               "for 'generate'")  # fmt: skip
 
 
-SECTIONS: dict[str, type] = {
-    "data": DataConfig,
-    "model": ModelConfig,
-    "diffusion": DiffusionConfig,
-    "optim": OptimConfig,
-    "ema": EMAConfig,
-    "run": RunConfig,
-    "task": TaskConfig,
-}
+S = TypeVar("S", bound="SectionedConfig")
+
+
+class SectionedConfig:
+    """The methods of a whole run's config: a dataclass whose fields are sections (dataclasses with
+    ``validate()``). Every training config (pixel, latent, autoencoder, LoRA) derives from it, so they read,
+    write and check their sections in one way; ``WHAT`` names the config in messages."""
+
+    WHAT: ClassVar[str] = "a config"
+
+    def validate(self: S) -> S:
+        """Check every field; raise ConfigError naming the first bad one. Returns self."""
+        for f in fields(self):  # type: ignore[arg-type]  # every subclass is a dataclass
+            getattr(self, f.name).validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return sections_to_dict(self)
+
+    @classmethod
+    def from_dict(cls: type[S], d: dict[str, Any]) -> S:
+        """Build from nested dicts (a parsed JSON/TOML file, a checkpoint's config.json); a missing section or
+        key takes this class's default, unknown sections and keys are errors."""
+        return sections_from_dict(cls, d, what=cls.WHAT)
+
+    def replace(self: S, **sections: dict[str, Any]) -> S:
+        """A copy with some fields of some sections replaced: ``cfg.replace(run={"max_steps": 10})``."""
+        return replace_sections(self, sections)
+
+    @classmethod
+    def from_file_data(cls: type[S], data: Any, path: str | os.PathLike) -> S:
+        """``from_dict`` of the parsed contents of the config file ``path`` (named in the message of a value of
+        the wrong type)."""
+        try:
+            return cls.from_dict(data)
+        except TypeError as e:  # a value of the wrong type reaching a dataclass
+            raise ConfigError(f"{path}: {e}") from None
+
+    @classmethod
+    def load(cls: type[S], path: str | os.PathLike) -> S:
+        """Read from a ``.json`` or ``.toml`` file."""
+        return cls.from_file_data(read_config_file(path), path)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(SectionedConfig):
     """The whole training configuration (every section above)."""
+
+    WHAT = "a training config"  # in messages
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -339,24 +374,6 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     run: RunConfig = field(default_factory=RunConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-
-    def validate(self) -> TrainConfig:
-        """Check every field; raise ConfigError naming the first bad one. Returns self."""
-        for name in SECTIONS:
-            getattr(self, name).validate()
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return sections_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Build from nested dicts (a parsed JSON/TOML file), rejecting unknown sections and keys."""
-        return sections_from_dict(cls, d, what="a training config")
-
-    def replace(self, **sections: dict[str, Any]) -> TrainConfig:
-        """A copy with some fields of some sections replaced: ``cfg.replace(run={"max_steps": 10})``."""
-        return replace_sections(self, sections)
 
 
 C = TypeVar("C")
@@ -438,8 +455,4 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_config(path: str | os.PathLike) -> TrainConfig:
     """Read a training config from a ``.json`` or ``.toml`` file."""
-    data = read_config_file(path)
-    try:
-        return TrainConfig.from_dict(data)
-    except TypeError as e:  # a value of the wrong type reaching a dataclass
-        raise ConfigError(f"{path}: {e}") from None
+    return TrainConfig.load(path)

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from diffusekit.errors import ConfigError, check_choice
 from diffusekit.limits import MAX_WIDTH, check_int
@@ -26,9 +25,7 @@ from diffusekit.training.config import (
     ModelConfig,
     OptimConfig,
     RunConfig,
-    replace_sections,
-    sections_from_dict,
-    sections_to_dict,
+    SectionedConfig,
 )
 from diffusekit.training.text_vocab import BASE_SYMBOLS, DEFAULT_VOCAB_SIZE, MAX_VOCAB_SIZE
 
@@ -107,8 +104,10 @@ def _latent_diffusion() -> DiffusionConfig:
 
 
 @dataclass
-class LatentTrainConfig:
+class LatentTrainConfig(SectionedConfig):
     """The whole latent-diffusion training configuration (every section above)."""
+
+    WHAT = "a latent training config"  # in messages
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="latent-small"))
@@ -119,25 +118,13 @@ class LatentTrainConfig:
     latent: LatentConfig = field(default_factory=LatentConfig)
 
     def validate(self) -> LatentTrainConfig:
-        for name in ("data", "model", "diffusion", "optim", "ema", "run", "latent"):
-            getattr(self, name).validate()
+        super().validate()
         if self.diffusion.preconditioning != "none":
             raise ConfigError(
                 "latent training supports diffusion.preconditioning 'none' only (the EDM "
                 "preconditioning's sigma_data is set for pixels)"
             )
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return sections_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LatentTrainConfig:
-        """Build from nested dicts (a parsed JSON/TOML file), rejecting unknown sections and keys."""
-        return sections_from_dict(cls, d, what="a latent training config")
-
-    def replace(self, **sections: dict[str, Any]) -> LatentTrainConfig:
-        return replace_sections(self, sections)
 
 
 __all__ = ["CONDITIONINGS", "POSTERIORS", "LatentConfig", "LatentTrainConfig"]

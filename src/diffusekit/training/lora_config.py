@@ -8,8 +8,7 @@ defaults for fine-tuning (lr 1e-4, batch 1, no EMA, 500 steps). Unknown sections
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 from diffusekit.errors import ConfigError, check_choice
 from diffusekit.limits import MAX_WIDTH, check_flag, check_float, check_int
@@ -18,8 +17,7 @@ from diffusekit.training.config import (
     EMAConfig,
     OptimConfig,
     RunConfig,
-    sections_from_dict,
-    sections_to_dict,
+    SectionedConfig,
 )
 
 #: Which U-Net layers get adapters. ``attention``: the query, key, value and output projections of every
@@ -122,29 +120,16 @@ def _run() -> RunConfig:
 
 
 @dataclass
-class LoraTrainConfig:
+class LoraTrainConfig(SectionedConfig):
     """Every section of a LoRA fine-tuning run (see the module docstring)."""
+
+    WHAT = "a LoRA training config"  # in messages
 
     lora: LoraSection = field(default_factory=LoraSection)
     data: LoraDataConfig = field(default_factory=LoraDataConfig)
     optim: OptimConfig = field(default_factory=_optim)
     ema: EMAConfig = field(default_factory=_ema)
     run: RunConfig = field(default_factory=_run)
-
-    def validate(self) -> LoraTrainConfig:
-        """Check every field; ConfigError naming the first bad one. Returns self."""
-        for f in fields(self):
-            getattr(self, f.name).validate()
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return sections_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LoraTrainConfig:
-        """Build from nested dicts (a checkpoint's config.json), rejecting unknown sections and keys; a missing
-        section or key takes the fine-tuning default."""
-        return sections_from_dict(cls, d, what="a LoRA training config")
 
 
 __all__ = ["FORMATS", "TARGETS", "LoraDataConfig", "LoraSection", "LoraTrainConfig"]

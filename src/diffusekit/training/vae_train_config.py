@@ -16,8 +16,7 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from diffusekit.errors import ConfigError, check_choice
@@ -29,10 +28,7 @@ from diffusekit.training.config import (
     EMAConfig,
     OptimConfig,
     RunConfig,
-    read_config_file,
-    replace_sections,
-    sections_from_dict,
-    sections_to_dict,
+    SectionedConfig,
 )
 from diffusekit.training.vae_losses import RECONSTRUCTION_LOSSES
 
@@ -106,8 +102,10 @@ def default_ema() -> EMAConfig:
 
 
 @dataclass
-class VAETrainConfig:
+class VAETrainConfig(SectionedConfig):
     """The whole configuration of an autoencoder training run (the sections above)."""
+
+    WHAT = "a train-vae config"  # in messages
 
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEModelConfig = field(default_factory=VAEModelConfig)
@@ -115,31 +113,3 @@ class VAETrainConfig:
     optim: OptimConfig = field(default_factory=default_optim)
     ema: EMAConfig = field(default_factory=default_ema)
     run: RunConfig = field(default_factory=default_run)
-
-    def validate(self) -> VAETrainConfig:
-        """Check every field; raise ConfigError naming the first bad one. Returns self."""
-        for f in fields(self):
-            getattr(self, f.name).validate()
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return sections_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VAETrainConfig:
-        """Build from nested dicts (a parsed JSON/TOML file); missing sections and keys take this class's
-        defaults, unknown ones are errors."""
-        return sections_from_dict(cls, d, what="a train-vae config")
-
-    def replace(self, **sections: dict[str, Any]) -> VAETrainConfig:
-        """A copy with some fields of some sections replaced: ``cfg.replace(run={"max_steps": 10})``."""
-        return replace_sections(self, sections)
-
-
-def load_vae_train_config(path: str | os.PathLike) -> VAETrainConfig:
-    """Read a train-vae config from a ``.json`` or ``.toml`` file."""
-    data = read_config_file(path)
-    try:
-        return VAETrainConfig.from_dict(data)
-    except TypeError as e:  # a value of the wrong type reaching a dataclass
-        raise ConfigError(f"{path}: {e}") from None
