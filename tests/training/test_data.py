@@ -17,9 +17,11 @@ from diffusekit.training.data import (
     DataSpec,
     ImageFolderDataset,
     bundled_dataset_dir,
+    dataset_from_config,
     find_named_dataset,
     from_model_range,
     load_dataset,
+    random_flip_of,
     resize_center_crop,
 )
 
@@ -118,6 +120,24 @@ def test_array_dataset_layouts_and_npz(tmp_path):
     assert d.batch([0])[0].shape == (1, 3, 4, 4) and d.num_classes == 2
     with pytest.raises(ConfigError, match="labels"):
         ArrayDataset(imgs, labels=[0, 1])
+
+
+def test_data_section_builds_the_dataset(tmp_path):
+    """The trainers' one reading of a config's data section: size, limit, channels (the caller's default only
+    where the section leaves them unset) and the flip default of the source."""
+    from diffusekit.training.config import DataConfig
+
+    imgs = np.random.default_rng(1).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", images=imgs)
+    data = DataConfig(source=str(tmp_path / "d.npz"), resolution=4, limit=3)
+    ds = dataset_from_config(data)
+    assert (len(ds), ds.resolution, ds.channels) == (3, 4, 3)
+    assert dataset_from_config(data, default_channels=1).channels == 1
+    assert dataset_from_config(DataConfig(source=data.source, channels=3), default_channels=1).channels == 3
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    assert not random_flip_of(data) and random_flip_of(DataConfig(source=str(folder)))
+    assert not random_flip_of(DataConfig(source=str(folder), random_flip=False))
 
 
 def test_stream_order_is_resumable_and_shards_exactly():

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from diffusekit.errors import ConfigError, check_positive_int
 from diffusekit.io.idx import read_idx
 from diffusekit.io.images import read_image, to_pil
 from diffusekit.training.memory import device_memory_bytes
+
+if TYPE_CHECKING:
+    from diffusekit.training.config import DataConfig
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
@@ -460,3 +464,23 @@ def load_dataset(spec: DataSpec) -> TrainDataset:
 def default_random_flip(source: str) -> bool:
     """Horizontal flips are on for photo folders and off for digits/garments and arrays."""
     return Path(source).expanduser().is_dir() and source not in NAMED_DATASETS
+
+
+def dataset_from_config(data: DataConfig, *, default_channels: int | None = None) -> TrainDataset:
+    """The training images a config's ``data`` section names; ``default_channels`` is used where the section
+    leaves ``channels`` unset (a latent run: the VAE's; None: the source's own)."""
+    return load_dataset(
+        DataSpec(
+            source=data.source,
+            resolution=data.resolution,
+            channels=data.channels or default_channels,
+            data_root=data.data_root,
+            limit=data.limit,
+            skip_bad_images=data.skip_bad_images,
+        )
+    )
+
+
+def random_flip_of(data: DataConfig) -> bool:
+    """Whether a config's ``data`` section flips images: its ``random_flip``, or the source's default if unset."""
+    return data.random_flip if data.random_flip is not None else default_random_flip(data.source)

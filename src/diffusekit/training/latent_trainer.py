@@ -33,9 +33,8 @@ from diffusekit.networks.tokenizer import ClipTokenizer
 from diffusekit.networks.unet import UNet, UNetConfig
 from diffusekit.runtime.policy import Plan, prepare
 from diffusekit.training import distributed as ddp
-from diffusekit.training.batches import StreamBatchSampler
 from diffusekit.training.captions import keep_images, read_captions
-from diffusekit.training.data import DataSpec, ImageFolderDataset, TrainDataset, default_random_flip, load_dataset
+from diffusekit.training.data import ImageFolderDataset, TrainDataset, dataset_from_config, random_flip_of
 from diffusekit.training.latent_cache import LATENTS_NAME, check_vae_fits, load_or_build, vae_fingerprint
 from diffusekit.training.latent_config import LatentTrainConfig
 from diffusekit.training.latent_export import export_latent_pipeline, latent_sampler_config
@@ -105,16 +104,7 @@ class LatentTrainer(TrainingLoop):
             )
 
         # data, conditioning, captions
-        ds = dataset or load_dataset(
-            DataSpec(
-                source=c.data.source,
-                resolution=c.data.resolution,
-                channels=c.data.channels or self.vae.config.in_channels,
-                data_root=c.data.data_root,
-                limit=c.data.limit,
-                skip_bad_images=c.data.skip_bad_images,
-            )
-        )
+        ds = dataset or dataset_from_config(c.data, default_channels=self.vae.config.in_channels)
         check_vae_fits(self.vae, ds)
         self.mode = _conditioning(c, ds)
         texts: list[str] | None = None
@@ -122,7 +112,7 @@ class LatentTrainer(TrainingLoop):
             ds, texts = _captions(c, ds)
         self.dataset, self.texts = ds, texts
         self.num_classes = ds.num_classes if self.mode == "class" else None
-        self.flips = c.data.random_flip if c.data.random_flip is not None else default_random_flip(c.data.source)
+        self.flips = random_flip_of(c.data)
 
         # the latent cache: rank 0 encodes (or finds) it, the other ranks read it after the barrier
         path = Path(lc.cache) if lc.cache else self.run_dir / LATENTS_NAME
@@ -231,16 +221,7 @@ class LatentTrainer(TrainingLoop):
 
     def _batches(self) -> Iterator[Tensor]:
         """This rank's micro-batches of example indices, continuing at ``self.data_position``."""
-        c, env = self.config, self.env
-        sampler = StreamBatchSampler(
-            len(self.cache),
-            c.optim.batch_size,
-            c.run.seed,
-            start=self.data_position,
-            rank=env.rank,
-            world_size=env.world_size,
-        )
-        return (torch.as_tensor(list(idx), dtype=torch.long) for idx in sampler)
+        return self._index_batches(len(self.cache))
 
     def _conditioning(self, idx: Tensor, drop: Tensor) -> dict[str, Tensor]:
         """The model's conditioning keywords for examples ``idx``; ``drop`` marks label/caption dropout."""

@@ -222,17 +222,20 @@ class TrainingLoop:
         """The sections of a checkpoint's config.json (``train`` at least)."""
         return {"train": self.config.to_dict()}
 
+    def _batch_sampler(self, num_items: int) -> StreamBatchSampler:
+        """This rank's micro-batches of indices into ``num_items`` examples, continuing at ``self.data_position``."""
+        c, env = self.config, self.env
+        return StreamBatchSampler(num_items, c.optim.batch_size, c.run.seed, start=self.data_position, rank=env.rank,
+                                  world_size=env.world_size)  # fmt: skip
+
+    def _index_batches(self, num_items: int) -> Iterator[Tensor]:
+        """``_batch_sampler``'s micro-batches as index tensors (B,), for examples held in memory (cached latents)."""
+        return (torch.as_tensor(idx, dtype=torch.long) for idx in self._batch_sampler(num_items))
+
     def _batches(self) -> Iterator[Any]:
         """This rank's micro-batches from ``self.dataset``, continuing at ``self.data_position``."""
         c, env = self.config, self.env
-        sampler = StreamBatchSampler(
-            len(self.dataset),
-            c.optim.batch_size,
-            c.run.seed,
-            start=self.data_position,
-            rank=env.rank,
-            world_size=env.world_size,
-        )
+        sampler = self._batch_sampler(len(self.dataset))
         workers = c.data.num_workers if c.data.num_workers is not None else min(4, os.cpu_count() or 1)
         return make_batches(self.dataset, sampler, num_workers=workers, pin_memory=env.device.type == "cuda")
 

@@ -34,7 +34,6 @@ from diffusekit.pipelines.sdxl import StableDiffusionXL
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.pipelines.upscale import StableDiffusionUpscaler
 from diffusekit.training import distributed as ddp
-from diffusekit.training.batches import StreamBatchSampler
 from diffusekit.training.ema import ema_update, make_ema
 from diffusekit.training.loop import TrainingLoop
 from diffusekit.training.lora_adapters import LoraNetwork, plan_targets
@@ -140,10 +139,7 @@ class LoraTrainer(TrainingLoop):
     def _batches(self) -> Iterator[Tensor]:
         """This rank's image indices (B,) of each micro-batch, continuing at ``self.data_position`` (the
         latents are in memory: no loader processes)."""
-        c, env = self.config, self.env
-        sampler = StreamBatchSampler(len(self.data), c.optim.batch_size, c.run.seed, start=self.data_position,
-                                     rank=env.rank, world_size=env.world_size)  # fmt: skip
-        return (torch.tensor(idx, dtype=torch.long) for idx in sampler)
+        return self._index_batches(len(self.data))
 
     def _accumulate(
         self, model: torch.nn.Module, batch: Tensor, micro: int, *, last: bool, amp: contextlib.AbstractContextManager

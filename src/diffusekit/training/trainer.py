@@ -28,7 +28,7 @@ from diffusekit.networks.unet import UNet, UNetConfig
 from diffusekit.runtime.policy import Plan, prepare
 from diffusekit.training import distributed as ddp
 from diffusekit.training.config import TrainConfig
-from diffusekit.training.data import DataSpec, TrainDataset, default_random_flip, load_dataset
+from diffusekit.training.data import TrainDataset, dataset_from_config, random_flip_of
 from diffusekit.training.export import EXPORT_DIR, export_inference, sampler_config
 from diffusekit.training.loop import SAMPLES_DIR, TrainingDiverged, TrainingLoop, TrainResult
 from diffusekit.training.losses import loss_inputs, offset_noise, weighted_mse
@@ -63,18 +63,9 @@ class Trainer(TrainingLoop):
         super().__init__(config, resume=resume, env=env, on_step_end=on_step_end)
         c, state = self.config, self.resume_state
         # data
-        self.dataset = dataset or load_dataset(
-            DataSpec(
-                source=c.data.source,
-                resolution=c.data.resolution,
-                channels=c.data.channels,
-                data_root=c.data.data_root,
-                limit=c.data.limit,
-                skip_bad_images=c.data.skip_bad_images,
-            )
-        )
+        self.dataset = dataset or dataset_from_config(c.data)
         ds = self.dataset
-        self.random_flip = c.data.random_flip if c.data.random_flip is not None else default_random_flip(c.data.source)
+        self.random_flip = random_flip_of(c.data)
         conditional = c.model.class_conditional if c.model.class_conditional is not None else ds.num_classes > 0
         if conditional and ds.num_classes == 0:
             raise ConfigError("model.class_conditional is on but the dataset has no labels (class sub-folders)")

@@ -38,7 +38,7 @@ from diffusekit.io.images import make_grid, save_image_grid
 from diffusekit.networks.vae import AutoencoderKL, VAEConfig
 from diffusekit.runtime.policy import Plan, prepare
 from diffusekit.training import distributed as ddp
-from diffusekit.training.data import DataSpec, TrainDataset, default_random_flip, from_model_range, load_dataset
+from diffusekit.training.data import TrainDataset, dataset_from_config, from_model_range, random_flip_of
 from diffusekit.training.loop import SAMPLES_DIR, TrainingLoop
 from diffusekit.training.memory import check_memory, forward_activation_bytes
 from diffusekit.training.monitor import MetricsLogger
@@ -125,13 +125,9 @@ class VAETrainer(TrainingLoop):
     ) -> None:
         super().__init__(config, resume=resume, env=env, on_step_end=on_step_end)
         c, state = self.config, self.resume_state
-        d = c.data
-        self.dataset = dataset or load_dataset(
-            DataSpec(source=d.source, resolution=d.resolution, channels=d.channels, data_root=d.data_root,
-                     limit=d.limit, skip_bad_images=d.skip_bad_images)
-        )  # fmt: skip
+        self.dataset = dataset or dataset_from_config(c.data)
         ds = self.dataset
-        self.random_flip = d.random_flip if d.random_flip is not None else default_random_flip(d.source)
+        self.random_flip = random_flip_of(c.data)
         torch.manual_seed(c.run.seed)  # identical initial weights on every rank
         if state is not None:
             try:
