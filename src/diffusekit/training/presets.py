@@ -38,6 +38,15 @@ TRAIN_PRESETS: dict[str, UNetConfig] = {
         num_heads=(1, 4, 4),
         norm_groups=16,
     ),
+    # the 7x7x4 latents of 28px images at f=4 (train-vae's mnist-f4): 7 cannot be halved, so one resolution level,
+    # every block followed by attention over the 49 positions (cross-attention with captions); ~2.2M parameters
+    "latent-7x7": UNetConfig(
+        channels=(96,),
+        layers_per_block=2,
+        attention_levels=(True,),
+        num_heads=(4,),
+        norm_groups=32,
+    ),
     # a few thousand parameters with one attention level (cross-attention with captions): for tests
     "latent-tiny": UNetConfig(
         channels=(8, 16),
