@@ -9,25 +9,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from training_checks import assert_resumed_run_equals, sr_config  # tests/training
 
 from diffusekit.errors import ConfigError
 from diffusekit.training.config import TaskConfig, TrainConfig
 from diffusekit.training.data import ArrayDataset
-from diffusekit.training.monitor import read_metrics
 from diffusekit.training.super_resolution import SRDraws, SuperResolution, crop_windows
 from diffusekit.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def _config(tmp_path, task: dict, **run) -> TrainConfig:
-    return TrainConfig().replace(
-        model={"preset": "test-tiny"},
-        optim={"batch_size": 4, "warmup_steps": 2},
-        task={"kind": "super-resolution", **task},
-        run={"output_dir": str(tmp_path / "run"), "max_steps": 4, "checkpoint_every": 2, "log_every": 1,
-             "progress": False, "tensorboard": False, **run},
-    )  # fmt: skip
 
 
 def _position_images(n: int, size: int) -> torch.Tensor:
@@ -80,26 +70,22 @@ def test_cropped_training_trains_at_the_crop_size_and_resumes_bit_identically(tm
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (16, 16, 16), dtype=np.uint8)
     task = {"scale": 2, "crop_px": 8, "max_noise_level": 10}
-    full = Trainer(_config(tmp_path / "a", task), dataset=ArrayDataset(images))
+    full = Trainer(sr_config(tmp_path / "a", task), dataset=ArrayDataset(images))
     assert full.unet_config.sample_size == 8 and full.train_size == 8 and full.dataset.resolution == 16
     full.fit()
     index = json.loads((tmp_path / "a" / "run" / "model" / "unet" / "config.json").read_text())
     assert index["sample_size"] == 8  # the exported model's training size: upscale tiles larger inputs
-    first = Trainer(_config(tmp_path / "b", task, max_steps=2), dataset=ArrayDataset(images))
+    first = Trainer(sr_config(tmp_path / "b", task, max_steps=2), dataset=ArrayDataset(images))
     first.fit()
-    resumed = Trainer(_config(tmp_path / "b", task), dataset=ArrayDataset(images), resume="latest")
+    resumed = Trainer(sr_config(tmp_path / "b", task), dataset=ArrayDataset(images), resume="latest")
     assert resumed.step == 2 and resumed.train_size == 8
     resumed.fit()
-    for k, v in full.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[k], v), k
-    a = [r["loss"] for r in read_metrics(tmp_path / "a" / "run" / "metrics.jsonl")]
-    b = [r["loss"] for r in read_metrics(tmp_path / "b" / "run" / "metrics.jsonl")]
-    assert a == b
+    assert_resumed_run_equals(full, resumed, tmp_path / "a" / "run", tmp_path / "b" / "run")
 
 
 def test_the_preview_shows_the_centre_windows(tmp_path):
     images = np.random.default_rng(1).integers(0, 256, (4, 16, 16), dtype=np.uint8)
-    config = _config(tmp_path, {"scale": 2, "crop_px": 8}, sample_steps=1)
+    config = sr_config(tmp_path, {"scale": 2, "crop_px": 8}, sample_steps=1)
     trainer = Trainer(config, dataset=ArrayDataset(images))
     strip = trainer.sr.preview(trainer, 2)  # (4 columns x 2 rows, C, 8, 8)
     assert strip.shape == (8, 1, 8, 8)
@@ -110,15 +96,15 @@ def test_the_preview_shows_the_centre_windows(tmp_path):
 def test_crop_option_is_checked(tmp_path, capsys):
     images = np.zeros((4, 16, 16), dtype=np.uint8)
     with pytest.raises(ConfigError, match="task.crop_px 24 is larger than the data's 16px images"):
-        Trainer(_config(tmp_path, {"scale": 2, "crop_px": 24}), dataset=ArrayDataset(images))
+        Trainer(sr_config(tmp_path, {"scale": 2, "crop_px": 24}), dataset=ArrayDataset(images))
     with pytest.raises(ConfigError, match="task.crop_px 10 is not a multiple of task.scale 4; set task.crop_px"):
-        Trainer(_config(tmp_path, {"scale": 4, "crop_px": 10}), dataset=ArrayDataset(images))
+        Trainer(sr_config(tmp_path, {"scale": 4, "crop_px": 10}), dataset=ArrayDataset(images))
     with pytest.raises(ConfigError, match="task.crop_px applies to task.kind 'super-resolution' only"):
         TrainConfig().replace(task={"crop_px": 8})
     with pytest.raises(ConfigError, match="task.crop_px"):
         TrainConfig().replace(task={"kind": "super-resolution", "crop_px": -1})
     # a data size that is no multiple of the scale is fine when the crop is one
-    trainer = Trainer(_config(tmp_path, {"scale": 4, "crop_px": 12}), dataset=ArrayDataset(np.zeros((4, 14, 14))))
+    trainer = Trainer(sr_config(tmp_path, {"scale": 4, "crop_px": 12}), dataset=ArrayDataset(np.zeros((4, 14, 14))))
     assert trainer.unet_config.sample_size == 12
 
     from diffusekit.cli.main import main

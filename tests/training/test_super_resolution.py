@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from training_checks import assert_resumed_run_equals, sr_config  # tests/training
 
 from diffusekit.errors import ConfigError, WeightsError
 from diffusekit.pipelines.loading import identify
@@ -20,16 +21,6 @@ from diffusekit.training.super_resolution import SRDraws, SuperResolution, degra
 from diffusekit.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def _config(tmp_path, task: dict, **run) -> TrainConfig:
-    return TrainConfig().replace(
-        model={"preset": "test-tiny"},
-        optim={"batch_size": 4, "warmup_steps": 2},
-        task={"kind": "super-resolution", **task},
-        run={"output_dir": str(tmp_path / "run"), "max_steps": 4, "checkpoint_every": 2, "log_every": 1,
-             "progress": False, "tensorboard": False, **run},
-    )  # fmt: skip
 
 
 def _images(n: int = 16, size: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -98,8 +89,8 @@ def test_condition_noise_levels_follow_the_schedule():
 
 # ----------------------------------------------------------------------------------------------- the task
 def test_task_switch_trains_on_bundled_digits_and_the_export_upscales(tmp_path):
-    config = _config(tmp_path, {"scale": 4, "max_noise_level": 50}, max_steps=40, checkpoint_every=100,
-                     log_every=10, sample_every=40, num_sample_images=2, sample_steps=2).replace(
+    config = sr_config(tmp_path, {"scale": 4, "max_noise_level": 50}, max_steps=40, checkpoint_every=100,
+                       log_every=10, sample_every=40, num_sample_images=2, sample_steps=2).replace(
         data={"source": "bundled", "limit": 128}, optim={"lr": 3e-3, "batch_size": 16, "warmup_steps": 5})  # fmt: skip
     trainer = Trainer(config)
     uc = trainer.unet_config
@@ -131,18 +122,14 @@ def test_task_switch_trains_on_bundled_digits_and_the_export_upscales(tmp_path):
 def test_resume_of_a_super_resolution_run_is_bit_identical(tmp_path):
     images, labels = _images()
     task = {"scale": 2, "downsample": "area", "blur_sigma": 0.5, "noise_std": 0.05, "max_noise_level": 20}
-    full = Trainer(_config(tmp_path / "a", task), dataset=ArrayDataset(images, labels))
+    full = Trainer(sr_config(tmp_path / "a", task), dataset=ArrayDataset(images, labels))
     full.fit()
-    first = Trainer(_config(tmp_path / "b", task, max_steps=2), dataset=ArrayDataset(images, labels))
+    first = Trainer(sr_config(tmp_path / "b", task, max_steps=2), dataset=ArrayDataset(images, labels))
     first.fit()
-    resumed = Trainer(_config(tmp_path / "b", task), dataset=ArrayDataset(images, labels), resume="latest")
+    resumed = Trainer(sr_config(tmp_path / "b", task), dataset=ArrayDataset(images, labels), resume="latest")
     assert resumed.step == 2 and resumed.sr is not None
     resumed.fit()
-    for k, v in full.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[k], v), k
-    a = [r["loss"] for r in read_metrics(tmp_path / "a" / "run" / "metrics.jsonl")]
-    b = [r["loss"] for r in read_metrics(tmp_path / "b" / "run" / "metrics.jsonl")]
-    assert a == b
+    assert_resumed_run_equals(full, resumed, tmp_path / "a" / "run", tmp_path / "b" / "run")
 
 
 def test_task_options_are_checked(tmp_path):
@@ -152,9 +139,9 @@ def test_task_options_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="task.scale"):
         TrainConfig().replace(task={"kind": "super-resolution", "scale": 1})
     with pytest.raises(ConfigError, match="not a multiple of task.scale 3"):
-        Trainer(_config(tmp_path, {"scale": 3}), dataset=ArrayDataset(images, labels))
+        Trainer(sr_config(tmp_path, {"scale": 3}), dataset=ArrayDataset(images, labels))
     with pytest.raises(ConfigError, match="model.class_conditional"):
-        Trainer(_config(tmp_path, {"scale": 2}).replace(model={"class_conditional": True}),
+        Trainer(sr_config(tmp_path, {"scale": 2}).replace(model={"class_conditional": True}),
                 dataset=ArrayDataset(images, labels))  # fmt: skip
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from training_checks import assert_resumed_run_equals  # tests/training
 
 from diffusekit.cli.main import main
 from diffusekit.diffusion.parametrization import x0_from_eps
@@ -253,11 +254,7 @@ def test_resume_in_process_matches_and_truncates_metrics(tmp_path):
     resumed = tiny_trainer(tmp_path / "b", run={"max_steps": 4}, resume="latest")
     assert resumed.step == 2
     resumed.fit()
-    for k, v in full.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[k], v), k
-    a = [r["loss"] for r in read_metrics(tmp_path / "a" / "run" / "metrics.jsonl")]
-    b = [r["loss"] for r in read_metrics(tmp_path / "b" / "run" / "metrics.jsonl")]
-    assert a == b
+    assert_resumed_run_equals(full, resumed, tmp_path / "a" / "run", tmp_path / "b" / "run")
 
 
 def test_plot_loss_curve_handles_edge_cases(tmp_path):

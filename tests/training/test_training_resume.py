@@ -3,45 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from training_checks import assert_same_checkpoint, kill_and_resume, runner_script  # tests/training
 
-from diffusekit.io.weights import load_weights
-from diffusekit.training.checkpoint import list_checkpoints
 from diffusekit.training.monitor import read_metrics
-
-# Runs `diffusekit train ARGS...` in-process, with a hook that announces the end of step K and then hangs
-# until the test kills the process.
-RUNNER = textwrap.dedent(
-    """
-    import sys, time
-    from diffusekit.cli.main import build_parser
-    from diffusekit.cli.train import config_from_args
-    from diffusekit.training.trainer import Trainer
-
-    kill_after = int(sys.argv[1])
-    args = build_parser().parse_args(sys.argv[2:])
-
-    def hang(trainer, step):
-        if step == kill_after:
-            print("READY", flush=True)
-            time.sleep(600)
-
-    Trainer(config_from_args(args), on_step_end=hang).fit()
-    """
-)
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def _image_folder(root):
@@ -65,42 +34,20 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     common = ["train", "--config", str(tmp_path / "cfg.toml"), "--data", str(tmp_path / "data"), "--random-flip",
               "--num-workers", "1", "--steps", "8", "--checkpoint-every-steps", "2", "--keep-checkpoints", "10",
               "--log-every-steps", "1", "--no-progress", "--no-tensorboard", "--device", "cpu"]  # fmt: skip
-    (tmp_path / "runner.py").write_text(RUNNER)
-    full = subprocess.Popen([sys.executable, "-m", "diffusekit", *common, "--output-dir", str(tmp_path / "full")],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    # the interrupted run: killed (SIGKILL) after step 5, i.e. one step past its step-4 checkpoint
-    victim = subprocess.Popen([sys.executable, str(tmp_path / "runner.py"), "5", *common, "--output-dir",
-                               str(tmp_path / "cut")], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)  # fmt: skip
-    try:
-        line = victim.stdout.readline()
-        assert line.strip() == "READY", victim.stderr.read()
-        victim.send_signal(signal.SIGKILL)
-        assert victim.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        victim.kill()
-    cut = tmp_path / "cut"
-    assert [p.name for p in list_checkpoints(cut / "checkpoints")] == ["step-00000002", "step-00000004"]
-    assert [r["step"] for r in read_metrics(cut / "metrics.jsonl")] == [1, 2, 3, 4, 5]  # step 5 is lost work
 
-    resume = subprocess.run([sys.executable, "-m", "diffusekit", *common, "--output-dir", str(cut), "--resume"],
-                            env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert resume.returncode == 0, resume.stderr
-    assert "resumed from" in resume.stderr and "step-00000004" in resume.stderr
-    assert full.wait(timeout=300) == 0, full.stderr.read()
+    def step_5_is_lost_work(cut):
+        assert [r["step"] for r in read_metrics(cut / "metrics.jsonl")] == [1, 2, 3, 4, 5]
 
-    a = tmp_path / "full" / "checkpoints" / "step-00000008"
-    b = cut / "checkpoints" / "step-00000008"
-    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
-        ta, tb = load_weights(a / name), load_weights(b / name)
-        assert ta.keys() == tb.keys()
-        for k in ta:
-            assert torch.equal(ta[k], tb[k]), f"{name}:{k} differs after resume"
+    runner = runner_script("train", "trainer.Trainer")
+    full, cut = kill_and_resume(tmp_path, common, runner, kill_after=5, checkpoints=["step-00000002", "step-00000004"],
+                                before_resume=step_5_is_lost_work)  # fmt: skip
+    a, b = full / "checkpoints" / "step-00000008", cut / "checkpoints" / "step-00000008"
+    assert_same_checkpoint(a, b)
     sa, sb = (json.loads((p / "state.json").read_text()) for p in (a, b))
     assert sa["data_position"] == sb["data_position"] == 8 * 5
     assert sa["optimizer"] == sb["optimizer"]
     # the metrics of the resumed run are those of the uninterrupted one (step 5's record was rewritten)
-    ma = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
+    ma = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(full / "metrics.jsonl")]
     mb = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(cut / "metrics.jsonl")]
     assert ma == mb and len(ma) == 8
 

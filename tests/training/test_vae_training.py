@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
+from training_checks import assert_same_checkpoint, kill_and_resume, quiet_env, runner_script  # tests/training
 
 from diffusekit.errors import ConfigError
 from diffusekit.io.models import load_vae
 from diffusekit.io.weights import load_weights
 from diffusekit.networks.vae import AutoencoderKL, DiagonalGaussian
-from diffusekit.training.checkpoint import list_checkpoints
 from diffusekit.training.data import ArrayDataset
 from diffusekit.training.monitor import read_metrics
 from diffusekit.training.vae_adversarial import (
@@ -209,28 +206,6 @@ def test_the_discriminator_trains_only_after_its_start_and_only_on_its_own_loss(
     assert model.vae.decoder.conv_out.weight.grad.abs().sum() > 0
 
 
-# Runs `diffusekit train-vae ARGS...` in-process, with a hook that announces the end of step K and then hangs
-# until the test kills the process.
-RUNNER = textwrap.dedent(
-    """
-    import sys, time
-    from diffusekit.cli.main import build_parser
-    from diffusekit.cli.train_vae import config_from_args
-    from diffusekit.training.vae_trainer import VAETrainer
-
-    kill_after = int(sys.argv[1])
-    args = build_parser().parse_args(sys.argv[2:])
-
-    def hang(trainer, step):
-        if step == kill_after:
-            print("READY", flush=True)
-            time.sleep(600)
-
-    VAETrainer(config_from_args(args), on_step_end=hang).fit()
-    """
-)
-
-
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
     """Posterior noise, flips, the adversarial start (step 3) and the discriminator's state all resume exactly."""
     np.savez(tmp_path / "d.npz", images=blob_images(20))
@@ -239,43 +214,17 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
               "--discriminator-layers", "1", "--scaling-examples", "20", "--steps", "7",
               "--checkpoint-every-steps", "2", "--keep-checkpoints", "10", "--log-every-steps", "1", "--no-progress",
               "--no-tensorboard", "--device", "cpu"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    (tmp_path / "runner.py").write_text(RUNNER)
-    full = subprocess.Popen([sys.executable, "-m", "diffusekit", *common, "--output-dir", str(tmp_path / "full")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    # the interrupted run: killed (SIGKILL) after step 5, one step past its step-4 checkpoint
-    victim = subprocess.Popen([sys.executable, str(tmp_path / "runner.py"), "5", *common, "--output-dir",
-                               str(tmp_path / "cut")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)  # fmt: skip
-    try:
-        line = victim.stdout.readline()
-        assert line.strip() == "READY", victim.stderr.read()
-        victim.send_signal(signal.SIGKILL)
-        assert victim.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        victim.kill()
-    cut = tmp_path / "cut"
-    assert [p.name for p in list_checkpoints(cut / "checkpoints")] == ["step-00000002", "step-00000004"]
-    resume = subprocess.run([sys.executable, "-m", "diffusekit", *common, "--output-dir", str(cut), "--resume"],
-                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert resume.returncode == 0, resume.stderr
-    assert "resumed from" in resume.stderr and "step-00000004" in resume.stderr
-    out, err = full.communicate(timeout=300)
-    assert full.returncode == 0, err
-
-    a, b = tmp_path / "full" / "checkpoints" / "step-00000007", cut / "checkpoints" / "step-00000007"
-    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
-        ta, tb = load_weights(a / name), load_weights(b / name)
-        assert ta.keys() == tb.keys()
-        assert any(k.startswith("discriminator.") for k in load_weights(a / "model.safetensors"))
-        for k in ta:
-            assert torch.equal(ta[k], tb[k]), f"{name}:{k} differs after resume"
-    va, vb = (load_weights(p / "vae" / "diffusion_pytorch_model.safetensors") for p in (tmp_path / "full", cut))
+    runner = runner_script("train_vae", "vae_trainer.VAETrainer")
+    full, cut = kill_and_resume(tmp_path, common, runner, kill_after=5, checkpoints=["step-00000002", "step-00000004"])
+    a, b = full / "checkpoints" / "step-00000007", cut / "checkpoints" / "step-00000007"
+    assert_same_checkpoint(a, b)
+    assert any(k.startswith("discriminator.") for k in load_weights(a / "model.safetensors"))
+    va, vb = (load_weights(p / "vae" / "diffusion_pytorch_model.safetensors") for p in (full, cut))
     assert va.keys() == vb.keys() and all(torch.equal(va[k], vb[k]) for k in va)
-    ca, cb = (json.loads((p / "vae" / "config.json").read_text()) for p in (tmp_path / "full", cut))
+    ca, cb = (json.loads((p / "vae" / "config.json").read_text()) for p in (full, cut))
     assert ca["scaling_factor"] == cb["scaling_factor"]
     keys = ("step", "loss", "grad_norm", "rec_loss", "kl", "gan_loss", "disc_loss", "adaptive_weight")
-    ma = [tuple(r[k] for k in keys) for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
+    ma = [tuple(r[k] for k in keys) for r in read_metrics(full / "metrics.jsonl")]
     mb = [tuple(r[k] for k in keys) for r in read_metrics(cut / "metrics.jsonl")]
     assert ma == mb and len(ma) == 7
     assert [r[-1] > 0 for r in ma] == [False] * 3 + [True] * 4  # the adaptive weight from step 3 (0-based) on
@@ -293,7 +242,7 @@ def test_two_processes_see_what_one_process_sees(tmp_path):
               "--adversarial-start-steps", "1", "--discriminator-layers", "1", "--steps", "2",
               "--log-every-steps", "1", "--mixed-precision", "no", "--no-progress", "--no-tensorboard",
               "--device", "cpu", "--scaling-examples", "8"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = quiet_env()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
