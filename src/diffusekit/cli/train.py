@@ -76,26 +76,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="SOURCE",
         help="bundled | mnist | fashion-mnist | image folder | IDX file | .npz/.npy",
     )
-    g.add_argument("--data-root", metavar="DIR", help="folder holding mnist/ and fashion-mnist/ IDX folders")
-    g.add_argument("--resolution-px", type=int, metavar="N", help="square training size (default: the data's)")
-    g.add_argument("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: the data's)")
-    g.add_argument("--limit", type=int, metavar="N", help="use only the first N examples")
-    g.add_argument(
-        "--random-flip",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="random horizontal flips (default: on for image folders, off for digits)",
-    )
-    g.add_argument(
-        "--num-workers", type=int, metavar="N", help="DataLoader processes for image folders (default: min(4, CPUs))"
-    )
-    g.add_argument(
-        "--skip-bad-images",
-        action="store_true",
-        default=None,
-        help="train without the files of an image folder that cannot be read (they are listed); without this "
-        "option such a folder is refused",
-    )
+    common.add_data_options(g, resolution_help="square training size (default: the data's)")
     g = p.add_argument_group("model and loss")
     g.add_argument("--preset", choices=preset_names(), help="U-Net preset")
     g.add_argument(
@@ -191,12 +172,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="N",
         help="torch CPU threads (default: torch's choice; on a machine busy with other work, 1 is often faster)",
     )
-    g.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="checkpoint interval")
-    g.add_argument("--keep-checkpoints", type=int, metavar="N", help="newest checkpoints kept")
-    g.add_argument("--log-every-steps", type=int, metavar="N", help="metrics interval")
-    g.add_argument("--sample-every-steps", type=int, metavar="N", help="EMA sample grids (0 = off)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
+    common.add_interval_options(g, sample_help="EMA sample grids (0 = off)")
+    common.add_display_switches(g)
     defaults = {**TrainConfig().to_dict(), "latent": dataclasses.asdict(LatentConfig())}
     common.show_defaults(p, defaults, _FIELDS)  # TrainConfig and LatentConfig: the one source of defaults
     p.set_defaults(run=run)
@@ -205,22 +182,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 # option -> (section, field)
 _FIELDS = {
-    "data": ("data", "source"), "data_root": ("data", "data_root"), "resolution_px": ("data", "resolution"),
-    "channels": ("data", "channels"), "limit": ("data", "limit"), "random_flip": ("data", "random_flip"),
-    "num_workers": ("data", "num_workers"), "skip_bad_images": ("data", "skip_bad_images"),
+    **common.DATA_FIELDS,
     "preset": ("model", "preset"), "class_conditional": ("model", "class_conditional"),
     "prediction_type": ("diffusion", "prediction_type"), "beta_schedule": ("diffusion", "beta_schedule"),
     "preconditioning": ("diffusion", "preconditioning"), "sigma_data": ("diffusion", "sigma_data"),
     "min_snr_gamma": ("diffusion", "min_snr_gamma"), "offset_noise": ("diffusion", "offset_noise"),
     "label_dropout": ("diffusion", "label_dropout"),
-    "batch_size": ("optim", "batch_size"), "grad_accum_steps": ("optim", "grad_accum_steps"), "lr": ("optim", "lr"),
-    "warmup_steps": ("optim", "warmup_steps"), "lr_schedule": ("optim", "lr_schedule"),
-    "ema_decay": ("ema", "decay"), "ema_kind": ("ema", "kind"), "ema_sigma_rels": ("ema", "sigma_rels"),
+    **common.OPTIM_FIELDS,
+    "ema_kind": ("ema", "kind"), "ema_sigma_rels": ("ema", "sigma_rels"),
     "ema_snapshot_every_steps": ("ema", "snapshot_every"),
-    "steps": ("run", "max_steps"), "max_minutes": ("run", "max_minutes"), "mixed_precision": ("run", "mixed_precision"),
-    "output_dir": ("run", "output_dir"), "seed": ("run", "seed"), "device": ("run", "device"),
-    "checkpoint_every_steps": ("run", "checkpoint_every"), "keep_checkpoints": ("run", "keep_checkpoints"),
-    "log_every_steps": ("run", "log_every"), "sample_every_steps": ("run", "sample_every"),
+    **common.RUN_FIELDS,
+    "max_minutes": ("run", "max_minutes"), "output_dir": ("run", "output_dir"),
     "task": ("task", "kind"), "scale": ("task", "scale"), "downsample": ("task", "downsample"),
     "blur_sigma": ("task", "blur_sigma"), "degrade_noise": ("task", "noise_std"),
     "noise_aug_levels": ("task", "max_noise_level"), "crop_px": ("task", "crop_px"),

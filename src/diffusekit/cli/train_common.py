@@ -22,6 +22,53 @@ from diffusekit.limits import check_int
 Fields = dict[str, tuple[str, str]]  # option dest -> (config section, field)
 C = TypeVar("C")
 
+#: The options of every training command for the optimiser, the EMA and the training loop.
+OPTIM_FIELDS: Fields = {
+    "batch_size": ("optim", "batch_size"), "grad_accum_steps": ("optim", "grad_accum_steps"), "lr": ("optim", "lr"),
+    "warmup_steps": ("optim", "warmup_steps"), "lr_schedule": ("optim", "lr_schedule"), "ema_decay": ("ema", "decay"),
+}  # fmt: skip
+RUN_FIELDS: Fields = {
+    "steps": ("run", "max_steps"), "mixed_precision": ("run", "mixed_precision"), "seed": ("run", "seed"),
+    "device": ("run", "device"), "checkpoint_every_steps": ("run", "checkpoint_every"),
+    "keep_checkpoints": ("run", "keep_checkpoints"), "log_every_steps": ("run", "log_every"),
+    "sample_every_steps": ("run", "sample_every"),
+}  # fmt: skip
+#: The [data] options of the commands that read any image source (train, train-vae).
+DATA_FIELDS: Fields = {
+    "data": ("data", "source"), "data_root": ("data", "data_root"), "resolution_px": ("data", "resolution"),
+    "channels": ("data", "channels"), "limit": ("data", "limit"), "random_flip": ("data", "random_flip"),
+    "num_workers": ("data", "num_workers"), "skip_bad_images": ("data", "skip_bad_images"),
+}  # fmt: skip
+
+
+def add_data_options(group: argparse._ArgumentGroup, *, resolution_help: str) -> None:
+    """The options of ``DATA_FIELDS`` but the source itself (``train --data``, ``train-vae DATA``)."""
+    group.add_argument("--data-root", metavar="DIR", help="folder holding mnist/ and fashion-mnist/ IDX folders")
+    group.add_argument("--resolution-px", type=int, metavar="N", help=resolution_help)
+    group.add_argument("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: the data's)")
+    group.add_argument("--limit", type=int, metavar="N", help="use only the first N examples")
+    group.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
+                       help="random horizontal flips (default: on for image folders, off for digits)")  # fmt: skip
+    group.add_argument("--num-workers", type=int, metavar="N",
+                       help="DataLoader processes for image folders (default: min(4, CPUs))")  # fmt: skip
+    group.add_argument("--skip-bad-images", action="store_true", default=None,
+                       help="train without the files of an image folder that cannot be read (they are listed); "
+                            "without this option such a folder is refused")  # fmt: skip
+
+
+def add_interval_options(group: argparse._ArgumentGroup, *, sample_help: str) -> None:
+    """The loop's intervals of ``RUN_FIELDS``: checkpoints, metrics and previews (``sample_help``)."""
+    group.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="checkpoint interval")
+    group.add_argument("--keep-checkpoints", type=int, metavar="N", help="newest checkpoints kept")
+    group.add_argument("--log-every-steps", type=int, metavar="N", help="metrics interval")
+    group.add_argument("--sample-every-steps", type=int, metavar="N", help=sample_help)
+
+
+def add_display_switches(group: argparse._ArgumentGroup) -> None:
+    """--no-progress and --no-tensorboard, which ``changes_from_args`` reads."""
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
+
 
 def option_names(fields: Fields, renamed: dict[str, str] | None = None) -> dict[str, str]:
     """Config names in library messages (``run.max_steps``) -> what a user of the command types (``--steps``);
@@ -146,5 +193,7 @@ def interrupted_note(result: Any, world_size: int, command: str) -> str:
             f"  {launcher} {command} --resume {shlex.quote(str(result.checkpoint))}")  # fmt: skip
 
 
-__all__ = ["Fields", "changes_from_args", "ignored_on_resume", "interrupted_note", "metrics_line", "option_names",
-           "prepare_run", "resume_config", "run_naming_options", "show_defaults", "summary_line"]  # fmt: skip
+__all__ = ["DATA_FIELDS", "OPTIM_FIELDS", "RUN_FIELDS", "Fields", "add_data_options", "add_display_switches",
+           "add_interval_options", "changes_from_args", "ignored_on_resume", "interrupted_note", "metrics_line",
+           "option_names", "prepare_run", "resume_config", "run_naming_options", "show_defaults",
+           "summary_line"]  # fmt: skip

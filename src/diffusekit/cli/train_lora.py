@@ -54,13 +54,9 @@ _FIELDS = {
     "format": ("lora", "format"),
     "caption": ("data", "caption"), "resolution": ("data", "resolution"), "random_flip": ("data", "random_flip"),
     "skip_bad_images": ("data", "skip_bad_images"),
-    "batch_size": ("optim", "batch_size"), "grad_accum_steps": ("optim", "grad_accum_steps"), "lr": ("optim", "lr"),
-    "warmup_steps": ("optim", "warmup_steps"), "lr_schedule": ("optim", "lr_schedule"),
-    "ema_decay": ("ema", "decay"),
-    "steps": ("run", "max_steps"), "max_minutes": ("run", "max_minutes"), "mixed_precision": ("run", "mixed_precision"),
-    "run_dir": ("run", "output_dir"), "seed": ("run", "seed"), "device": ("run", "device"),
-    "checkpoint_every_steps": ("run", "checkpoint_every"), "keep_checkpoints": ("run", "keep_checkpoints"),
-    "log_every_steps": ("run", "log_every"), "sample_every_steps": ("run", "sample_every"),
+    **common.OPTIM_FIELDS,
+    **common.RUN_FIELDS,
+    "max_minutes": ("run", "max_minutes"), "run_dir": ("run", "output_dir"),
 }  # fmt: skip
 # config names in library messages -> what a user of this command types
 _OPTION_NAMES = common.option_names(_FIELDS, {"lora.model": "MODEL", "data.source": "DATA", "lora.output": "--output"})
@@ -132,13 +128,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "and the noise")  # fmt: skip
     g.add_argument("--device", metavar="DEV", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--cpu-threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="checkpoint interval")
-    g.add_argument("--keep-checkpoints", type=int, metavar="N", help="newest checkpoints kept")
-    g.add_argument("--log-every-steps", type=int, metavar="N", help="metrics interval")
-    g.add_argument("--sample-every-steps", type=int, metavar="N",
-                   help="a grid of images for the first captions every N steps (0 = off)")  # fmt: skip
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
+    common.add_interval_options(g, sample_help="a grid of images for the first captions every N steps (0 = off)")
+    common.add_display_switches(g)
     common.show_defaults(p, LoraTrainConfig().to_dict(), _FIELDS)  # LoraTrainConfig: the one source of defaults
     p.set_defaults(run=run)
     return p

@@ -51,23 +51,17 @@ examples:
 
 # option -> (section, field) of VAETrainConfig
 FIELDS = {
-    "data": ("data", "source"), "data_root": ("data", "data_root"), "resolution_px": ("data", "resolution"),
-    "channels": ("data", "channels"), "limit": ("data", "limit"), "random_flip": ("data", "random_flip"),
-    "num_workers": ("data", "num_workers"), "skip_bad_images": ("data", "skip_bad_images"),
+    **common.DATA_FIELDS,
     "preset": ("vae", "preset"), "latent_channels": ("vae", "latent_channels"),
     "downsample_factor": ("vae", "downsample_factor"), "scaling_examples": ("vae", "scaling_examples"),
     "reconstruction_loss": ("loss", "reconstruction"), "kl_weight": ("loss", "kl_weight"),
     "sample_posterior": ("loss", "sample_posterior"), "adversarial": ("loss", "adversarial"),
     "adversarial_start_steps": ("loss", "adversarial_start"), "adversarial_weight": ("loss", "adversarial_weight"),
     "discriminator_layers": ("loss", "discriminator_layers"),
-    "batch_size": ("optim", "batch_size"), "grad_accum_steps": ("optim", "grad_accum_steps"), "lr": ("optim", "lr"),
-    "warmup_steps": ("optim", "warmup_steps"), "lr_schedule": ("optim", "lr_schedule"),
-    "ema_decay": ("ema", "decay"),
-    "steps": ("run", "max_steps"), "train_minutes": ("run", "max_minutes"),
-    "mixed_precision": ("run", "mixed_precision"), "output_dir": ("run", "output_dir"), "seed": ("run", "seed"),
-    "device": ("run", "device"), "checkpoint_every_steps": ("run", "checkpoint_every"),
-    "keep_checkpoints": ("run", "keep_checkpoints"), "log_every_steps": ("run", "log_every"),
-    "sample_every_steps": ("run", "sample_every"), "preview_images": ("run", "num_sample_images"),
+    **common.OPTIM_FIELDS,
+    **common.RUN_FIELDS,
+    "train_minutes": ("run", "max_minutes"), "output_dir": ("run", "output_dir"),
+    "preview_images": ("run", "num_sample_images"),
 }  # fmt: skip
 # config names in library messages -> the options a user of this command types
 OPTION_NAMES = common.option_names(FIELDS, {"data.source": "DATA"})
@@ -87,20 +81,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--config", metavar="FILE", help="JSON or TOML train-vae config")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     g = p.add_argument_group("data")
-    g.add_argument("--data-root", metavar="DIR", help="folder holding mnist/ and fashion-mnist/ IDX folders")
-    g.add_argument(
-        "--resolution-px", type=int, metavar="N",
-        help="square training size, a multiple of the downsampling factor (default: the data's)",
-    )  # fmt: skip
-    g.add_argument("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: the data's)")
-    g.add_argument("--limit", type=int, metavar="N", help="use only the first N examples")
-    g.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips (default: on for image folders, off for digits)")  # fmt: skip
-    g.add_argument("--num-workers", type=int, metavar="N",
-                   help="DataLoader processes for image folders (default: min(4, CPUs))")  # fmt: skip
-    g.add_argument("--skip-bad-images", action="store_true", default=None,
-                   help="train without the files of an image folder that cannot be read (they are listed); "
-                        "without this option such a folder is refused")  # fmt: skip
+    common.add_data_options(g, resolution_help="square training size, a multiple of the downsampling factor "
+                                               "(default: the data's)")  # fmt: skip
     g = p.add_argument_group("autoencoder")
     g.add_argument("--preset", choices=vae_preset_names(),
                    help="architecture: mnist-f4 (28x28 data), kl-f8 (the paper's and SD's f=8, for 256px and up), "
@@ -145,13 +127,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--device", metavar="DEV", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--cpu-threads", type=int, metavar="N",
                    help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")  # fmt: skip
-    g.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="checkpoint interval")
-    g.add_argument("--keep-checkpoints", type=int, metavar="N", help="newest checkpoints kept")
-    g.add_argument("--log-every-steps", type=int, metavar="N", help="metrics interval")
-    g.add_argument("--sample-every-steps", type=int, metavar="N", help="reconstruction grids (0 = off)")
+    common.add_interval_options(g, sample_help="reconstruction grids (0 = off)")
     g.add_argument("--preview-images", type=int, metavar="N", help="images in each reconstruction grid")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
+    common.add_display_switches(g)
     common.show_defaults(p, VAETrainConfig().to_dict(), FIELDS)  # VAETrainConfig: the one source of defaults
     p.set_defaults(run=run)
     return p
