@@ -63,3 +63,20 @@ def test_latent_config_file_of_the_wrong_type(tmp_path, capsys):
     assert main(["train", "--config", str(path), "--print-config"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("diffusekit train: error: ") and str(path) in err
+
+
+def test_an_interrupted_run_says_how_to_resume_and_exits_130(capsys, tmp_path):
+    from types import SimpleNamespace
+
+    from diffusekit.training.distributed import DistEnv
+
+    env = DistEnv()  # one process on the CPU
+    done = SimpleNamespace(stopped_by="max_steps", step=4, checkpoint=tmp_path / "step-00000004")
+    assert common.finish(env, done, "unused") == 0 and capsys.readouterr().err == ""
+    stopped = SimpleNamespace(stopped_by="interrupted", step=3, checkpoint=tmp_path / "a b" / "step-00000003")
+    note = common.interrupted_note(stopped, 2, "train-vae")
+    assert common.finish(env, stopped, note) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "interrupted at step 3; the checkpoint is saved. Resume with:",
+        f"  torchrun --nproc_per_node 2 -m diffusekit train-vae --resume '{tmp_path / 'a b' / 'step-00000003'}'",
+    ]

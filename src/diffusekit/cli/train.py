@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 from diffusekit.cli import train_common as common
@@ -231,7 +230,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from diffusekit.training.distributed import shutdown
     from diffusekit.training.trainer import Trainer
 
     config = config_from_args(args)
@@ -255,12 +253,7 @@ def _run(args: argparse.Namespace) -> int:
             f"{common.metrics_line(result)}\n"
             + _next_command(trainer, result.export_dir)
         )
-    shutdown(trainer.env)
-    if result.stopped_by == "interrupted":
-        if trainer.env.is_main:
-            print(common.interrupted_note(result, trainer.env.world_size, "train"), file=sys.stderr)
-        return 130
-    return 0
+    return common.finish(trainer.env, result, common.interrupted_note(result, trainer.env.world_size, "train"))
 
 
 def _next_command(trainer, export_dir: Path | None) -> str:

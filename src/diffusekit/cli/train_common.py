@@ -186,6 +186,19 @@ def metrics_line(result: Any) -> str:
     return f"  metrics:    {result.run_dir / 'metrics.jsonl'}, loss curve {result.run_dir / 'loss_curve.png'}"
 
 
+def finish(env: Any, result: Any, interrupted: str) -> int:
+    """After ``fit()``: end the process group; a run stopped by Ctrl-C prints ``interrupted`` (how to resume it)
+    on the main process and the command's exit status is 130, else 0."""
+    from diffusekit.training.distributed import shutdown
+
+    shutdown(env)
+    if result.stopped_by != "interrupted":
+        return 0
+    if env.is_main:
+        print(interrupted, file=sys.stderr)
+    return 130
+
+
 def interrupted_note(result: Any, world_size: int, command: str) -> str:
     """What an interrupted run prints: the command that resumes it from its checkpoint."""
     launcher = f"torchrun --nproc_per_node {world_size} -m diffusekit" if world_size > 1 else "diffusekit"
@@ -194,6 +207,6 @@ def interrupted_note(result: Any, world_size: int, command: str) -> str:
 
 
 __all__ = ["DATA_FIELDS", "OPTIM_FIELDS", "RUN_FIELDS", "Fields", "add_data_options", "add_display_switches",
-           "add_interval_options", "changes_from_args", "ignored_on_resume", "interrupted_note", "metrics_line",
-           "option_names", "prepare_run", "resume_config", "run_naming_options", "show_defaults",
+           "add_interval_options", "changes_from_args", "finish", "ignored_on_resume", "interrupted_note",
+           "metrics_line", "option_names", "prepare_run", "resume_config", "run_naming_options", "show_defaults",
            "summary_line"]  # fmt: skip

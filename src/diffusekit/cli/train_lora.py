@@ -4,7 +4,6 @@ on a folder of captioned images."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from diffusekit.cli import train_common as common
@@ -157,7 +156,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from diffusekit.training.distributed import shutdown
     from diffusekit.training.lora_trainer import LoraTrainer, check_output
 
     config = config_from_args(args)
@@ -177,8 +175,5 @@ def _run(args: argparse.Namespace) -> int:
             f"{common.metrics_line(result)}\n"
             f"generate with: diffusekit txt2img \"PROMPT\" --model {args.model} --lora {result.export_dir} --out DIR"
         )
-        if result.stopped_by == "interrupted":
-            print(f"interrupted at step {result.step}; the checkpoint is saved. Resume with the same command and "
-                  "--resume --overwrite", file=sys.stderr)  # fmt: skip
-    shutdown(trainer.env)
-    return 130 if result.stopped_by == "interrupted" else 0
+    return common.finish(trainer.env, result, f"interrupted at step {result.step}; the checkpoint is saved. Resume "
+                                              "with the same command and --resume --overwrite")  # fmt: skip

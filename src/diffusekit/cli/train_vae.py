@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from diffusekit.cli import train_common as common
 from diffusekit.errors import ConfigError
@@ -147,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from diffusekit.training.distributed import shutdown
     from diffusekit.training.vae_trainer import VAETrainer
 
     if args.data is None and args.resume is None and not args.print_config:
@@ -170,9 +168,4 @@ def _run(args: argparse.Namespace) -> int:
             f"  VAE folder: {result.export_dir} (EMA weights; latent std {std:.4g} -> scaling_factor {factor:.5g})\n"
             f"{common.metrics_line(result)}"
         )
-    shutdown(trainer.env)
-    if result.stopped_by == "interrupted":
-        if trainer.env.is_main:
-            print(common.interrupted_note(result, trainer.env.world_size, "train-vae"), file=sys.stderr)
-        return 130
-    return 0
+    return common.finish(trainer.env, result, common.interrupted_note(result, trainer.env.world_size, "train-vae"))
