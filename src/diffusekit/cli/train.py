@@ -73,8 +73,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument(
         "--data",
         metavar="SOURCE",
-        help="bundled | mnist | fashion-mnist | image folder | IDX file | .npz/.npy",
+        help="bundled | mnist | fashion-mnist | image folder | IDX file | .npz/.npy (or give it as DATA)",
     )
+    g.add_argument("data_positional", nargs="?", metavar="DATA",
+                   help="the training data, as --data SOURCE (as train-vae and train-lora take it)")  # fmt: skip
     common.add_data_options(g, resolution_help="square training size (default: the data's)")
     g = p.add_argument_group("model and loss")
     g.add_argument("--preset", choices=preset_names(), help="U-Net preset")
@@ -206,6 +208,11 @@ _OPTION_NAMES = common.option_names(_FIELDS)
 def config_from_args(args: argparse.Namespace) -> TrainConfig | LatentTrainConfig:
     """Defaults, then the --config file, then every option that was given. A latent run (--latent, or a config
     file with a [latent] section) gives a LatentTrainConfig."""
+    positional = getattr(args, "data_positional", None)
+    if positional is not None:
+        if args.data is not None and args.data != positional:
+            raise ConfigError(f"the data is given twice: DATA {positional!r} and --data {args.data!r}; give one")
+        args.data = positional
     data = read_config_file(args.config) if args.config else {}
     latent = getattr(args, "latent", None) is not None or "latent" in data
     kind = LatentTrainConfig if latent else TrainConfig
