@@ -153,5 +153,5 @@ def test_help_names_both_demos(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "U-Net training steps (default 800; with --latent 1200)" in text
-    assert "estimate, not a measurement" in text
+    assert "U-Net training steps (default 800; with --latent 2000)" in text
+    assert "(an estimate, not a measurement)" in text

@@ -43,18 +43,19 @@ DDIM and decodes it, and reports FID as above plus the FID of the same real trai
 autoencoder (the floor a latent model can reach). Run folders: DIR/autoencoder (its VAE folder in
 autoencoder/vae) and DIR/train (the pipeline folder in train/model, which 'diffusekit sample' loads).
 
-Sizing: the defaults were set from 20-step runs on a shared 2-core machine (load average ~6): 2.5 s per
-autoencoder step of 32 and 5.9 s per U-Net step of 64 (at a wider preset than latent-7x7, ~1.6x its cost),
-where the pixel demo's step, 0.65 s on idle cores, took ~4.9 s. Scaled by that ratio, 1,000 autoencoder steps
-(~5 minutes), 1,200 U-Net steps (~9 minutes), encoding the 20,000 latents (<1 minute), sampling and the
-Inception features (~4 minutes on the first run) make about 20 minutes on 2 idle cores: an estimate, not a
-measurement. --vae-train-minutes and --train-minutes cap the two trainings."""
+Sizing (an estimate, not a measurement): on a shared 2-core machine at load average ~6, with one thread,
+20-step runs printed 0.4 autoencoder steps/s and 0.17 U-Net steps/s (start-up included), and a run of 300 + 300
+steps took 0.54 s per autoencoder step of 32, 1.6 s per latent-7x7 step of 64 and 22 s for the 100-sample grid;
+the pixel demo's step of 64 (0.65 s on idle cores) took ~4.9 s on that machine. Scaled by that ratio, 1,000
+autoencoder steps (~1-2 minutes), 2,000 U-Net steps (~5-10 minutes), encoding the 20,000 latents (<1 minute),
+sampling (<1 minute) and the Inception features (~3 minutes on the first run, ~1 later) make 10-20 minutes on 2
+idle cores. --vae-train-minutes and --train-minutes cap the two trainings."""
 
 EPILOG = """\
   diffusekit demo --latent                                 # the latent-diffusion chain (scripts/main.sh --latent)
   diffusekit demo --latent --no-fid --vae-steps 200 --steps 200   # a quick look at the chain"""
 
-DEFAULTS: dict[str, Any] = {"steps": 1200, "preset": "latent-7x7", "output_dir": "runs/demo-latent"}
+DEFAULTS: dict[str, Any] = {"steps": 2000, "preset": "latent-7x7", "output_dir": "runs/demo-latent"}
 VAE_DEFAULTS: dict[str, Any] = {"vae_steps": 1000, "vae_batch_size": 32, "vae_lr": 1e-3, "psnr_images": 500}
 LATENT_ONLY = ("vae_steps", "vae_train_minutes", "vae_batch_size", "vae_lr", "psnr_images")
 VAE_PRESET = "mnist-f4"
