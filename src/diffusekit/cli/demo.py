@@ -14,8 +14,8 @@ from diffusekit.cli.demo_common import (
     GRID_FILE,
     REPORT_FILE,
     RUN_ENTRIES,
-    check_options,
     check_output_dir,
+    check_shared_options,
     clear_runs,
     fid_available,
     grid_of_samples,
@@ -140,6 +140,17 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Every option (the defaults of the demo asked for filled in), checked before anything is written or
+    trained; errors name the option."""
+    from diffusekit.cli import demo_latent
+
+    resolve_defaults(args)
+    check_shared_options(args)
+    if args.latent:
+        demo_latent.check_latent_options(args)
+
+
 def demo_config(args: argparse.Namespace):
     """The training config of the demo."""
     from diffusekit.training.config import TrainConfig
@@ -151,14 +162,13 @@ RUNS = {"train": RUN_ENTRIES}
 
 
 def run(args: argparse.Namespace) -> int:
-    resolve_defaults(args)
+    check_options(args)
     if args.latent:
         from diffusekit.cli import demo_latent
 
         return demo_latent.run(args)
     from diffusekit.training.trainer import Trainer
 
-    check_options(args)
     out = check_output_dir(args.output_dir, RUNS, (GRID_FILE, REPORT_FILE))
     if args.cpu_threads is not None:
         torch.set_num_threads(args.cpu_threads)

@@ -102,8 +102,8 @@ MAX_GRID_ROWS = 100  # 1,000 digits
 MAX_FID_IMAGES = 100_000
 
 
-def check_options(args: argparse.Namespace) -> None:
-    """Every option, checked before anything is written or trained; errors name the option."""
+def check_shared_options(args: argparse.Namespace) -> None:
+    """Every option both demos have, checked before anything is written or trained; errors name the option."""
     from diffusekit.pipelines.recipe import MAX_GUIDANCE, MAX_SEED, MAX_STEPS
     from diffusekit.training.presets import preset_names
 

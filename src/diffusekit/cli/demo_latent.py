@@ -20,8 +20,8 @@ from diffusekit.cli.demo_common import (
     MAX_TRAIN_STEPS,
     REPORT_FILE,
     VAE_RUN_ENTRIES,
-    check_options,
     check_output_dir,
+    check_shared_options,
     clear_runs,
     fid_available,
     grid_of_samples,
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     from diffusekit.training.latent_trainer import LatentTrainer
     from diffusekit.training.vae_trainer import VAETrainer
 
-    check_options(args)
+    check_shared_options(args)
     check_latent_options(args)
     out = check_output_dir(args.output_dir, RUNS, (GRID_FILE, RECONSTRUCTIONS_FILE, REPORT_FILE))
     if args.cpu_threads is not None:
