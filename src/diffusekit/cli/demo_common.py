@@ -105,13 +105,14 @@ MAX_FID_IMAGES = 100_000
 def check_shared_options(args: argparse.Namespace) -> None:
     """Every option both demos have, checked before anything is written or trained; errors name the option."""
     from diffusekit.pipelines.recipe import MAX_GUIDANCE, MAX_SEED, MAX_STEPS
+    from diffusekit.training.config import MAX_LIMIT
     from diffusekit.training.presets import preset_names
 
     check_int("--steps", args.steps, 1, MAX_TRAIN_STEPS)
     if args.train_minutes is not None:
         check_float("--train-minutes", args.train_minutes, 0.0, 10_000_000.0, open_low=True)
     if args.limit is not None:
-        check_int("--limit", args.limit, 1, MAX_FID_IMAGES)
+        check_int("--limit", args.limit, 1, MAX_LIMIT)
     check_int("--batch-size", args.batch_size, 1, 4096)
     check_float("--lr", args.lr, 0.0, 10.0, open_low=True)
     if args.min_snr_gamma != 0:
