@@ -115,7 +115,7 @@ def check_shared_options(args: argparse.Namespace) -> None:
         check_int("--limit", args.limit, 1, MAX_LIMIT)
     check_int("--batch-size", args.batch_size, 1, 4096)
     check_float("--lr", args.lr, 0.0, 10.0, open_low=True)
-    if args.min_snr_gamma != 0:
+    if args.min_snr_gamma is not None and args.min_snr_gamma != 0:
         check_float("--min-snr-gamma", args.min_snr_gamma, 1e-6, 1e6)
     if args.preset not in preset_names():
         raise ConfigError(f"--preset must be one of {', '.join(preset_names())}, got {args.preset!r}")
@@ -132,12 +132,15 @@ def check_shared_options(args: argparse.Namespace) -> None:
 
 def unet_sections(args: argparse.Namespace, run_dir: Path) -> dict[str, dict[str, Any]]:
     """The config sections of the demo's class-conditional U-Net run (pixel or latent): label dropout 0.1 for
-    classifier-free guidance, Min-SNR-gamma weighting, AdamW with 200 warmup steps, EMA 0.999."""
+    classifier-free guidance, the EDM preconditioning (Karras et al. 2022) or the classic target with
+    Min-SNR-gamma weighting, AdamW with 200 warmup steps, EMA 0.999."""
     return {
         "data": {"source": "bundled", "limit": args.limit},
         "model": {"preset": args.preset, "class_conditional": True},
-        "diffusion": {"label_dropout": 0.1, "min_snr_gamma": args.min_snr_gamma or None,
-                      "prediction_type": args.prediction_type},
+        "diffusion": {"label_dropout": 0.1, "preconditioning": args.preconditioning}
+        if args.preconditioning == "edm"
+        else {"label_dropout": 0.1, "min_snr_gamma": args.min_snr_gamma or None,
+              "prediction_type": args.prediction_type},
         "optim": {"lr": args.lr, "batch_size": args.batch_size, "warmup_steps": 200},
         "ema": {"decay": 0.999},
         "run": {"output_dir": str(run_dir), "max_steps": args.steps, "max_minutes": args.train_minutes,
@@ -148,16 +151,16 @@ def unet_sections(args: argparse.Namespace, run_dir: Path) -> dict[str, dict[str
 
 # ----------------------------------------------------------------------------------------------- outputs
 def grid_of_samples(sample: Callable[[int, int, float], Tensor], out: Path, args: argparse.Namespace) -> dict:
-    """The --grid-rows x 10 grid of DDIM samples (``sample(n, seed, guidance)``), one class per column, as
-    ``samples.png``."""
+    """The --grid-rows x 10 grid of samples (``sample(n, seed, guidance)``, with --sampler), one class per
+    column, as ``samples.png``."""
     t0 = time.perf_counter()
     n_grid = 10 * args.grid_rows
     grid = sample(n_grid, args.seed, args.guidance)
-    settings = {"sampler": "ddim", "steps": args.sample_steps, "guidance_scale": args.guidance,
+    settings = {"sampler": args.sampler, "steps": args.sample_steps, "guidance_scale": args.guidance,
                 "columns": "class 0..9", "seed": args.seed, "demo": "latent" if args.latent else "pixel"}  # fmt: skip
     path = save_grid(grid, out / GRID_FILE, settings)
-    print(f"wrote {path}: {n_grid} DDIM-{args.sample_steps} samples, one class per column (guidance {args.guidance})",
-          file=sys.stderr)  # fmt: skip
+    print(f"wrote {path}: {n_grid} {args.sampler}-{args.sample_steps} samples, one class per column "
+          f"(guidance {args.guidance})", file=sys.stderr)  # fmt: skip
     return {"grid": str(path), "grid_seconds": round(time.perf_counter() - t0, 1)}
 
 

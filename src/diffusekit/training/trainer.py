@@ -140,13 +140,15 @@ class Trainer(TrainingLoop):
         class_labels: Tensor | None = None,
         guidance_scale: float = 1.0,
         use_ema: bool = True,
+        sampler: str = "ddim",
     ) -> Tensor:
-        """n images (n, C, H, W) in [0, 1] from the EMA (or raw) weights with DDIM (Song et al. 2021)."""
+        """n images (n, C, H, W) in [0, 1] from the EMA (or raw) weights with ``sampler`` (default DDIM, Song
+        et al. 2021; with the EDM preconditioning every sampler runs on the Karras et al. 2022 grid)."""
         from diffusekit.pipelines.unconditional import UnconditionalPipeline
 
         net = self.ema if use_ema else self.model
         was_training = net.training
-        pipe = UnconditionalPipeline(net.eval(), sampler_config(self.config.diffusion, "ddim"))
+        pipe = UnconditionalPipeline(net.eval(), sampler_config(self.config.diffusion, sampler))
         out = pipe(
             n,
             steps=steps or self.config.run.sample_steps,
