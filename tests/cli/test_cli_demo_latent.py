@@ -90,6 +90,7 @@ def test_the_chain_writes_grid_reconstructions_report_and_a_sampleable_model(tmp
         (["--psnr-images", "2001"], "--psnr-images must be an integer in [1, 2000]"),
         (["--limit", "0"], "--limit must be an integer in [1, "),
         (["--preset", "nope"], "--preset must be one of"),
+        (["--preconditioning", "edm"], "--preconditioning edm applies to the pixel demo only"),
     ],
 )
 def test_bad_options_name_the_option_before_training(tmp_path, capsys, no_training, extra, needle):

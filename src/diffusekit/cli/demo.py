@@ -149,6 +149,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     edm = args.preconditioning == "edm"
+    if args.latent and edm:
+        raise ConfigError("--preconditioning edm applies to the pixel demo only (latent training supports the "
+                          "classic target: --preconditioning none, the latent demo's default)")  # fmt: skip
     for name, value in CLASSIC.items():  # the classic target's settings; EDM fixes its own
         if edm and getattr(args, name) is not None:
             raise ConfigError(f"--{name.replace('_', '-')} applies to --preconditioning none only "
