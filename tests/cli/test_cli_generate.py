@@ -140,11 +140,11 @@ def test_png_writer_takes_the_next_free_name(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        (["--size", "20x16"], "--size must be WIDTHxHEIGHT in pixels (or one number for a square), each a multiple "
-                              "of 8 from 8 to 16384, e.g. 512x768; got '20x16' (20 is not allowed)"),
+        (["--size", "22x16"], "--size must be WIDTHxHEIGHT in pixels (or one number for a square), each a multiple "
+                              "of 4 from 8 to 16384, e.g. 512x768; got '22x16' (22 is not allowed)"),
         (["--size", "big"], "--size must be WIDTHxHEIGHT"),
         (["--size", "-16x16"], "--size must be WIDTHxHEIGHT in pixels (or one number for a square), each a multiple "
-                               "of 8 from 8 to 16384, e.g. 512x768; got '-16x16' (-16 is not allowed)"),
+                               "of 4 from 8 to 16384, e.g. 512x768; got '-16x16' (-16 is not allowed)"),
         (["--size", "16x0"], "got '16x0' (0 is not allowed)"),
         (["--steps", "0"], "--steps must be an integer in [1, 1000]"),
         (["--guidance", "-1"], "--guidance must be a finite number in [0.0, 1000.0]"),
@@ -170,7 +170,7 @@ def test_other_bad_inputs(sd_folder, tmp_path, capsys):
     png = tmp_path / "in.png"
     Image.new("RGB", (16, 16)).save(png)
     Image.new("L", (24, 24)).save(tmp_path / "mask.png")
-    Image.new("RGB", (12, 12)).save(tmp_path / "small.png")
+    Image.new("RGB", (10, 10)).save(tmp_path / "small.png")
     common = ["--model", str(sd_folder), "--out", str(tmp_path / "out"), "--quiet", "--steps", "2"]
     cases = [
         (["txt2img", *common], "no prompt given"),
@@ -180,8 +180,8 @@ def test_other_bad_inputs(sd_folder, tmp_path, capsys):
         (["inpaint", *common, "a", "--image", str(png), "--mask", str(tmp_path / "mask.png")],
          "--mask is 24x24 but --image is 16x16"),
         (["txt2img", "--model", str(tmp_path / "nowhere"), "a", "--out", str(tmp_path)], "no such folder or file"),
-        (["img2img", *common, "a", "--image", str(tmp_path / "mask.png"), "--size", "12x12"], "multiple of 8"),
-        (["img2img", *common, "a", "--image", str(tmp_path / "small.png")], "--image is 12x12 pixels"),
+        (["img2img", *common, "a", "--image", str(tmp_path / "mask.png"), "--size", "14x14"], "multiple of 4"),
+        (["img2img", *common, "a", "--image", str(tmp_path / "small.png")], "--image is 10x10 pixels"),
         # messages name the options, not the library's parameters (strength=, steps=, num_inference_steps=)
         (["img2img", *common, "a", "--image", str(png), "--strength", "0.2"],
          "--strength 0.2 with --steps 2 runs no denoising step"),
@@ -256,8 +256,9 @@ def test_hostile_pngs_give_config_errors(txt2img_run, tmp_path, capsys):
 def test_parse_size():
     assert parse_size("512x768") == (512, 768)
     assert parse_size("64") == (64, 64)
-    with pytest.raises(ConfigError, match="multiple of 8"):
-        parse_size("512x500")
+    assert parse_size("28") == (28, 28)  # an f=4 VAE's digits
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        parse_size("512x502")
     with pytest.raises(ConfigError, match=r"^--size must be WIDTHxHEIGHT .* from 8 to 16384"):
         parse_size("16384x16392", "--size")
 

@@ -321,7 +321,7 @@ def _cli(argv: list[str], capsys) -> tuple[int, str]:
 
 
 BAD_CLI = [
-    (["--size", "17x16"], r"--size must be WIDTHxHEIGHT .* multiple of 8 .*got '17x16' \(17 is not allowed\)"),
+    (["--size", "17x16"], r"--size must be WIDTHxHEIGHT .* multiple of 4 .*got '17x16' \(17 is not allowed\)"),
     (["--size", "0"], r"--size must be WIDTHxHEIGHT .* from 8 to 16384.*got '0'"),
     (["--size", "big"], r"--size must be WIDTHxHEIGHT"),
     (["--steps", "0"], r"--steps must be an integer in \[1, 1000\]"),

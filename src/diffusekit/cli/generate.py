@@ -438,7 +438,7 @@ def _add_options(p: argparse.ArgumentParser, mode: str) -> None:
                      help=f"random seed of the first image, 0 to 2^63-1, or 'random' (default {DEFAULTS['seed']}); "
                      "image i of the run uses seed N+i")  # fmt: skip
     size_help = (
-        "image size in pixels, WIDTHxHEIGHT or one number for a square; multiples of 8 and of the model's "
+        "image size in pixels, WIDTHxHEIGHT or one number for a square; multiples of 4 and of the model's "
         "own factor (64 for SD-1.x) (default: the model's native size, 512x512 for SD-1.x)"
         if mode == "txt2img"
         else "resize the input image (and mask) to WIDTHxHEIGHT pixels first (default: keep its size, which "
