@@ -74,7 +74,7 @@ SAMPLER_NAMES = {**{s: s for s in SAMPLERS}, **ALIASES,
 LCM_GUIDANCE = 1.0  # the guidance latent consistency models are distilled for (Luo et al. 2023, sec. 4.2)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_SEED = 2**63 - 1
-MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 8, 16384, 4  # pixels; 4: the smallest VAE factor we train (f=4); each model adds its own
+MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 8, 16384, 4  # pixels; 4: the smallest VAE factor we train (f=4)
 MAX_STEPS = 1000
 MAX_GUIDANCE = 1000.0
 DEFAULTS: dict[str, Any] = {"negative_prompt": "", "seed": 0, "steps": 25, "guidance": 7.5, "sampler": None,
