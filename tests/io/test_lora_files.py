@@ -205,3 +205,16 @@ def test_non_finite_adapter_weights_are_refused(tmp_path):
     t[f"{K}.lora_up.weight"][3, 1] = float("inf")
     with pytest.raises(WeightsError, match=rf"inf.safetensors: tensor '{K}.lora_up.weight' holds 1 non-finite"):
         read_lora(_write(tmp_path / "inf.safetensors", t))
+
+
+def test_a_finite_but_absurd_alpha_is_refused_naming_the_key(tmp_path):
+    """alpha 1e308 at rank 2 is finite, but scales the update to infinity in float32."""
+    stem = "lora_unet_mid_block_attentions_0_proj_out"
+    tensors = {f"{stem}.lora_down.weight": torch.ones(2, 64), f"{stem}.lora_up.weight": torch.ones(64, 2),
+               f"{stem}.alpha": torch.tensor(1e30)}  # fmt: skip
+    save_file(tensors, str(tmp_path / "big.safetensors"))
+    with pytest.raises(WeightsError, match=r"big\.safetensors: .*lora_down\.weight: alpha 1e\+30 over rank 2"):
+        read_lora(tmp_path / "big.safetensors")
+    tensors[f"{stem}.alpha"] = torch.tensor(64.0)  # scale 32: accepted
+    save_file(tensors, str(tmp_path / "ok.safetensors"))
+    assert read_lora(tmp_path / "ok.safetensors").modules

@@ -61,6 +61,7 @@ from diffusekit.networks.unet import UNet
 FORMATS = ("kohya", "peft")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 METADATA_KEY = "lora_adapter_metadata"
+MAX_SCALE = 1e4  # alpha / rank; community files use up to ~32 (alpha 128 at rank 4)
 
 # kohya stem prefixes -> component
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
@@ -138,6 +139,9 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
                 alpha = _peft_alpha(path, metadata, module, down.shape[0])
             else:
                 alpha = float(down.shape[0])  # no alpha: alpha = r, scale 1
+            if alpha / down.shape[0] > MAX_SCALE:  # finite but absurd: the update would overflow float32
+                raise WeightsError(f"{path}: {parts['down']}: alpha {alpha:.6g} over rank {down.shape[0]} scales "
+                                   f"the update by {alpha / down.shape[0]:.3g}; at most {MAX_SCALE:g} is accepted")
             modules[module] = LowRank(down, up, alpha)
     return LoraFile(path, fmt, modules)
 
