@@ -216,6 +216,7 @@ def heldout_fid(
         "fid_samples": n,
         "fid_heldout": ref.count,
         "fid_guidance": args.fid_guidance,
+        "fid_sampler": f"{args.sampler}-{args.sample_steps}",
         "fid_generated_vs_heldout": round(fid_from_stats(fake_stats, ref), 2),
         "fid_real_train_vs_heldout": round(fid_from_stats(real, ref), 2),
     }
@@ -250,8 +251,8 @@ def print_report(r: dict[str, Any], title: str) -> None:
     lines.append(f"  sample grid    {r['grid']}  ({r['grid_seconds']:.0f} s)")
     if "fid_generated_vs_heldout" in r:
         lines += [
-            f"  FID            {r['fid_generated_vs_heldout']:.2f}  generated ({r['fid_samples']} DDIM samples, "
-            f"guidance {r['fid_guidance']}) vs {r['fid_heldout']} held-out digits",
+            f"  FID            {r['fid_generated_vs_heldout']:.2f}  generated ({r['fid_samples']} "
+            f"{r['fid_sampler']} samples, guidance {r['fid_guidance']}) vs {r['fid_heldout']} held-out digits",
             f"                 {r['fid_real_train_vs_heldout']:.2f}  real training digits ({r['fid_samples']}) vs "
             "the same held-out digits (the floor at this sample size)",
         ]
