@@ -43,15 +43,16 @@ DDIM and decodes it, and reports FID as above plus the FID of the same real trai
 autoencoder (the floor a latent model can reach). Run folders: DIR/autoencoder (its VAE folder in
 autoencoder/vae) and DIR/train (the pipeline folder in train/model, which 'diffusekit sample' loads).
 
-Sizing (an estimate, not a measurement): on a shared 2-core machine at load average 5-7, 20-step runs with
-two threads printed 0.4 autoencoder steps/s and 0.17 U-Net steps/s (start-up included, and a first, wider
-latent-7x7); longer runs with one thread took 0.3-0.6 s per autoencoder step of 32, 0.5-1.6 s per latent-7x7
-step of 64 (depending on the other work) and 13-22 s for the 100-sample grid, where the pixel demo's step of 64
-(0.65 s on idle cores) took ~4.9 s. Scaled by that ratio, 1,000 autoencoder steps (~1-2 minutes), 2,000 U-Net
-steps (~3-9 minutes), encoding the 20,000 latents (<1 minute), sampling (<1 minute) and the Inception features
-(~3 minutes on the first run, ~1 later) make 10-20 minutes on 2 idle cores. After 300 autoencoder and 1,000
-U-Net steps most samples were already recognisable digits of their column's class. --vae-train-minutes and
---train-minutes cap the two trainings."""
+Measured at these defaults on an idle 2-core AMD EPYC (Zen 4): 14 min 52 s in all (autoencoder 173 s, U-Net
+600 s, grid 6 s). How the steps were sized, before that measurement: on a shared 2-core machine at load
+average 5-7, 20-step runs with two threads printed 0.4 autoencoder steps/s and 0.17 U-Net steps/s (start-up
+included, and a first, wider latent-7x7); longer runs with one thread took 0.3-0.6 s per autoencoder step of
+32, 0.5-1.6 s per latent-7x7 step of 64 (depending on the other work) and 13-22 s for the 100-sample grid,
+where the pixel demo's step of 64 (0.65 s on idle cores) took ~4.9 s. Scaled by that ratio, 1,000 autoencoder
+steps (~1-2 minutes), 2,000 U-Net steps (~3-9 minutes), encoding the 20,000 latents (<1 minute), sampling (<1
+minute) and the Inception features (~3 minutes on the first run, ~1 later) make 10-20 minutes on 2 idle cores.
+After 300 autoencoder and 1,000 U-Net steps most samples were already recognisable digits of their column's
+class. --vae-train-minutes and --train-minutes cap the two trainings."""
 
 EPILOG = """\
   diffusekit demo --latent                                 # the latent-diffusion chain (scripts/main.sh --latent)
