@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from diffusekit.bench import harness
+from diffusekit.bench.timing import load_averages
 from diffusekit.evaluation.features import InceptionFeatures, dataset_stats, tensor_batches
 from diffusekit.evaluation.fid import fid_from_stats
 from diffusekit.evaluation.sr_metrics import psnr
@@ -107,10 +108,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.samples < GRID_COLUMNS:
         p.error(f"--samples must be at least {GRID_COLUMNS} (a grid row), got {args.samples}")
     return args
-
-
-def load_average() -> list[float] | None:
-    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def unet_sections(args: argparse.Namespace, source: str, run_dir: Path, minutes: float) -> dict[str, dict]:
@@ -297,12 +294,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.cpu_threads)
     if args.data_root:  # dataset_stats finds the test set through the usual places, this one first
         os.environ[DATASETS_ENV] = args.data_root
-    load_before = load_average()
+    load_before = load_averages()
     body = captioned_digits(args) if args.captions else fashion(args)
     report = {
         "machine": harness.machine(),
         "load_average_before": load_before,
-        "load_average_after": load_average(),
+        "load_average_after": load_averages(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         **body,
     }

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffusekit.bench import harness
+from diffusekit.bench.timing import load_averages
 from diffusekit.evaluation.features import InceptionFeatures, dataset_stats, tensor_batches
 from diffusekit.evaluation.fid import FeatureStats, fid_from_stats
 from diffusekit.evaluation.sr_metrics import consistency_error, psnr, ssim
@@ -104,10 +105,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.train_steps is not None and args.train_steps < 1:
         p.error(f"--train-steps must be at least 1, got {args.train_steps}")
     return args
-
-
-def load_average() -> list[float] | None:
-    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -202,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.cpu_threads)
     if args.data_root:  # dataset_stats finds the test set through the usual places, this one first
         os.environ[DATASETS_ENV] = args.data_root
-    load_before = load_average()
+    load_before = load_averages()
     config = train_config(args)
 
     trainer = Trainer(config)
@@ -248,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     rows["ground truth"] = {"consistency_mse": float(consistency_error(truth, low01, mode="bicubic").mean()),
                             "fid": fid(truth, "ground truth")}  # fmt: skip
     feature_seconds = time.perf_counter() - t
-    load_after = load_average()
+    load_after = load_averages()
 
     report = {
         "machine": harness.machine(),

@@ -138,6 +138,15 @@ def load_average() -> float | None:
         return None
 
 
+def load_averages() -> list[float] | None:
+    """The machine's 1-, 5- and 15-minute load averages, rounded to 0.01 (None where not reported): what a
+    benchmark report records before and after its run."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def cpu_seconds() -> float:
     """CPU seconds (user + system, all threads) used so far by this process and its finished children."""
     own = resource.getrusage(resource.RUSAGE_SELF)
