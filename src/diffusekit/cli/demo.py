@@ -145,7 +145,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         given = [o for o in demo_latent.LATENT_ONLY if getattr(args, o) is not None]
         if given:
             raise ConfigError(f"--{given[0].replace('_', '-')} applies to the latent demo only (add --latent)")
-    defaults = {"preconditioning": "none", **demo_latent.DEFAULTS} if args.latent else PIXEL_DEFAULTS
+    defaults = demo_latent.DEFAULTS if args.latent else PIXEL_DEFAULTS
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)

@@ -58,7 +58,8 @@ EPILOG = """\
   diffusekit demo --latent                                 # the latent-diffusion chain (scripts/main.sh --latent)
   diffusekit demo --latent --no-fid --vae-steps 200 --steps 200   # a quick look at the chain"""
 
-DEFAULTS: dict[str, Any] = {"steps": 2000, "preset": "latent-7x7", "output_dir": "runs/demo-latent"}
+DEFAULTS: dict[str, Any] = {"steps": 2000, "preset": "latent-7x7", "output_dir": "runs/demo-latent",
+                            "preconditioning": "none"}  # fmt: skip
 VAE_DEFAULTS: dict[str, Any] = {"vae_steps": 1000, "vae_batch_size": 32, "vae_lr": 1e-3, "psnr_images": 500}
 LATENT_ONLY = ("vae_steps", "vae_train_minutes", "vae_batch_size", "vae_lr", "psnr_images")
 VAE_PRESET = "mnist-f4"
