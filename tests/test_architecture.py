@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "diffusekit"
 
 #: Lowest first. A package may import its own layer and every layer listed before it.
 LAYERS: list[set[str]] = [
-    {"errors", "limits"},
+    {"errors", "limits", "user_cache"},
     {"diffusion"},
     {"samplers"},
     {"networks", "runtime"},

