@@ -31,7 +31,7 @@ def cli(argv, capsys):
     [
         (["--cpu-threads", "100000"], "--cpu-threads must be an integer in [1, "),  # torch segfaulted
         (["--seed", "-1"], "--seed must be an integer in [0, "),
-        (["--train-minutes", "nan"], "--train-minutes must be a finite number"),
+        (["--max-minutes", "nan"], "--max-minutes must be a finite number"),
         (["--guidance", "inf"], "--guidance must be a finite number in [0.0, 1000.0]"),
         (["--fid-guidance", "-1"], "--fid-guidance"),
         (["--lr", "inf"], "--lr"),

@@ -86,7 +86,7 @@ def test_the_chain_writes_grid_reconstructions_report_and_a_sampleable_model(tmp
     [
         (["--vae-steps", "0"], "--vae-steps must be an integer in [1, "),
         (["--vae-lr", "nan"], "--vae-lr must be a finite number"),
-        (["--vae-train-minutes", "0"], "--vae-train-minutes"),
+        (["--vae-max-minutes", "0"], "--vae-max-minutes"),
         (["--psnr-images", "2001"], "--psnr-images must be an integer in [1, 2000]"),
         (["--limit", "0"], "--limit must be an integer in [1, "),
         (["--preset", "nope"], "--preset must be one of"),

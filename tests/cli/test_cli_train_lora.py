@@ -15,7 +15,7 @@ from diffusekit.io.weights import SafetensorsFile
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-QUICK = ["--resolution", "32", "--batch-size", "2", "--no-progress", "--no-tensorboard", "--mixed-precision", "no",
+QUICK = ["--resolution-px", "32", "--batch-size", "2", "--no-progress", "--no-tensorboard", "--mixed-precision", "no",
          "--log-every-steps", "1"]  # fmt: skip
 
 
@@ -76,7 +76,7 @@ def test_trains_writes_a_file_txt2img_loads_and_never_overwrites(sd_folder, tmp_
         (["--rank", "0"], True, "diffusekit train-lora: error: --rank must be an integer in [1, "),
         (["--alpha", "-1"], True, "--alpha must be"),
         ([], False, "--caption TEXT"),
-        (["--resolution", "30"], True, "--resolution must be a multiple of 4"),
+        (["--resolution-px", "30"], True, "--resolution-px must be a multiple of 4"),
         (["--output", "x.pt"], True, "--output x.pt: a LoRA file name must end in .safetensors"),
     ],
 )

@@ -46,7 +46,7 @@ def test_sample_options(tally, n, batch, steps, scale, nrow, seed, eta, guidance
        heldout=INTS, seed=INTS, threads=INTS)  # fmt: skip
 @examples(200)
 def test_demo_options(tally, steps, batch, minutes, lr, gamma, guidance, rows, fid_n, heldout, seed, threads):
-    argv = ["demo", f"--steps={steps}", f"--batch-size={batch}", f"--train-minutes={minutes}", f"--lr={lr}",
+    argv = ["demo", f"--steps={steps}", f"--batch-size={batch}", f"--max-minutes={minutes}", f"--lr={lr}",
             f"--min-snr-gamma={gamma}", f"--guidance={guidance}", f"--grid-rows={rows}", f"--fid-samples={fid_n}",
             f"--fid-heldout={heldout}", f"--seed={seed}", f"--cpu-threads={threads}"]  # fmt: skip
     args = _args(argv)

@@ -32,7 +32,7 @@ def test_train_vae_options(tally, latent, factor, examples_, kl, start, adv_w, l
     argv = ["train-vae", "bundled", "--print-config", f"--latent-channels={latent}", f"--downsample-factor={factor}",
             f"--scaling-examples={examples_}", f"--kl-weight={kl}", f"--adversarial-start-steps={start}",
             f"--adversarial-weight={adv_w}", f"--discriminator-layers={layers}", f"--resolution-px={res}",
-            f"--steps={steps}", f"--train-minutes={minutes}", f"--batch-size={batch}", f"--lr={lr}",
+            f"--steps={steps}", f"--max-minutes={minutes}", f"--batch-size={batch}", f"--lr={lr}",
             f"--ema-decay={ema}", f"--preview-images={preview}"]  # fmt: skip
     args = build_parser().parse_args(argv)
     names = [a.split("=")[0] for a in argv[3:]]

@@ -24,6 +24,7 @@ from diffusekit.cli.demo_common import (
     unet_sections,
     write_report,
 )
+from diffusekit.cli.train_common import add_former_spellings
 from diffusekit.errors import ConfigError
 
 DESCRIPTION = """\
@@ -41,7 +42,7 @@ Defaults fit about 15 minutes on 2 otherwise idle CPU cores. Measured on an idle
 native bf16): 7 min 44 s in all - 333 s of training (800 steps of 64 images, 0.42 s each in bf16 autocast;
 ~0.65 s in float32 on a Zen 3), 28 s for the grid, 60 s for the FID samples and 36 s of Inception features
 (the real-image statistics were cached; the first run adds ~1,250 images at ~0.2 s each). The budget is in
-steps so that a slower or busy machine takes longer but still gets digits; --train-minutes caps the wall
+steps so that a slower or busy machine takes longer but still gets digits; --max-minutes caps the wall
 clock instead (fewer steps: blurrier digits).
 Everything lands in --output-dir: the training run (checkpoints/, model/, metrics.jsonl, loss_curve.png),
 samples.png and report.json."""
@@ -50,7 +51,7 @@ EPILOG = """\
 examples:
   diffusekit demo                                   # the README's main job
   diffusekit demo --steps 3000 --output-dir runs/demo3k   # better digits, ~35 minutes
-  diffusekit demo --no-fid --train-minutes 2              # a quick look"""
+  diffusekit demo --no-fid --max-minutes 2                # a quick look"""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -69,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--steps", type=int, metavar="N",
                    help=f"U-Net training steps (default {PIXEL_DEFAULTS['steps']}; with --latent "
                         f"{latent['steps']})")  # fmt: skip
-    p.add_argument("--train-minutes", type=float, metavar="M",
+    p.add_argument("--max-minutes", type=float, metavar="M",
                    help="stop the U-Net's training after M minutes (default: none)")  # fmt: skip
     p.add_argument(
         "--output-dir", metavar="DIR",
@@ -125,10 +126,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo_latent.add_options(p)
+    add_former_spellings(p, FORMER_SPELLINGS)
     p.set_defaults(run=run)
     return p
 
 
+# spellings of earlier versions that still parse (hidden from --help) -> the option's name now, as in train
+FORMER_SPELLINGS = {"--train-minutes": "--max-minutes", "--vae-train-minutes": "--vae-max-minutes"}
 PIXEL_DEFAULTS = {"steps": 800, "preset": "mnist-small", "output_dir": "runs/demo", "preconditioning": "edm"}
 DEMO_SAMPLERS = ("heun", "ddim", "dpmpp_2m", "euler", "ddpm")
 EDM_GUIDANCE = 2.0

@@ -109,8 +109,8 @@ def check_shared_options(args: argparse.Namespace) -> None:
     from diffusekit.training.presets import preset_names
 
     check_int("--steps", args.steps, 1, MAX_TRAIN_STEPS)
-    if args.train_minutes is not None:
-        check_float("--train-minutes", args.train_minutes, 0.0, 10_000_000.0, open_low=True)
+    if args.max_minutes is not None:
+        check_float("--max-minutes", args.max_minutes, 0.0, 10_000_000.0, open_low=True)
     if args.limit is not None:
         check_int("--limit", args.limit, 1, MAX_LIMIT)
     check_int("--batch-size", args.batch_size, 1, 4096)
@@ -143,7 +143,7 @@ def unet_sections(args: argparse.Namespace, run_dir: Path) -> dict[str, dict[str
               "prediction_type": args.prediction_type},
         "optim": {"lr": args.lr, "batch_size": args.batch_size, "warmup_steps": 200},
         "ema": {"decay": 0.999},
-        "run": {"output_dir": str(run_dir), "max_steps": args.steps, "max_minutes": args.train_minutes,
+        "run": {"output_dir": str(run_dir), "max_steps": args.steps, "max_minutes": args.max_minutes,
                 "seed": args.seed, "checkpoint_every": 500, "log_every": 10, "progress": not args.no_progress,
                 "tensorboard": True},
     }  # fmt: skip

@@ -52,7 +52,7 @@ where the pixel demo's step of 64 (0.65 s on idle cores) took ~4.9 s. Scaled by 
 steps (~1-2 minutes), 2,000 U-Net steps (~3-9 minutes), encoding the 20,000 latents (<1 minute), sampling (<1
 minute) and the Inception features (~3 minutes on the first run, ~1 later) make 10-20 minutes on 2 idle cores.
 After 300 autoencoder and 1,000 U-Net steps most samples were already recognisable digits of their column's
-class. --vae-train-minutes and --train-minutes cap the two trainings."""
+class. --vae-max-minutes and --max-minutes cap the two trainings."""
 
 EPILOG = """\
   diffusekit demo --latent                                 # the latent-diffusion chain (scripts/main.sh --latent)
@@ -61,7 +61,7 @@ EPILOG = """\
 DEFAULTS: dict[str, Any] = {"steps": 2000, "preset": "latent-7x7", "output_dir": "runs/demo-latent",
                             "preconditioning": "none"}  # fmt: skip
 VAE_DEFAULTS: dict[str, Any] = {"vae_steps": 1000, "vae_batch_size": 32, "vae_lr": 1e-3, "psnr_images": 500}
-LATENT_ONLY = ("vae_steps", "vae_train_minutes", "vae_batch_size", "vae_lr", "psnr_images")
+LATENT_ONLY = ("vae_steps", "vae_max_minutes", "vae_batch_size", "vae_lr", "psnr_images")
 VAE_PRESET = "mnist-f4"
 RUNS = {"autoencoder": VAE_RUN_ENTRIES, "train": LATENT_RUN_ENTRIES}
 RECONSTRUCTIONS_FILE = "reconstructions.png"
@@ -74,7 +74,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("latent demo (with --latent)")
     d = VAE_DEFAULTS
     g.add_argument("--vae-steps", type=int, metavar="N", help=f"autoencoder training steps (default {d['vae_steps']})")
-    g.add_argument("--vae-train-minutes", type=float, metavar="M",
+    g.add_argument("--vae-max-minutes", type=float, metavar="M",
                    help="stop the autoencoder's training after M minutes (default: none)")  # fmt: skip
     g.add_argument("--vae-batch-size", type=int, metavar="N",
                    help=f"autoencoder training batch (default {d['vae_batch_size']})")  # fmt: skip
@@ -91,8 +91,8 @@ def check_latent_options(args: argparse.Namespace) -> None:
         if getattr(args, name) is None:
             setattr(args, name, value)
     check_int("--vae-steps", args.vae_steps, 1, MAX_TRAIN_STEPS)
-    if args.vae_train_minutes is not None:
-        check_float("--vae-train-minutes", args.vae_train_minutes, 0.0, 10_000_000.0, open_low=True)
+    if args.vae_max_minutes is not None:
+        check_float("--vae-max-minutes", args.vae_max_minutes, 0.0, 10_000_000.0, open_low=True)
     check_int("--vae-batch-size", args.vae_batch_size, 1, 4096)
     check_float("--vae-lr", args.vae_lr, 0.0, 10.0, open_low=True)
     check_int("--psnr-images", args.psnr_images, 1, HELDOUT)
@@ -107,7 +107,7 @@ def vae_config(args: argparse.Namespace, out: Path):
         vae={"preset": VAE_PRESET},
         optim={"lr": args.vae_lr, "batch_size": args.vae_batch_size, "warmup_steps": 100},
         run={"output_dir": str(out / "autoencoder"), "max_steps": args.vae_steps,
-             "max_minutes": args.vae_train_minutes, "seed": args.seed, "checkpoint_every": 500, "log_every": 10,
+             "max_minutes": args.vae_max_minutes, "seed": args.seed, "checkpoint_every": 500, "log_every": 10,
              "sample_every": 500, "progress": not args.no_progress, "tensorboard": True},
     )  # fmt: skip
 

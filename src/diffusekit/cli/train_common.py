@@ -44,7 +44,7 @@ DATA_FIELDS: Fields = {
 def add_data_options(group: argparse._ArgumentGroup, *, resolution_help: str) -> None:
     """The options of ``DATA_FIELDS`` but the source itself (``train --data``, ``train-vae DATA``)."""
     group.add_argument("--data-root", metavar="DIR", help="folder holding mnist/ and fashion-mnist/ IDX folders")
-    group.add_argument("--resolution-px", type=int, metavar="N", help=resolution_help)
+    group.add_argument("--resolution-px", type=int, metavar="PX", help=resolution_help)
     group.add_argument("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: the data's)")
     group.add_argument("--limit", type=int, metavar="N", help="use only the first N examples")
     group.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
@@ -70,6 +70,19 @@ def add_display_switches(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
 
 
+def add_former_spellings(parser: argparse.ArgumentParser, former: dict[str, str]) -> None:
+    """Keep former spellings of options parsing (scripts written for them keep running) without showing them in
+    ``--help``: each ``old -> new`` adds ``old`` as a hidden option with ``new``'s destination, type, choices and
+    metavar; it sets nothing when not given, so ``new``'s default stands."""
+    by_name = {name: action for action in parser._actions for name in action.option_strings}
+    for old, new in former.items():
+        action = by_name[new]
+        if not isinstance(action, argparse._StoreAction):
+            raise TypeError(f"{new}: only options that take a value have former spellings here")
+        parser.add_argument(old, dest=action.dest, type=action.type, choices=action.choices, nargs=action.nargs,
+                            metavar=action.metavar, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # fmt: skip
+
+
 def option_names(fields: Fields, renamed: dict[str, str] | None = None) -> dict[str, str]:
     """Config names in library messages (``run.max_steps``) -> what a user of the command types (``--steps``);
     ``renamed`` gives the spelling of positional arguments and other exceptions (``{"data.source": "DATA"}``)."""
@@ -92,8 +105,8 @@ def show_defaults(parser: argparse.ArgumentParser, defaults: dict[str, dict[str,
     """Append each config option's default (``defaults``: the config class's ``to_dict()``, the one source of
     defaults) to its help, unless the help already says what the default is."""
     for action in parser._actions:
-        if action.dest not in fields or not action.option_strings:  # a positional DATA has no default
-            continue
+        if action.dest not in fields or not action.option_strings or action.help == argparse.SUPPRESS:
+            continue  # a positional DATA has no default; a former spelling is not shown
         section, name = fields[action.dest]
         value = defaults[section][name]
         if "default" in (action.help or ""):  # "(default: the data's)": the help's own words
@@ -207,6 +220,6 @@ def interrupted_note(result: Any, world_size: int, command: str) -> str:
 
 
 __all__ = ["DATA_FIELDS", "OPTIM_FIELDS", "RUN_FIELDS", "Fields", "add_data_options", "add_display_switches",
-           "add_interval_options", "changes_from_args", "finish", "ignored_on_resume", "interrupted_note",
-           "metrics_line", "option_names", "prepare_run", "resume_config", "run_naming_options", "show_defaults",
-           "summary_line"]  # fmt: skip
+           "add_former_spellings", "add_interval_options", "changes_from_args", "finish", "ignored_on_resume",
+           "interrupted_note", "metrics_line", "option_names", "prepare_run", "resume_config", "run_naming_options",
+           "show_defaults", "summary_line"]  # fmt: skip

@@ -18,7 +18,7 @@ U-Net, and optionally of the text encoder(s), trained on your images while the m
 DATA is a folder of images (PNG, JPEG, WebP, ...; sub-folders are read too). Each image is captioned by a UTF-8
 text file of the same name beside it (cat.png + cat.txt, the convention of kohya's and other trainers); images
 without one take --caption, and without --caption such a folder is refused. An empty caption trains the
-empty prompt. Images are resized so their shorter side is --resolution, then centre-cropped to a square.
+empty prompt. Images are resized so their shorter side is --resolution-px, then centre-cropped to a square.
 
 The frozen VAE encodes every image once; the latents are cached in the run folder (latents.safetensors) and
 reused only for the same VAE, images and settings. Each step draws a noise level on the model's own training
@@ -29,7 +29,7 @@ original size and crop as micro-conditioning).
 The result is one .safetensors file in the kohya layout (lora_unet_*, lora_te_* with .lora_down, .lora_up,
 .alpha; what A1111, ComfyUI and kohya's tools read) or with --format peft the layout of the reference's
 save_lora_weights; load it with 'diffusekit txt2img --lora FILE'. An existing file is never replaced without
---overwrite. The run folder (--run-dir) holds checkpoints of the adapters and optimizer only (not the base
+--overwrite. The run folder (--output-dir) holds checkpoints of the adapters and optimizer only (not the base
 model; resumable bit for bit with --resume), metrics.jsonl, loss_curve.png and samples/.
 
 Ctrl-C stops after the current step and saves a checkpoint. Several processes or GPUs: torchrun
@@ -39,7 +39,7 @@ EPILOG = """\
 examples:
   diffusekit train-lora models/sd15 photos/ --output style.safetensors --steps 1000
   diffusekit train-lora models/sd15 dog/ --caption "a photo of sks dog" --output dog.safetensors --rank 8
-  diffusekit train-lora models/sdxl photos/ --resolution 1024 --mixed-precision bf16 --gradient-checkpointing \\
+  diffusekit train-lora models/sdxl photos/ --resolution-px 1024 --mixed-precision bf16 --gradient-checkpointing \\
       --output xl.safetensors
   diffusekit train-lora models/sd15 photos/ --output style.safetensors --resume --steps 2000 --overwrite
   diffusekit txt2img "a portrait, in my style" --model models/sd15 --lora style.safetensors:0.8 --out images/"""
@@ -51,12 +51,14 @@ _FIELDS = {
     "text_encoder_lr": ("lora", "text_encoder_lr"), "gradient_checkpointing": ("lora", "gradient_checkpointing"),
     "caption_dropout": ("lora", "caption_dropout"), "min_snr_gamma": ("lora", "min_snr_gamma"),
     "format": ("lora", "format"),
-    "caption": ("data", "caption"), "resolution": ("data", "resolution"), "random_flip": ("data", "random_flip"),
+    "caption": ("data", "caption"), "resolution_px": ("data", "resolution"), "random_flip": ("data", "random_flip"),
     "skip_bad_images": ("data", "skip_bad_images"),
     **common.OPTIM_FIELDS,
     **common.RUN_FIELDS,
-    "max_minutes": ("run", "max_minutes"), "run_dir": ("run", "output_dir"),
+    "max_minutes": ("run", "max_minutes"), "output_dir": ("run", "output_dir"),
 }  # fmt: skip
+# spellings of earlier versions that still parse (hidden from --help) -> the option's name now
+FORMER_SPELLINGS = {"--resolution": "--resolution-px", "--run-dir": "--output-dir"}
 # config names in library messages -> what a user of this command types
 _OPTION_NAMES = common.option_names(_FIELDS, {"lora.model": "MODEL", "data.source": "DATA", "lora.output": "--output"})
 
@@ -92,7 +94,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="recompute U-Net activations in the backward pass: less memory, ~30%% more time")  # fmt: skip
     g = p.add_argument_group("data")
     g.add_argument("--caption", metavar="TEXT", help="caption of every image that has no .txt file")
-    g.add_argument("--resolution", type=int, metavar="PX",
+    g.add_argument("--resolution-px", type=int, metavar="PX",
                    help="square training size, a multiple of the model's latent multiple (default: the model's "
                         "own, 512 for SD-1.x, 1024 for SDXL)")  # fmt: skip
     g.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
@@ -116,11 +118,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="autocast: auto = bf16 where the device has it, else float32 (fp16 with loss scaling on "
                         "older GPUs)")  # fmt: skip
     g = p.add_argument_group("run")
-    g.add_argument("--run-dir", metavar="DIR",
-                   help="checkpoints, latent cache, metrics and samples (default: --output's name with '.run' "
-                        "instead of '.safetensors')")  # fmt: skip
+    g.add_argument("--output-dir", metavar="DIR",
+                   help="run folder: checkpoints, latent cache, metrics and samples (default: --output's name "
+                        "with '.run' instead of '.safetensors')")  # fmt: skip
     g.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                   help="continue a run: without a value, the newest intact checkpoint in --run-dir; or a "
+                   help="continue a run: without a value, the newest intact checkpoint in --output-dir; or a "
                         "checkpoint folder. The checkpoint's adapter, data and optimiser settings are used; only "
                         "run options (steps, minutes, intervals) and --output may change")  # fmt: skip
     g.add_argument("--seed", type=int, metavar="N", help="seed of the adapters' initial weights, the data order "
@@ -130,6 +132,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     common.add_interval_options(g, sample_help="a grid of images for the first captions every N steps (0 = off)")
     common.add_display_switches(g)
     common.show_defaults(p, LoraTrainConfig().to_dict(), _FIELDS)  # LoraTrainConfig: the one source of defaults
+    common.add_former_spellings(p, FORMER_SPELLINGS)
     p.set_defaults(run=run)
     return p
 
@@ -160,7 +163,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     check_output(args.output, args.overwrite, "--output")
-    common.prepare_run(args, config.run.output_dir, "--run-dir")
+    common.prepare_run(args, config.run.output_dir, "--output-dir")
     if args.resume is not None:  # the trainer reads the checkpoint's config itself
         common.ignored_on_resume(args, _FIELDS, _OPTION_NAMES)
     trainer = LoraTrainer(config, resume=args.resume, output=args.output, overwrite=args.overwrite)

@@ -44,7 +44,7 @@ EPILOG = """\
 examples:
   diffusekit train-vae fashion-mnist --output-dir runs/vae-fashion --steps 5000        # f=4: 28 -> 7x7x4
   diffusekit train-vae ./photos --resolution-px 256 --preset kl-f8 --batch-size 8 --output-dir runs/vae256
-  diffusekit train-vae bundled --train-minutes 10 --output-dir runs/vae-digits --kl-weight 1e-5
+  diffusekit train-vae bundled --max-minutes 10 --output-dir runs/vae-digits --kl-weight 1e-5
   diffusekit train-vae --resume --output-dir runs/vae-fashion --steps 10000            # continue the newest
   torchrun --nproc_per_node 2 -m diffusekit train-vae ./photos --config vae.toml"""
 
@@ -59,9 +59,11 @@ FIELDS = {
     "discriminator_layers": ("loss", "discriminator_layers"),
     **common.OPTIM_FIELDS,
     **common.RUN_FIELDS,
-    "train_minutes": ("run", "max_minutes"), "output_dir": ("run", "output_dir"),
+    "max_minutes": ("run", "max_minutes"), "output_dir": ("run", "output_dir"),
     "preview_images": ("run", "num_sample_images"),
 }  # fmt: skip
+# spellings of earlier versions that still parse (hidden from --help) -> the option's name now
+FORMER_SPELLINGS = {"--train-minutes": "--max-minutes"}
 # config names in library messages -> the options a user of this command types
 OPTION_NAMES = common.option_names(FIELDS, {"data.source": "DATA"})
 
@@ -106,8 +108,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="stride-2 layers of the discriminator; images need at least 3 * 2^N pixels a side")  # fmt: skip
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, metavar="N", help="optimizer steps to train to")
-    g.add_argument("--train-minutes", "--max-minutes", dest="train_minutes", type=float, metavar="M",
-                   help="wall-clock training budget of this invocation, in minutes")  # fmt: skip
+    g.add_argument("--max-minutes", type=float, metavar="M", help="wall-clock training budget of this invocation")
     g.add_argument("--batch-size", type=int, metavar="N", help="images per micro-batch per process")
     g.add_argument("--grad-accum-steps", type=int, metavar="N", help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, metavar="LR", help="AdamW learning rate")
@@ -130,6 +131,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--preview-images", type=int, metavar="N", help="images in each reconstruction grid")
     common.add_display_switches(g)
     common.show_defaults(p, VAETrainConfig().to_dict(), FIELDS)  # VAETrainConfig: the one source of defaults
+    common.add_former_spellings(p, FORMER_SPELLINGS)
     p.set_defaults(run=run)
     return p
 
