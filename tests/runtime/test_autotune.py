@@ -235,3 +235,59 @@ def test_a_bad_mode_is_a_one_line_cli_error(monkeypatch, capsys):
     assert main(["bench", "--tiny", "--workloads", "W1"]) == 2  # refused before any work
     err = capsys.readouterr().err
     assert err.startswith("diffusekit bench: error: DIFFUSEKIT_AUTOTUNE must be one of measure, cached, rules")
+
+
+def test_threads_measuring_at_once_share_one_measurement_and_one_intact_file(tmp_path, monkeypatch):
+    """The server runs pipelines in threads: 8 threads hammer 3 tiny layer shapes in the measuring mode (as
+    DIFFUSEKIT_AUTOTUNE=measure sets it, with the command-line tool's atomic writer). Each shape is measured
+    once, every choice reaches the cache file, nothing raises or warns, and the writer is kept. The timer
+    sleeps 1 ms per call (releasing the GIL) so that unguarded threads do meet inside a measurement."""
+    import threading
+    import time
+    import warnings
+
+    monkeypatch.setattr(autotune, "_ENV_MODE_VALUE", "measure")
+    monkeypatch.setenv(user_cache.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(autotune.ENV_FILE, raising=False)
+    writes: list[bytes] = []
+
+    def writer(path: Path, data: bytes):
+        writes.append(data)
+        time.sleep(0.002)  # a slow disk: other threads reach their own save meanwhile
+        return write_bytes_atomic(path, data)
+
+    def seconds(kernel, call):
+        time.sleep(0.001)
+        return autotune.perf_seconds(kernel, call)
+
+    tuner = autotune.configure(writer=writer, seconds=seconds)
+    assert tuner.mode == "measure" and tuner.path == tmp_path / "cache" / "autotune" / "kernels.json"
+    layers = [_layer(c=c, co=c, h=6, w=6, seed=c) for c in (4, 6, 8)]
+    start, errors = threading.Barrier(8), []
+
+    def hammer(k: int):
+        try:
+            start.wait()
+            for i in range(6):
+                x, w = layers[(k + i) % len(layers)]
+                picked = fastconv.choose(x, w)
+                assert torch.allclose(fastconv.conv2d(x, w, None, 1, 1), F.conv2d(x, w, padding=1), atol=1e-4)
+                assert picked in (None, "winograd", "gemm")
+        except BaseException as e:  # noqa: BLE001  (reported below with the thread's number)
+            errors.append(f"thread {k}: {type(e).__name__}: {e}")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        threads = [threading.Thread(target=hammer, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    assert not [str(w.message) for w in caught if "kernel choices" in str(w.message)]
+    assert autotune.current() is tuner and tuner.writer is writer
+    keys = {autotune.layer_key(x, w) for x, w in layers}
+    assert set(tuner.choices) == keys and len(writes) == len(keys)  # one measurement, one save per shape
+    saved = autotune.read_cache(tuner.path)[autotune.machine_id(autotune.machine())]["choices"]
+    assert saved == tuner.choices
+    assert not list(tuner.path.parent.glob(".*tmp*"))  # no temporary file left behind

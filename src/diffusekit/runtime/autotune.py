@@ -21,6 +21,11 @@ the next write. This module sits below :mod:`diffusekit.io` and does not write f
 configures the tuner passes a writer (the command-line tool passes ``io.atomic.write_bytes_atomic``); without
 one, measurements last for the process only.
 
+Threads (the server runs pipelines in threads) share the process's tuner under one lock (:data:`LOCK`):
+a shape is measured by one thread while the others wait for its choice (timings taken while other threads
+compute would be wrong anyway), and the cache file is read, merged and written by one thread at a time.
+Choices already known are read without the lock.
+
 Modes, from the environment variable :data:`ENV_MODE` (read once, at import) or :func:`configure`:
 
 * ``measure`` (default): use the cached choice; else measure (within the budget); else the size rules.
@@ -37,6 +42,7 @@ import json
 import os
 import platform
 import statistics
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -68,6 +74,10 @@ GIVE_UP_FACTOR = 3.0
 #: well under a millisecond is not worth a measurement).
 MIN_MACS = 5e7
 FORMAT = 1
+
+#: Held while a tuner loads, measures or saves, and while the process's tuner is made or replaced; re-entrant
+#: so that a writer or timer that uses the tuner does not deadlock.
+LOCK = threading.RLock()
 
 Seconds = Callable[[str, Callable[[], object]], float]  # (kernel name, call) -> seconds of that call
 Writer = Callable[[Path, bytes], object]
@@ -177,13 +187,14 @@ class Tuner:
         return machine_id(m), m
 
     def _load(self) -> None:
+        """Merge this machine's choices from the cache file into :attr:`choices` (once; under :data:`LOCK`)."""
         if self._loaded:
             return
-        self._loaded = True
         if self.path is not None:
             entry = read_cache(self.path).get(self._machine()[0])
             if entry:  # measurements of this process win over the file's
-                self.choices = {**entry["choices"], **self.choices}
+                self.choices.update({k: v for k, v in entry["choices"].items() if k not in self.choices})
+        self._loaded = True
 
     def pick(
         self,
@@ -196,40 +207,47 @@ class Tuner:
         computing it), ``rule`` (the size rules' choice) when the mode, the size or the budget says so."""
         if self.mode == "rules" or len(candidates) < 2 or not worth_measuring(x, weight):
             return rule
-        self._load()
         key = layer_key(x, weight)
-        known = self.choices.get(key)
+        known = self.choices.get(key) if self._loaded else None  # a dict read: safe beside a writing thread
         if known is not None and known["kernel"] in candidates:
             return known["kernel"]
-        if self.mode == "cached" or self.spent_s >= self.budget_s:
-            return rule
-        best, ms = self.measure(candidates)
-        self.choices[key] = {"kernel": best, "ms": ms, "rule": rule}
-        self._save(key)
-        return best
+        with LOCK:  # one thread loads, measures and saves; the others wait, then find its choice
+            self._load()
+            known = self.choices.get(key)
+            if known is not None and known["kernel"] in candidates:
+                return known["kernel"]
+            if self.mode == "cached" or self.spent_s >= self.budget_s:
+                return rule
+            best, ms = self.measure(candidates)
+            self.choices[key] = {"kernel": best, "ms": ms, "rule": rule}
+            self._save(key)
+            return best
 
     def measure(self, candidates: Mapping[str, Callable[[], object]]) -> tuple[str, dict[str, float]]:
         """Time every candidate (module docstring) and return the fastest with each one's median in ms."""
         medians: dict[str, float] = {}
-        for name, call in candidates.items():
-            with torch.no_grad():
-                warm = self.seconds(name, call)  # allocations, oneDNN primitive creation
-                self.spent_s += warm
-                best = min(medians.values(), default=float("inf"))
-                if warm >= SLOW_CALL_S or warm > GIVE_UP_FACTOR * best:
-                    medians[name] = warm  # slow enough that set-up is noise beside it, or clearly losing
-                    continue
-                runs: list[float] = []
-                while len(runs) < REPEATS and (len(runs) < MIN_REPEATS or sum(runs) < PER_CANDIDATE_S):
-                    runs.append(self.seconds(name, call))
-                    self.spent_s += runs[-1]
-                    if len(runs) == 1 and runs[0] > GIVE_UP_FACTOR * best:
-                        break
-            medians[name] = statistics.median(runs)
-        best = min(medians, key=medians.__getitem__)
-        return best, {k: round(v * 1e3, 4) for k, v in medians.items()}
+        with LOCK:  # one measurement at a time in the process: other threads' work would skew the timings
+            for name, call in candidates.items():
+                with torch.no_grad():
+                    warm = self.seconds(name, call)  # allocations, oneDNN primitive creation
+                    self.spent_s += warm
+                    best = min(medians.values(), default=float("inf"))
+                    if warm >= SLOW_CALL_S or warm > GIVE_UP_FACTOR * best:
+                        medians[name] = warm  # slow enough that set-up is noise beside it, or clearly losing
+                        continue
+                    runs: list[float] = []
+                    while len(runs) < REPEATS and (len(runs) < MIN_REPEATS or sum(runs) < PER_CANDIDATE_S):
+                        runs.append(self.seconds(name, call))
+                        self.spent_s += runs[-1]
+                        if len(runs) == 1 and runs[0] > GIVE_UP_FACTOR * best:
+                            break
+                medians[name] = statistics.median(runs)
+            best = min(medians, key=medians.__getitem__)
+            return best, {k: round(v * 1e3, 4) for k, v in medians.items()}
 
     def _save(self, key: str) -> None:
+        """Merge ``key``'s choice into the cache file (under :data:`LOCK`: a read-merge-write of one thread at a
+        time, so no thread's choice is lost and no two write the file at once)."""
         if self.writer is None or self.path is None:
             return
         mid, m = self._machine()
@@ -249,9 +267,13 @@ _tuner: Tuner | None = None
 def current() -> Tuner:
     """The process's tuner; made at first use from :data:`ENV_MODE` and :data:`ENV_FILE` (no writer)."""
     global _tuner
-    if _tuner is None:
-        _tuner = Tuner(mode=parse_mode(_ENV_MODE_VALUE), path=cache_path())
-    return _tuner
+    tuner = _tuner
+    if tuner is None:
+        with LOCK:  # two threads at first use get one tuner
+            if _tuner is None:
+                _tuner = Tuner(mode=parse_mode(_ENV_MODE_VALUE), path=cache_path())
+            tuner = _tuner
+    return tuner
 
 
 def configure(
@@ -265,14 +287,16 @@ def configure(
     """Replace the process's tuner: ``mode`` (default: the environment's), the cache file (default
     :func:`cache_path`), the atomic ``writer`` that saves it, the measuring budget and the timer."""
     global _tuner
-    _tuner = Tuner(
+    tuner = Tuner(
         mode=parse_mode(_ENV_MODE_VALUE) if mode is None else parse_mode(mode, option="autotune mode"),
         path=path if path is not None else cache_path(),
         writer=writer,
         budget_s=BUDGET_S if budget_s is None else budget_s,
         seconds=seconds or perf_seconds,
     )
-    return _tuner
+    with LOCK:
+        _tuner = tuner
+    return tuner
 
 
 _ENV_MODE_VALUE = os.environ.get(ENV_MODE, "measure")
