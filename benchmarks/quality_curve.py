@@ -1,0 +1,190 @@
+"""Quality per CPU-minute (not a test): FID against training budget and against sampling cost.
+
+Trains one class-conditional model on MNIST or Fashion-MNIST (``--preconditioning edm``: Karras et al. 2022's
+preconditioning, log-normal noise levels and loss weight; ``none``: the classic epsilon target with Min-SNR-5)
+and keeps the EMA weights at each budget of ``--budgets`` (minutes). Then, for each kept model and each sampler
+setting of ``--samplers``, it draws ``--samples`` images (saved as uint8 npz beside the result, so features can
+be recomputed without resampling) and reports FID against the 10,000 test images, beside the FID of as many
+real training images (the floor at that sample size).
+
+Budgets are wall-clock minutes of training on this machine. On a machine shared with other work, give
+``--steps-per-second`` (the rate of the same training measured alone, e.g. with ``--probe``): each budget then
+becomes that many optimizer steps (minutes x 60 x rate), so the result does not depend on the load while it
+runs; the report says which one was used.
+
+    python benchmarks/quality_curve.py --probe 60 --preconditioning edm          # idle rate, 60 s
+    python benchmarks/quality_curve.py --budgets 10,30 --steps-per-second 2.3 --output-dir runs/curve_edm
+    python benchmarks/quality_curve.py --evaluate runs/curve_edm --samplers heun:10,dpmpp_2m:20 --samples 1000
+
+``--samplers`` entries are NAME:STEPS (``heun:18`` is 35 network evaluations, the others one per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffusekit.bench.harness import machine
+from diffusekit.bench.timing import load_averages
+from diffusekit.training.config import TrainConfig
+from diffusekit.training.trainer import Trainer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="mnist", choices=("mnist", "fashion-mnist"))
+    p.add_argument("--preconditioning", default="edm", choices=("edm", "none"))
+    p.add_argument("--preset", default="mnist-small")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--budgets", default="10,30", help="training budgets in minutes, comma-separated")
+    p.add_argument("--steps-per-second", type=float, help="turn each budget into steps at this (idle) rate")
+    p.add_argument("--probe", type=float, metavar="SECONDS", help="only measure the training rate for SECONDS")
+    p.add_argument("--samplers", default=None, help="NAME:STEPS,... (default heun:18 for edm, ddim:50 otherwise)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 2 for edm, 1 otherwise)")
+    p.add_argument("--samples", type=int, default=2000)
+    p.add_argument("--evaluate", metavar="OUTPUT_DIR", help="only sample and score the models a run kept")
+    p.add_argument("--output-dir", default="runs/quality_curve")
+    p.add_argument("--cpu-threads", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def train_config(args: argparse.Namespace, out: Path, max_steps: int, max_minutes: float | None) -> TrainConfig:
+    if args.preconditioning == "edm":
+        diffusion = {"label_dropout": 0.1, "preconditioning": "edm"}
+    else:
+        diffusion = {"label_dropout": 0.1, "min_snr_gamma": 5.0}
+    return TrainConfig().replace(
+        data={"source": args.data},
+        model={"preset": args.preset, "class_conditional": True},
+        diffusion=diffusion,
+        optim={"lr": args.lr, "batch_size": args.batch_size, "warmup_steps": 200},
+        ema={"decay": args.ema_decay},
+        run={"output_dir": str(out / "train"), "max_steps": max_steps, "max_minutes": max_minutes, "seed": args.seed,
+             "checkpoint_every": 1000, "log_every": 50, "tensorboard": False},
+    )  # fmt: skip
+
+
+def probe(args: argparse.Namespace) -> None:
+    """The training rate of this configuration over ``--probe`` seconds, after 20 warm-up steps."""
+    warm: dict[str, float] = {}
+    trainer = Trainer(train_config(args, Path(args.output_dir) / "probe", 10**7, args.probe / 60 + 1))
+
+    def mark(trainer: Trainer, step: int) -> None:
+        if step == 20:
+            warm["t"] = time.perf_counter()
+        elif "t" in warm and time.perf_counter() - warm["t"] >= args.probe:
+            warm["rate"] = (step - 20) / (time.perf_counter() - warm["t"])
+            raise KeyboardInterrupt  # ends the probe; nothing of it is kept
+
+    trainer.on_step_end = mark
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        pass
+    print(json.dumps({"steps_per_second": round(warm["rate"], 4), "machine": machine(), "load": load_averages()}))
+
+
+def train(args: argparse.Namespace, out: Path) -> None:
+    budgets = sorted(float(b) for b in args.budgets.split(","))
+    by_steps = args.steps_per_second is not None
+    marks = [round(b * 60 * args.steps_per_second) for b in budgets] if by_steps else []
+    config = train_config(args, out, marks[-1] if by_steps else 10**7, None if by_steps else budgets[-1])
+    trainer = Trainer(config)
+    kept: list[dict] = []
+    t_start = time.perf_counter()
+
+    def keep(trainer: Trainer, step: int) -> None:
+        elapsed = time.perf_counter() - t_start
+        i = len(kept)
+        if i == len(budgets) or not (step == marks[i] if by_steps else elapsed >= budgets[i] * 60):
+            return
+        path = out / f"ema-{budgets[i]:g}min.safetensors"
+        save_file({k: v.detach().float().contiguous() for k, v in trainer.ema.state_dict().items()}, str(path))
+        kept.append({"budget_minutes": budgets[i], "step": step, "train_seconds": round(elapsed, 1),
+                     "load_average": load_averages(), "weights": path.name})  # fmt: skip
+        print(f"kept {path.name} at step {step} ({elapsed / 60:.1f} min)", file=sys.stderr, flush=True)
+
+    trainer.on_step_end = keep
+    result = trainer.fit()
+    if len(kept) < len(budgets):  # a wall-clock run stops at its last budget before the step that would pass it
+        t_start -= budgets[-1] * 60
+        keep(trainer, trainer.step)
+        kept[-1]["train_seconds"] = round(result.train_seconds, 1)
+    run = {"machine": machine(), "settings": vars(args), "final_loss": result.loss, "kept": kept,
+           "budget_kind": "steps at the measured rate" if by_steps else "wall clock",
+           "params_M": round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 3)}  # fmt: skip
+    (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
+
+
+def evaluate(args: argparse.Namespace, out: Path) -> None:
+    from diffusekit.evaluation.features import InceptionFeatures, dataset_stats, tensor_batches
+    from diffusekit.evaluation.fid import fid_from_stats
+    from diffusekit.io.images import save_image_grid
+
+    run = json.loads((out / "run.json").read_text())
+    settings = argparse.Namespace(**run["settings"])
+    edm = settings.preconditioning == "edm"
+    samplers = args.samplers or ("heun:18" if edm else "ddim:50")
+    guidance = args.guidance if args.guidance is not None else (2.0 if edm else 1.0)
+    trainer = Trainer(train_config(settings, out / "eval-scratch", 1, None))
+    extractor = InceptionFeatures()
+    t0 = time.perf_counter()
+    test = dataset_stats(settings.data, "test", extractor)
+    floor = fid_from_stats(dataset_stats(settings.data, "train", extractor, limit=args.samples), test)
+    stats_seconds = time.perf_counter() - t0
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else []
+    for k in sorted(run["kept"], key=lambda k: -k["budget_minutes"]):  # the longest budget first
+        trainer.ema.load_state_dict(load_file(str(out / k["weights"])))
+        for spec in samplers.split(","):
+            name, steps = spec.split(":")
+            nfe = 2 * int(steps) - 1 if name == "heun" else int(steps)
+            tag = f"{k['budget_minutes']:g}min-{name}{steps}-g{guidance:g}-n{args.samples}"
+            t0 = time.perf_counter()
+            fake = torch.cat([
+                trainer.sample(min(100, args.samples - i), steps=int(steps), seed=args.seed + 1 + i,
+                               class_labels=trainer.preview_labels(min(100, args.samples - i)),
+                               guidance_scale=guidance, sampler=name)
+                for i in range(0, args.samples, 100)
+            ])  # fmt: skip
+            sample_seconds = time.perf_counter() - t0
+            u8 = (fake.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            np.savez_compressed(out / f"samples-{tag}.npz", images=u8)
+            save_image_grid(fake[:100], out / f"grid-{tag}.png", nrow=10, scale=2)
+            t0 = time.perf_counter()
+            fid = fid_from_stats(extractor.stats(tensor_batches(fake), len(fake), "features of samples"), test)
+            row = {**k, "sampler": name, "sampler_steps": int(steps), "nfe": nfe, "guidance": guidance,
+                   "samples": args.samples, "fid": round(fid, 2), "fid_floor_real_train": round(floor, 2),
+                   "sample_seconds": round(sample_seconds, 1), "feature_seconds": round(time.perf_counter() - t0, 1),
+                   "stats_seconds": round(stats_seconds, 1), "eval_machine": machine(), "tag": tag}  # fmt: skip
+            results = [r for r in results if r.get("tag") != tag] + [row]
+            results_path.write_text(json.dumps(results, indent=1) + "\n")
+            print(f"{tag}: FID {fid:.2f} (floor {floor:.2f})", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    if args.probe:
+        return probe(args)
+    if args.evaluate:
+        return evaluate(args, Path(args.evaluate))
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train(args, out)
+    evaluate(args, out)
+
+
+if __name__ == "__main__":
+    main()
