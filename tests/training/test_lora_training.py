@@ -317,3 +317,21 @@ def test_two_processes_train_as_one_with_the_same_global_batch(sd_folder, tmp_pa
     for m, u in fa.modules.items():  # each Adam step moves a weight by at most lr: 3 steps, 2 orders -> 6e-6
         torch.testing.assert_close(fb.modules[m].up, u.up, rtol=0, atol=6e-6)
         torch.testing.assert_close(fb.modules[m].down, u.down, rtol=0, atol=6e-6)
+
+
+def test_the_power_ema_is_refused_before_anything_is_loaded_or_attached(sd_folder, tmp_path):
+    """LoRA training keeps a classic EMA of the adapters only; the power-function EMA (EDM2) is refused as a config
+    error naming ema.kind, when the config is read (a file, a checkpoint's config.json) and, for a config built
+    without validation, when the trainer starts: before the latents are encoded or the pipeline is adapted."""
+    import dataclasses
+
+    data = _images(tmp_path / "data")
+    with pytest.raises(ConfigError, match=r"ema\.kind='power' is not supported.*allowed values: 'classic'"):
+        _config(sd_folder, data, tmp_path, ema={"kind": "power"})
+    sd = load_pipeline(sd_folder, fast=False)
+    good = _config(sd_folder, data, tmp_path)
+    power = dataclasses.replace(good, ema=dataclasses.replace(good.ema, kind="power"))  # not validated
+    with pytest.raises(ConfigError, match=r"ema\.kind"):
+        LoraTrainer(power, sd=sd)
+    assert not list(netlora.terms(sd.unet)) and not list(netlora.terms(sd.text_encoder))  # nothing attached
+    assert not any(p.is_file() for p in (tmp_path / "run").rglob("*"))  # no latents were encoded

@@ -3,7 +3,8 @@ checkpoint and read back on resume.
 
 Sections: ``lora`` (the model, the adapters and the file written at the end), ``data`` (the captioned image
 folder), and the loop's own ``optim``, ``ema`` and ``run`` sections of :mod:`diffusekit.training.config`, with
-defaults for fine-tuning (lr 1e-4, batch 1, no EMA, 500 steps). Unknown sections and keys are errors.
+defaults for fine-tuning (lr 1e-4, batch 1, no EMA, 500 steps; only the classic EMA). Unknown sections and keys
+are errors.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from diffusekit.training.config import (
 TARGETS = ("attention", "transformer")
 FORMATS = ("kohya", "peft")
 MAX_ALPHA = 1e6
+#: The EMA kinds of a LoRA run (see :meth:`LoraTrainConfig.validate`).
+EMA_KINDS = ("classic",)
 
 
 @dataclass
@@ -131,5 +134,13 @@ class LoraTrainConfig(SectionedConfig):
     ema: EMAConfig = field(default_factory=_ema)
     run: RunConfig = field(default_factory=_run)
 
+    def validate(self) -> LoraTrainConfig:
+        """Every section's checks, and ``ema.kind`` in :data:`EMA_KINDS`: the EMA of a LoRA run averages the
+        adapters only, with the classic decay (the power-function EMA's snapshots and post-hoc reconstruction
+        are written for whole networks)."""
+        super().validate()
+        check_choice("ema.kind", self.ema.kind, EMA_KINDS)
+        return self
 
-__all__ = ["FORMATS", "TARGETS", "LoraDataConfig", "LoraSection", "LoraTrainConfig"]
+
+__all__ = ["EMA_KINDS", "FORMATS", "TARGETS", "LoraDataConfig", "LoraSection", "LoraTrainConfig"]
