@@ -196,3 +196,43 @@ def test_adapters_follow_the_compute_dtype_of_the_layer():
     a, b = u.down.bfloat16().float(), u.up.bfloat16().float()
     want = v.float() @ layer.weight.float().T + layer.bias.float() + (u.alpha / 2) * (v.float() @ a.T) @ b.T
     torch.testing.assert_close(out.float(), want, atol=0, rtol=2**-7)  # one bfloat16 rounding
+
+
+def test_adapters_follow_the_model_through_to_and_back():
+    """``model.to(dtype)`` (and every conversion nn.Module routes through ``_apply``) moves the adapters with the
+    weights they patch: float32 -> bfloat16 stores them in bfloat16 like the weights (the output is the LoRA closed
+    form of the rounded tensors); back to float32 they are float32 again, holding the bfloat16-rounded values,
+    as the weights do. The state dict stays the base model's; a trainable term keeps its Parameter objects (an
+    optimizer's references stay valid) and their requires_grad."""
+    model = Tiny()
+    updates = _updates()
+    lora.attach(model, "a", updates, weight=0.7)
+    keys = set(model.state_dict())
+    fc_term = next(t for n, _, t in lora.terms(model) if n == "fc")
+    fc_term.up.requires_grad_(True)
+    params = [(t.down, t.up) for _, _, t in lora.terms(model)]
+
+    model.to(torch.bfloat16)
+    for _, layer, term in lora.terms(model):
+        assert term.down.dtype == term.up.dtype == layer.weight.dtype == torch.bfloat16
+    rounded = {k: LowRank(u.down.bfloat16().float(), u.up.bfloat16().float(), u.alpha) for k, u in updates.items()}
+    base = Tiny().to(torch.bfloat16).float()  # the rounded base weights, in float32
+    with torch.no_grad():
+        got = model(X.bfloat16(), V.bfloat16())
+    for g, want, bare in zip(got, _expected(base, [(rounded, 0.7)]), _expected(base, [])):
+        # bfloat16 arithmetic through two layers: within 2 % of the output's scale (the adapter moves it by ~100 %)
+        assert (g.float() - want).abs().max() < 0.02 * want.abs().max() < (bare - want).abs().max()
+
+    model.float()
+    for (name, _, term), (down, up) in zip(lora.terms(model), params):
+        assert term.down is down and term.up is up  # the same Parameters, converted in place
+        assert term.down.dtype == term.up.dtype == torch.float32
+        r = rounded[name]  # (proj's update is given as 2-D matrices, stored as 1x1 kernels)
+        assert torch.equal(term.down, r.down.view_as(term.down)) and torch.equal(term.up, r.up.view_as(term.up))
+    assert fc_term.up.requires_grad and not fc_term.down.requires_grad
+    with torch.no_grad():
+        _close(model(X, V), _expected(model, [(rounded, 0.7)]))
+    assert set(model.state_dict()) == keys  # still the base model's keys only
+
+    model.to("meta")  # a device move, without a GPU
+    assert all(t.down.device.type == t.up.device.type == "meta" for _, _, t in lora.terms(model))

@@ -11,13 +11,16 @@ Each is the PyTorch layer with two plain attributes that :func:`diffusekit.runti
 
 Conv2d and Linear also carry ``adapters``, a plain tuple of extra terms (LoRA, :mod:`diffusekit.networks.lora`)
 that ``forward`` adds to the output while they are ``active``; empty unless adapters are attached, and not
-part of the state dict.
+part of the state dict. Terms that are modules follow the layer through every conversion ``nn.Module`` makes
+with ``_apply`` (``.to(device / dtype / memory_format)``, ``.cuda()``, ``.half()``, ``.float()``, ...), as its
+weight does, so an adapter lives where the weight it patches lives.
 
 A network built from these layers runs exactly as PyTorch's layers until a plan says otherwise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -46,7 +49,22 @@ def _add_terms(y: Tensor, h: Tensor, adapters: tuple[OutputTerm, ...]) -> Tensor
     return y
 
 
-class Conv2d(nn.Conv2d):
+class _CarriesAdapters(nn.Module):
+    """The ``adapters`` of a layer follow its conversions (module docstring): ``nn.Module`` converts a module's
+    own tensors and its sub-modules' in ``_apply``; the terms are not sub-modules (the state dict stays the base
+    model's), so they are converted here, in place like the layer's parameters."""
+
+    adapters: tuple[OutputTerm, ...]
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> _CarriesAdapters:
+        super()._apply(fn, recurse)
+        for term in self.adapters:
+            if isinstance(term, nn.Module):
+                term._apply(fn, recurse)
+        return self
+
+
+class Conv2d(_CarriesAdapters, nn.Conv2d):
     """``nn.Conv2d`` with the plan's ``compute_dtype`` and ``fast`` switches and ``adapters`` (module
     docstring)."""
 
@@ -67,7 +85,7 @@ class Conv2d(nn.Conv2d):
         return _add_terms(y, h, self.adapters).to(x.dtype)
 
 
-class Linear(nn.Linear):
+class Linear(_CarriesAdapters, nn.Linear):
     """``nn.Linear`` with the plan's ``compute_dtype`` switch and ``adapters`` (module docstring)."""
 
     def __init__(self, *args, **kwargs) -> None:
