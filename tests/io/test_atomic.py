@@ -102,3 +102,39 @@ def test_no_overwrite_works_without_hard_links_and_still_keeps_a_taken_name(tmp_
         write_atomic(free, lambda t: t.write_bytes(b"other"), overwrite=False)
     assert free.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
+def test_threads_writing_one_file_at_once_leave_one_whole_version(tmp_path):
+    """Two threads of one process (the server's) write the same path at once: each through its own temporary
+    file, so the result is one writer's whole file, neither fails, and no temporary file is left."""
+    import threading
+    import time
+
+    from diffusekit.io.atomic import write_atomic
+
+    path = tmp_path / "kernels.json"
+    contents = {k: bytes([65 + k]) * 4096 for k in range(2)}
+    start, errors = threading.Barrier(2), []
+
+    def slow_write(k: int):
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(contents[k][:2048])
+                f.flush()
+                time.sleep(0.05)  # the other thread opens its temporary file meanwhile
+                f.write(contents[k][2048:])
+
+        try:
+            start.wait()
+            write_atomic(path, write)
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=slow_write, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert path.read_bytes() in contents.values()
+    assert os.listdir(tmp_path) == ["kernels.json"]

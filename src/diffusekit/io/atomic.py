@@ -15,6 +15,7 @@ import errno
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -43,9 +44,10 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def temp_name(path: Path) -> Path:
-    """The temporary sibling of ``path`` used while it is written; keeps the suffix (PIL and numpy pick the
-    format from it) and starts with a dot so that folder listings skip it."""
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    """The temporary sibling of ``path`` used while it is written, one per process and thread (two threads
+    writing one path at once must not share it); keeps the suffix (PIL and numpy pick the format from it) and
+    starts with a dot so that folder listings skip it."""
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}-{threading.get_ident()}{path.suffix}")
 
 
 def remove_quietly(path: Path) -> None:
