@@ -5,7 +5,8 @@ preconditioning, log-normal noise levels and loss weight; ``none``: the classic 
 and keeps the EMA weights at each budget of ``--budgets`` (minutes). Then, for each kept model and each sampler
 setting of ``--samplers``, it draws ``--samples`` images (saved as uint8 npz beside the result, so features can
 be recomputed without resampling) and reports FID against the 10,000 test images, beside the FID of as many
-real training images (the floor at that sample size).
+real training images (the floor at that sample size), and the accuracy of a small classifier trained on the real
+data (``diffusekit.evaluation.classifier``) on the samples' classes: does the image drawn for "7" show a 7?
 
 Budgets are wall-clock minutes of training on this machine. On a machine shared with other work, give
 ``--steps-per-second`` (the rate of the same training measured alone, e.g. with ``--probe``): each budget then
@@ -127,6 +128,7 @@ def train(args: argparse.Namespace, out: Path) -> None:
 
 
 def evaluate(args: argparse.Namespace, out: Path) -> None:
+    from diffusekit.evaluation.classifier import accuracy, classifier_for
     from diffusekit.evaluation.features import InceptionFeatures, dataset_stats, tensor_batches
     from diffusekit.evaluation.fid import fid_from_stats
     from diffusekit.io.images import save_image_grid
@@ -142,6 +144,7 @@ def evaluate(args: argparse.Namespace, out: Path) -> None:
     test = dataset_stats(settings.data, "test", extractor)
     floor = fid_from_stats(dataset_stats(settings.data, "train", extractor, limit=args.samples), test)
     stats_seconds = time.perf_counter() - t0
+    classifier, classifier_test_accuracy = classifier_for(settings.data)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else []
     for k in sorted(run["kept"], key=lambda k: -k["budget_minutes"]):  # the longest budget first
@@ -151,25 +154,28 @@ def evaluate(args: argparse.Namespace, out: Path) -> None:
             nfe = 2 * int(steps) - 1 if name == "heun" else int(steps)
             tag = f"{k['budget_minutes']:g}min-{name}{steps}-g{guidance:g}-n{args.samples}"
             t0 = time.perf_counter()
+            chunks = [(i, min(100, args.samples - i)) for i in range(0, args.samples, 100)]
+            labels = torch.cat([trainer.preview_labels(k) for _, k in chunks])  # 0..9 repeating
             fake = torch.cat([
-                trainer.sample(min(100, args.samples - i), steps=int(steps), seed=args.seed + 1 + i,
-                               class_labels=trainer.preview_labels(min(100, args.samples - i)),
+                trainer.sample(k, steps=int(steps), seed=args.seed + 1 + i, class_labels=trainer.preview_labels(k),
                                guidance_scale=guidance, sampler=name)
-                for i in range(0, args.samples, 100)
+                for i, k in chunks
             ])  # fmt: skip
             sample_seconds = time.perf_counter() - t0
             u8 = (fake.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
             np.savez_compressed(out / f"samples-{tag}.npz", images=u8)
             save_image_grid(fake[:100], out / f"grid-{tag}.png", nrow=10, scale=2)
+            class_accuracy = accuracy(classifier, fake, labels)
             t0 = time.perf_counter()
             fid = fid_from_stats(extractor.stats(tensor_batches(fake), len(fake), "features of samples"), test)
             row = {**k, "sampler": name, "sampler_steps": int(steps), "nfe": nfe, "guidance": guidance,
                    "samples": args.samples, "fid": round(fid, 2), "fid_floor_real_train": round(floor, 2),
+                   "class_accuracy": round(class_accuracy, 4), "classifier_test_accuracy": classifier_test_accuracy,
                    "sample_seconds": round(sample_seconds, 1), "feature_seconds": round(time.perf_counter() - t0, 1),
                    "stats_seconds": round(stats_seconds, 1), "eval_machine": machine(), "tag": tag}  # fmt: skip
             results = [r for r in results if r.get("tag") != tag] + [row]
             results_path.write_text(json.dumps(results, indent=1) + "\n")
-            print(f"{tag}: FID {fid:.2f} (floor {floor:.2f})", flush=True)
+            print(f"{tag}: FID {fid:.2f} (floor {floor:.2f}), class accuracy {class_accuracy:.3f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
