@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffusekit.cli.train_common import check_replaced_folder
 from diffusekit.errors import ConfigError
 from diffusekit.limits import check_float, check_int
 
@@ -25,6 +26,10 @@ examples:
   diffusekit sample runs/mnist/model-ema007 --n 64 --out grid.png"""
 
 
+# what an inference folder of a pixel-space model holds: an existing --out with anything else is not replaced
+MODEL_ENTRIES = frozenset({"model_index.json", "scheduler", "unet"})
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "ema-reconstruct",
@@ -39,7 +44,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--step", type=int, metavar="N",
                    help="reconstruct the average as of optimizer step N (default: the newest snapshot's)")  # fmt: skip
     p.add_argument("--out", required=True, metavar="FOLDER",
-                   help="inference folder to write (replaced atomically if it exists)")  # fmt: skip
+                   help="inference folder to write; an existing one is replaced atomically, but only when it holds "
+                        "nothing but a model folder's model_index.json, scheduler/ and unet/ (never RUN "
+                        "itself)")  # fmt: skip
     p.set_defaults(run=run)
     return p
 
@@ -53,13 +60,20 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"RUN {run_dir} is not a folder")
-    snapshots = list_snapshots(run_dir / SNAPSHOT_DIR)
+    out = Path(args.out)
+    if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
+        raise ConfigError(f"--out {out} is the run folder RUN or holds it, and would be replaced by the model; "
+                          f"choose a new folder, e.g. --out {run_dir / 'model-ema'}")  # fmt: skip
+    check_replaced_folder(out, MODEL_ENTRIES, f"--out {out}", "--out")
+    snapshots = list_snapshots(run_dir / SNAPSHOT_DIR) if (run_dir / SNAPSHOT_DIR).is_dir() else []
     if not snapshots:
-        raise ConfigError(f"RUN {run_dir} has no power-EMA snapshots in {SNAPSHOT_DIR}/ (train with ema.kind 'power')")
+        raise ConfigError(f"RUN {run_dir} has no power-EMA snapshots in {SNAPSHOT_DIR}/: give the folder of a run "
+                          "trained with 'diffusekit train --ema-kind power' (ema.kind = 'power' in a config "
+                          "file)")  # fmt: skip
     if step is not None and step < snapshots[0].step:
         raise ConfigError(f"--step {step} is before the first snapshot (step {snapshots[0].step}); "
                           f"allowed: {snapshots[0].step} or later")  # fmt: skip
-    report = export_reconstruction(snapshots, sigma_rel, Path(args.out), step=step)
+    report = export_reconstruction(snapshots, sigma_rel, out, step=step)
     print(f"wrote {report.folder}: EMA sigma_rel {sigma_rel:g} at step {report.step} from {report.used} snapshot "
           f"averages (profile error {100 * report.error:.2f} %)")  # fmt: skip
     return 0

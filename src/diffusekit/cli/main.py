@@ -8,30 +8,34 @@ import re
 import sys
 import warnings
 from collections.abc import Iterator
+from types import ModuleType
 
 from diffusekit import __version__
-from diffusekit.cli import (
-    bench,
-    convert,
-    demo,
-    ema_reconstruct,
-    fid,
-    generate,
-    sample,
-    serve,
-    train,
-    train_lora,
-    train_vae,
-    upscale,
-)
 from diffusekit.errors import DiffusekitError
-from diffusekit.io.atomic import write_bytes_atomic
-from diffusekit.runtime import autotune
 
-# each module adds its sub-command(s) with add_parser(subparsers); generate adds txt2img, img2img, inpaint
-COMMAND_MODULES = (
-    demo, train, train_vae, train_lora, ema_reconstruct, sample, fid, generate, upscale, convert, bench, serve
-)  # fmt: skip
+
+def command_modules() -> tuple[ModuleType, ...]:
+    """The modules of the sub-commands, in --help order; each adds its sub-command(s) with
+    add_parser(subparsers) (generate adds txt2img, img2img, inpaint). Imported here, not when this module is
+    imported: they import torch, which takes seconds, and a Ctrl-C meanwhile must end in one line, which only
+    ``main`` can print."""
+    from diffusekit.cli import (
+        bench,
+        convert,
+        demo,
+        ema_reconstruct,
+        fid,
+        generate,
+        sample,
+        serve,
+        train,
+        train_lora,
+        train_vae,
+        upscale,
+    )
+
+    return (demo, train, train_vae, train_lora, ema_reconstruct, sample, fid, generate, upscale, convert, bench,
+            serve)  # fmt: skip
 
 
 class Parser(argparse.ArgumentParser):
@@ -53,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"diffusekit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in COMMAND_MODULES:
+    for module in command_modules():
         module.add_parser(sub)
     return parser
 
@@ -78,13 +82,20 @@ def cli_warnings() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:  # building the parser imports torch and every command: Ctrl-C there is one line too
+        parser = build_parser()
+    except KeyboardInterrupt:
+        print("diffusekit: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
     with cli_warnings():
         try:
+            from diffusekit.io.atomic import write_bytes_atomic
+            from diffusekit.runtime import autotune
+
             # measured kernel choices are kept across runs in the user cache folder, written atomically
             autotune.configure(writer=write_bytes_atomic)
             return int(args.run(args) or 0)

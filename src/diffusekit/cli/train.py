@@ -203,6 +203,12 @@ _FIELDS = {
 }  # fmt: skip
 # config names in library messages -> the options a user of this command types
 _OPTION_NAMES = common.option_names(_FIELDS)
+# options that name a path -> their args attribute: a message about that path names the option
+_PATHS = {"--resume": "resume", "--data": "data", "--latent": "latent", "--text-encoder": "text_encoder",
+          "--latent-cache": "latent_cache", "--config": "config", "--output-dir": "output_dir",
+          "--data-root": "data_root"}  # fmt: skip
+# what the run writes into RUN/model, which it replaces whole (the latent pipeline's parts too)
+_EXPORT = ("model", frozenset({"model_index.json", "scheduler", "unet", "vae", "text_encoder", "tokenizer"}))
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig | LatentTrainConfig:
@@ -233,7 +239,7 @@ def _from_saved(saved: dict) -> TrainConfig | LatentTrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    return common.run_naming_options(_run, args, _OPTION_NAMES)  # say --steps, not run.max_steps
+    return common.run_naming_options(_run, args, _OPTION_NAMES, _PATHS)  # say --steps, not run.max_steps
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -245,10 +251,10 @@ def _run(args: argparse.Namespace) -> int:
 
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    common.prepare_run(args, config.run.output_dir, "--output-dir")
+    common.prepare_run(args, config.run.output_dir, "--output-dir", data=config.data.source, export=_EXPORT)
     resume = None
     if args.resume is not None:
-        config, resume = common.resume_config(args, config, _FIELDS, _OPTION_NAMES, _from_saved)
+        config, resume = common.resume_config(args, config, _FIELDS, _OPTION_NAMES, _from_saved, "train")
     if isinstance(config, LatentTrainConfig):
         from diffusekit.training.latent_trainer import LatentTrainer as Trainer  # noqa: N814
     trainer = Trainer(config, resume=resume)

@@ -92,13 +92,35 @@ def option_names(fields: Fields, renamed: dict[str, str] | None = None) -> dict[
 
 
 def run_naming_options(run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
-                       names: dict[str, str]) -> int:  # fmt: skip
-    """``run(args)``, with the config names in a DiffusekitError's message replaced by the command's options."""
+                       names: dict[str, str], paths: dict[str, str] | None = None) -> int:  # fmt: skip
+    """``run(args)``, with the config names in a DiffusekitError's message replaced by the command's options,
+    and the option named whose path the message is about (``paths``: option -> the args attribute holding it)."""
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
     try:
         return run(args)
     except DiffusekitError as e:
-        raise type(e)(pattern.sub(lambda m: names[m.group(1)], str(e))) from None
+        message = pattern.sub(lambda m: names[m.group(1)], str(e))
+        given = {option: getattr(args, attr, None) for option, attr in (paths or {}).items()}
+        if given.get("--resume") == "latest":  # --resume without a value: no path of the user's
+            del given["--resume"]
+        raise type(e)(name_path_option(message, given)) from None
+
+
+def name_path_option(message: str, given: dict[str, Any]) -> str:
+    """``message`` about a path the user gave (``given``: option -> value), with that option named in front:
+    ``/data/x: no images found`` -> ``--data /data/x: no images found``. The longest path that occurs wins;
+    between paths of one length, the first option of ``given``; a message that already names one of the options
+    is returned as it is."""
+    paths = {option: str(value) for option, value in given.items() if isinstance(value, str) and value}
+    if any(re.search(r"(?<![\w-])" + re.escape(option) + r"(?![\w-])", message) for option in paths):
+        return message
+    for option, value in sorted(paths.items(), key=lambda item: -len(item[1])):
+        for form in dict.fromkeys((value, str(Path(value).absolute()))):
+            if message.startswith(form):
+                return f"{option} {message}"
+            if form in message:
+                return f"{option} {value}: {message}"
+    return message
 
 
 def show_defaults(parser: argparse.ArgumentParser, defaults: dict[str, dict[str, Any]], fields: Fields) -> None:
@@ -144,11 +166,12 @@ def ignored_on_resume(args: argparse.Namespace, fields: Fields, names: dict[str,
 
 
 def resume_config(args: argparse.Namespace, config: Any, fields: Fields, names: dict[str, str],
-                  from_saved: Callable[[dict[str, Any]], C]) -> tuple[C, Path | None]:  # fmt: skip
+                  from_saved: Callable[[dict[str, Any]], C], command: str) -> tuple[C, Path | None]:  # fmt: skip
     """For --resume: the checkpoint (None if "latest" finds none in ``config.run.output_dir``: ``config`` is
     then returned as it is) and its saved config, rebuilt by ``from_saved``, with only the run options given on
-    the command line changed. A checkpoint named explicitly continues in its own run folder unless --output-dir
-    says otherwise."""
+    the command line changed; a checkpoint that another training command than ``command`` wrote is refused,
+    naming the command that continues it. A checkpoint named explicitly continues in its own run folder unless
+    --output-dir says otherwise."""
     from diffusekit.io.weights import read_json
     from diffusekit.training.checkpoint import latest_checkpoint, resolve_checkpoint
     from diffusekit.training.resume import CHECKPOINTS_DIR
@@ -160,10 +183,11 @@ def resume_config(args: argparse.Namespace, config: Any, fields: Fields, names: 
             return config, None
     else:
         path = resolve_checkpoint(args.resume)
-    ignored_on_resume(args, fields, names)
     saved = read_json(path / "config.json").get("train")
     if not isinstance(saved, dict) or not isinstance(saved.get("run", {}), dict):
         raise CheckpointError(f"{path}: config.json: train must be a JSON object with a run section")
+    check_trained_by(saved, path, command)
+    ignored_on_resume(args, fields, names)
     run_changes = changes_from_args(args, fields, {"run"}).get("run", {})
     if args.resume != "latest" and args.output_dir is None:
         run_changes["output_dir"] = str(path.parent.parent)
@@ -173,18 +197,61 @@ def resume_config(args: argparse.Namespace, config: Any, fields: Fields, names: 
         raise ConfigError(f"{path}: the checkpoint's settings with the options given: {e}") from None
 
 
-def prepare_run(args: argparse.Namespace, run_dir: str | Path, option: str) -> None:
+def prepare_run(args: argparse.Namespace, run_dir: str | Path, option: str, *, data: str | None = None,
+                data_option: str = "--data", export: tuple[str, frozenset[str]] | None = None) -> None:  # fmt: skip
     """Apply --cpu-threads, and refuse a run folder (named by ``option``) that already holds checkpoints unless
-    --resume continues them."""
+    --resume continues them; that is the image folder ``data`` (``data_option``) or inside it (the run's PNGs
+    and sub-folders would become training images, and sub-folders class labels); or, when it holds no run yet,
+    whose ``export`` folder (name, what the run writes there), which the run replaces whole, holds anything
+    else."""
     from diffusekit.training.checkpoint import list_checkpoints
     from diffusekit.training.resume import CHECKPOINTS_DIR
 
     if args.cpu_threads is not None:
         torch.set_num_threads(check_int("--cpu-threads", args.cpu_threads, 1, 4096))
     run_dir = Path(run_dir)
-    if args.resume is None and list_checkpoints(run_dir / CHECKPOINTS_DIR):
+    if data is not None and Path(data).is_dir():
+        inside = Path(data).resolve()
+        if run_dir.resolve() == inside or inside in run_dir.resolve().parents:
+            raise ConfigError(f"{option} {run_dir} is inside the image folder {data_option} {data}: the run's "
+                              f"images and folders would become training data; choose an {option} outside "
+                              "it")  # fmt: skip
+    has_run = bool(list_checkpoints(run_dir / CHECKPOINTS_DIR))
+    if args.resume is None and has_run:
         raise ConfigError(f"{option} {run_dir} already holds checkpoints of a run; pass --resume to continue it, "
                           f"or choose another {option}")  # fmt: skip
+    if export is not None and not has_run:
+        name, entries = export
+        check_replaced_folder(run_dir / name, entries, f"{option} {run_dir}", option)
+
+
+def check_replaced_folder(folder: Path, entries: frozenset[str], where: str, option: str) -> None:
+    """``folder``, which a command is about to replace whole, must be absent or hold nothing but ``entries``
+    (what the command writes there) and hidden files: anything else is someone's, and a ConfigError starting
+    with ``where`` says so before any work is done."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise ConfigError(f"{where}: {folder} is not a folder, and it would be replaced; move it or choose "
+                          f"another {option}")  # fmt: skip
+    if not folder.is_dir():
+        return
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in entries and not p.name.startswith("."))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(f"{where}: {folder} holds files this command does not write ({shown}), and that folder "
+                          f"would be replaced whole; move them or choose another {option}")  # fmt: skip
+
+
+#: Which command trained a checkpoint, by the sections of its saved config (the first match wins).
+TRAINED_BY = (("lora", "train-lora"), ("vae", "train-vae"), ("model", "train"))
+
+
+def check_trained_by(saved: dict[str, Any], path: Path, command: str) -> None:
+    """Refuse to resume with ``command`` a checkpoint that another training command wrote, naming the one that
+    continues it."""
+    kind = next((cmd for section, cmd in TRAINED_BY if section in saved), None)
+    if kind is not None and kind != command:
+        raise CheckpointError(f"--resume {path}: a checkpoint of 'diffusekit {kind}', not of {command}; continue it "
+                              f"with 'diffusekit {kind} --resume {path}'")  # fmt: skip
 
 
 def summary_line(result: Any) -> str:
@@ -220,6 +287,7 @@ def interrupted_note(result: Any, world_size: int, command: str) -> str:
 
 
 __all__ = ["DATA_FIELDS", "OPTIM_FIELDS", "RUN_FIELDS", "Fields", "add_data_options", "add_display_switches",
-           "add_former_spellings", "add_interval_options", "changes_from_args", "finish", "ignored_on_resume",
-           "interrupted_note", "metrics_line", "option_names", "prepare_run", "resume_config", "run_naming_options",
-           "show_defaults", "summary_line"]  # fmt: skip
+           "add_former_spellings", "add_interval_options", "changes_from_args", "check_replaced_folder",
+           "check_trained_by", "finish", "ignored_on_resume", "interrupted_note", "metrics_line", "name_path_option",
+           "option_names", "prepare_run", "resume_config", "run_naming_options", "show_defaults",
+           "summary_line"]  # fmt: skip

@@ -61,6 +61,9 @@ _FIELDS = {
 FORMER_SPELLINGS = {"--resolution": "--resolution-px", "--run-dir": "--output-dir"}
 # config names in library messages -> what a user of this command types
 _OPTION_NAMES = common.option_names(_FIELDS, {"lora.model": "MODEL", "data.source": "DATA", "lora.output": "--output"})
+# options that name a path -> their args attribute: a message about that path names the option
+_PATHS = {"--resume": "resume", "MODEL": "model", "DATA": "data", "--output": "output", "--tokenizer": "tokenizer",
+          "--output-dir": "output_dir"}  # fmt: skip
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -154,8 +157,20 @@ def config_from_args(args: argparse.Namespace) -> LoraTrainConfig:
     return LoraTrainConfig.from_dict(d)
 
 
+def _check_resumed_checkpoint(resume: str, run_dir: Path) -> None:
+    """The checkpoint --resume continues (when there is one) must be a train-lora checkpoint."""
+    from diffusekit.io.weights import read_json
+    from diffusekit.training.checkpoint import latest_checkpoint, resolve_checkpoint
+    from diffusekit.training.resume import CHECKPOINTS_DIR
+
+    path = latest_checkpoint(run_dir / CHECKPOINTS_DIR) if resume == "latest" else resolve_checkpoint(resume)
+    saved = read_json(path / "config.json").get("train") if path is not None else None
+    if isinstance(saved, dict):
+        common.check_trained_by(saved, path, "train-lora")
+
+
 def run(args: argparse.Namespace) -> int:
-    return common.run_naming_options(_run, args, _OPTION_NAMES)  # say --rank, not lora.rank
+    return common.run_naming_options(_run, args, _OPTION_NAMES, _PATHS)  # say --rank, not lora.rank
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -163,8 +178,9 @@ def _run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     check_output(args.output, args.overwrite, "--output")
-    common.prepare_run(args, config.run.output_dir, "--output-dir")
+    common.prepare_run(args, config.run.output_dir, "--output-dir", data=config.data.source, data_option="DATA")
     if args.resume is not None:  # the trainer reads the checkpoint's config itself
+        _check_resumed_checkpoint(args.resume, Path(config.run.output_dir))
         common.ignored_on_resume(args, _FIELDS, _OPTION_NAMES)
     trainer = LoraTrainer(config, resume=args.resume, output=args.output, overwrite=args.overwrite)
     try:

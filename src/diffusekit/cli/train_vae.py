@@ -66,6 +66,11 @@ FIELDS = {
 FORMER_SPELLINGS = {"--train-minutes": "--max-minutes"}
 # config names in library messages -> the options a user of this command types
 OPTION_NAMES = common.option_names(FIELDS, {"data.source": "DATA"})
+# options that name a path -> their args attribute: a message about that path names the option
+PATHS = {"--resume": "resume", "DATA": "data", "--config": "config", "--output-dir": "output_dir",
+         "--data-root": "data_root"}  # fmt: skip
+# what the run writes into RUN/vae, which it replaces whole
+EXPORT = ("vae", frozenset({"config.json", "diffusion_pytorch_model.safetensors"}))
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -144,7 +149,7 @@ def config_from_args(args: argparse.Namespace) -> VAETrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    return common.run_naming_options(_run, args, OPTION_NAMES)  # say --resolution-px, not data.resolution
+    return common.run_naming_options(_run, args, OPTION_NAMES, PATHS)  # say --resolution-px, not data.resolution
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -157,10 +162,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    common.prepare_run(args, config.run.output_dir, "--output-dir")
+    common.prepare_run(args, config.run.output_dir, "--output-dir", data=config.data.source, data_option="DATA",
+                       export=EXPORT)  # fmt: skip
     resume = None
     if args.resume is not None:
-        config, resume = common.resume_config(args, config, FIELDS, OPTION_NAMES, VAETrainConfig.from_dict)
+        config, resume = common.resume_config(args, config, FIELDS, OPTION_NAMES, VAETrainConfig.from_dict,
+                                              "train-vae")  # fmt: skip
     trainer = VAETrainer(config, resume=resume)
     result = trainer.fit()
     if trainer.env.is_main:
