@@ -24,7 +24,8 @@ from diffusekit.cli.demo_common import (
     unet_sections,
     write_report,
 )
-from diffusekit.cli.train_common import add_former_spellings
+from diffusekit.cli.train_common import add_former_spellings, set_cpu_threads, show_option_rules
+from diffusekit.cli.train_common import check_options as check_option_rules
 from diffusekit.errors import ConfigError
 
 DESCRIPTION = """\
@@ -92,7 +93,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--prediction-type", choices=("epsilon", "sample", "v_prediction"),
                    help="network target with --preconditioning none (default epsilon)")  # fmt: skip
     p.add_argument("--min-snr-gamma", type=float, metavar="G",
-                   help="Min-SNR-gamma weighting with --preconditioning none, 0 = off (default 5)")  # fmt: skip
+                   help="Min-SNR-gamma weighting with --preconditioning none (default 5)")  # fmt: skip
     p.add_argument("--sampler", choices=DEMO_SAMPLERS,
                    help="sampler of the grid and the FID samples (default heun with edm, ddim otherwise)")
     p.add_argument("--guidance", type=float, metavar="S",
@@ -121,11 +122,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--cpu-threads",
         type=int,
         metavar="N",
-        help="torch CPU threads, 1 to 4 per core (default: torch's choice; on a machine busy with other work, 1 "
-        "is often faster)",
+        help="torch CPU threads (default: torch's choice; on a machine busy with other work, 1 is often faster)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo_latent.add_options(p)
+    show_option_rules(p)  # the same rules as the training commands
     add_former_spellings(p, FORMER_SPELLINGS)
     p.set_defaults(run=run)
     return p
@@ -181,6 +182,7 @@ def check_options(args: argparse.Namespace) -> None:
     trained; errors name the option."""
     from diffusekit.cli import demo_latent
 
+    check_option_rules(args)  # the value itself first, then how it combines with the others
     resolve_defaults(args)
     check_shared_options(args)
     if args.latent:
@@ -206,8 +208,7 @@ def run(args: argparse.Namespace) -> int:
     from diffusekit.training.trainer import Trainer
 
     out = check_output_dir(args.output_dir, RUNS, (GRID_FILE, REPORT_FILE))
-    if args.cpu_threads is not None:
-        torch.set_num_threads(args.cpu_threads)
+    set_cpu_threads(args)
     clear_runs(out, RUNS)
     with_fid = fid_available(args)
     t_all = time.perf_counter()

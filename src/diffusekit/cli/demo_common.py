@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffusekit.cli.train_common import check_options
 from diffusekit.errors import ConfigError
 from diffusekit.io.atomic import check_writable_folder
 from diffusekit.limits import check_float, check_int
@@ -97,7 +97,6 @@ def clear_runs(out: Path, runs: Mapping[str, frozenset[str]]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- settings
-MAX_TRAIN_STEPS = 10_000_000
 MAX_GRID_ROWS = 100  # 1,000 digits
 MAX_FID_IMAGES = 100_000
 
@@ -105,18 +104,9 @@ MAX_FID_IMAGES = 100_000
 def check_shared_options(args: argparse.Namespace) -> None:
     """Every option both demos have, checked before anything is written or trained; errors name the option."""
     from diffusekit.pipelines.recipe import MAX_GUIDANCE, MAX_SEED, MAX_STEPS
-    from diffusekit.training.config import MAX_LIMIT
     from diffusekit.training.presets import preset_names
 
-    check_int("--steps", args.steps, 1, MAX_TRAIN_STEPS)
-    if args.max_minutes is not None:
-        check_float("--max-minutes", args.max_minutes, 0.0, 10_000_000.0, open_low=True)
-    if args.limit is not None:
-        check_int("--limit", args.limit, 1, MAX_LIMIT)
-    check_int("--batch-size", args.batch_size, 1, 4096)
-    check_float("--lr", args.lr, 0.0, 10.0, open_low=True)
-    if args.min_snr_gamma is not None and args.min_snr_gamma != 0:
-        check_float("--min-snr-gamma", args.min_snr_gamma, 1e-6, 1e6)
+    check_options(args)  # --steps, --lr, --cpu-threads, ...: the rules of the training commands
     if args.preset not in preset_names():
         raise ConfigError(f"--preset must be one of {', '.join(preset_names())}, got {args.preset!r}")
     check_float("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
@@ -126,8 +116,6 @@ def check_shared_options(args: argparse.Namespace) -> None:
     check_int("--fid-samples", args.fid_samples, 2, MAX_FID_IMAGES)
     check_int("--fid-heldout", args.fid_heldout, 2, MAX_FID_IMAGES)
     check_int("--seed", args.seed, 0, MAX_SEED - args.fid_samples - 1)  # FID samples use seeds seed+1, ...
-    if args.cpu_threads is not None:
-        check_int("--cpu-threads", args.cpu_threads, 1, max(1, 4 * (os.cpu_count() or 1)))
 
 
 def unet_sections(args: argparse.Namespace, run_dir: Path) -> dict[str, dict[str, Any]]:

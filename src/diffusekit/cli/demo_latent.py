@@ -17,7 +17,6 @@ from torch import Tensor
 from diffusekit.cli.demo_common import (
     GRID_FILE,
     LATENT_RUN_ENTRIES,
-    MAX_TRAIN_STEPS,
     REPORT_FILE,
     VAE_RUN_ENTRIES,
     check_output_dir,
@@ -31,7 +30,8 @@ from diffusekit.cli.demo_common import (
     unet_sections,
     write_report,
 )
-from diffusekit.limits import check_float, check_int
+from diffusekit.cli.train_common import check_options, set_cpu_threads
+from diffusekit.limits import check_int
 
 DESCRIPTION = """\
 With --latent, the latent-diffusion chain instead (Rombach et al. 2022): trains the KL autoencoder on the
@@ -90,11 +90,7 @@ def check_latent_options(args: argparse.Namespace) -> None:
     for name, value in VAE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    check_int("--vae-steps", args.vae_steps, 1, MAX_TRAIN_STEPS)
-    if args.vae_max_minutes is not None:
-        check_float("--vae-max-minutes", args.vae_max_minutes, 0.0, 10_000_000.0, open_low=True)
-    check_int("--vae-batch-size", args.vae_batch_size, 1, 4096)
-    check_float("--vae-lr", args.vae_lr, 0.0, 10.0, open_low=True)
+    check_options(args, ("vae_steps", "vae_max_minutes", "vae_batch_size", "vae_lr"))  # as --steps, --lr, ...
     check_int("--psnr-images", args.psnr_images, 1, HELDOUT)
 
 
@@ -144,8 +140,7 @@ def run(args: argparse.Namespace) -> int:
     check_shared_options(args)
     check_latent_options(args)
     out = check_output_dir(args.output_dir, RUNS, (GRID_FILE, RECONSTRUCTIONS_FILE, REPORT_FILE))
-    if args.cpu_threads is not None:
-        torch.set_num_threads(args.cpu_threads)
+    set_cpu_threads(args)
     clear_runs(out, RUNS)
     with_fid = fid_available(args)
     t_all = time.perf_counter()

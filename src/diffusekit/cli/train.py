@@ -14,6 +14,7 @@ from diffusekit.diffusion.schedules import BETA_SCHEDULES
 from diffusekit.errors import ConfigError
 from diffusekit.pipelines.super_resolution import DOWNSAMPLE_MODES
 from diffusekit.training.config import LR_SCHEDULES, MIXED_PRECISION, TASKS, TrainConfig, read_config_file
+from diffusekit.training.data import check_data_root
 from diffusekit.training.latent_config import CONDITIONINGS, POSTERIORS, LatentConfig, LatentTrainConfig
 from diffusekit.training.power_ema import EMA_KINDS
 from diffusekit.training.presets import preset_names
@@ -176,6 +177,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     common.add_interval_options(g, sample_help="EMA sample grids (0 = off)")
     common.add_display_switches(g)
     defaults = {**TrainConfig().to_dict(), "latent": dataclasses.asdict(LatentConfig())}
+    common.show_option_rules(p)
     common.show_defaults(p, defaults, _FIELDS)  # TrainConfig and LatentConfig: the one source of defaults
     p.set_defaults(run=run)
     return p
@@ -245,6 +247,9 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from diffusekit.training.trainer import Trainer
 
+    common.check_options(args)  # --print-config too
+    if args.data_root is not None:
+        check_data_root(args.data_root, "--data-root")
     config = config_from_args(args)
     if args.print_config:
         import json

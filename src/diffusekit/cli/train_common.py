@@ -2,22 +2,27 @@
 fields with a table ``option dest -> (section, field)`` and hands that table to the functions below, which show
 the config's defaults in ``--help``, turn the options given into config changes, rebuild a checkpoint's config
 for ``--resume``, refuse a run folder that already holds a run, and say ``--steps`` (not ``run.max_steps``) in
-the library's messages."""
+the library's messages. The allowed values of the options that several commands have (``demo`` too) are ruled
+here once (``OPTION_RULES``): checked before anything else, and shown in each command's ``--help``."""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import re
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from diffusekit.errors import CheckpointError, ConfigError, DiffusekitError
-from diffusekit.limits import check_int
+from diffusekit.limits import check_float, check_int
+from diffusekit.training.config import MAX_BATCH, MAX_LIMIT, MAX_SEED, MAX_STEPS
 
 Fields = dict[str, tuple[str, str]]  # option dest -> (config section, field)
 C = TypeVar("C")
@@ -39,6 +44,85 @@ DATA_FIELDS: Fields = {
     "channels": ("data", "channels"), "limit": ("data", "limit"), "random_flip": ("data", "random_flip"),
     "num_workers": ("data", "num_workers"), "skip_bad_images": ("data", "skip_bad_images"),
 }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OptionRule:
+    """The values an option allows: an integer (``integer``) or a finite number from ``low`` to ``high``
+    (``low`` excluded when ``open_low``); ``high`` None means per CPU core: 1 to 4 x the machine's cores.
+    ``zero_is_off``: 0 is allowed as well and turns the setting off (the config field becomes None)."""
+
+    integer: bool
+    low: float
+    high: float | None
+    open_low: bool = False
+    zero_is_off: bool = False
+
+    def upper(self) -> float:
+        return max(1, 4 * (os.cpu_count() or 1)) if self.high is None else self.high
+
+    def check(self, option: str, value: Any) -> Any:
+        """``value`` if this rule allows it, else a ConfigError naming ``option`` with the allowed values."""
+        if self.zero_is_off and value == 0 and not isinstance(value, bool):
+            return value
+        if self.integer:
+            return check_int(option, value, int(self.low), int(self.upper()))
+        return check_float(option, value, self.low, self.upper(), open_low=self.open_low)
+
+    def describe(self) -> str:
+        """The allowed values, as ``--help`` shows them."""
+        if self.high is None:
+            return f"1 to 4 per CPU core (here 1 to {self.upper()})"
+        low, high = (str(int(v)) if self.integer else f"{v:g}" for v in (self.low, self.high))
+        if math.isinf(self.high):
+            text = f"any finite number {'above' if self.open_low else 'from'} {low}"
+        else:
+            text = f"above {low}, at most {high}" if self.open_low else f"{low} to {high}"
+        return f"0 = off, else {text}" if self.zero_is_off else text
+
+
+_LR = OptionRule(integer=False, low=0.0, high=10.0, open_low=True)  # 0 would train nothing
+_STEPS = OptionRule(integer=True, low=1, high=MAX_STEPS)
+_MINUTES = OptionRule(integer=False, low=0.0, high=math.inf, open_low=True)  # 0 would train nothing
+_BATCH = OptionRule(integer=True, low=1, high=MAX_BATCH)
+#: One rule per option dest, for every command that has the option (train, train-vae, train-lora, demo; the
+#: latent demo's autoencoder options follow the rule of the option they mirror).
+OPTION_RULES: dict[str, OptionRule] = {
+    "steps": _STEPS, "vae_steps": _STEPS,
+    "max_minutes": _MINUTES, "vae_max_minutes": _MINUTES,
+    "batch_size": _BATCH, "vae_batch_size": _BATCH,
+    "lr": _LR, "vae_lr": _LR,
+    "min_snr_gamma": OptionRule(integer=False, low=1e-6, high=1e6, zero_is_off=True),  # Hang et al. 2023
+    "seed": OptionRule(integer=True, low=0, high=MAX_SEED),
+    "limit": OptionRule(integer=True, low=1, high=MAX_LIMIT),
+    "cpu_threads": OptionRule(integer=True, low=1, high=None),  # far more threads than cores: torch crashed
+}  # fmt: skip
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_options(args: argparse.Namespace, dests: Iterable[str] | None = None) -> None:
+    """Check every option of ``OPTION_RULES`` that ``args`` has and that was given (or only those of
+    ``dests``), before anything is read, written or trained; ConfigError naming the option otherwise."""
+    for dest in OPTION_RULES if dests is None else dests:
+        value = getattr(args, dest, None)
+        if value is not None:
+            OPTION_RULES[dest].check(_option(dest), value)
+
+
+def show_option_rules(parser: argparse.ArgumentParser) -> None:
+    """Append each ruled option's allowed values to its ``--help`` (call before :func:`show_defaults`)."""
+    for action in parser._actions:
+        if action.dest in OPTION_RULES and action.option_strings and action.help != argparse.SUPPRESS:
+            action.help = f"{action.help or ''}; {OPTION_RULES[action.dest].describe()}".lstrip("; ")
+
+
+def set_cpu_threads(args: argparse.Namespace) -> None:
+    """Apply --cpu-threads (checked by its rule) when it is given."""
+    if getattr(args, "cpu_threads", None) is not None:
+        torch.set_num_threads(OPTION_RULES["cpu_threads"].check("--cpu-threads", args.cpu_threads))
 
 
 def add_data_options(group: argparse._ArgumentGroup, *, resolution_help: str) -> None:
@@ -140,12 +224,15 @@ def show_defaults(parser: argparse.ArgumentParser, defaults: dict[str, dict[str,
 def changes_from_args(args: argparse.Namespace, fields: Fields,
                       sections: set[str] | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
     """The config fields the command line sets (only those of ``sections`` when given), as ``replace()`` takes
-    them: ``{"run": {"max_steps": 10}}``; ``--no-progress`` and ``--no-tensorboard`` turn those run fields off."""
+    them: ``{"run": {"max_steps": 10}}``; an option whose rule reads 0 as off sets its field to None;
+    ``--no-progress`` and ``--no-tensorboard`` turn those run fields off."""
     changes: dict[str, dict[str, Any]] = {}
     for option, (section, name) in fields.items():
         value = getattr(args, option, None)
         if value is not None and (sections is None or section in sections):
-            changes.setdefault(section, {})[name] = value
+            rule = OPTION_RULES.get(option)
+            off = rule is not None and rule.zero_is_off and value == 0
+            changes.setdefault(section, {})[name] = None if off else value
     if sections is None or "run" in sections:
         if args.no_progress:
             changes.setdefault("run", {})["progress"] = False
@@ -207,8 +294,7 @@ def prepare_run(args: argparse.Namespace, run_dir: str | Path, option: str, *, d
     from diffusekit.training.checkpoint import list_checkpoints
     from diffusekit.training.resume import CHECKPOINTS_DIR
 
-    if args.cpu_threads is not None:
-        torch.set_num_threads(check_int("--cpu-threads", args.cpu_threads, 1, 4096))
+    set_cpu_threads(args)
     run_dir = Path(run_dir)
     if data is not None and Path(data).is_dir():
         inside = Path(data).resolve()
@@ -286,8 +372,8 @@ def interrupted_note(result: Any, world_size: int, command: str) -> str:
             f"  {launcher} {command} --resume {shlex.quote(str(result.checkpoint))}")  # fmt: skip
 
 
-__all__ = ["DATA_FIELDS", "OPTIM_FIELDS", "RUN_FIELDS", "Fields", "add_data_options", "add_display_switches",
-           "add_former_spellings", "add_interval_options", "changes_from_args", "check_replaced_folder",
-           "check_trained_by", "finish", "ignored_on_resume", "interrupted_note", "metrics_line", "name_path_option",
-           "option_names", "prepare_run", "resume_config", "run_naming_options", "show_defaults",
-           "summary_line"]  # fmt: skip
+__all__ = ["DATA_FIELDS", "OPTIM_FIELDS", "OPTION_RULES", "RUN_FIELDS", "Fields", "OptionRule", "add_data_options",
+           "add_display_switches", "add_former_spellings", "add_interval_options", "changes_from_args",
+           "check_options", "check_replaced_folder", "check_trained_by", "finish", "ignored_on_resume",
+           "interrupted_note", "metrics_line", "name_path_option", "option_names", "prepare_run", "resume_config",
+           "run_naming_options", "set_cpu_threads", "show_defaults", "show_option_rules", "summary_line"]  # fmt: skip

@@ -134,6 +134,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--cpu-threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     common.add_interval_options(g, sample_help="a grid of images for the first captions every N steps (0 = off)")
     common.add_display_switches(g)
+    common.show_option_rules(p)
     common.show_defaults(p, LoraTrainConfig().to_dict(), _FIELDS)  # LoraTrainConfig: the one source of defaults
     common.add_former_spellings(p, FORMER_SPELLINGS)
     p.set_defaults(run=run)
@@ -176,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from diffusekit.training.lora_trainer import LoraTrainer, check_output
 
+    common.check_options(args)
     config = config_from_args(args)
     check_output(args.output, args.overwrite, "--output")
     common.prepare_run(args, config.run.output_dir, "--output-dir", data=config.data.source, data_option="DATA")

@@ -8,6 +8,7 @@ import json
 from diffusekit.cli import train_common as common
 from diffusekit.errors import ConfigError
 from diffusekit.training.config import LR_SCHEDULES, MIXED_PRECISION
+from diffusekit.training.data import check_data_root
 from diffusekit.training.vae_losses import RECONSTRUCTION_LOSSES
 from diffusekit.training.vae_presets import vae_preset_names
 from diffusekit.training.vae_train_config import VAETrainConfig
@@ -135,6 +136,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     common.add_interval_options(g, sample_help="reconstruction grids (0 = off)")
     g.add_argument("--preview-images", type=int, metavar="N", help="images in each reconstruction grid")
     common.add_display_switches(g)
+    common.show_option_rules(p)
     common.show_defaults(p, VAETrainConfig().to_dict(), FIELDS)  # VAETrainConfig: the one source of defaults
     common.add_former_spellings(p, FORMER_SPELLINGS)
     p.set_defaults(run=run)
@@ -155,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from diffusekit.training.vae_trainer import VAETrainer
 
+    common.check_options(args)  # --print-config too
+    if args.data_root is not None:
+        check_data_root(args.data_root, "--data-root")
     if args.data is None and args.resume is None and not args.print_config:
         raise ConfigError("DATA is required (a folder of images, an IDX or .npz/.npy file, mnist, fashion-mnist or "
                           "bundled), unless --resume continues a run")  # fmt: skip
