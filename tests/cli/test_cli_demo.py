@@ -67,11 +67,21 @@ def test_user_files_in_train_are_never_deleted(tmp_path, capsys, no_training):
     assert (train / "notes.txt").read_text() == "mine" and (train / "checkpoints").is_dir()
 
 
+def test_the_run_folder_check_is_the_training_commands(tmp_path, capsys, no_training):
+    """One implementation (train_common.check_replaced_folder) of "a folder the command replaces whole holds
+    only what it writes": the demo's train/ being a file gets that function's message."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train").write_text("mine")
+    code, err = cli(["demo", "--output-dir", str(tmp_path / "d"), "--no-fid"], capsys)
+    assert code == 2 and f"{tmp_path / 'd' / 'train'} is not a folder, and it would be replaced; move it" in err, err
+    assert (tmp_path / "d" / "train").read_text() == "mine"
+
+
 def test_a_former_run_is_replaced(tmp_path, capsys, monkeypatch):
     """Only what a training run writes is there: the demo goes on (to training, stopped here)."""
     train = tmp_path / "d" / "train"
     (train / "model").mkdir(parents=True)
-    (train / "metrics.jsonl").write_text("{}\n")
+    (train / "metrics.jsonl").write_text('{"step": 10, "loss": 0.5}\n{"st')  # a run's, torn by a kill
 
     class Stop(Exception):
         pass

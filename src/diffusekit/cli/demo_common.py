@@ -3,10 +3,10 @@ rules of the output folder, the training settings of the U-Net, the sample grid,
 held-out digits and the printed report.
 
 The output folder: each training run the demo makes has its own sub-folder, replaced by the next demo run only
-when it holds nothing but what that kind of run writes; the files the demo writes at the top (``samples.png``,
-``report.json``, ...) are replaced only when a former demo wrote them (a PNG with the demo's settings in its
-``diffusekit`` text chunk, a JSON report with the demo's keys). Anything else is the user's: the demo refuses
-to start, naming it, before anything is trained or written.
+when it holds nothing but what that kind of run writes (and its metrics.jsonl is a run's records); the files
+the demo writes at the top (``samples.png``, ``report.json``, ...) are replaced only when a former demo wrote
+them (a PNG with the demo's settings in its ``diffusekit`` text chunk, a JSON report with the demo's keys).
+Anything else is the user's: the demo refuses to start, naming it, before anything is trained or written.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusekit.cli.train_common import check_options
+from diffusekit.cli.train_common import check_options, check_replaced_folder
 from diffusekit.errors import ConfigError
 from diffusekit.io.atomic import check_writable_folder
 from diffusekit.limits import check_float, check_int
+from diffusekit.training.monitor import check_metrics_file
 
 # what each kind of training run writes into its folder (anything else there is the user's, and never deleted)
 RUN_ENTRIES = frozenset({"checkpoints", "model", "samples", "tensorboard", "metrics.jsonl", "loss_curve.png"})
@@ -60,7 +61,8 @@ def written_by_demo(path: Path) -> bool:
 
 def check_output_dir(value: str, runs: Mapping[str, frozenset[str]], files: tuple[str, ...]) -> Path:
     """DIR must be (or become) a writable folder; each sub-folder of ``runs`` (name -> what that run writes)
-    holds only what its run writes, and each top-level file of ``files`` is absent or a former demo's."""
+    holds only what its run writes (``train_common.check_replaced_folder``; its metrics.jsonl a run's), and each
+    top-level file of ``files`` is absent or a former demo's."""
     out = Path(value)
     for parent in (out, *out.parents):
         if parent.is_dir():
@@ -69,17 +71,9 @@ def check_output_dir(value: str, runs: Mapping[str, frozenset[str]], files: tupl
             what = "is a file" if parent == out else f"is inside {parent}, which is a file"
             raise ConfigError(f"--output-dir {value}: {what}, not a folder")
     for name, entries in runs.items():
-        run = out / name
-        if run.is_symlink() or (run.exists() and not run.is_dir()):
-            raise ConfigError(f"--output-dir {value}: {run} is not a folder; move it or choose another --output-dir")
-        if run.is_dir():
-            foreign = sorted(p.name for p in run.iterdir() if p.name not in entries and not p.name.startswith("."))
-            if foreign:
-                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-                raise ConfigError(
-                    f"--output-dir {value}: {run} holds files a training run does not write ({shown}); the demo "
-                    "replaces that folder, so move them or choose another --output-dir"
-                )
+        where = f"--output-dir {value}"
+        check_replaced_folder(out / name, entries, where, "--output-dir", writer="a training run")
+        check_metrics_file(out / name, where, "--output-dir")  # its name is a run's, its content may not be
     for name in files:
         path = out / name
         if (path.exists() or path.is_symlink()) and not written_by_demo(path):

@@ -290,8 +290,9 @@ def prepare_run(args: argparse.Namespace, run_dir: str | Path, option: str, *, d
     --resume continues them; that is the image folder ``data`` (``data_option``) or inside it (the run's PNGs
     and sub-folders would become training images, and sub-folders class labels); or, when it holds no run yet,
     whose ``export`` folder (name, what the run writes there), which the run replaces whole, holds anything
-    else."""
+    else, or whose metrics.jsonl, which a new run replaces, is not a former run's."""
     from diffusekit.training.checkpoint import list_checkpoints
+    from diffusekit.training.monitor import check_metrics_file
     from diffusekit.training.resume import CHECKPOINTS_DIR
 
     set_cpu_threads(args)
@@ -306,14 +307,17 @@ def prepare_run(args: argparse.Namespace, run_dir: str | Path, option: str, *, d
     if args.resume is None and has_run:
         raise ConfigError(f"{option} {run_dir} already holds checkpoints of a run; pass --resume to continue it, "
                           f"or choose another {option}")  # fmt: skip
+    if not has_run:
+        check_metrics_file(run_dir, f"{option} {run_dir}", option)
     if export is not None and not has_run:
         name, entries = export
         check_replaced_folder(run_dir / name, entries, f"{option} {run_dir}", option)
 
 
-def check_replaced_folder(folder: Path, entries: frozenset[str], where: str, option: str) -> None:
+def check_replaced_folder(folder: Path, entries: frozenset[str], where: str, option: str, *,
+                          writer: str = "this command") -> None:  # fmt: skip
     """``folder``, which a command is about to replace whole, must be absent or hold nothing but ``entries``
-    (what the command writes there) and hidden files: anything else is someone's, and a ConfigError starting
+    (what ``writer`` writes there) and hidden files: anything else is someone's, and a ConfigError starting
     with ``where`` says so before any work is done."""
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise ConfigError(f"{where}: {folder} is not a folder, and it would be replaced; move it or choose "
@@ -323,7 +327,7 @@ def check_replaced_folder(folder: Path, entries: frozenset[str], where: str, opt
     foreign = sorted(p.name for p in folder.iterdir() if p.name not in entries and not p.name.startswith("."))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise ConfigError(f"{where}: {folder} holds files this command does not write ({shown}), and that folder "
+        raise ConfigError(f"{where}: {folder} holds files {writer} does not write ({shown}), and that folder "
                           f"would be replaced whole; move them or choose another {option}")  # fmt: skip
 
 

@@ -2,9 +2,11 @@
 
 ``metrics.jsonl`` gets one JSON object per logging interval ({"step", "loss", "lr", "grad_norm",
 "ema_decay", ...}); on resume, records past the resumed step (written by the interrupted run after its
-last checkpoint) are dropped so the file describes one consistent run. TensorBoard event files are written
-when the ``tensorboard`` package is installed (``pip install diffusekit[log]``); without it training goes
-on and says so once. The loss curve is drawn with Pillow, no plotting library needed.
+last checkpoint) are dropped so the file describes one consistent run. A new run replaces the metrics file of
+a former run in its folder, and refuses to start where that name holds anything else (someone's file).
+TensorBoard event files are written when the ``tensorboard`` package is installed (``pip install
+diffusekit[log]``); without it training goes on and says so once. The loss curve is drawn with Pillow, no
+plotting library needed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from diffusekit.errors import ConfigError
 from diffusekit.io.atomic import write_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
@@ -40,8 +43,46 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+_RECORD_START = '{"step": '  # how every record of MetricsLogger.log begins (json.dumps of {"step": ...})
+
+
+def written_by_a_run(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a metrics file a training run wrote: UTF-8 lines, each a JSON object with an integer
+    ``step``, but for a last line torn by a crash (the start of such a record); an empty file too (a run that
+    stopped before its first record). Anything else, a folder or a link included, is not."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError):
+        return False
+    last = lines.pop()  # "" after the final newline; otherwise a line the run did not finish
+    if last and not (last.startswith(_RECORD_START) or _RECORD_START.startswith(last)):
+        return False
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int):
+            return False
+    return True
+
+
+def check_metrics_file(run_dir: str | os.PathLike, where: str, option: str) -> None:
+    """A new run in ``run_dir`` replaces its ``metrics.jsonl``: refuse (ConfigError starting with ``where``, the
+    option and path the user gave) when that name holds something a run did not write."""
+    path = Path(run_dir) / METRICS_FILE
+    if (path.exists() or path.is_symlink()) and not written_by_a_run(path):
+        raise ConfigError(f"{where}: {path} was not written by a training run, which would replace it; move it or "
+                          f"choose another {option}")  # fmt: skip
+
+
 class MetricsLogger:
-    """Appends metric records to ``<run>/metrics.jsonl`` and, if available, to TensorBoard."""
+    """Appends metric records to ``<run>/metrics.jsonl`` and, if available, to TensorBoard. A new run (no
+    ``resume_step``) starts the file afresh, replacing only a file a former run wrote (ConfigError otherwise)."""
 
     def __init__(self, run_dir: str | os.PathLike, *, resume_step: int | None = None, tensorboard: bool = True):
         self.run_dir = Path(run_dir)
@@ -50,7 +91,8 @@ class MetricsLogger:
         if resume_step is not None:
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept), what="metrics file")
-        elif self.path.exists():
+        elif self.path.exists() or self.path.is_symlink():
+            check_metrics_file(self.run_dir, f"run.output_dir {self.run_dir}", "run.output_dir")
             self.path.unlink()
         self._file = open(self.path, "a", encoding="utf-8")
         self.tb = None
