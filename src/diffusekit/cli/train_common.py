@@ -285,33 +285,35 @@ def resume_config(args: argparse.Namespace, config: Any, fields: Fields, names: 
 
 
 def prepare_run(args: argparse.Namespace, run_dir: str | Path, option: str, *, data: str | None = None,
-                data_option: str = "--data", export: tuple[str, frozenset[str]] | None = None) -> None:  # fmt: skip
-    """Apply --cpu-threads, and refuse a run folder (named by ``option``) that already holds checkpoints unless
+                data_option: str = "--data", export: tuple[str, frozenset[str]] | None = None,
+                where: str | None = None) -> None:  # fmt: skip
+    """Apply --cpu-threads, and refuse a run folder (set by ``option``) that already holds checkpoints unless
     --resume continues them; that is the image folder ``data`` (``data_option``) or inside it (the run's PNGs
     and sub-folders would become training images, and sub-folders class labels); or, when it holds no run yet,
     whose ``export`` folder (name, what the run writes there), which the run replaces whole, holds anything
-    else, or whose metrics.jsonl, which a new run replaces, is not a former run's."""
+    else, or whose metrics.jsonl, which a new run replaces, is not a former run's. Messages name the folder as
+    ``where`` (default ``"{option} {run_dir}"``; a folder derived from another option names that one)."""
     from diffusekit.training.checkpoint import list_checkpoints
     from diffusekit.training.monitor import check_metrics_file
     from diffusekit.training.resume import CHECKPOINTS_DIR
 
     set_cpu_threads(args)
     run_dir = Path(run_dir)
+    where = where or f"{option} {run_dir}"
     if data is not None and Path(data).is_dir():
         inside = Path(data).resolve()
         if run_dir.resolve() == inside or inside in run_dir.resolve().parents:
-            raise ConfigError(f"{option} {run_dir} is inside the image folder {data_option} {data}: the run's "
-                              f"images and folders would become training data; choose an {option} outside "
-                              "it")  # fmt: skip
+            raise ConfigError(f"{where} is inside the image folder {data_option} {data}: the run's images and "
+                              f"folders would become training data; choose an {option} outside it")  # fmt: skip
     has_run = bool(list_checkpoints(run_dir / CHECKPOINTS_DIR))
     if args.resume is None and has_run:
-        raise ConfigError(f"{option} {run_dir} already holds checkpoints of a run; pass --resume to continue it, "
-                          f"or choose another {option}")  # fmt: skip
+        raise ConfigError(f"{where} already holds checkpoints of a run; pass --resume to continue it, or choose "
+                          f"another {option}")  # fmt: skip
     if not has_run:
-        check_metrics_file(run_dir, f"{option} {run_dir}", option)
+        check_metrics_file(run_dir, where, option)
     if export is not None and not has_run:
         name, entries = export
-        check_replaced_folder(run_dir / name, entries, f"{option} {run_dir}", option)
+        check_replaced_folder(run_dir / name, entries, where, option)
 
 
 def check_replaced_folder(folder: Path, entries: frozenset[str], where: str, option: str, *,

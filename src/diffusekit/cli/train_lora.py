@@ -175,12 +175,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from diffusekit.io.atomic import check_writable_folder
     from diffusekit.training.lora_trainer import LoraTrainer, check_output
 
     common.check_options(args)
     config = config_from_args(args)
     check_output(args.output, args.overwrite, "--output")
-    common.prepare_run(args, config.run.output_dir, "--output-dir", data=config.data.source, data_option="DATA")
+    output_folder = Path(args.output).parent  # the file is written at the end: its folder is checked now
+    check_writable_folder(output_folder, f"--output {args.output} (its folder {output_folder})")
+    run_dir = config.run.output_dir
+    # without --output-dir the run folder is derived from --output: messages name the option the user gave
+    where = None if args.output_dir is not None else f"the run folder {run_dir} (beside --output {args.output})"
+    common.prepare_run(args, run_dir, "--output-dir", data=config.data.source, data_option="DATA", where=where)
+    if where is not None:
+        check_writable_folder(run_dir, where)
     if args.resume is not None:  # the trainer reads the checkpoint's config itself
         _check_resumed_checkpoint(args.resume, Path(config.run.output_dir))
         common.ignored_on_resume(args, _FIELDS, _OPTION_NAMES)
