@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 2 for edm, 1 otherwise)")
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--evaluate", metavar="OUTPUT_DIR", help="only sample and score the models a run kept")
+    p.add_argument("--only-budgets", help="with --evaluate: score only the models of these budgets (minutes)")
     p.add_argument("--output-dir", default="runs/quality_curve")
     p.add_argument("--cpu-threads", type=int)
     p.add_argument("--seed", type=int, default=0)
@@ -147,7 +148,10 @@ def evaluate(args: argparse.Namespace, out: Path) -> None:
     classifier, classifier_test_accuracy = classifier_for(settings.data)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else []
-    for k in sorted(run["kept"], key=lambda k: -k["budget_minutes"]):  # the longest budget first
+    kept = run["kept"]
+    if args.only_budgets:
+        kept = [k for k in kept if k["budget_minutes"] in {float(b) for b in args.only_budgets.split(",")}]
+    for k in sorted(kept, key=lambda k: -k["budget_minutes"]):  # the longest budget first
         trainer.ema.load_state_dict(load_file(str(out / k["weights"])))
         for spec in samplers.split(","):
             name, steps = spec.split(":")
