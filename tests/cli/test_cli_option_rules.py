@@ -151,7 +151,8 @@ def test_a_data_root_that_is_no_folder_is_refused(tmp_path, capsys, nothing_runs
 
 def test_a_data_root_folder_is_used(tmp_path, monkeypatch):
     """The check passes a folder, which find_named_dataset then searches first."""
-    from diffusekit.training.data import check_data_root, find_named_dataset
+    from diffusekit.training.data import find_named_dataset
+    from diffusekit.training.data_root import check_data_root
 
     (tmp_path / "mnist").mkdir()
     (tmp_path / "mnist" / "train-images-idx3-ubyte.gz").write_bytes(b"")

@@ -14,7 +14,7 @@ from diffusekit.diffusion.schedules import BETA_SCHEDULES
 from diffusekit.errors import ConfigError
 from diffusekit.pipelines.super_resolution import DOWNSAMPLE_MODES
 from diffusekit.training.config import LR_SCHEDULES, MIXED_PRECISION, TASKS, TrainConfig, read_config_file
-from diffusekit.training.data import check_data_root
+from diffusekit.training.data_root import check_data_root
 from diffusekit.training.latent_config import CONDITIONINGS, POSTERIORS, LatentConfig, LatentTrainConfig
 from diffusekit.training.power_ema import EMA_KINDS
 from diffusekit.training.presets import preset_names

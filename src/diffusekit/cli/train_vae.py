@@ -8,7 +8,7 @@ import json
 from diffusekit.cli import train_common as common
 from diffusekit.errors import ConfigError
 from diffusekit.training.config import LR_SCHEDULES, MIXED_PRECISION
-from diffusekit.training.data import check_data_root
+from diffusekit.training.data_root import check_data_root
 from diffusekit.training.vae_losses import RECONSTRUCTION_LOSSES
 from diffusekit.training.vae_presets import vae_preset_names
 from diffusekit.training.vae_train_config import VAETrainConfig

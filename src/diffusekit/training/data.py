@@ -312,19 +312,6 @@ def bundled_dataset_dir() -> Path:
     return Path(str(resources.files("diffusekit") / "data"))
 
 
-def check_data_root(path: str | os.PathLike, name: str = "data.data_root") -> Path:
-    """``path`` if it is a folder (it should hold ``mnist/`` and ``fashion-mnist/``); a file or a missing folder is
-    a ConfigError naming ``name``. :func:`find_named_dataset` passes over a root that has no dataset (and looks
-    in the next one), so a mistyped root given by the user must be refused before, here; a checkpoint's saved
-    root is not checked (a resumed run may find its data elsewhere)."""
-    root = Path(path).expanduser()
-    if root.is_dir():
-        return root
-    what = "is a file, not a folder" if root.exists() else "no such folder"
-    raise ConfigError(f"{name} {path}: {what}; give the folder that holds the mnist/ and fashion-mnist/ IDX "
-                      "folders")  # fmt: skip
-
-
 def find_named_dataset(name: str, data_root: str | os.PathLike | None = None) -> Path:
     """Locate the IDX folder of ``mnist`` or ``fashion-mnist``.
 
