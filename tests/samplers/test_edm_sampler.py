@@ -178,3 +178,26 @@ def test_edm_config_round_trips_through_the_reference_layout():
     with pytest.raises(ConfigError, match="sigma_schedule"):
         scheduler_from_diffusers({**theirs, "sigma_schedule": "exponential"})
     assert scheduler_to_diffusers(SamplerConfig())["_class_name"] == "DDIMScheduler"  # the classic path is unchanged
+
+
+def test_with_clipping_edm_ddim_takes_the_euler_steps():
+    """Deterministic DDIM is Euler's method in the VE coordinates x = x_t / sqrt(abar) (Karras et al. 2022,
+    sec. 4): every intermediate state must agree also when the denoiser's x0 is clamped, i.e. eps_hat must come
+    from the clamped x0_hat. A network whose D lies outside [-1, 1] (as guidance makes it) exposes an eps that
+    does not."""
+
+    def loud(x_in, c_noise, **_):  # D = c_skip x + c_out (3 x_in + 2): outside [-1, 1] at the high noise levels
+        return 3.0 * x_in + 2.0
+
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    states = {}
+    for name in ("ddim", "euler"):
+        cfg = SamplerConfig(sampler=name, preconditioning="edm", clip_sample=1.0)
+        grid = build_grid(cfg, 12)
+        seen: list[torch.Tensor] = []
+        run_sampler(cfg, loud, x * grid.init_noise_sigma, grid, callback=lambda info, seen=seen: seen.append(info.x))
+        if name == "ddim":  # its state is the VP sample sqrt(abar') x
+            seen = [s / grid.alphas_cumprod_next[k] ** 0.5 for k, s in enumerate(seen)]
+        states[name] = torch.stack(seen)
+    gap = (states["ddim"] - states["euler"]).abs().max()
+    assert gap < 1e-6 * states["euler"].abs().max(), gap
