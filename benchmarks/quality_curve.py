@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from diffusekit.bench.harness import machine
 from diffusekit.bench.timing import load_averages
+from diffusekit.io.weights import load_weights, save_weights
 from diffusekit.training.config import TrainConfig
 from diffusekit.training.trainer import Trainer
 
@@ -105,23 +105,23 @@ def train(args: argparse.Namespace, out: Path) -> None:
     kept: list[dict] = []
     t_start = time.perf_counter()
 
-    def keep(trainer: Trainer, step: int) -> None:
-        elapsed = time.perf_counter() - t_start
-        i = len(kept)
-        if i == len(budgets) or not (step == marks[i] if by_steps else elapsed >= budgets[i] * 60):
-            return
-        path = out / f"ema-{budgets[i]:g}min.safetensors"
-        save_file({k: v.detach().float().contiguous() for k, v in trainer.ema.state_dict().items()}, str(path))
-        kept.append({"budget_minutes": budgets[i], "step": step, "train_seconds": round(elapsed, 1),
+    def save(step: int, seconds: float) -> None:
+        budget = budgets[len(kept)]
+        path = out / f"ema-{budget:g}min.safetensors"
+        save_weights({k: v.float() for k, v in trainer.ema.state_dict().items()}, path)
+        kept.append({"budget_minutes": budget, "step": step, "train_seconds": round(seconds, 1),
                      "load_average": load_averages(), "weights": path.name})  # fmt: skip
-        print(f"kept {path.name} at step {step} ({elapsed / 60:.1f} min)", file=sys.stderr, flush=True)
+        print(f"kept {path.name} at step {step} ({seconds / 60:.1f} min)", file=sys.stderr, flush=True)
+
+    def keep(trainer: Trainer, step: int) -> None:
+        elapsed, i = time.perf_counter() - t_start, len(kept)
+        if i < len(budgets) and (step == marks[i] if by_steps else elapsed >= budgets[i] * 60):
+            save(step, elapsed)
 
     trainer.on_step_end = keep
     result = trainer.fit()
     if len(kept) < len(budgets):  # a wall-clock run stops at its last budget before the step that would pass it
-        t_start -= budgets[-1] * 60
-        keep(trainer, trainer.step)
-        kept[-1]["train_seconds"] = round(result.train_seconds, 1)
+        save(trainer.step, result.train_seconds)
     run = {"machine": machine(), "settings": vars(args), "final_loss": result.loss, "kept": kept,
            "budget_kind": "steps at the measured rate" if by_steps else "wall clock",
            "params_M": round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 3)}  # fmt: skip
@@ -146,24 +146,24 @@ def evaluate(args: argparse.Namespace, out: Path) -> None:
     floor = fid_from_stats(dataset_stats(settings.data, "train", extractor, limit=args.samples), test)
     stats_seconds = time.perf_counter() - t0
     classifier, classifier_test_accuracy = classifier_for(settings.data)
+    chunks = [(i, min(100, args.samples - i)) for i in range(0, args.samples, 100)]  # sampled 100 at a time
+    labels = torch.cat([trainer.preview_labels(n) for _, n in chunks])  # 0..9 repeating within each chunk
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else []
     kept = run["kept"]
     if args.only_budgets:
         kept = [k for k in kept if k["budget_minutes"] in {float(b) for b in args.only_budgets.split(",")}]
     for k in sorted(kept, key=lambda k: -k["budget_minutes"]):  # the longest budget first
-        trainer.ema.load_state_dict(load_file(str(out / k["weights"])))
+        trainer.ema.load_state_dict(load_weights(out / k["weights"]))
         for spec in samplers.split(","):
             name, steps = spec.split(":")
             nfe = 2 * int(steps) - 1 if name == "heun" else int(steps)
             tag = f"{k['budget_minutes']:g}min-{name}{steps}-g{guidance:g}-n{args.samples}"
             t0 = time.perf_counter()
-            chunks = [(i, min(100, args.samples - i)) for i in range(0, args.samples, 100)]
-            labels = torch.cat([trainer.preview_labels(k) for _, k in chunks])  # 0..9 repeating
             fake = torch.cat([
-                trainer.sample(k, steps=int(steps), seed=args.seed + 1 + i, class_labels=trainer.preview_labels(k),
+                trainer.sample(n, steps=int(steps), seed=args.seed + 1 + i, class_labels=labels[i : i + n],
                                guidance_scale=guidance, sampler=name)
-                for i, k in chunks
+                for i, n in chunks
             ])  # fmt: skip
             sample_seconds = time.perf_counter() - t0
             u8 = (fake.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
