@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusekit.errors import ConfigError, DiffusekitError
-from diffusekit.io.atomic import write_bytes_atomic
+from diffusekit.io.atomic import write_text_atomic
 from diffusekit.io.weights import load_weights, save_weights
 from diffusekit.user_cache import cache_root
 
@@ -136,5 +136,5 @@ def classifier_for(source: str, *, epochs: int = 2, seed: int = 0, data_root: st
         path.parent.mkdir(parents=True, exist_ok=True)
         save_weights(model.state_dict(), path)
         meta = {"num_classes": int(y.max()) + 1, "test_accuracy": test_accuracy, "train_images": len(x)}
-        write_bytes_atomic(path.with_suffix(".json"), json.dumps(meta).encode())
+        write_text_atomic(path.with_suffix(".json"), json.dumps(meta))
     return model, test_accuracy
