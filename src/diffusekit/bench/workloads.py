@@ -22,9 +22,10 @@ from diffusekit.networks.unet import UNET_PRESETS, UNet, UNetConfig
 from diffusekit.networks.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
 from diffusekit.pipelines.common import LatentCodec
 from diffusekit.pipelines.loading import load_pipeline, save_pipeline
+from diffusekit.pipelines.recipe import DTYPES, chosen_dtype
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.pipelines.text_to_image import TextToImage
-from diffusekit.runtime.policy import Plan, prepare
+from diffusekit.runtime.policy import Plan, autoencoder_plan, prepare
 from diffusekit.samplers.presets import SD1
 
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
@@ -127,8 +128,8 @@ def ours(
     device: str = "cpu",
 ) -> Case:
     """diffusekit's side of workload ``name``. ``state``: weights (our key names = the reference's) for
-    W1-W4; ``folder``: the diffusers-layout model folder for W5/W6. ``dtype=None`` (W5/W6): the library's
-    defaults for this machine."""
+    W1-W4; ``folder``: the diffusers-layout model folder for W5/W6. ``dtype=None`` (W5/W6): the command line's
+    default for this machine (``--dtype auto``)."""
     if name in ("W1", "W3"):
         model = _unet(s.unet, dtype, state, device)
         inp = _to(inputs(name, s, dtype), device)
@@ -156,7 +157,7 @@ def ours(
         vae = AutoencoderKL(s.vae)
         if state is not None:
             vae.load_state_dict(state)
-        prepare(vae, Plan(dtype=dtype), device=device)
+        prepare(vae, autoencoder_plan(Plan(), device, dtype), device=device)  # as the pipeline plans its VAE
         z = inputs(name, s, dtype)["z"].to(device)
 
         def decode() -> torch.Tensor:
@@ -165,6 +166,8 @@ def ours(
 
         return Case(decode, vae)
     if name in ("W5", "W6"):
+        if dtype is None:  # as `diffusekit txt2img` without --dtype runs: bf16 where native, else float32
+            dtype = DTYPES[chosen_dtype(None, device)]
         sd = load_pipeline(folder, dtype=dtype, device=device)
         pipe = TextToImage(sd)
         lat = inputs(name, s, torch.float32, latent_channels=sd.codec.channels,

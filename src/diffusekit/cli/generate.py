@@ -32,6 +32,7 @@ from diffusekit.io.fingerprint import file_sha256, model_fingerprint
 from diffusekit.io.png import PngWriter
 from diffusekit.limits import check_int
 from diffusekit.pipelines.recipe import (
+    AUTO_DTYPE_HELP,
     DEFAULT_STRENGTH,
     DEFAULTS,
     DTYPES,
@@ -44,6 +45,7 @@ from diffusekit.pipelines.recipe import (
     Recipe,
     apply_loras,
     check_lora_files,
+    chosen_dtype,
     generate,
     parse_size,
     png_text,
@@ -126,7 +128,7 @@ def _job_from_args(args: argparse.Namespace, mode: str) -> Job:
         tokenizer=None if args.tokenizer is None else str(Path(args.tokenizer).absolute()),
         image=_input_path(args, "image", mode),
         mask=_input_path(args, "mask", mode),
-        dtype=args.dtype or DEFAULTS["dtype"],
+        dtype=chosen_dtype(args.dtype, pick_device(args.device or "auto")),
     )
     images = []
     for p_index, prompt in enumerate(prompts):
@@ -409,8 +411,7 @@ def _add_options(p: argparse.ArgumentParser, mode: str) -> None:
                        "from a replayed PNG")  # fmt: skip
     model.add_argument("--device", metavar="DEVICE",
                        help="where to run: auto (default: cuda if available, else cpu), cpu, cuda, cuda:N")
-    model.add_argument("--dtype", choices=list(DTYPES),
-                       help="network precision (default float32; the VAE always runs in float32)")
+    model.add_argument("--dtype", choices=["auto", *DTYPES], help=AUTO_DTYPE_HELP)
 
     gen = p.add_argument_group("generation")
     gen.add_argument("--negative", metavar="TEXT",

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                           "'diffusekit[serve]'") from None  # fmt: skip
     from diffusekit.cli.generate import load_model
     from diffusekit.pipelines.lora import load_lora
-    from diffusekit.pipelines.recipe import DTYPES
+    from diffusekit.pipelines.recipe import DTYPES, chosen_dtype
     from diffusekit.runtime.policy import pick_device
 
     try:  # the port first: a port in use is found before the model loads
@@ -79,13 +79,14 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ConfigError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from None
     device = pick_device(args.device or "auto")
+    dtype = chosen_dtype(args.dtype, device)
     model = str(Path(args.model).absolute())
     tokenizer = str(Path(args.tokenizer).absolute()) if args.tokenizer else None
     print(f"diffusekit serve: loading {model}", file=sys.stderr, flush=True)
-    sd = load_model(model, tokenizer, allow_pickle=bool(args.allow_pickle), device=device, dtype=DTYPES[args.dtype])
+    sd = load_model(model, tokenizer, allow_pickle=bool(args.allow_pickle), device=device, dtype=DTYPES[dtype])
     for path, weight in loras:
         load_lora(sd, path, weight=weight)
-    settings = Settings(model=model, out=Path(args.out).absolute(), tokenizer=tokenizer, dtype=args.dtype,
+    settings = Settings(model=model, out=Path(args.out).absolute(), tokenizer=tokenizer, dtype=dtype,
                         device=str(device), queue_size=args.queue_size, max_body_bytes=args.max_body_mib << 20,
                         limits=Limits(max_side=args.max_side, max_batch=args.max_batch),
                         preview_every=args.preview_every)  # fmt: skip
@@ -130,7 +131,7 @@ examples:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``serve`` sub-command."""
-    from diffusekit.pipelines.recipe import DTYPES
+    from diffusekit.pipelines.recipe import AUTO_DTYPE_HELP, DTYPES
 
     p = subparsers.add_parser(
         "serve",
@@ -146,7 +147,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="apply a LoRA file (kohya or PEFT) at WEIGHT (default 1); repeatable")  # fmt: skip
     p.add_argument("--allow-pickle", action="store_true", help="allow a pickled .ckpt MODEL (trusted files only)")
     p.add_argument("--device", metavar="DEVICE", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="network precision (default float32)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], help=AUTO_DTYPE_HELP)
     p.add_argument("--host", default=DEFAULTS["host"],
                    help=f"address to listen on (default {DEFAULTS['host']}); a non-loopback one needs --token")
     p.add_argument("--port", type=int, default=DEFAULTS["port"], help=f"port (default {DEFAULTS['port']}; 0 = any "

@@ -28,6 +28,7 @@ from diffusekit.io.png import PngWriter
 from diffusekit.limits import check_float, check_int
 from diffusekit.pipelines.common import generators_from_seeds
 from diffusekit.pipelines.recipe import (
+    AUTO_DTYPE_HELP,
     DEFAULTS,
     DTYPES,
     MAX_GUIDANCE,
@@ -40,6 +41,7 @@ from diffusekit.pipelines.recipe import (
     check_lora_files,
     check_sampler,
     check_text,
+    chosen_dtype,
     loras_from_json,
     read_png_metadata,
 )
@@ -163,7 +165,7 @@ def settings_from_args(args: argparse.Namespace, n_inputs: int, name: Callable[[
         tile=tile or None,
         tile_overlap=args.tile_overlap,
         scale=None if args.scale is None else check_int(name("--scale"), args.scale, 1, 64),
-        dtype=_dtype(name("--dtype"), args.dtype or DEFAULTS["dtype"]),
+        dtype=_dtype(name("--dtype"), chosen_dtype(args.dtype, pick_device(args.device or "auto"))),
         name=name,
     )
 
@@ -402,9 +404,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="DEVICE",
         help="where to run: auto (default: cuda if available, else cpu), cpu, cuda, cuda:N",
     )
-    model.add_argument(
-        "--dtype", choices=list(DTYPES), help="network precision (default float32; the VAE always runs in float32)"
-    )
+    model.add_argument("--dtype", choices=["auto", *DTYPES], help=AUTO_DTYPE_HELP)
 
     gen = p.add_argument_group("upscaling")
     gen.add_argument("--prompt", metavar="TEXT", help="what the image shows; guides the new detail (default: empty)")

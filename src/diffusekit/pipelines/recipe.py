@@ -62,6 +62,7 @@ from diffusekit.pipelines.recipe_loras import (
     loras_from_json,
 )
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
+from diffusekit.runtime.policy import default_dtype
 from diffusekit.samplers.common import StepInfo
 from diffusekit.samplers.config import ALIASES, SAMPLERS, SamplerConfig
 from diffusekit.samplers.names import KARRAS_SAMPLERS, WEB_UI, check_karras, lookup, sampler_and_grid, web_ui_name
@@ -80,7 +81,20 @@ MAX_GUIDANCE = 1000.0
 DEFAULTS: dict[str, Any] = {"negative_prompt": "", "seed": 0, "steps": 25, "guidance": 7.5, "sampler": None,
                             "width": None, "height": None, "eta": None, "tokenizer": None, "image": None,
                             "mask": None, "dtype": "float32", "karras": None, "loras": ()}  # fmt: skip
+AUTO_DTYPE_HELP = ("network precision: auto (default: bfloat16 where the device computes it natively - CUDA, CPUs "
+                   "with AVX512-BF16 or AMX - else float32), float32, bfloat16, float16; the VAE always runs in "
+                   "float32. The PNG records the one used, so --replay reproduces it")
 DEFAULT_STRENGTH = {"txt2img": None, "img2img": 0.6, "inpaint": 1.0}
+
+
+def chosen_dtype(value: str | None, device: str | torch.device) -> str:
+    """The dtype name a run uses: ``value`` when given, else (None or ``auto``) bfloat16 where ``device``
+    computes it natively (:func:`diffusekit.runtime.policy.default_dtype`: CUDA with bf16, CPUs with AVX512-BF16
+    or AMX) and float32 elsewhere. Recipes record the chosen name (never ``auto``), so a replay runs in the
+    precision of the original. ``DEFAULTS["dtype"]`` stays float32: it fills recipes written before ``auto``."""
+    if value is None or value == "auto":
+        return "bfloat16" if default_dtype(device) == torch.bfloat16 else "float32"
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from diffusekit.networks.tokenizer import ClipTokenizer
 from diffusekit.networks.unet import UNet
 from diffusekit.networks.vae import AutoencoderKL
 from diffusekit.pipelines.common import LatentCodec, check_size
-from diffusekit.runtime.policy import Plan, prepare
+from diffusekit.runtime.policy import Plan, autoencoder_plan, prepare
 from diffusekit.samplers.common import Model
 from diffusekit.samplers.config import SamplerConfig
 from diffusekit.samplers.guidance import guided
@@ -49,7 +49,7 @@ class StableDiffusion:
         plan = plan or Plan()
         prepare(self.unet, dataclasses.replace(plan, dtype=plan.dtype or self.dtype))
         prepare(self.text_encoder, dataclasses.replace(plan, dtype=plan.dtype or self.dtype))
-        prepare(self.codec.vae, dataclasses.replace(plan, dtype=torch.float32, compile=False))
+        prepare(self.codec.vae, autoencoder_plan(plan, self.device))
         return self
 
     @property

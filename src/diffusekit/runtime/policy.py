@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,17 @@ class Plan:
     compile: bool = False
     fast_conv: bool | None = None  # None: on for the CPU unless compiling (runtime.fastconv decides per call)
     inference: bool = True  # eval mode and no parameter gradients; False: train mode, gradients on
+
+
+def autoencoder_plan(plan: Plan, device: str | torch.device, dtype: torch.dtype = torch.float32) -> Plan:
+    """The plan for an autoencoder beside a network run under ``plan``: ``dtype`` (float32: the VAE of a pipeline
+    always decodes in float32), never compiled, and channels-last only on the CPU. On CUDA the decoder's
+    GroupNorms at 256-512 px are the cost, and PyTorch's channels-last GroupNorm is the slow path there: on an
+    H200 (torch 2.11) the SD VAE decode took 28.1 / 32.2 ms (bfloat16 / float32) channels-last against
+    22.8 / 28.0 ms contiguous, the reference 23.9 / 28.8 ms (benchmarks/gpu_layout.py)."""
+    return dataclasses.replace(
+        plan, dtype=dtype, compile=False, channels_last=plan.channels_last and torch.device(device).type == "cpu"
+    )
 
 
 def prepare(model: nn.Module, plan: Plan | None = None, *, device: str | torch.device | None = None) -> nn.Module:
