@@ -50,3 +50,14 @@ def test_txt2img_without_dtype_records_the_machine_choice_and_replays_it(
     replayed = Path(capsys.readouterr().out.split()[0])
     assert read_png_metadata(replayed)["dtype"] == expected
     assert replayed.read_bytes() != b"" and replayed != first
+
+
+def test_replay_with_dtype_auto_takes_the_machine_choice(monkeypatch, sd_folder, tmp_path, capsys):
+    monkeypatch.setattr(recipe, "default_dtype", lambda device: torch.float32)
+    argv = ["txt2img", "--model", str(sd_folder), "a fox", "--steps", "1", "--size", "16x16", "--out",
+            str(tmp_path / "out"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    first = Path(capsys.readouterr().out.split()[0])
+    monkeypatch.setattr(recipe, "default_dtype", lambda device: torch.bfloat16)
+    assert main(["txt2img", "--replay", str(first), "--dtype", "auto", "--quiet"]) == 0
+    assert read_png_metadata(Path(capsys.readouterr().out.split()[0]))["dtype"] == "bfloat16"

@@ -164,6 +164,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             if option in ("model", "tokenizer", "image", "mask"):
                 value = str(Path(value).absolute())
+            if option == "dtype":
+                value = chosen_dtype(value, pick_device(args.device or "auto"))
             changes[field_name] = value
     if args.sampler is not None:
         changes["sampler"], changes["karras"] = sampler_and_grid(option_name, args.sampler, None)
