@@ -264,7 +264,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)} (a few minutes)")
     p.add_argument("--tiny", action="store_true", help="tiny stand-in models (a smoke test of the harness)")
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, metavar="W", help="workloads to run (default all)")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                   choices=["float32", "bfloat16", "float16", "default"],
+                   help="precisions to time (default: float32 bfloat16); 'default' is W5's row of each side as its "
+                   "user gets it without options, the only one W5 runs when it is the only dtype given")  # fmt: skip
     p.add_argument("--reps", type=int, default=5, help="timed rounds per workload at most (default 5)")
     p.add_argument(
         "--budget-seconds",
@@ -362,11 +365,13 @@ def compare(args: argparse.Namespace) -> int:
                 return "estimate"  # handled below
             return None
 
-        dtypes = list(args.dtypes)
+        dtypes = [d for d in args.dtypes if d != "default"]
+        if not dtypes and any(w != "W5" for w in workloads):
+            raise ConfigError("--dtypes default alone applies to W5 only: add --workloads W5 or another dtype")
         # each side's defaults: ours picks bfloat16 only where the CPU computes it natively; the reference's
         # pipeline loads float32. When both resolve to float32, the float32 row is the defaults row.
         defaults_are_fp32 = default_dtype(args.device) == torch.float32 and "float32" in dtypes
-        dtypes_w5 = dtypes + ([] if defaults_are_fp32 else ["default"])
+        dtypes_w5 = dtypes + ([] if defaults_are_fp32 else ["default"])  # --dtypes default alone: that row only
         settings = harness.Settings(workloads=[w for w in workloads if w != "W5"], dtypes=dtypes, tiny=args.tiny,
                                     reps=args.reps, budget_s=args.budget_seconds, log=log)  # fmt: skip
         rows = harness.run([reference, Ours(args.device)], settings)
