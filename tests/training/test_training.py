@@ -73,6 +73,8 @@ def test_config_files_json_and_toml(tmp_path):
         TrainConfig().replace(diffusion={"zero_terminal_snr": True})
     with pytest.raises(ConfigError, match="unknown config sections"):
         TrainConfig.from_dict({"trainer": {}})
+    with pytest.raises(ConfigError, match=r"optim.lr must be > 0"):
+        TrainConfig().replace(optim={"lr": 0})
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -193,7 +193,8 @@ class OptimConfig:
     grad_accum_steps: int = 1
 
     def validate(self) -> None:
-        check_range("optim.lr", self.lr, 0.0, 10.0)
+        if check_range("optim.lr", self.lr, 0.0, 10.0) == 0:
+            raise ConfigError("optim.lr must be > 0 (a learning rate of 0 never changes the weights), got 0")
         if len(self.betas) != 2:
             raise ConfigError(f"optim.betas must be two numbers, got {self.betas!r}")
         self.betas = (
