@@ -138,3 +138,27 @@ def test_threads_writing_one_file_at_once_leave_one_whole_version(tmp_path):
     assert not errors, errors
     assert path.read_bytes() in contents.values()
     assert os.listdir(tmp_path) == ["kernels.json"]
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, PermissionError])
+def test_replace_folder_puts_the_old_folder_back_when_stopped_between_the_renames(tmp_path, monkeypatch, error):
+    from diffusekit.io import atomic
+
+    folder, tmp = tmp_path / "model", tmp_path / ".model.tmp"
+    folder.mkdir()
+    (folder / "weights").write_text("old")
+    tmp.mkdir()
+    (tmp / "weights").write_text("new")
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the new folder's rename: stopped after the old one was moved aside
+            raise error()
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt if error is KeyboardInterrupt else OutputError):
+        atomic.replace_folder(tmp, folder)
+    assert (folder / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.tmp", "model"]  # nothing hidden left behind

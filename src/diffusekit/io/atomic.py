@@ -158,11 +158,13 @@ def replace_folder(tmp: Path, folder: Path) -> None:
             os.replace(folder, old)
         os.replace(tmp, folder)
         fsync_dir(folder.parent)
-    except OSError as e:
+    except BaseException as e:  # an OSError, or Ctrl-C between the two renames: the old folder goes back
         if old is not None and not folder.exists():
             with contextlib.suppress(OSError):
                 os.replace(old, folder)
-        raise OutputError(f"{folder}: could not replace the folder ({e.strerror or e})") from None
+        if isinstance(e, OSError):
+            raise OutputError(f"{folder}: could not replace the folder ({e.strerror or e})") from None
+        raise
     if old is not None:
         remove_quietly(old)
 
