@@ -54,9 +54,9 @@ def test_ctrl_c_while_the_files_are_written_leaves_the_former_model(tmp_path, fo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left
 
 
-def test_ctrl_c_between_the_two_renames_leaves_no_half_model(tmp_path, former, monkeypatch):
-    """The former folder is renamed aside, then the new one into place: a Ctrl-C between them leaves model/
-    absent (and the former one, complete, in the hidden folder beside it); never a mixture of the two."""
+def test_ctrl_c_between_the_two_renames_puts_the_former_model_back(tmp_path, former, monkeypatch):
+    """The former folder is renamed aside, then the new one into place: a Ctrl-C between them puts the former
+    one back whole (never a mixture of the two, nor a model/ gone with only a hidden copy left)."""
     model, before = former
     real, calls = os.replace, []
 
@@ -72,9 +72,8 @@ def test_ctrl_c_between_the_two_renames_leaves_no_half_model(tmp_path, former, m
         export_inference(_net(1), DiffusionConfig(), model)
     monkeypatch.undo()
     assert calls[0][0] == "model" and calls[0][1].startswith(".model.old-")
-    assert not model.exists()
-    left = [p for p in tmp_path.iterdir() if p.name != "model"]
-    assert [p.name for p in left] == [calls[0][1]] and _files(left[0]) == before  # the former one, whole
+    assert _files(model) == before  # the former one, whole, in its place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing hidden left beside it
     export_inference(_net(1), DiffusionConfig(), model)  # the next export still works
     load_pipeline(model)
 
