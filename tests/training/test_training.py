@@ -73,7 +73,7 @@ def test_config_files_json_and_toml(tmp_path):
         TrainConfig().replace(diffusion={"zero_terminal_snr": True})
     with pytest.raises(ConfigError, match="unknown config sections"):
         TrainConfig.from_dict({"trainer": {}})
-    with pytest.raises(ConfigError, match=r"optim.lr must be > 0"):
+    with pytest.raises(ConfigError, match=r"optim.lr must be a finite number in \(0.0, 10.0\], got 0"):
         TrainConfig().replace(optim={"lr": 0})
 
 

@@ -193,8 +193,7 @@ class OptimConfig:
     grad_accum_steps: int = 1
 
     def validate(self) -> None:
-        if check_range("optim.lr", self.lr, 0.0, 10.0) == 0:
-            raise ConfigError("optim.lr must be > 0 (a learning rate of 0 never changes the weights), got 0")
+        check_float("optim.lr", self.lr, 0.0, 10.0, open_low=True)  # 0 would never change the weights
         if len(self.betas) != 2:
             raise ConfigError(f"optim.betas must be two numbers, got {self.betas!r}")
         self.betas = (
