@@ -25,22 +25,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_curve as qc  # noqa: E402
 
-from diffusekit.diffusion.parametrization import split_output  # noqa: E402
+from diffusekit.diffusion.parametrization import Prediction  # noqa: E402
 from diffusekit.evaluation.classifier import accuracy, classifier_for  # noqa: E402
 from diffusekit.io.weights import load_weights  # noqa: E402
 from diffusekit.samplers import common  # noqa: E402
 
+REFERENCE_CALL = common.Denoiser.__call__  # the library's rule: x0_hat clamped, eps_hat as the network gave it
+
 
 def clamped_eps_call(self, x_t, t, alphas_cumprod, cond=None):
-    """``Denoiser.__call__`` with eps_hat re-derived from the clamped x0_hat:
+    """The library's ``Denoiser.__call__``, then eps_hat re-derived from its clamped x0_hat:
     eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
-    out = self.model(x_t, t, **(cond or {}))
-    alpha, sigma = alphas_cumprod**0.5, (1 - alphas_cumprod) ** 0.5
-    x0, eps = split_output(out, x_t, alpha, sigma, self.prediction_type)
-    x0 = common._clip(x0, self.clip_sample)
-    if self.clip_sample is not None:
-        eps = (x_t - alpha * x0) / sigma
-    return common.Prediction(x0, eps)
+    pred = REFERENCE_CALL(self, x_t, t, alphas_cumprod, cond)
+    if self.clip_sample is None:
+        return pred
+    return Prediction(pred.x0, (x_t - alphas_cumprod**0.5 * pred.x0) / (1 - alphas_cumprod) ** 0.5)
 
 
 def main() -> None:
@@ -55,8 +54,7 @@ def main() -> None:
     classifier, _ = classifier_for(run["settings"]["data"])
     n = args.samples // 100
     labels = torch.cat([trainer.preview_labels(100) for _ in range(n)])
-    rules = {"reference (unclamped eps)": common.Denoiser.__call__, "clamped eps": clamped_eps_call}
-    reference_call = common.Denoiser.__call__
+    rules = {"reference (unclamped eps)": REFERENCE_CALL, "clamped eps": clamped_eps_call}
     try:
         for rule, call in rules.items():
             common.Denoiser.__call__ = call
@@ -69,7 +67,7 @@ def main() -> None:
                 row = {"rule": rule, "guidance": guidance, "accuracy": round(accuracy(classifier, images, labels), 4)}
                 print(json.dumps(row), flush=True)
     finally:
-        common.Denoiser.__call__ = reference_call
+        common.Denoiser.__call__ = REFERENCE_CALL
 
 
 if __name__ == "__main__":
