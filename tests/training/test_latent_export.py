@@ -76,6 +76,7 @@ def test_scheduler_does_not_clip_latents(tmp_path, vae):
     folder = export_latent_pipeline(unet(vae), vae, DIFFUSION, tmp_path / "model")
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert sched["clip_sample"] is False and sched["beta_schedule"] == "scaled_linear"
+    assert "_diffusekit_clip_eps" not in sched and not latent_sampler_config(DIFFUSION).clip_eps
 
 
 def test_text_export_loads_in_the_sd_loader(tmp_path, vae):

@@ -200,7 +200,9 @@ def test_training_run_writes_checkpoints_metrics_export_and_plot(tmp_path):
     assert {"num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "clip_sample", "timestep_spacing",
             "steps_offset", "variance_type"} <= set(sched)  # fmt: skip
     assert json.loads((run / "model" / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    assert sched["_diffusekit_clip_eps"] is True  # models trained here sample with eps from the clipped x0
     pipe = load_pipeline(run / "model")
+    assert pipe.sampler_config.clip_eps and pipe.sampler_config.clip_sample == 1.0
     for k, v in trainer.ema.state_dict().items():  # the export holds the EMA weights
         assert torch.equal(pipe.unet.state_dict()[k], v)
     x = pipe(3, steps=2, sampler="ddim", class_labels=[0, 1, 2], guidance_scale=2.0, show_progress=False)

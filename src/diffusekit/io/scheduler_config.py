@@ -16,6 +16,8 @@ from diffusekit.samplers.config import MULTISTEP_SAMPLERS, SamplerConfig
 from diffusekit.samplers.ddpm import VARIANCES
 
 EDM_REFERENCE_CLASS = "EDMEulerScheduler"  # the reference's scheduler with EDM preconditioning
+# our own key (a leading underscore: the reference skips it): eps_hat re-derived from the clamped x0_hat
+CLIP_EPS_KEY = "_diffusekit_clip_eps"
 # the reference's scheduler class names -> our sampler names
 REFERENCE_CLASSES = {
     "DDPMScheduler": "ddpm",
@@ -113,6 +115,7 @@ def scheduler_from_diffusers(cfg: dict[str, Any], sampler: str | None = None) ->
             timestep_spacing=get("timestep_spacing", "leading"),
             steps_offset=int(get("steps_offset", 0)),
             clip_sample=float(get("clip_sample_range", 1.0)) if get("clip_sample", False) else None,
+            clip_eps=bool(get(CLIP_EPS_KEY, False)),
             set_alpha_to_one=bool(get("set_alpha_to_one", True)),
             variance=variance if variance in VARIANCES else "fixed_small",
             karras_sigmas=bool(get("use_karras_sigmas", False)),
@@ -144,11 +147,13 @@ def scheduler_to_diffusers(config: SamplerConfig) -> dict[str, Any]:
         cls_name = EDM_REFERENCE_CLASS
         edm = {"_diffusekit_sampler": config.sampler, "sigma_min": config.sigma_min, "sigma_max": config.sigma_max,
                "sigma_data": config.sigma_data, "sigma_schedule": "karras", "rho": RHO}  # fmt: skip
+    clip_eps = {CLIP_EPS_KEY: True} if config.clip_eps else {}  # only where set: the reference ignores it
     churn = {"s_churn": config.s_churn, "s_tmin": config.s_tmin, "s_tmax": config.s_tmax, "s_noise": config.s_noise}
     return {
         "_class_name": cls_name,
         **marker,
         **edm,
+        **clip_eps,
         **(churn if config.s_churn > 0 else {}),
         "num_train_timesteps": config.num_train_timesteps,
         "beta_schedule": config.beta_schedule,

@@ -67,6 +67,7 @@ class SamplerConfig:
     timestep_spacing: str = "leading"
     steps_offset: int = 0
     clip_sample: float | None = None  # clamp range for x0_hat, None = no clamp
+    clip_eps: bool = False  # re-derive eps_hat from the clamped x0_hat (samplers.common.Denoiser)
     set_alpha_to_one: bool = True  # DDIM/PNDM: the last step lands on abar = 1 (else on abar_0)
     variance: str = "fixed_small"  # DDPM
     eta: float = 0.0  # DDIM
@@ -109,7 +110,7 @@ class SamplerConfig:
         check_positive_int("steps_offset", self.steps_offset, minimum=0)
         check_positive_int("original_inference_steps", self.original_inference_steps)  # <= T: checked by the grid
         check_range("timestep_scaling", self.timestep_scaling, 1e-6, 1e6)
-        for name in ("zero_terminal_snr", "set_alpha_to_one", "karras_sigmas", "reference_rules"):
+        for name in ("zero_terminal_snr", "set_alpha_to_one", "karras_sigmas", "reference_rules", "clip_eps"):
             check_flag(name, getattr(self, name))
         self._check_edm()
         self.schedule()  # validates beta_start/beta_end/trained_betas now, not at the first use
@@ -293,7 +294,7 @@ def run_sampler(
     if config.preconditioning == "edm":
         denoiser = EDMDenoiser(model, config.sigma_data, config.clip_sample)
     else:
-        denoiser = Denoiser(model, config.prediction_type, config.clip_sample)
+        denoiser = Denoiser(model, config.prediction_type, config.clip_sample, config.clip_eps)
     s = config.sampler
     if s == "ddpm":
         mask = ddpm_noise_mask(config, grid)

@@ -34,9 +34,10 @@ _SR_MODEL = "{path} is a super-resolution model, which upscales images: run 'dif
 
 def sampler_config(diffusion: DiffusionConfig, sampler: str | None = None) -> SamplerConfig:
     """The sampling schedule matching a training run: same betas and parametrization (or the same EDM
-    preconditioning and sigma range), x0 clipped to [-1, 1] (pixel data), ``trailing`` timestep spacing
-    (Lin et al. 2024, sec. 3.3: every grid starts at the last training timestep). ``sampler`` None: DDPM, or
-    for the EDM preconditioning Heun (Karras et al. 2022, Alg. 1), which an exported folder then names."""
+    preconditioning and sigma range), x0 clipped to [-1, 1] (pixel data) with eps re-derived from the clipped
+    x0 (``clip_eps``: see ``samplers.common.Denoiser``), ``trailing`` timestep spacing (Lin et al. 2024,
+    sec. 3.3: every grid starts at the last training timestep). ``sampler`` None: DDPM, or for the EDM
+    preconditioning Heun (Karras et al. 2022, Alg. 1), which an exported folder then names."""
     edm = diffusion.preconditioning == "edm"
     return SamplerConfig(
         sampler=sampler or ("heun" if edm else "ddpm"),
@@ -53,6 +54,7 @@ def sampler_config(diffusion: DiffusionConfig, sampler: str | None = None) -> Sa
         timestep_spacing="trailing",
         steps_offset=0,
         clip_sample=1.0,
+        clip_eps=True,
         variance="fixed_small",
     )
 

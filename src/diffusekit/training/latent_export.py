@@ -37,7 +37,7 @@ from diffusekit.training.export import sampler_config
 
 def latent_sampler_config(diffusion: DiffusionConfig, sampler: str | None = None) -> SamplerConfig:
     """The training schedule as a sampler config (``training.export.sampler_config``) without the x0 clip."""
-    return dataclasses.replace(sampler_config(diffusion, sampler), clip_sample=None)
+    return dataclasses.replace(sampler_config(diffusion, sampler), clip_sample=None, clip_eps=False)
 
 
 def _cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
