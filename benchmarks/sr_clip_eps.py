@@ -1,0 +1,59 @@
+"""Experiment (not a test): what eps re-derived from the clamped x0 (the sampler config's ``clip_eps``, on for the
+models trained here) changes for a super-resolution model. Loads the diffusion upscaler that ``sr_fashion.py``
+exported, upscales the first N Fashion-MNIST test images (made 4 times smaller as the trainer makes them) with
+the same seeds under each rule and prints PSNR, SSIM and the consistency error of each (``sr_fashion.scores``).
+
+    python benchmarks/sr_clip_eps.py runs/sr_fashion/diffusion/model --samples 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sr_fashion  # noqa: E402
+
+from diffusekit.pipelines.super_resolution import load_sr_pipeline  # noqa: E402
+from diffusekit.training.data import DataSpec, from_model_range, load_dataset  # noqa: E402
+from diffusekit.training.super_resolution import degrade  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", type=Path, help="the diffusion upscaler's exported model/ folder")
+    p.add_argument("--samples", type=int, default=500)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--data-root", help="folder holding fashion-mnist/")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    pipe = load_sr_pipeline(args.model)
+    test = load_dataset(DataSpec(source="fashion-mnist", split="test", data_root=args.data_root, limit=args.samples))
+    x0 = test.batch(range(len(test)))[0]
+    truth = from_model_range(x0)
+    task = sr_fashion.train_config(sr_fashion.parse_args([])).task  # the benchmark's degradation
+    low01 = from_model_range(degrade(x0, task))
+    base = pipe.sampler_config
+    for clip_eps in (False, True):
+        pipe.sampler_config = dataclasses.replace(base, clip_eps=clip_eps)
+        t, parts = time.perf_counter(), []
+        for i in range(0, args.samples, sr_fashion.EVAL_BATCH):  # the seeds of sr_fashion.py's diffusion rows
+            g = torch.Generator().manual_seed(args.seed + 1 + i)
+            parts.append(pipe(low01[i : i + sr_fashion.EVAL_BATCH], steps=args.steps, sampler=args.sampler,
+                              generator=g, show_progress=False).images.float().cpu())  # fmt: skip
+        out = torch.cat(parts).clamp(0, 1)
+        row = {"clip_eps": clip_eps, "samples": args.samples, "sampler": f"{args.sampler} {args.steps}",
+               **{k: round(v, 6) for k, v in sr_fashion.scores(out, truth, low01).items()},
+               "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
