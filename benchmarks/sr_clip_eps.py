@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sr_fashion  # noqa: E402
 
@@ -40,6 +38,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fid", action="store_true", help="also the FID against the 10,000 test images")
     args = p.parse_args()
+    if args.samples < 1:
+        p.error(f"--samples must be at least 1, got {args.samples}")
     if args.data_root:
         os.environ[DATASETS_ENV] = args.data_root
     if args.fid:
@@ -54,12 +54,8 @@ def main() -> None:
     base = pipe.sampler_config
     for clip_eps in (False, True):
         pipe.sampler_config = dataclasses.replace(base, clip_eps=clip_eps)
-        t, parts = time.perf_counter(), []
-        for i in range(0, args.samples, sr_fashion.EVAL_BATCH):  # the seeds of sr_fashion.py's diffusion rows
-            g = torch.Generator().manual_seed(args.seed + 1 + i)
-            parts.append(pipe(low01[i : i + sr_fashion.EVAL_BATCH], steps=args.steps, sampler=args.sampler,
-                              generator=g, show_progress=False).images.float().cpu())  # fmt: skip
-        out = torch.cat(parts).clamp(0, 1)
+        t = time.perf_counter()
+        out = sr_fashion.diffusion_upscale(pipe, low01, args.steps, args.sampler, args.seed)  # its seeds
         row = {"clip_eps": clip_eps, "samples": args.samples, "sampler": f"{args.sampler} {args.steps}",
                **{k: round(v, 6) for k, v in sr_fashion.scores(out, truth, low01).items()},
                "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip

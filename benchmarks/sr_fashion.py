@@ -184,6 +184,17 @@ class Regression:
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
+def diffusion_upscale(pipe: Any, low01: Tensor, steps: int, sampler: str, seed: int) -> Tensor:
+    """(N, C, h, w) in [0, 1] -> the diffusion upscaler's (N, C, 4h, 4w) in [0, 1], in batches of EVAL_BATCH,
+    batch i seeded with seed + 1 + i (so a run of the first M images draws the same noise for them)."""
+    parts = []
+    for i in range(0, low01.shape[0], EVAL_BATCH):
+        g = torch.Generator().manual_seed(seed + 1 + i)
+        parts.append(pipe(low01[i : i + EVAL_BATCH], steps=steps, sampler=sampler, generator=g,
+                          show_progress=False).images.float().cpu())  # fmt: skip
+    return torch.cat(parts).clamp(0, 1)
+
+
 def scores(out: Tensor, truth: Tensor, low01: Tensor) -> dict[str, float]:
     """Means over the images: PSNR (dB), SSIM, consistency error (bicubic x1/4, MSE on [0, 1])."""
     return {
@@ -221,12 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds["regression"] = time.perf_counter() - t
     pipe = load_sr_pipeline(diffusion_run.export_dir, device=trainer.env.device)
     t = time.perf_counter()
-    parts = []
-    for i in range(0, n, EVAL_BATCH):
-        g = torch.Generator().manual_seed(args.seed + 1 + i)
-        parts.append(pipe(low01[i : i + EVAL_BATCH], steps=args.sample_steps, sampler=args.sampler, generator=g,
-                          show_progress=False).images.float().cpu())  # fmt: skip
-    outputs["diffusion"] = torch.cat(parts).clamp(0, 1)
+    outputs["diffusion"] = diffusion_upscale(pipe, low01, args.sample_steps, args.sampler, args.seed)
     seconds["diffusion"] = time.perf_counter() - t
 
     strip = torch.stack([F.interpolate(low01[:STRIP_ROWS], scale_factor=SCALE, mode="nearest"),
