@@ -80,6 +80,31 @@ def test_timing_helpers():
     assert "ratio" in harness.table([{"workload": "W1", "ratio": 0.5}])
 
 
+class _FakeSide:
+    """A harness side whose output is a fixed tensor: the harness's bookkeeping without any model."""
+
+    def __init__(self, name: str, value: float) -> None:
+        self.name, self.value = name, value
+
+    def weights(self, workload, s, dtype):
+        return {}
+
+    def case(self, workload, s, dtype, weights):
+        from diffusekit.bench.workloads import Case
+
+        return Case(lambda: torch.full((2, 3), self.value))
+
+
+def test_harness_reports_every_side_against_the_reference():
+    sides = [_FakeSide("reference", 1.0), _FakeSide("ours", 1.25), _FakeSide("engine", 0.5)]
+    settings = harness.Settings(workloads=["W1"], dtypes=["float32"], tiny=True, reps=2, log=lambda m: None)
+    (row,) = harness.run(sides, settings)
+    assert row["ours_max_abs_diff"] == row["max_abs_diff"] == 0.25
+    assert row["engine_max_abs_diff"] == 0.5 and "reference_max_abs_diff" not in row
+    assert all(row[f"{n}_first_call_s"] >= 0 for n in ("reference", "ours", "engine"))  # the warm-up, apart
+    assert row["runs"] == "2/2/2" and row["ratio"] == row["ours_s"] / row["reference_s"]
+
+
 def test_tiny_workloads_run_alone():
     for name in ("W1", "W2", "W3", "W4"):
         case = ours(name, spec(name, tiny=True), torch.float32)

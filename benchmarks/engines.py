@@ -1,0 +1,264 @@
+"""The engines a CPU user would pick instead of PyTorch eager mode, timed beside the reference (diffusers) and
+diffusekit on the same random weights, in the same process, on the same machine (not a test):
+
+* ``reference``: diffusers eager, as ``compare.py`` runs it;
+* ``ours``: diffusekit eager with its runtime plan (fast convolutions, channels last, autotuned kernels);
+* ``openvino``: the reference's module converted with ``openvino.convert_model`` and compiled for the CPU
+  plugin (``INFERENCE_PRECISION_HINT`` = the row's dtype, latency hint, torch's thread count): what a user of
+  OpenVINO's own exporters runs;
+* ``compiled``: ``torch.compile`` (inductor, with ``freezing``: weights folded and prepacked, post-ops fused)
+  of diffusekit's module under ``torch.no_grad``.
+
+Workloads W3 (SD-1.5 U-Net forward, the CFG batch of 2) and W4 (SD VAE decode to 512x512), the sizes of
+``compare.py``. The steady state is the median of interleaved rounds after one warm-up call; the one-time
+costs are reported apart: ``prepare_s`` (OpenVINO's conversion and compilation) and ``first_call_s`` (the
+warm-up call, in which ``torch.compile`` compiles) - a command-line user pays them on every run unless they
+are cached. ``<engine>_max_abs_diff`` is against the reference's output. W5 (txt2img, 20 DPM++ steps) is
+estimated per engine as 20 x W3 + W4, the estimate ``compare.py`` uses where the reference cannot run W5.
+
+    python benchmarks/engines.py --cpu-threads 2                        # float32, all four engines
+    python benchmarks/engines.py --dtypes float32 bfloat16 --engines reference ours openvino
+    python benchmarks/engines.py --tiny --json /tmp/engines.json        # a smoke test (seconds)
+
+Needs the ``bench`` extra and ``pip install openvino`` (the ``openvino`` engine is skipped, with a message,
+when it is missing). Writes ``results/engines.json`` through ``bench.harness.write_report`` (refused when
+the machine was busy, as for ``compare.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusekit.bench import harness, timing
+from diffusekit.bench.workloads import Case, Spec, inputs, ours
+from diffusekit.io.unet_config import unet_to_diffusers
+from diffusekit.io.vae_config import vae_to_diffusers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import Reference  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ("reference", "ours", "openvino", "compiled")
+W5_STEPS = 20
+
+
+class Ours:
+    name = "ours"
+
+    def case(self, workload: str, s: Spec, dtype: torch.dtype, weights: dict[str, Any]) -> Case:
+        return ours(workload, s, dtype, state=weights["state"])
+
+
+def _reference_module(workload: str, s: Spec, state: dict) -> torch.nn.Module:
+    """The reference's module for ``workload`` with ``state``, returning a plain tensor (what a converter
+    traces): the U-Net's noise prediction, or the decoder's image."""
+    import diffusers
+
+    if workload == "W3":
+        unet = diffusers.UNet2DConditionModel.from_config(unet_to_diffusers(s.unet))
+        unet.load_state_dict(state)
+
+        class Forward(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.unet = unet
+
+            def forward(self, x, t, context):
+                return self.unet(x, t, encoder_hidden_states=context).sample
+
+        return Forward().eval()
+    vae = diffusers.AutoencoderKL.from_config(vae_to_diffusers(s.vae))
+    vae.load_state_dict(state)
+
+    class Decode(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, z):
+            return self.vae.decode(z).sample
+
+    return Decode().eval()
+
+
+def _example(workload: str, s: Spec) -> tuple[torch.Tensor, ...]:
+    inp = inputs(workload, s, torch.float32)
+    return (inp["x"], inp["t"], inp["context"]) if workload == "W3" else (inp["z"],)
+
+
+class OpenVINO:
+    """The reference's module through OpenVINO's converter and CPU plugin (weights converted from float32;
+    the row's dtype is the plugin's inference precision)."""
+
+    name = "openvino"
+
+    def __init__(self) -> None:
+        self.prepare_s: dict[tuple[str, str], float] = {}
+
+    def case(self, workload: str, s: Spec, dtype: torch.dtype, weights: dict[str, Any]) -> Case:
+        import openvino as ov
+
+        start = time.perf_counter()
+        example = _example(workload, s)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on the reference's shape asserts
+            model = ov.convert_model(_reference_module(workload, s, weights["state"]), example_input=example)
+        precision = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_NUM_THREADS": torch.get_num_threads()}  # fmt: skip
+        compiled = ov.Core().compile_model(model, "CPU", config)
+        request = compiled.create_infer_request()
+        arrays = [t.numpy() for t in example]
+        self.prepare_s[(workload, str(dtype).removeprefix("torch."))] = time.perf_counter() - start
+
+        def run() -> torch.Tensor:
+            request.infer(arrays)
+            return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+        return Case(run)
+
+
+class Compiled:
+    """diffusekit's module through ``torch.compile`` (inductor) with freezing, called under no_grad."""
+
+    name = "compiled"
+
+    def __init__(self, mode: str | None) -> None:
+        self.mode = mode
+
+    def case(self, workload: str, s: Spec, dtype: torch.dtype, weights: dict[str, Any]) -> Case:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        base = ours(workload, s, dtype, state=weights["state"]).model
+        inp = inputs(workload, s, dtype)
+        if workload == "W3":
+            fn = torch.compile(base, mode=self.mode)
+
+            def run() -> torch.Tensor:
+                with torch.no_grad():
+                    return fn(inp["x"], inp["t"], context=inp["context"])
+
+            return Case(run, base)
+        decode = torch.compile(base.decode, mode=self.mode)
+
+        def run_decode() -> torch.Tensor:
+            with torch.no_grad():
+                return decode(inp["z"])
+
+        return Case(run_decode, base)
+
+
+class Sides:
+    """The reference first (it makes the weights), then the other engines: one harness side per engine,
+    each building its case from the reference's state dict."""
+
+    def __init__(self, engines: list[str], reference: Reference, compile_mode: str | None) -> None:
+        self.reference = reference
+        self.openvino = OpenVINO()
+        made = {"reference": reference, "ours": Ours(), "openvino": self.openvino, "compiled": Compiled(compile_mode)}
+        self.sides = [made[e] for e in engines]
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def w5_estimates(rows: list[dict[str, Any]], engines: list[str]) -> list[dict[str, Any]]:
+    """W5 per engine and dtype as 20 x W3 + W4 (steady state), where both rows were measured."""
+    out = []
+    for dtype in sorted({r["dtype"] for r in rows}):
+        by = {r["workload"]: r for r in rows if r["dtype"] == dtype}
+        if "W3" not in by or "W4" not in by:
+            continue
+        row: dict[str, Any] = {"workload": "W5 (estimate)", "dtype": dtype}
+        for e in engines:
+            if f"{e}_s" in by["W3"] and f"{e}_s" in by["W4"]:
+                row[f"{e}_s"] = W5_STEPS * by["W3"][f"{e}_s"] + by["W4"][f"{e}_s"]
+        out.append(row)
+    return out
+
+
+def add_ratios(row: dict[str, Any], engines: list[str]) -> None:
+    if "reference_s" not in row:
+        return
+    for e in engines:
+        if e != "reference" and f"{e}_s" in row:
+            row[f"{e}_ratio"] = row[f"{e}_s"] / row["reference_s"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES,
+                   help="engines to time (default all; the reference always runs: it makes the weights)")  # fmt: skip
+    p.add_argument("--workloads", nargs="+", default=["W3", "W4"], choices=["W3", "W4"])
+    p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    p.add_argument("--reps", type=int, default=5, help="timed rounds at most (default 5)")
+    p.add_argument("--budget-seconds", type=float, default=400.0,
+                   help="time per workload and dtype, warm-up included (default 400)")  # fmt: skip
+    p.add_argument("--compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode of the compiled engine (default: torch's default)")  # fmt: skip
+    p.add_argument("--tiny", action="store_true", help="tiny stand-in models (a smoke test)")
+    p.add_argument("--cpu-threads", type=int, help="torch (and OpenVINO) threads")
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "engines.json")
+    p.add_argument("--allow-busy", action="store_true", help="write --json even when rows were measured busy")
+    args = p.parse_args(argv)
+    if args.reps < 1:
+        p.error(f"--reps must be at least 1, got {args.reps}")
+    engines = ["reference"] + [e for e in args.engines if e != "reference"]
+    if "openvino" in engines and not openvino_available():
+        print("engines.py: openvino is not installed (pip install openvino): that engine is skipped", file=sys.stderr)
+        engines.remove("openvino")
+    args.engines = engines
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    info = harness.machine()
+    log(f"machine: {info}")
+    with tempfile.TemporaryDirectory(prefix="diffusekit-engines-") as tmp:
+        sides = Sides(args.engines, Reference(Path(tmp), Path(tmp), tiny=args.tiny), args.compile_mode)
+        settings = harness.Settings(workloads=args.workloads, dtypes=args.dtypes, tiny=args.tiny, reps=args.reps,
+                                    budget_s=args.budget_seconds, log=log)  # fmt: skip
+        rows = harness.run(sides.sides, settings)
+    for row in rows:
+        row.pop("ratio", None), row.pop("max_abs_diff", None)  # the harness's ours/reference pair: kept per engine
+        if "openvino" in args.engines:
+            row["openvino_prepare_s"] = sides.openvino.prepare_s.get((row["workload"], row["dtype"]))
+        add_ratios(row, args.engines)
+    estimates = w5_estimates(rows, args.engines)
+    for row in estimates:
+        add_ratios(row, args.engines)
+    columns = [("workload", "workload"), ("dtype", "dtype")]
+    columns += [(f"{e}_s", f"{e} s") for e in args.engines] + [(f"{e}_ratio", f"{e}/ref") for e in args.engines[1:]]
+    columns += [("load", "load"), ("note", "note")]
+    print(timing.format_table(rows + estimates, columns))
+    print(timing.format_table(rows, [("workload", "workload"), ("dtype", "dtype")]
+                              + [(f"{e}_first_call_s", f"{e} 1st call s") for e in args.engines]
+                              + [("openvino_prepare_s", "openvino convert+compile s")]
+                              + [(f"{e}_max_abs_diff", f"{e} max|diff|") for e in args.engines[1:]]))  # fmt: skip
+    report = {"machine": info, "engines": args.engines, "rows": rows, "w5_estimates": estimates,
+              "compile_mode": args.compile_mode}  # fmt: skip
+    harness.write_report(args.json, report, allow_busy=args.allow_busy)
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
