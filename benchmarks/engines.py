@@ -108,9 +108,10 @@ class OpenVINO:
 
         start = time.perf_counter()
         example = _example(workload, s)
+        module = _reference_module(workload, s, weights["state"])  # kept alive: OpenVINO may share its weights
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's notes on the reference's shape asserts
-            model = ov.convert_model(_reference_module(workload, s, weights["state"]), example_input=example)
+            model = ov.convert_model(module, example_input=example)
         precision = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": torch.get_num_threads()}  # fmt: skip
@@ -123,7 +124,7 @@ class OpenVINO:
             request.infer(arrays)
             return torch.from_numpy(request.get_output_tensor(0).data.copy())
 
-        return Case(run)
+        return Case(run, module)
 
 
 class Compiled:
