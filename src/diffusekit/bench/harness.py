@@ -173,7 +173,6 @@ def _measure_cases(name: str, dtype_name: str, cases: dict[str, Case], settings:
     row: dict[str, Any] = {"workload": name, "dtype": dtype_name, "note": note}
     for n in cases:
         row[f"{n}_s"] = timing.median(times[n])
-    for n in cases:
         row[f"{n}_first_call_s"] = warm[n]  # the warm-up call: one-time costs (compilation, caches) show here
         if n != "reference" and "reference" in cases:
             row[f"{n}_max_abs_diff"] = timing.max_abs_diff(outs[n], outs["reference"])
