@@ -18,6 +18,10 @@ runs; the report says which one was used.
     python benchmarks/quality_curve.py --evaluate runs/curve_edm --samplers heun:10,dpmpp_2m:20 --samples 1000
 
 ``--samplers`` entries are NAME:STEPS (``heun:18`` is 35 network evaluations, the others one per step).
+
+With ``--ema-kind power`` the run tracks EDM2's power-function EMA (Karras et al. 2024, sec. 3.1) at
+``--sigma-rels`` and snapshots it at every budget; ``--evaluate ... --posthoc-sigma-rels 0.02,0.05,0.1`` then
+scores the average of each of those lengths, reconstructed after training (their appendix C.2).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ import torch
 from diffusekit.bench.harness import machine
 from diffusekit.bench.timing import load_averages
 from diffusekit.io.weights import load_weights, save_weights
-from diffusekit.training.config import TrainConfig
+from diffusekit.training.config import LR_SCHEDULES, TrainConfig
+from diffusekit.training.power_ema import SNAPSHOT_DIR, list_snapshots, reconstruct
 from diffusekit.training.trainer import Trainer
 
 
@@ -45,7 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="mnist-small")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES, help="decay to 0 at the last budget")
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--ema-kind", default="classic", choices=("classic", "power"))
+    p.add_argument("--sigma-rels", default="0.05,0.10", help="power EMA: the tracked lengths (EDM2's sigma_rel)")
+    p.add_argument("--snapshot-every", type=int, default=250, help="power EMA: optimizer steps between snapshots")
+    p.add_argument("--posthoc-sigma-rels", help="with --evaluate of a power-EMA run: score these reconstructed "
+                   "lengths instead of the kept weights, e.g. 0.02,0.05,0.1")  # fmt: skip
     p.add_argument("--budgets", default="10,30", help="training budgets in minutes, comma-separated")
     p.add_argument("--steps-per-second", type=float, help="turn each budget into steps at this (idle) rate")
     p.add_argument("--probe", type=float, metavar="SECONDS", help="only measure the training rate for SECONDS")
@@ -69,11 +80,20 @@ def train_config(args: argparse.Namespace, out: Path, max_steps: int, max_minute
         data={"source": args.data},
         model={"preset": args.preset, "class_conditional": True},
         diffusion=diffusion,
-        optim={"lr": args.lr, "batch_size": args.batch_size, "warmup_steps": 200},
-        ema={"decay": args.ema_decay},
+        optim={"lr": args.lr, "batch_size": args.batch_size, "warmup_steps": 200,
+               "lr_schedule": getattr(args, "lr_schedule", "constant")},
+        ema=ema_config(args),
         run={"output_dir": str(out / "train"), "max_steps": max_steps, "max_minutes": max_minutes, "seed": args.seed,
              "checkpoint_every": 1000, "log_every": 50, "tensorboard": False},
     )  # fmt: skip
+
+
+def ema_config(args: argparse.Namespace) -> dict:
+    """The ema section of the run (settings of runs made before the power EMA option read as classic)."""
+    if getattr(args, "ema_kind", "classic") != "power":
+        return {"decay": args.ema_decay}
+    sigma_rels = tuple(float(s) for s in args.sigma_rels.split(","))
+    return {"kind": "power", "sigma_rels": sigma_rels, "snapshot_every": args.snapshot_every}
 
 
 def probe(args: argparse.Namespace) -> None:
@@ -109,6 +129,8 @@ def train(args: argparse.Namespace, out: Path) -> None:
         budget = budgets[len(kept)]
         path = out / f"ema-{budget:g}min.safetensors"
         save_weights({k: v.float() for k, v in trainer.ema.state_dict().items()}, path)
+        if trainer.power_ema is not None:  # the post-hoc reconstruction of this budget needs its own step
+            trainer.power_ema.save_snapshot(out / "train" / SNAPSHOT_DIR, step, config=trainer.checkpoint_config())
         kept.append({"budget_minutes": budget, "step": step, "train_seconds": round(seconds, 1),
                      "load_average": load_averages(), "weights": path.name})  # fmt: skip
         print(f"kept {path.name} at step {step} ({seconds / 60:.1f} min)", file=sys.stderr, flush=True)
@@ -153,12 +175,22 @@ def evaluate(args: argparse.Namespace, out: Path) -> None:
     kept = run["kept"]
     if args.only_budgets:
         kept = [k for k in kept if k["budget_minutes"] in {float(b) for b in args.only_budgets.split(",")}]
-    for k in sorted(kept, key=lambda k: -k["budget_minutes"]):  # the longest budget first
-        trainer.ema.load_state_dict(load_weights(out / k["weights"]))
+    lengths: list[float | None] = [None]  # None: the weights kept at the budget
+    if args.posthoc_sigma_rels:
+        lengths = [float(s) for s in args.posthoc_sigma_rels.split(",")]
+    models = [(k, length) for k in sorted(kept, key=lambda k: -k["budget_minutes"]) for length in lengths]
+    for k, length in models:  # the longest budget first
+        ema_tag, profile_error = "", None
+        if length is None:
+            trainer.ema.load_state_dict(load_weights(out / k["weights"]))
+        else:
+            state, profile_error = reconstruct(list_snapshots(out / "train" / SNAPSHOT_DIR), length, k["step"])
+            trainer.ema.load_state_dict(state)
+            ema_tag = f"-ema{length:g}"
         for spec in samplers.split(","):
             name, steps = spec.split(":")
             nfe = 2 * int(steps) - 1 if name == "heun" else int(steps)
-            tag = f"{k['budget_minutes']:g}min-{name}{steps}-g{guidance:g}-n{args.samples}"
+            tag = f"{k['budget_minutes']:g}min{ema_tag}-{name}{steps}-g{guidance:g}-n{args.samples}"
             t0 = time.perf_counter()
             fake = torch.cat([
                 trainer.sample(n, steps=int(steps), seed=args.seed + 1 + i, class_labels=labels[i : i + n],
@@ -176,7 +208,9 @@ def evaluate(args: argparse.Namespace, out: Path) -> None:
                    "samples": args.samples, "fid": round(fid, 2), "fid_floor_real_train": round(floor, 2),
                    "class_accuracy": round(class_accuracy, 4), "classifier_test_accuracy": classifier_test_accuracy,
                    "sample_seconds": round(sample_seconds, 1), "feature_seconds": round(time.perf_counter() - t0, 1),
-                   "stats_seconds": round(stats_seconds, 1), "eval_machine": machine(), "tag": tag}  # fmt: skip
+                   "stats_seconds": round(stats_seconds, 1), "eval_machine": machine(), "tag": tag,
+                   "posthoc_sigma_rel": length,
+                   "posthoc_profile_error": None if profile_error is None else round(profile_error, 4)}  # fmt: skip
             results = [r for r in results if r.get("tag") != tag] + [row]
             results_path.write_text(json.dumps(results, indent=1) + "\n")
             print(f"{tag}: FID {fid:.2f} (floor {floor:.2f}), class accuracy {class_accuracy:.3f}", flush=True)
