@@ -31,6 +31,7 @@ from diffusekit.errors import ConfigError, DiffusekitError
 from diffusekit.io.fingerprint import file_sha256, model_fingerprint
 from diffusekit.io.png import PngWriter
 from diffusekit.limits import check_int
+from diffusekit.pipelines.openvino_unet import ENGINES, use_engine
 from diffusekit.pipelines.recipe import (
     AUTO_DTYPE_HELP,
     DEFAULT_STRENGTH,
@@ -273,13 +274,15 @@ def _run(args: argparse.Namespace, mode: str) -> int:
                 raise
             raise type(e)(f"--replay {args.replay}: the model it names cannot be loaded: {e}") from None
         apply_loras(sd, loras, name, verify=False)  # once for the run; another architecture's LoRA fails here
+        if args.engine != "torch":
+            use_engine(sd.unet, args.engine, notify=None if quiet else lambda m: print(f"note: {m}", file=sys.stderr))
         images = [r.replace(loras=loras) for r in job.images]  # each with its LoRA files' hashes
         resolved = resolve(first, sd, name)
         if resolved.sampler == "lcm" and not job.guidance_given and first.guidance != LCM_GUIDANCE:
             images = [r.replace(guidance=LCM_GUIDANCE) for r in images]
             if not quiet:
                 print(f"note: {_lcm_note(first, resolved.sampler)}", file=sys.stderr)
-        provenance = _provenance(first, job, device)
+        provenance = _provenance(first, job, device, args.engine)
         if job.compare_with is not None and not quiet:
             for cause in replay_differences(read_png_metadata(job.compare_with), provenance):
                 print(f"warning: {cause}", file=sys.stderr)
@@ -305,10 +308,12 @@ def _lcm_note(recipe: Recipe, sampler: str) -> str:
             f"(pass --guidance to choose another){steps}")  # fmt: skip
 
 
-def _provenance(recipe: Recipe, job: Job, device: torch.device) -> dict[str, Any]:
+def _provenance(recipe: Recipe, job: Job, device: torch.device, engine: str = "torch") -> dict[str, Any]:
     """What besides the recipe decides the pixels, recorded in each PNG to explain a replay that differs."""
     provenance: dict[str, Any] = {"device": str(device), "batch_size": job.batch_size,
                                   **model_fingerprint(recipe.model, recipe.tokenizer)}  # fmt: skip
+    if engine != "torch":  # PyTorch's kernels are the default and are not recorded
+        provenance["engine"] = engine
     for field in ("image", "mask"):
         path = getattr(recipe, field)
         if path is not None:
@@ -414,6 +419,12 @@ def _add_options(p: argparse.ArgumentParser, mode: str) -> None:
     model.add_argument("--device", metavar="DEVICE",
                        help="where to run: auto (default: cuda if available, else cpu), cpu, cuda, cuda:N")
     model.add_argument("--dtype", choices=["auto", *DTYPES], help=AUTO_DTYPE_HELP)
+    model.add_argument("--engine", choices=ENGINES, default="torch",
+                       help="what runs the U-Net: torch (default: PyTorch with diffusekit's kernels) or openvino "
+                       "(CPU only; pip install 'diffusekit[engines]'). OpenVINO is faster in bfloat16 on CPUs "
+                       "with native bf16 (about 1.3x on Zen 4); the first run converts the model (about a "
+                       "minute for SD-1.5) and keeps it in the user cache for later runs. Images match "
+                       "--engine torch up to rounding, not bit for bit")  # fmt: skip
 
     gen = p.add_argument_group("generation")
     gen.add_argument("--negative", metavar="TEXT",

@@ -16,6 +16,7 @@ from it at the boundary, in ``diffusekit.io.unet_config``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -92,6 +93,9 @@ class UNet(nn.Module):
         self.conv_norm_out = GroupNorm(c.norm_groups, c.channels[0], eps=c.norm_eps)
         self.conv_out = Conv2d(c.channels[0], c.out_channels, 3, padding=1)
         init_weights(self, zero=(self.conv_out,))
+        # another runtime for forward() (e.g. pipelines.openvino_unet), called as engine(self, x, t, **inputs)
+        # after the inputs are validated; None: PyTorch (forward_torch)
+        self.engine: Callable[..., torch.Tensor] | None = None
 
     def _attention_factory(self, level: int, mid: bool = False) -> AttentionFactory:
         """The attention layer of ``level`` (or, with ``mid``, of the bottleneck, which uses the last
@@ -140,6 +144,25 @@ class UNet(nn.Module):
         ``time_ids`` (B, K): SDXL's pooled text embedding and size/crop values (``text_time_features``)."""
         t = self._check_inputs(x, t, context, class_labels, concat)
         self._check_text_time(x.shape[0], pooled, time_ids)
+        inputs = {"context": context, "class_labels": class_labels, "concat": concat, "pooled": pooled,
+                  "time_ids": time_ids}  # fmt: skip
+        if self.engine is not None:
+            return self.engine(self, x, t, **inputs)
+        return self.forward_torch(x, t, **inputs)
+
+    def forward_torch(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        context: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        concat: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`forward` on PyTorch's kernels, whatever the ``engine``, for inputs it has validated (``t``
+        a (B,) tensor)."""
         c = self.config
         if concat is not None:
             x = torch.cat([x, concat], dim=1)  # (B, in_channels, H, W)

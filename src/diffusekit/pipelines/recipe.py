@@ -318,6 +318,9 @@ def replay_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) 
     if recorded.get("diffusekit_version") not in (None, __version__):
         made_by = str(recorded["diffusekit_version"])[:60]
         causes.append(f"it was made by diffusekit {made_by}, replayed with {__version__}")
+    made_with, replayed_with = recorded.get("engine") or "torch", current.get("engine") or "torch"
+    if made_with != replayed_with:
+        causes.append(f"it was made with --engine {str(made_with)[:20]}, replayed with --engine {replayed_with}")
     batch = recorded.get("batch_size")
     if isinstance(batch, int) and batch > 1:
         causes.append(f"it was made in a batch of {batch}; images of a batch equal the one made alone only "
