@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from diffusekit.errors import ConfigError
+from diffusekit.errors import ConfigError, OutputError
 from diffusekit.networks.unet import UNet
 from diffusekit.pipelines.openvino_unet import IR_NAME, use_engine
 from diffusekit.training.presets import TRAIN_PRESETS
@@ -140,4 +140,12 @@ def test_bad_engine_names_and_missing_package(text_unet, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed
     with pytest.raises(ConfigError, match=r"pip install 'diffusekit\[engines\]'"):
         use_engine(text_unet, "openvino")
+    assert text_unet.engine is None
+
+
+def test_a_cache_folder_that_cannot_be_made_is_an_output_error(text_unet, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OutputError, match=r"cannot be created .*DIFFUSEKIT_CACHE"):
+        use_engine(text_unet, "openvino", cache_dir=blocker / "cache")
     assert text_unet.engine is None

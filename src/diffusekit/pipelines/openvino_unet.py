@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 import diffusekit
-from diffusekit.errors import ConfigError, check_choice
+from diffusekit.errors import ConfigError, OutputError, check_choice
 from diffusekit.io.atomic import folder_atomic, remove_quietly
 from diffusekit.networks.layers import PLANNED_LAYERS, Conv2d
 from diffusekit.networks.unet import UNet
@@ -97,7 +97,13 @@ class OpenVINOEngine:
         self.cache_dir = cache_dir
         self.notify = notify
         self.core = openvino.Core()
-        self.core.set_property({"CACHE_DIR": str(cache_dir / "compiled")})
+        try:  # a folder that cannot be written fails now, with the way out, not at the first step
+            (cache_dir / "compiled").mkdir(parents=True, exist_ok=True)
+            self.core.set_property({"CACHE_DIR": str(cache_dir / "compiled")})
+        except (OSError, RuntimeError) as e:
+            raise OutputError(f"{cache_dir}: the cache of converted OpenVINO models cannot be created "
+                              f"({getattr(e, 'strerror', None) or str(e).strip().splitlines()[-1]}); set "
+                              f"DIFFUSEKIT_CACHE to a writable folder") from None  # fmt: skip
         self.conversions = 0  # models converted by this engine (the rest came from the cache)
         self._compiled: dict[tuple, Any] = {}
 
