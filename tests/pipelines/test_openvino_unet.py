@@ -149,3 +149,26 @@ def test_a_cache_folder_that_cannot_be_made_is_an_output_error(text_unet, tmp_pa
     with pytest.raises(OutputError, match=r"cannot be created .*DIFFUSEKIT_CACHE"):
         use_engine(text_unet, "openvino", cache_dir=blocker / "cache")
     assert text_unet.engine is None
+
+
+def test_lora_adapters_attached_and_reweighted_follow_into_the_engine(cache):
+    from diffusekit.networks import lora
+
+    unet = _randomised(dataclasses.replace(TRAIN_PRESETS["latent-tiny"], in_channels=4, out_channels=4,
+                                           sample_size=16, cross_attention_dim=32))  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    layer = unet.get_submodule("conv_in")
+    update = lora.LowRank(down=torch.randn(2, 4, 3, 3, generator=g), up=torch.randn(layer.out_channels, 2, 1, 1,
+                          generator=g), alpha=2.0)  # fmt: skip
+    use_engine(unet, "openvino", cache_dir=cache / "lora")
+    x, t, context = _inputs(2, 16)
+    with torch.no_grad():
+        plain = unet.forward_torch(x, t, context=context)
+        lora.attach(unet, "style", {"conv_in": update}, weight=1.0)
+        for step in ("attached", "reweighted"):  # fusing changes weights in place: the test above
+            if step == "reweighted":
+                lora.set_weights(unet, {"style": 0.5})
+            got, expected = unet(x, t, context=context), unet.forward_torch(x, t, context=context)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+            assert (got - plain).abs().max() > 1e-3  # the adapter changes the output
+    assert unet.engine.conversions == 2
