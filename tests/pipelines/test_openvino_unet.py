@@ -172,3 +172,12 @@ def test_lora_adapters_attached_and_reweighted_follow_into_the_engine(cache):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
             assert (got - plain).abs().max() > 1e-3  # the adapter changes the output
     assert unet.engine.conversions == 2
+
+
+def test_the_library_and_the_command_line_import_openvino_only_for_the_engine():
+    import subprocess
+
+    code = ("import sys, diffusekit.cli.main, diffusekit.pipelines.openvino_unet, diffusekit.pipelines.loading\n"
+            "sys.exit('openvino' in sys.modules)")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr or "openvino was imported"

@@ -47,6 +47,7 @@ class Settings:
     queue_size: int = 64
     max_body_bytes: int = 32 << 20
     preview_every: float | None = 1.0  # seconds between previews; None: none
+    engine: str = "torch"  # what runs the U-Net (pipelines.openvino_unet.ENGINES)
 
 
 class Service:
@@ -60,6 +61,8 @@ class Service:
         self.model_name = Path(settings.model).name
         self.fingerprint = model_fingerprint(settings.model, settings.tokenizer)
         provenance = {"device": settings.device, **self.fingerprint}
+        if settings.engine != "torch":  # recorded as txt2img records it
+            provenance["engine"] = settings.engine
         self.worker = Worker(sd, self.queue, self.writer, provenance, settings.preview_every)
 
     def start(self) -> Service:
