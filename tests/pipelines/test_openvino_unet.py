@@ -93,6 +93,7 @@ def test_weights_changed_in_place_are_converted_again(cache):
         expected = unet.forward_torch(x, t, context=context)
     torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(after, before + 1.0, rtol=1e-4, atol=1e-4)
+    assert len(unet.engine._compiled) == 1  # the model of the old weights is let go, not kept beside the new one
 
 
 def test_class_labels_and_a_damaged_cache(cache):

@@ -88,8 +88,8 @@ class _Positional(nn.Module):
 
 
 class OpenVINOEngine:
-    """The U-Net's ``engine`` hook (module docstring). One compiled model per (weights fingerprint, inputs,
-    precision); the IR on disk is shared by every process that runs the same weights."""
+    """The U-Net's ``engine`` hook (module docstring). One compiled model per (inputs, precision) for the current
+    weights; the IR on disk is shared by every process that runs the same weights."""
 
     def __init__(self, cache_dir: Path, *, notify: Callable[[str], None] | None = None) -> None:
         import openvino
@@ -105,7 +105,8 @@ class OpenVINOEngine:
                               f"({getattr(e, 'strerror', None) or str(e).strip().splitlines()[-1]}); set "
                               f"DIFFUSEKIT_CACHE to a writable folder") from None  # fmt: skip
         self.conversions = 0  # models converted by this engine (the rest came from the cache)
-        self._compiled: dict[tuple, Any] = {}
+        self._compiled: dict[tuple, Any] = {}  # (inputs, precision) -> compiled model, for the weights below
+        self._weights: tuple | None = None  # the fingerprint of the weights the compiled models hold
 
     def __call__(self, unet: UNet, x: torch.Tensor, t: torch.Tensor, **inputs: torch.Tensor | None) -> torch.Tensor:
         if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x, *inputs.values())):
@@ -113,11 +114,14 @@ class OpenVINOEngine:
         names = tuple(n for n in OPTIONAL_INPUTS if inputs.get(n) is not None)
         args = [x, t.float().reshape(-1).expand(x.shape[0]), *(inputs[n] for n in names)]
         precision = "bf16" if unet_dtype(unet) == torch.bfloat16 else "f32"
-        key = (fingerprint(unet), names, precision)
-        compiled = self._compiled.get(key)
+        weights = fingerprint(unet)
+        if weights != self._weights:  # models of weights no longer in the U-Net are let go (they hold gigabytes)
+            self._compiled, self._weights = {}, weights
+        compiled = self._compiled.get((names, precision))
         if compiled is None:
-            compiled = self._compiled[key] = self._compile(unet, names, args, precision)
-        out = compiled([a.numpy() if a.dtype == torch.int64 else a.float().numpy() for a in args])[0]
+            compiled = self._compiled[(names, precision)] = self._compile(unet, names, args, precision)
+        arrays = [(a if a.dtype == torch.int64 else a.float()).contiguous().numpy() for a in args]
+        out = compiled(arrays)[0]
         return torch.from_numpy(out).to(x.dtype)
 
     def _compile(self, unet: UNet, names: tuple[str, ...], args: list[torch.Tensor], precision: str) -> Any:
