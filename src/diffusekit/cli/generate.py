@@ -422,8 +422,8 @@ def _add_options(p: argparse.ArgumentParser, mode: str) -> None:
     model.add_argument("--engine", choices=ENGINES, default="torch",
                        help="what runs the U-Net: torch (default: PyTorch with diffusekit's kernels) or openvino "
                        "(CPU only; pip install 'diffusekit[engines]'). OpenVINO is faster in bfloat16 on CPUs "
-                       "with native bf16 (about 1.3x on Zen 4); the first run converts the model (about a "
-                       "minute for SD-1.5) and keeps it in the user cache for later runs. Images match "
+                       "with native bf16 (about 1.3x on Zen 4); the first run converts the model (about 2 "
+                       "minutes for SD-1.5 on 2 cores) and keeps it in the user cache for later runs. Images match "
                        "--engine torch up to rounding, not bit for bit")  # fmt: skip
 
     gen = p.add_argument_group("generation")
