@@ -152,6 +152,7 @@ def test_a_cache_folder_that_cannot_be_made_is_an_output_error(text_unet, tmp_pa
     assert text_unet.engine is None
 
 
+@pytest.mark.slow  # two conversions, ~9 s: run by hand (pytest -m slow) when the engine or the adapters change
 def test_lora_adapters_attached_and_reweighted_follow_into_the_engine(cache):
     from diffusekit.networks import lora
 
