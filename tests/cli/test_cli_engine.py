@@ -3,6 +3,8 @@ kept in the user cache, the engine recorded in the PNG and named when a replay d
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -54,3 +56,12 @@ def test_unknown_engine_is_refused_by_name(sd_folder, tmp_path, capsys):
                                str(tmp_path)], capsys)  # fmt: skip
     assert code == 2 and not written
     assert "--engine" in err and "'torch', 'openvino'" in err
+
+
+def test_a_missing_openvino_fails_before_the_model_loads(sd_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if the engines extra were not installed
+    code, written, err = _run(["txt2img", "--model", str(sd_folder), "a", "--engine", "openvino", "--out",
+                               str(tmp_path / "out")], capsys)  # fmt: skip
+    assert code != 0 and not written
+    assert "pip install 'diffusekit[engines]'" in err and "loading" not in err
+    assert not (tmp_path / "out").exists()

@@ -31,7 +31,7 @@ from diffusekit.errors import ConfigError, DiffusekitError
 from diffusekit.io.fingerprint import file_sha256, model_fingerprint
 from diffusekit.io.png import PngWriter
 from diffusekit.limits import check_int
-from diffusekit.pipelines.openvino_unet import ENGINES, use_engine
+from diffusekit.pipelines.openvino_unet import ENGINES, check_engine, use_engine
 from diffusekit.pipelines.recipe import (
     AUTO_DTYPE_HELP,
     DEFAULT_STRENGTH,
@@ -257,6 +257,7 @@ def _run(args: argparse.Namespace, mode: str) -> int:
     written: list[Path] = []
     try:
         device = pick_device(args.device or "auto")
+        check_engine(args.engine, device)  # a missing package or a GPU fails before the model loads
         quiet = bool(args.quiet)
         if first.tokenizer is not None and not Path(first.tokenizer).is_dir():
             raise ConfigError(f"{name('tokenizer')} {first.tokenizer}: no such folder (a tokenizer folder holds "

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                           "'diffusekit[serve]'") from None  # fmt: skip
     from diffusekit.cli.generate import load_model
     from diffusekit.pipelines.lora import load_lora
-    from diffusekit.pipelines.openvino_unet import use_engine
+    from diffusekit.pipelines.openvino_unet import check_engine, use_engine
     from diffusekit.pipelines.recipe import DTYPES, chosen_dtype
     from diffusekit.runtime.policy import pick_device
 
@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ConfigError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from None
     device = pick_device(args.device or "auto")
+    check_engine(args.engine, device)  # a missing package or a GPU fails before the model loads
     dtype = chosen_dtype(args.dtype, device)
     model = str(Path(args.model).absolute())
     tokenizer = str(Path(args.tokenizer).absolute()) if args.tokenizer else None

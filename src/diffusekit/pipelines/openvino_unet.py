@@ -60,21 +60,30 @@ def use_engine(
     """Run ``unet``'s forward passes on engine ``name`` (:data:`ENGINES`; ``torch`` removes an engine).
     ``notify`` receives a line before each conversion (it takes a while). ConfigError (naming ``--engine``) for
     an unknown name, a U-Net that is not on the CPU, or OpenVINO not installed. Returns ``unet``."""
-    check_choice("--engine", name, ENGINES)
+    check_engine(name, next(unet.parameters()).device)
     if name == "torch":
         unet.engine = None
         return unet
-    device = next(unet.parameters()).device
-    if device.type != "cpu":
-        raise ConfigError(f"--engine openvino runs on the CPU only, and the model is on {device}; "
-                          "use --device cpu, or --engine torch")  # fmt: skip
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        raise ConfigError("--engine openvino needs the openvino package: pip install 'diffusekit[engines]' "
-                          "(or use --engine torch)") from None  # fmt: skip
     unet.engine = OpenVINOEngine(Path(cache_dir) if cache_dir is not None else default_cache_dir(), notify=notify)
     return unet
+
+
+def check_engine(name: str, device: str | torch.device = "cpu") -> str:
+    """``name`` if it is an engine that can run here (a command line calls it before loading a model):
+    ConfigError naming ``--engine`` for an unknown name, OpenVINO on a device other than the CPU, or OpenVINO
+    not installed."""
+    check_choice("--engine", name, ENGINES)
+    device = torch.device(device)
+    if name == "openvino" and device.type != "cpu":
+        raise ConfigError(f"--engine openvino runs on the CPU only, and the model is on {device}; "
+                          "use --device cpu, or --engine torch")  # fmt: skip
+    if name == "openvino":
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            raise ConfigError("--engine openvino needs the openvino package: pip install 'diffusekit[engines]' "
+                              "(or use --engine torch)") from None  # fmt: skip
+    return name
 
 
 class _Positional(nn.Module):
