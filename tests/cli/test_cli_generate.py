@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_running import run
 from PIL import Image, PngImagePlugin
 
 from diffusekit.cli import generate
@@ -37,16 +38,6 @@ def inpaint_folder(fixtures_dir: Path) -> Path:
 def pixels(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
-
-
-def run(argv: list[str], capsys) -> tuple[int, list[Path], str]:
-    """main(argv) -> (exit status, paths it printed, stderr)."""
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    captured = capsys.readouterr()
-    return code, [Path(line) for line in captured.out.splitlines() if line], captured.err
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_running import run
 from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
 
@@ -28,15 +29,6 @@ def kohya(fixtures_dir: Path, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("loras") / "style.safetensors"
     shutil.copyfile(fixtures_dir / "pipelines" / "lora" / "kohya.safetensors", path)
     return path
-
-
-def run(argv: list[str], capsys) -> tuple[int, list[Path], str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, [Path(line) for line in captured.out.splitlines() if line], captured.err
 
 
 def pixels(path: Path) -> np.ndarray:

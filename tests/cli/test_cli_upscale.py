@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_running import run
 from PIL import Image
 
 from diffusekit.cli import upscale as upscale_cli
@@ -21,16 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def model(fixtures_dir: Path) -> Path:
     return fixtures_dir / "pipelines" / "stable_diffusion_upscale"
-
-
-def run(argv: list[str], capsys) -> tuple[int, list[Path], str]:
-    """main(argv) -> (exit status, paths it printed, stderr)."""
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    captured = capsys.readouterr()
-    return code, [Path(line) for line in captured.out.splitlines() if line], captured.err
 
 
 def _image(path: Path, mode: str = "RGB", size: tuple[int, int] = (8, 8), seed: int = 0) -> Path:
