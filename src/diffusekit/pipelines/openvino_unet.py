@@ -73,16 +73,16 @@ def check_engine(name: str, device: str | torch.device = "cpu") -> str:
     ConfigError naming ``--engine`` for an unknown name, OpenVINO on a device other than the CPU, or OpenVINO
     not installed."""
     check_choice("--engine", name, ENGINES)
-    device = torch.device(device)
-    if name == "openvino" and device.type != "cpu":
+    if name == "torch":
+        return name
+    if torch.device(device).type != "cpu":
         raise ConfigError(f"--engine openvino runs on the CPU only, and the model is on {device}; "
                           "use --device cpu, or --engine torch")  # fmt: skip
-    if name == "openvino":
-        try:
-            import openvino  # noqa: F401
-        except ImportError:
-            raise ConfigError("--engine openvino needs the openvino package: pip install 'diffusekit[engines]' "
-                              "(or use --engine torch)") from None  # fmt: skip
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        raise ConfigError("--engine openvino needs the openvino package: pip install 'diffusekit[engines]' "
+                          "(or use --engine torch)") from None  # fmt: skip
     return name
 
 
@@ -123,7 +123,7 @@ class OpenVINOEngine:
             return unet.forward_torch(x, t, **inputs)
         names = tuple(n for n in OPTIONAL_INPUTS if inputs.get(n) is not None)
         args = [x, t.float().reshape(-1).expand(x.shape[0]), *(inputs[n] for n in names)]
-        precision = "bf16" if unet_dtype(unet) == torch.bfloat16 else "f32"
+        precision = "bf16" if next(unet.parameters()).dtype == torch.bfloat16 else "f32"
         weights = fingerprint(unet)
         if weights != self._weights:  # models of weights no longer in the U-Net are let go (they hold gigabytes)
             self._compiled, self._weights = {}, weights
@@ -160,10 +160,6 @@ class OpenVINOEngine:
         with folder_atomic(folder, what="OpenVINO model") as tmp:
             openvino.save_model(model, str(tmp / IR_NAME), compress_to_fp16=False)
         self.conversions += 1
-
-
-def unet_dtype(unet: UNet) -> torch.dtype:
-    return next(unet.parameters()).dtype
 
 
 def float32_copy(unet: UNet) -> UNet:
