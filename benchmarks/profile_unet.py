@@ -14,6 +14,7 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ KINDS = {
 }
 
 
-def breakdown(run, reps: int = 1) -> tuple[float, dict[str, float]]:
+def breakdown(run: Callable[[], object]) -> tuple[float, dict[str, float]]:
     """(wall seconds of one profiled call, self CPU seconds by kind)."""
     from torch.profiler import ProfilerActivity, profile
 
