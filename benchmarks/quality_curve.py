@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="mnist", choices=("mnist", "fashion-mnist"))
     p.add_argument("--preconditioning", default="edm", choices=("edm", "none"))
     p.add_argument("--preset", default="mnist-small")
+    p.add_argument("--model-overrides", default="{}",
+                   help='UNetConfig fields as JSON, e.g. \'{"channels": [48, 96, 96]}\'')
+    p.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16"), help="run.mixed_precision")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES, help="decay to 0 at the last budget")
@@ -78,13 +81,15 @@ def train_config(args: argparse.Namespace, out: Path, max_steps: int, max_minute
         diffusion = {"label_dropout": 0.1, "min_snr_gamma": 5.0}
     return TrainConfig().replace(
         data={"source": args.data},
-        model={"preset": args.preset, "class_conditional": True},
+        model={"preset": args.preset, "class_conditional": True,
+               "overrides": json.loads(getattr(args, "model_overrides", "{}"))},
         diffusion=diffusion,
         optim={"lr": args.lr, "batch_size": args.batch_size, "warmup_steps": 200,
                "lr_schedule": getattr(args, "lr_schedule", "constant")},
         ema=ema_config(args),
         run={"output_dir": str(out / "train"), "max_steps": max_steps, "max_minutes": max_minutes, "seed": args.seed,
-             "checkpoint_every": 1000, "log_every": 50, "tensorboard": False},
+             "mixed_precision": getattr(args, "mixed_precision", "auto"), "checkpoint_every": 1000, "log_every": 50,
+             "tensorboard": False},
     )  # fmt: skip
 
 

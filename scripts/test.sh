@@ -4,4 +4,4 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
 ruff check .
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"   # the 15 slowest tests are listed: the suite has a ~5-minute budget

@@ -27,6 +27,7 @@ from diffusekit.cli.demo_common import (
 from diffusekit.cli.train_common import add_former_spellings, set_cpu_threads, show_option_rules
 from diffusekit.cli.train_common import check_options as check_option_rules
 from diffusekit.errors import ConfigError
+from diffusekit.training.config import LR_SCHEDULES
 
 DESCRIPTION = """\
 The main job, end to end on a CPU: trains a class-conditional U-Net (the mnist-small preset, ~1M
@@ -86,6 +87,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="train on the first N of the 20,000 bundled digits (default: all of them)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="training batch (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, metavar="LR", help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="learning rate after the 200 warmup steps: constant (default), or cosine / linear decay "
+                        "to 0 at the last step")  # fmt: skip
     p.add_argument("--preconditioning", choices=("edm", "none"), metavar="{edm,none}",
                    help="edm (the pixel demo's default): Karras et al. 2022's preconditioning, log-normal noise "
                         "levels and loss weighting, sampled with Heun on their noise grid; none (the latent demo's): "
