@@ -17,7 +17,8 @@ runs; the report says which one was used.
     python benchmarks/quality_curve.py --budgets 10,30 --steps-per-second 2.3 --output-dir runs/curve_edm
     python benchmarks/quality_curve.py --evaluate runs/curve_edm --samplers heun:10,dpmpp_2m:20 --samples 1000
 
-``--samplers`` entries are NAME:STEPS (``heun:18`` is 35 network evaluations, the others one per step).
+``--samplers`` entries are NAME:STEPS (``heun:18`` is 35 network evaluations, the others one per step), or
+``heun:STEPS:S_CHURN`` for Heun's stochastic sampler (Karras et al. 2022, Alg. 2).
 
 With ``--ema-kind power`` the run tracks EDM2's power-function EMA (Karras et al. 2024, sec. 3.1) at
 ``--sigma-rels`` and snapshots it at every budget; ``--evaluate ... --posthoc-sigma-rels 0.02,0.05,0.1`` then
@@ -42,6 +43,10 @@ from diffusekit.training.config import LR_SCHEDULES, TrainConfig
 from diffusekit.training.power_ema import SNAPSHOT_DIR, list_snapshots, reconstruct
 from diffusekit.training.trainer import Trainer
 
+#: Heun's churn (Karras et al. 2022, Alg. 2) acts on sigma in [0.01, 1] with S_noise 1.007, their CIFAR-10
+#: settings (Table 5; S_churn 30 there); ``--samplers heun:18:S`` sets S_churn = S.
+CHURN_RANGE = {"s_tmin": 0.01, "s_tmax": 1.0, "s_noise": 1.007}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budgets", default="10,30", help="training budgets in minutes, comma-separated")
     p.add_argument("--steps-per-second", type=float, help="turn each budget into steps at this (idle) rate")
     p.add_argument("--probe", type=float, metavar="SECONDS", help="only measure the training rate for SECONDS")
-    p.add_argument("--samplers", default=None, help="NAME:STEPS,... (default heun:18 for edm, ddim:50 otherwise)")
+    p.add_argument("--samplers", default=None, help="NAME:STEPS[:S_CHURN],... (default heun:18 for edm, ddim:50 "
+                   "otherwise; S_CHURN: Heun's stochastic variant)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 2 for edm, 1 otherwise)")
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--evaluate", metavar="OUTPUT_DIR", help="only sample and score the models a run kept")
@@ -193,13 +199,15 @@ def evaluate(args: argparse.Namespace, out: Path) -> None:
             trainer.ema.load_state_dict(state)
             ema_tag = f"-ema{length:g}"
         for spec in samplers.split(","):
-            name, steps = spec.split(":")
+            name, steps, churn = (spec + ":0").split(":")[:3]
             nfe = 2 * int(steps) - 1 if name == "heun" else int(steps)
-            tag = f"{k['budget_minutes']:g}min{ema_tag}-{name}{steps}-g{guidance:g}-n{args.samples}"
+            churn_tag = f"-churn{float(churn):g}" if float(churn) else ""
+            tag = f"{k['budget_minutes']:g}min{ema_tag}-{name}{steps}{churn_tag}-g{guidance:g}-n{args.samples}"
+            options = {"s_churn": float(churn), **CHURN_RANGE} if float(churn) else None
             t0 = time.perf_counter()
             fake = torch.cat([
                 trainer.sample(n, steps=int(steps), seed=args.seed + 1 + i, class_labels=labels[i : i + n],
-                               guidance_scale=guidance, sampler=name)
+                               guidance_scale=guidance, sampler=name, sampler_options=options)
                 for i, n in chunks
             ])  # fmt: skip
             sample_seconds = time.perf_counter() - t0
@@ -214,7 +222,7 @@ def evaluate(args: argparse.Namespace, out: Path) -> None:
                    "class_accuracy": round(class_accuracy, 4), "classifier_test_accuracy": classifier_test_accuracy,
                    "sample_seconds": round(sample_seconds, 1), "feature_seconds": round(time.perf_counter() - t0, 1),
                    "stats_seconds": round(stats_seconds, 1), "eval_machine": machine(), "tag": tag,
-                   "posthoc_sigma_rel": length,
+                   "posthoc_sigma_rel": length, "s_churn": float(churn),
                    "posthoc_profile_error": None if profile_error is None else round(profile_error, 4)}  # fmt: skip
             results = [r for r in results if r.get("tag") != tag] + [row]
             results_path.write_text(json.dumps(results, indent=1) + "\n")

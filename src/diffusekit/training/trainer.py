@@ -141,14 +141,18 @@ class Trainer(TrainingLoop):
         guidance_scale: float = 1.0,
         use_ema: bool = True,
         sampler: str = "ddim",
+        sampler_options: dict[str, Any] | None = None,
     ) -> Tensor:
         """n images (n, C, H, W) in [0, 1] from the EMA (or raw) weights with ``sampler`` (default DDIM, Song
-        et al. 2021; with the EDM preconditioning every sampler runs on the Karras et al. 2022 grid)."""
+        et al. 2021; with the EDM preconditioning every sampler runs on the Karras et al. 2022 grid).
+        ``sampler_options``: other SamplerConfig fields, e.g. Heun's churn (``s_churn``, Karras et al. 2022,
+        Alg. 2)."""
         from diffusekit.pipelines.unconditional import UnconditionalPipeline
 
         net = self.ema if use_ema else self.model
         was_training = net.training
-        pipe = UnconditionalPipeline(net.eval(), sampler_config(self.config.diffusion, sampler))
+        config = sampler_config(self.config.diffusion, sampler).with_sampler(sampler, **(sampler_options or {}))
+        pipe = UnconditionalPipeline(net.eval(), config)
         out = pipe(
             n,
             steps=steps or self.config.run.sample_steps,
