@@ -199,11 +199,12 @@ def evaluate(args: argparse.Namespace, out: Path) -> None:
             trainer.ema.load_state_dict(state)
             ema_tag = f"-ema{length:g}"
         for spec in samplers.split(","):
-            name, steps, churn = (spec + ":0").split(":")[:3]
+            name, steps, *rest = spec.split(":")
+            churn = float(rest[0]) if rest else 0.0
             nfe = 2 * int(steps) - 1 if name == "heun" else int(steps)
-            churn_tag = f"-churn{float(churn):g}" if float(churn) else ""
+            churn_tag = f"-churn{churn:g}" if churn else ""
             tag = f"{k['budget_minutes']:g}min{ema_tag}-{name}{steps}{churn_tag}-g{guidance:g}-n{args.samples}"
-            options = {"s_churn": float(churn), **CHURN_RANGE} if float(churn) else None
+            options = {"s_churn": churn, **CHURN_RANGE} if churn else None
             t0 = time.perf_counter()
             fake = torch.cat([
                 trainer.sample(n, steps=int(steps), seed=args.seed + 1 + i, class_labels=labels[i : i + n],
@@ -222,7 +223,7 @@ def evaluate(args: argparse.Namespace, out: Path) -> None:
                    "class_accuracy": round(class_accuracy, 4), "classifier_test_accuracy": classifier_test_accuracy,
                    "sample_seconds": round(sample_seconds, 1), "feature_seconds": round(time.perf_counter() - t0, 1),
                    "stats_seconds": round(stats_seconds, 1), "eval_machine": machine(), "tag": tag,
-                   "posthoc_sigma_rel": length, "s_churn": float(churn),
+                   "posthoc_sigma_rel": length, "s_churn": churn,
                    "posthoc_profile_error": None if profile_error is None else round(profile_error, 4)}  # fmt: skip
             results = [r for r in results if r.get("tag") != tag] + [row]
             results_path.write_text(json.dumps(results, indent=1) + "\n")

@@ -89,7 +89,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--lr", type=float, default=1e-3, metavar="LR", help="AdamW learning rate (default 1e-3)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                    help="learning rate after the 200 warmup steps: constant (default), or cosine / linear decay "
-                        "to 0 at the last step")  # fmt: skip
+                        "to 0 at --steps (a run stopped earlier by --max-minutes ends above 0)")  # fmt: skip
     p.add_argument("--preconditioning", choices=("edm", "none"), metavar="{edm,none}",
                    help="edm (the pixel demo's default): Karras et al. 2022's preconditioning, log-normal noise "
                         "levels and loss weighting, sampled with Heun on their noise grid; none (the latent demo's): "

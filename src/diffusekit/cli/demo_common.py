@@ -124,7 +124,7 @@ def unet_sections(args: argparse.Namespace, run_dir: Path) -> dict[str, dict[str
         else {"label_dropout": 0.1, "min_snr_gamma": args.min_snr_gamma or None,
               "prediction_type": args.prediction_type},
         "optim": {"lr": args.lr, "batch_size": args.batch_size, "warmup_steps": 200,
-                  "lr_schedule": getattr(args, "lr_schedule", "constant")},
+                  "lr_schedule": args.lr_schedule},
         "ema": {"decay": 0.999},
         "run": {"output_dir": str(run_dir), "max_steps": args.steps, "max_minutes": args.max_minutes,
                 "seed": args.seed, "checkpoint_every": 500, "log_every": 10, "progress": not args.no_progress,
