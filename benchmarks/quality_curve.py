@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samplers", default=None, help="NAME:STEPS[:S_CHURN],... (default heun:18 for edm, ddim:50 "
                    "otherwise; S_CHURN: Heun's stochastic variant)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 2 for edm, 1 otherwise)")
+    p.add_argument("--guidance-interval", metavar="LO,HI", help="guide only at noise levels LO < sigma <= HI "
+                   "(Kynkaanniemi et al. 2024); default: every level")
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--evaluate", metavar="OUTPUT_DIR", help="only sample and score the models a run kept")
     p.add_argument("--only-budgets", help="with --evaluate: score only the models of these budgets (minutes)")
@@ -172,6 +174,8 @@ def evaluate(args: argparse.Namespace, out: Path) -> None:
     edm = settings.preconditioning == "edm"
     samplers = args.samplers or ("heun:18" if edm else "ddim:50")
     guidance = args.guidance if args.guidance is not None else (2.0 if edm else 1.0)
+    interval = tuple(float(v) for v in args.guidance_interval.split(",")) if args.guidance_interval else None
+    interval_tag = f"-gi{interval[0]:g}-{interval[1]:g}" if interval else ""
     trainer = Trainer(train_config(settings, out / "eval-scratch", 1, None))
     extractor = InceptionFeatures()
     t0 = time.perf_counter()
@@ -203,12 +207,14 @@ def evaluate(args: argparse.Namespace, out: Path) -> None:
             churn = float(rest[0]) if rest else 0.0
             nfe = 2 * int(steps) - 1 if name == "heun" else int(steps)
             churn_tag = f"-churn{churn:g}" if churn else ""
-            tag = f"{k['budget_minutes']:g}min{ema_tag}-{name}{steps}{churn_tag}-g{guidance:g}-n{args.samples}"
+            tag = (f"{k['budget_minutes']:g}min{ema_tag}-{name}{steps}{churn_tag}-g{guidance:g}{interval_tag}"
+                   f"-n{args.samples}")
             options = {"s_churn": churn, **CHURN_RANGE} if churn else None
             t0 = time.perf_counter()
             fake = torch.cat([
                 trainer.sample(n, steps=int(steps), seed=args.seed + 1 + i, class_labels=labels[i : i + n],
-                               guidance_scale=guidance, sampler=name, sampler_options=options)
+                               guidance_scale=guidance, guidance_interval=interval, sampler=name,
+                               sampler_options=options)
                 for i, n in chunks
             ])  # fmt: skip
             sample_seconds = time.perf_counter() - t0
@@ -219,6 +225,7 @@ def evaluate(args: argparse.Namespace, out: Path) -> None:
             t0 = time.perf_counter()
             fid = fid_from_stats(extractor.stats(tensor_batches(fake), len(fake), "features of samples"), test)
             row = {**k, "sampler": name, "sampler_steps": int(steps), "nfe": nfe, "guidance": guidance,
+                   "guidance_interval": interval,
                    "samples": args.samples, "fid": round(fid, 2), "fid_floor_real_train": round(floor, 2),
                    "class_accuracy": round(class_accuracy, 4), "classifier_test_accuracy": classifier_test_accuracy,
                    "sample_seconds": round(sample_seconds, 1), "feature_seconds": round(time.perf_counter() - t0, 1),

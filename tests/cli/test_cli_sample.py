@@ -64,6 +64,10 @@ def one_line_error(code: int, err: str, *needles: str) -> None:
         (["--guidance", "inf", "--class", "1"], ["--guidance", "finite", "1000"]),
         (["--guidance", "nan"], ["--guidance"]),
         (["--eta", "nan"], ["--eta", "[0.0, 1.0]"]),
+        (["--guidance", "2", "--guidance-interval", "5,1"], ["--guidance-interval", "0 <= LO < HI"]),
+        (["--guidance", "2", "--guidance-interval", "1"], ["--guidance-interval", "LO,HI"]),
+        (["--guidance", "2", "--guidance-interval", "a,b"], ["--guidance-interval", "LO,HI"]),
+        (["--guidance-interval", "0.3,5"], ["--guidance-interval", "--guidance is 1"]),
         (["--steps", "0"], ["--steps", "[1, 1000]"]),
         (["--nrow", "0"], ["--nrow"]),
         (["--batch-size", "0"], ["--batch-size"]),
@@ -123,6 +127,16 @@ def test_out_x_jpg_is_a_jpeg(model, tmp_path, capsys):
         assert im.format == "JPEG"
         settings = json.loads(json.loads(im.info["comment"])["diffusekit"])
     assert settings["class_labels"] == [3, 3]
+
+
+def test_the_guidance_interval_is_recorded_in_the_png(model, tmp_path, capsys):
+    out = tmp_path / "g.png"
+    code, err = cli(sample(model, "--out", str(out), "--class", "3", "--guidance", "2", "--guidance-interval",
+                           "0.5,inf"), capsys)  # fmt: skip
+    assert code == 0, err
+    with Image.open(out) as im:
+        settings = json.loads(im.text["diffusekit"])
+    assert settings["guidance_interval"] == [0.5, None] and settings["guidance_scale"] == 2.0
 
 
 def test_a_read_only_output_folder_is_found_before_sampling(model, tmp_path, monkeypatch, capsys):

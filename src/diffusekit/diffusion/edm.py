@@ -47,6 +47,11 @@ def edm_scalings(sigma: Tensor, sigma_data: float = SIGMA_DATA) -> EDMScalings:
     return EDMScalings(sigma_data**2 / total, sigma * sigma_data / total.sqrt(), total.rsqrt(), sigma.log() / 4)
 
 
+def sigma_of_c_noise(c_noise: Tensor) -> Tensor:
+    """The noise level whose c_noise (Table 1: ln(sigma) / 4) the network was given: sigma = exp(4 c_noise)."""
+    return (4 * c_noise.double()).exp()
+
+
 def edm_loss_weight(sigma: Tensor, sigma_data: float = SIGMA_DATA) -> Tensor:
     """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out^2 (Table 1, eq. 8): the weight
     of ||D(y + sigma n; sigma) - y||^2 that gives the network's own target unit weight at every sigma."""

@@ -20,7 +20,7 @@ from diffusekit.pipelines.denoise import denoise, grid_for, sampler_for
 from diffusekit.runtime.policy import Plan, prepare
 from diffusekit.samplers.common import StepInfo
 from diffusekit.samplers.config import SamplerConfig
-from diffusekit.samplers.guidance import guided
+from diffusekit.samplers.guidance import guided, interval_gate
 
 
 class UnconditionalPipeline:
@@ -54,6 +54,7 @@ class UnconditionalPipeline:
         generator: GeneratorArg = None,
         class_labels: Sequence[int] | Tensor | None = None,
         guidance_scale: float = 1.0,
+        guidance_interval: Sequence[float] | None = None,
         latents: Tensor | None = None,
         callback: Callable[[StepInfo], None] | None = None,
         show_progress: bool = True,
@@ -62,7 +63,9 @@ class UnconditionalPipeline:
 
         ``sampler`` overrides the configured one by name (ddpm, ddim, euler, euler_ancestral, dpmpp_2m,
         pndm); ``generator`` is a torch.Generator for the whole batch or one per image; ``latents`` gives
-        the initial noise explicitly (before scaling by the grid's initial sigma).
+        the initial noise explicitly (before scaling by the grid's initial sigma). ``guidance_interval``
+        (lo, hi) applies the guidance only at noise levels lo < sigma <= hi (Kynkäänniemi et al. 2024; sigma as in
+        Karras et al. 2022), the other steps evaluate the conditional model alone.
         """
         check_positive_int("n", n)
         config = sampler_for(self.sampler_config, sampler, eta)
@@ -76,11 +79,12 @@ class UnconditionalPipeline:
             latents = draw(shape, generator, dtype, device)
         elif latents.shape != shape:
             raise ConfigError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        model = self._model(n, class_labels, guidance_scale, device)
+        gate = interval_gate(config.sigma_at, guidance_interval)
+        model = self._model(n, class_labels, guidance_scale, device, gate)
         x = latents * grid.init_noise_sigma
         return denoise(self.codec, config, model, x, grid, generator, callback, show_progress).images
 
-    def _model(self, n: int, class_labels, guidance_scale: float, device: torch.device):
+    def _model(self, n: int, class_labels, guidance_scale: float, device: torch.device, gate=None):
         num_classes = self.unet.config.num_classes
         if num_classes is None:
             if class_labels is not None:
@@ -96,7 +100,7 @@ class UnconditionalPipeline:
         if labels.numel() != n or (labels < 0).any() or (labels >= num_classes).any():
             raise ConfigError(f"class_labels must be {n} ids in [0, {num_classes - 1}], got {labels.tolist()}")
         null = torch.full_like(labels, num_classes - 1)
-        return guided(self.unet, guidance_scale, {"class_labels": null}, {"class_labels": labels})
+        return guided(self.unet, guidance_scale, {"class_labels": null}, {"class_labels": labels}, gate=gate)
 
 
 def _device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:

@@ -15,7 +15,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusekit.diffusion.edm import PRECONDITIONINGS, RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, edm_scalings
+from diffusekit.diffusion.edm import (
+    PRECONDITIONINGS,
+    RHO,
+    SIGMA_DATA,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    edm_scalings,
+    sigma_of_c_noise,
+)
 from diffusekit.diffusion.grids import (
     SPACINGS,
     Grid,
@@ -150,6 +158,15 @@ class SamplerConfig:
         if self.zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
         return NoiseSchedule.from_betas(betas, float32_cumprod=self.reference_rules)
+
+    def sigma_at(self, t: Tensor | float) -> float:
+        """The noise level sigma (the variance-exploding one of Karras et al. 2022, eq. 5) at network time ``t``:
+        with the EDM preconditioning t is c_noise = ln(sigma) / 4, otherwise a (fractional) training timestep of
+        the schedule, sigma_t = sqrt((1 - abar_t) / abar_t)."""
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)[:1].cpu()
+        if self.preconditioning == "edm":
+            return float(sigma_of_c_noise(t)[0])
+        return float(interpolate_sigma(self.schedule(), t)[0])
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -139,6 +139,7 @@ class Trainer(TrainingLoop):
         seed: int = 0,
         class_labels: Tensor | None = None,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
         use_ema: bool = True,
         sampler: str = "ddim",
         sampler_options: dict[str, Any] | None = None,
@@ -146,7 +147,8 @@ class Trainer(TrainingLoop):
         """n images (n, C, H, W) in [0, 1] from the EMA (or raw) weights with ``sampler`` (default DDIM, Song
         et al. 2021; with the EDM preconditioning every sampler runs on the Karras et al. 2022 grid).
         ``sampler_options``: other SamplerConfig fields, e.g. Heun's churn (``s_churn``, Karras et al. 2022,
-        Alg. 2)."""
+        Alg. 2); ``guidance_interval``: the noise levels (lo, hi] where the guidance applies (Kynkäänniemi et
+        al. 2024; default: all)."""
         from diffusekit.pipelines.unconditional import UnconditionalPipeline
 
         net = self.ema if use_ema else self.model
@@ -159,6 +161,7 @@ class Trainer(TrainingLoop):
             generator=torch.Generator().manual_seed(seed),
             class_labels=class_labels,
             guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
             show_progress=False,
         )
         net.train(was_training)
