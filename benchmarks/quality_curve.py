@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(Kynkaanniemi et al. 2024); default: every level")
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--evaluate", metavar="OUTPUT_DIR", help="only sample and score the models a run kept")
+    p.add_argument("--train-only", action="store_true", help="train and keep the models; score them later with "
+                   "--evaluate")
     p.add_argument("--only-budgets", help="with --evaluate: score only the models of these budgets (minutes)")
     p.add_argument("--output-dir", default="runs/quality_curve")
     p.add_argument("--cpu-threads", type=int)
@@ -248,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     train(args, out)
-    evaluate(args, out)
+    if not args.train_only:
+        evaluate(args, out)
 
 
 if __name__ == "__main__":
