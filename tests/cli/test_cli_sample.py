@@ -3,6 +3,7 @@ checked before the model loads or anything is generated; outputs are never repla
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 from pathlib import Path
@@ -68,6 +69,8 @@ def one_line_error(code: int, err: str, *needles: str) -> None:
         (["--guidance", "2", "--guidance-interval", "1"], ["--guidance-interval", "LO,HI"]),
         (["--guidance", "2", "--guidance-interval", "a,b"], ["--guidance-interval", "LO,HI"]),
         (["--guidance-interval", "0.3,5"], ["--guidance-interval", "--guidance is 1"]),
+        (["--guide-model", "x"], ["--guide-model", "--guidance, which is 1"]),
+        (["--guidance", "2", "--guide-model", "missing"], ["model not found: missing"]),
         (["--steps", "0"], ["--steps", "[1, 1000]"]),
         (["--nrow", "0"], ["--nrow"]),
         (["--batch-size", "0"], ["--batch-size"]),
@@ -137,6 +140,33 @@ def test_the_guidance_interval_is_recorded_in_the_png(model, tmp_path, capsys):
     with Image.open(out) as im:
         settings = json.loads(im.text["diffusekit"])
     assert settings["guidance_interval"] == [0.5, None] and settings["guidance_scale"] == 2.0
+
+
+def test_autoguidance_with_a_guide_model_and_a_guide_of_another_model(model, tmp_path, capsys):
+    from diffusekit.networks.unet import UNet, UNetConfig
+    from diffusekit.pipelines.unconditional import UnconditionalPipeline, save_pipeline
+    from diffusekit.samplers.config import SamplerConfig
+
+    out = tmp_path / "a.png"
+    code, err = cli(sample(model, "--out", str(out), "--guidance", "2", "--guide-model", str(model)), capsys)
+    assert code == 0, err
+    with Image.open(out) as im:
+        assert json.loads(im.text["diffusekit"])["guide_model"] == str(model)
+    other = tmp_path / "other"
+    cfg = UNetConfig(in_channels=1, out_channels=1, channels=(8, 8), layers_per_block=1,
+                     attention_levels=(False, False), mid_attention=False, num_heads=(1, 1), num_classes=5,
+                     norm_groups=4, sample_size=8)  # fmt: skip
+    save_pipeline(UnconditionalPipeline(UNet(cfg), SamplerConfig()), other)
+    code, err = cli(sample(model, "--out", str(tmp_path / "b.png"), "--guidance", "2", "--guide-model", str(other)),
+                    capsys)  # fmt: skip
+    one_line_error(code, err, "--guide-model", "num_classes is 5, the model's is 11")
+    assert not (tmp_path / "b.png").exists()
+    same_shapes = UNet(dataclasses.replace(cfg, num_classes=11))
+    save_pipeline(UnconditionalPipeline(same_shapes, SamplerConfig(preconditioning="edm", sampler="heun")),
+                  tmp_path / "edm")  # fmt: skip
+    code, err = cli(sample(model, "--out", str(tmp_path / "c.png"), "--guidance", "2", "--guide-model",
+                           str(tmp_path / "edm")), capsys)  # fmt: skip
+    one_line_error(code, err, "--guide-model", "preconditioning is 'edm', the model's is 'none'")
 
 
 def test_a_read_only_output_folder_is_found_before_sampling(model, tmp_path, monkeypatch, capsys):

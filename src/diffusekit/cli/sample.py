@@ -23,6 +23,8 @@ checkpoints (EMA weights unless --raw-weights).
 Class-conditional models take --class (one id, or one per image); without it they sample unconditionally
 with the "no class" id. --guidance S > 1 applies classifier-free guidance (Ho & Salimans 2022):
 eps = eps_uncond + S (eps_cond - eps_uncond); --guidance-interval limits it to a range of noise levels.
+--guide-model G guides with a weaker version of the model instead (autoguidance, Karras et al. 2024:
+eps = eps_G + S (eps - eps_G)): an early EMA of the same run, as `diffusekit ema-reconstruct` writes.
 The PNG carries the settings as text metadata."""
 
 EPILOG = """\
@@ -30,6 +32,8 @@ examples:
   diffusekit sample runs/demo/model --n 64 --out grid.png
   diffusekit sample runs/demo --class 7 --guidance 3 --n 16 --sampler ddpm --steps 1000 --out sevens.png
   diffusekit sample runs/demo --guidance 3 --guidance-interval 0.28,5 --class 0 1 2 3 4 5 6 7 8 9 --n 10
+  diffusekit ema-reconstruct runs/mnist --sigma-rel 0.05 --step 3000 --out runs/mnist/guide
+  diffusekit sample runs/mnist --guide-model runs/mnist/guide --guidance 2 --n 64 --out autoguided.png
   diffusekit sample runs/demo/model --n 8 --out grid.jpg --out-dir singles/"""
 
 MAX_IMAGES = 100_000  # --n
@@ -68,6 +72,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="apply the guidance only at noise levels LO < sigma <= HI (Kynkaanniemi et al. 2024: guidance "
                         "at high noise costs diversity, at low noise it does little); sigma is the EDM noise level "
                         "(0.002-80 on an EDM model's grid). Default: at every step")
+    p.add_argument("--guide-model", metavar="MODEL",
+                   help="autoguidance (Karras et al. 2024): a weaker version of MODEL (an earlier EMA of its run, e.g. "
+                        "from `diffusekit ema-reconstruct RUN --step N`) to guide away from; --guidance S is then the "
+                        "autoguidance weight (out = guide + S (model - guide)), for class-conditional and "
+                        "unconditional models alike")
     p.add_argument("--seed", type=int, default=0, metavar="N",
                    help=f"image i uses seed N + i, N in [0, {MAX_SEED}] (default 0)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64, metavar="N",
@@ -121,6 +130,9 @@ def check_options(args: argparse.Namespace) -> list[int] | None:
     check_float("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
     if args.guidance_interval is not None and args.guidance == 1.0:
         raise ConfigError("--guidance-interval limits the guidance, but --guidance is 1 (none): give --guidance S")
+    if args.guide_model is not None and args.guidance == 1.0:
+        raise ConfigError("--guide-model guides with the weight --guidance, which is 1 (no guidance): give "
+                          "--guidance S, e.g. 2")  # fmt: skip
     if args.sampler is not None:
         args.sampler = check_sampler("--sampler", args.sampler)
     labels = args.class_labels
@@ -141,10 +153,10 @@ def check_model(args: argparse.Namespace, pipe, labels: list[int] | None) -> Non
     if num_classes is None:
         if labels is not None:
             raise ConfigError(f"--class: {args.model} is not a class-conditional model")
-        if args.guidance != 1.0:
-            raise ConfigError(f"--guidance needs a class-conditional model; {args.model} has no classes "
-                              "(leave it at 1)")  # fmt: skip
-        if args.guidance_interval is not None:
+        if args.guidance != 1.0 and args.guide_model is None:
+            raise ConfigError(f"--guidance needs a class-conditional model or --guide-model; {args.model} has no "
+                              "classes (leave it at 1)")  # fmt: skip
+        if args.guidance_interval is not None and args.guide_model is None:
             raise ConfigError(f"--guidance-interval needs a class-conditional model; {args.model} has no classes")
     elif labels is not None and max(labels) >= num_classes:
         raise ConfigError(f"--class ids of {args.model} are in [0, {num_classes - 1}], got {max(labels)}")
@@ -153,6 +165,25 @@ def check_model(args: argparse.Namespace, pipe, labels: list[int] | None) -> Non
         raise ConfigError(f"--steps must be at most {train_steps} (the model's training steps), got {args.steps}")
     size = pipe.image_size  # pixels: a latent model's samples are decoded to the VAE's size
     check_grid_size(args.n, size, size, args.nrow, scale=args.scale, where="--n/--nrow/--scale")
+
+
+def load_guide(path: str, pipe, device):
+    """The --guide-model U-Net, refused unless its outputs can be mixed with the model's: the same
+    preconditioning, prediction type and shapes (Karras et al. 2024 guide with a version of the same model)."""
+    from diffusekit.pipelines.unconditional import check_guide
+    from diffusekit.training.export import load_for_sampling
+
+    guide = load_for_sampling(path, device=device)
+    mine, theirs = pipe.sampler_config, guide.sampler_config
+    for name in ("preconditioning", "prediction_type", "sigma_data"):
+        if getattr(mine, name) != getattr(theirs, name):
+            raise ConfigError(f"--guide-model {path}: {name} is {getattr(theirs, name)!r}, the model's is "
+                              f"{getattr(mine, name)!r}; a guide must be a version of the same model")  # fmt: skip
+    if pipe.image_size != guide.image_size or type(pipe.codec) is not type(guide.codec):
+        raise ConfigError(f"--guide-model {path}: makes {guide.image_size}px images in another space than the "
+                          f"model's {pipe.image_size}px; a guide must be a version of the same model")  # fmt: skip
+    check_guide(pipe.unet, guide.unet, f"--guide-model {path}")
+    return guide.unet
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
         if args.sampler is None:  # the model's own for EDM models (Karras et al. 2022 Alg. 1), else DDIM
             args.sampler = "heun" if pipe.sampler_config.preconditioning == "edm" else "ddim"
         check_model(args, pipe, labels)
+        guide = None if args.guide_model is None else load_guide(args.guide_model, pipe, device)
     except BaseException:
         if writer is not None:
             writer.discard()
@@ -186,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "guidance_scale": args.guidance,
         "guidance_interval": _json_interval(args.guidance_interval),
+        "guide_model": None if args.guide_model is None else str(args.guide_model),
         "class_labels": labels,
         "eta": args.eta,
     }
@@ -202,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
             class_labels=labels[i : i + k] if labels else None,
             guidance_scale=args.guidance,
             guidance_interval=args.guidance_interval,
+            guide=guide,
         )
         if writer is not None:
             for j, img in enumerate(to_pil(images)):

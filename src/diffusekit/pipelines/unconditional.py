@@ -20,7 +20,7 @@ from diffusekit.pipelines.denoise import denoise, grid_for, sampler_for
 from diffusekit.runtime.policy import Plan, prepare
 from diffusekit.samplers.common import StepInfo
 from diffusekit.samplers.config import SamplerConfig
-from diffusekit.samplers.guidance import guided, interval_gate
+from diffusekit.samplers.guidance import autoguided, guided, interval_gate
 
 
 class UnconditionalPipeline:
@@ -55,6 +55,7 @@ class UnconditionalPipeline:
         class_labels: Sequence[int] | Tensor | None = None,
         guidance_scale: float = 1.0,
         guidance_interval: Sequence[float] | None = None,
+        guide: UNet | None = None,
         latents: Tensor | None = None,
         callback: Callable[[StepInfo], None] | None = None,
         show_progress: bool = True,
@@ -65,7 +66,9 @@ class UnconditionalPipeline:
         pndm); ``generator`` is a torch.Generator for the whole batch or one per image; ``latents`` gives
         the initial noise explicitly (before scaling by the grid's initial sigma). ``guidance_interval``
         (lo, hi) applies the guidance only at noise levels lo < sigma <= hi (Kynkäänniemi et al. 2024; sigma as in
-        Karras et al. 2022), the other steps evaluate the conditional model alone.
+        Karras et al. 2022), the other steps evaluate the conditional model alone. ``guide``, a weaker version
+        of this U-Net (e.g. an earlier EMA of its training run), turns ``guidance_scale`` into autoguidance
+        (Karras et al. 2024) instead of classifier-free guidance: class-conditional or not.
         """
         check_positive_int("n", n)
         config = sampler_for(self.sampler_config, sampler, eta)
@@ -80,17 +83,22 @@ class UnconditionalPipeline:
         elif latents.shape != shape:
             raise ConfigError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         gate = interval_gate(config.sigma_at, guidance_interval)
-        model = self._model(n, class_labels, guidance_scale, device, gate)
+        model = self._model(n, class_labels, guidance_scale, device, gate, guide)
         x = latents * grid.init_noise_sigma
         return denoise(self.codec, config, model, x, grid, generator, callback, show_progress).images
 
-    def _model(self, n: int, class_labels, guidance_scale: float, device: torch.device, gate=None):
+    def _model(self, n: int, class_labels, guidance_scale: float, device: torch.device, gate=None, guide=None):
         num_classes = self.unet.config.num_classes
+        if guide is not None:
+            check_guide(self.unet, guide)
         if num_classes is None:
             if class_labels is not None:
                 raise ConfigError("class_labels given, but this model is not class-conditional")
+            if guide is not None:
+                return autoguided(self.unet, guide, guidance_scale, {}, gate=gate)
             if guidance_scale != 1.0:
-                raise ConfigError("guidance_scale needs a class-conditional model (this one has no classes)")
+                raise ConfigError("guidance_scale needs a class-conditional model (this one has no classes) or a "
+                                  "guide model (autoguidance)")  # fmt: skip
             return self.unet
         if class_labels is None:
             class_labels = torch.full((n,), num_classes - 1)  # the "no class" label
@@ -99,8 +107,20 @@ class UnconditionalPipeline:
             labels = labels.expand(n)
         if labels.numel() != n or (labels < 0).any() or (labels >= num_classes).any():
             raise ConfigError(f"class_labels must be {n} ids in [0, {num_classes - 1}], got {labels.tolist()}")
+        if guide is not None:
+            return autoguided(self.unet, guide, guidance_scale, {"class_labels": labels}, gate=gate)
         null = torch.full_like(labels, num_classes - 1)
         return guided(self.unet, guidance_scale, {"class_labels": null}, {"class_labels": labels}, gate=gate)
+
+
+def check_guide(unet: UNet, guide: UNet, where: str = "guide model") -> None:
+    """A guiding U-Net must take and make what ``unet`` does: the same channels and the same class table (so
+    that its outputs can be mixed with the model's, Karras et al. 2024 eq. 2)."""
+    for name in ("in_channels", "out_channels", "num_classes"):
+        mine, theirs = getattr(unet.config, name), getattr(guide.config, name)
+        if mine != theirs:
+            raise ConfigError(f"{where}: {name} is {theirs}, the model's is {mine}; a guide must be a version "
+                              "of the same model (e.g. an earlier EMA of its training run)")  # fmt: skip
 
 
 def _device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:

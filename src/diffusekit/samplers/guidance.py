@@ -1,6 +1,7 @@
-"""Classifier-free guidance (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", eq. 6), optionally limited
-to an interval of noise levels (Kynkäänniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample
-and Distribution Quality in Diffusion Models")."""
+"""Guidance: classifier-free (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", eq. 6) and autoguidance
+(Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself", eq. 2), optionally limited to an
+interval of noise levels (Kynkäänniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and
+Distribution Quality in Diffusion Models")."""
 
 from __future__ import annotations
 
@@ -49,9 +50,48 @@ def guided(
         doubled = {k: torch.cat([v, v]) for k, v in extra.items()}
         out = network(torch.cat([x, x]), t, **both, **doubled)  # (2B, ...)
         out_uncond, out_cond = out.chunk(2)
-        return out_uncond + guidance_scale * (out_cond - out_uncond)
+        return _mix(out_uncond, out_cond, guidance_scale)
 
     return model
+
+
+def autoguided(
+    network: Network,
+    guide: Network,
+    guidance_scale: float,
+    cond: dict[str, Tensor],
+    *,
+    gate: Gate | None = None,
+) -> Network:
+    """Autoguidance (Karras et al. 2024, eq. 2): out = out_guide + s (out - out_guide), where ``guide`` is a weaker
+    version of ``network`` with the same conditioning and parametrization (e.g. an earlier EMA of the same
+    training run, sec. 3): extrapolating away from its errors improves the samples without the loss of diversity
+    of classifier-free guidance, and works for unconditional models too. Both networks see ``cond``; mixing their
+    raw outputs is mixing their denoisers, since every parametrization here is affine in the output with
+    coefficients of x and sigma only. ``guidance_scale`` == 1 is ``network`` alone; ``gate`` as in :func:`guided`.
+    """
+    if not guidance_scale >= 0:
+        raise ConfigError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
+
+    def plain(x: Tensor, t: Tensor, **extra: Tensor) -> Tensor:
+        return network(x, t, **cond, **extra)
+
+    if guidance_scale == 1.0:
+        return plain
+
+    def model(x: Tensor, t: Tensor, **extra: Tensor) -> Tensor:
+        out = plain(x, t, **extra)
+        if gate is not None and not gate(t):
+            return out
+        return _mix(guide(x, t, **cond, **extra), out, guidance_scale)
+
+    return model
+
+
+def _mix(weak: Tensor, strong: Tensor, scale: float) -> Tensor:
+    """weak + s (strong - weak): eq. 6 of Ho & Salimans 2022 (weak = unconditional) and eq. 2 of Karras et al.
+    2024 (weak = the guiding model)."""
+    return weak + scale * (strong - weak)
 
 
 def check_guidance_interval(interval: Sequence[float] | None, name: str = "guidance_interval") -> tuple[float, float]:

@@ -140,6 +140,7 @@ class Trainer(TrainingLoop):
         class_labels: Tensor | None = None,
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] | None = None,
+        guide: torch.nn.Module | None = None,
         use_ema: bool = True,
         sampler: str = "ddim",
         sampler_options: dict[str, Any] | None = None,
@@ -148,7 +149,8 @@ class Trainer(TrainingLoop):
         et al. 2021; with the EDM preconditioning every sampler runs on the Karras et al. 2022 grid).
         ``sampler_options``: other SamplerConfig fields, e.g. Heun's churn (``s_churn``, Karras et al. 2022,
         Alg. 2); ``guidance_interval``: the noise levels (lo, hi] where the guidance applies (Kynkäänniemi et
-        al. 2024; default: all)."""
+        al. 2024; default: all); ``guide``: a weaker version of the model (e.g. an earlier EMA of this run) that
+        makes ``guidance_scale`` autoguidance (Karras et al. 2024) instead of classifier-free guidance."""
         from diffusekit.pipelines.unconditional import UnconditionalPipeline
 
         net = self.ema if use_ema else self.model
@@ -162,6 +164,7 @@ class Trainer(TrainingLoop):
             class_labels=class_labels,
             guidance_scale=guidance_scale,
             guidance_interval=guidance_interval,
+            guide=guide,
             show_progress=False,
         )
         net.train(was_training)

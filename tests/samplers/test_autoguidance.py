@@ -1,0 +1,76 @@
+"""Autoguidance (Karras et al. 2024, eq. 2): the mix with the guiding model, the pipeline with and without classes,
+and the guide's compatibility checks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from diffusekit.errors import ConfigError
+from diffusekit.networks.unet import UNet, UNetConfig
+from diffusekit.pipelines.unconditional import UnconditionalPipeline
+from diffusekit.samplers.config import SamplerConfig
+from diffusekit.samplers.guidance import autoguided
+
+
+def test_the_output_extrapolates_from_the_guide_toward_the_model_with_the_same_conditioning():
+    seen = []
+
+    def network(x, t, label):
+        seen.append(("model", label.tolist()))
+        return x * 0 + 3.0
+
+    def guide(x, t, label):
+        seen.append(("guide", label.tolist()))
+        return x * 0 + 1.0
+
+    label = torch.tensor([4, 5])
+    model = autoguided(network, guide, 2.5, {"label": label}, gate=lambda t: float(t) > 0)
+    x = torch.zeros(2, 1)
+    assert torch.equal(model(x, torch.tensor(1.0)), torch.full((2, 1), 6.0))  # 1 + 2.5 (3 - 1)
+    assert torch.equal(model(x, torch.tensor(-1.0)), torch.full((2, 1), 3.0))  # outside the gate: the model alone
+    assert seen == [("model", [4, 5]), ("guide", [4, 5]), ("model", [4, 5])]
+    with pytest.raises(ConfigError, match="guidance_scale"):
+        autoguided(network, guide, float("nan"), {})
+
+
+def unet(num_classes: int | None, seed: int) -> UNet:
+    torch.manual_seed(seed)
+    cfg = UNetConfig(in_channels=1, out_channels=1, channels=(8, 8), layers_per_block=1,
+                     attention_levels=(False, False), mid_attention=False, num_heads=(1, 1), num_classes=num_classes,
+                     norm_groups=4, sample_size=8)  # fmt: skip
+    net = UNet(cfg).eval()
+    with torch.no_grad():  # a fresh U-Net's zero-initialised output layer would make every mix equal
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    return net
+
+
+def draw(pipe, guidance, guide, labels=None):
+    return pipe(2, steps=4, class_labels=labels, guidance_scale=guidance, guide=guide,
+                generator=torch.Generator().manual_seed(3), show_progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("num_classes", [None, 3])
+def test_a_guide_equal_to_the_model_changes_nothing_and_a_weaker_one_does(num_classes):
+    net = unet(num_classes, 0)
+    pipe = UnconditionalPipeline(net, SamplerConfig(sampler="heun", preconditioning="edm"))
+    labels = None if num_classes is None else [0, 1]
+    alone = draw(pipe, 1.0, None, labels)
+    assert torch.equal(draw(pipe, 2.0, copy.deepcopy(net), labels), alone)  # eq. 2 with D_0 = D_1 is D_1
+    weaker = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in weaker.parameters():
+            p.mul_(0.9)
+    guided = draw(pipe, 2.0, weaker, labels)
+    assert not torch.allclose(guided, alone)
+    if num_classes is not None:  # and it is not classifier-free guidance
+        assert not torch.allclose(guided, draw(pipe, 2.0, None, labels))
+
+
+def test_a_guide_of_another_model_is_refused():
+    pipe = UnconditionalPipeline(unet(3, 0), SamplerConfig())
+    with pytest.raises(ConfigError, match="num_classes is 4, the model's is 3"):
+        draw(pipe, 2.0, unet(4, 1), [0, 1])
