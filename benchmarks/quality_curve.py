@@ -28,6 +28,7 @@ scores the average of each of those lengths, reconstructed after training (their
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -73,6 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 2 for edm, 1 otherwise)")
     p.add_argument("--guidance-interval", metavar="LO,HI", help="guide only at noise levels LO < sigma <= HI "
                    "(Kynkaanniemi et al. 2024); default: every level")
+    p.add_argument("--guide-step", type=int, metavar="N", help="autoguidance (Karras et al. 2024): guide with the "
+                   "power-EMA reconstruction of the same run at optimizer step N (a power-EMA run); --guidance is "
+                   "its weight")
+    p.add_argument("--guide-sigma-rel", type=float, default=0.05, help="the guide's EMA length (default 0.05)")
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--evaluate", metavar="OUTPUT_DIR", help="only sample and score the models a run kept")
     p.add_argument("--train-only", action="store_true", help="train and keep the models; score them later with "
@@ -179,6 +184,13 @@ def evaluate(args: argparse.Namespace, out: Path) -> None:
     interval = tuple(float(v) for v in args.guidance_interval.split(",")) if args.guidance_interval else None
     interval_tag = f"-gi{interval[0]:g}-{interval[1]:g}" if interval else ""
     trainer = Trainer(train_config(settings, out / "eval-scratch", 1, None))
+    guide, guide_tag = None, ""
+    if args.guide_step:
+        guide = copy.deepcopy(trainer.ema)
+        state, error = reconstruct(list_snapshots(out / "train" / SNAPSHOT_DIR), args.guide_sigma_rel, args.guide_step)
+        guide.load_state_dict(state)
+        guide_tag = f"-ag{args.guide_step}s{args.guide_sigma_rel:g}"
+        print(f"guide: EMA sigma_rel {args.guide_sigma_rel:g} at step {args.guide_step} (profile error {error:.4f})")
     extractor = InceptionFeatures()
     t0 = time.perf_counter()
     test = dataset_stats(settings.data, "test", extractor)
@@ -210,12 +222,12 @@ def evaluate(args: argparse.Namespace, out: Path) -> None:
             nfe = 2 * int(steps) - 1 if name == "heun" else int(steps)
             churn_tag = f"-churn{churn:g}" if churn else ""
             tag = (f"{k['budget_minutes']:g}min{ema_tag}-{name}{steps}{churn_tag}-g{guidance:g}{interval_tag}"
-                   f"-n{args.samples}")
+                   f"{guide_tag}-n{args.samples}")
             options = {"s_churn": churn, **CHURN_RANGE} if churn else None
             t0 = time.perf_counter()
             fake = torch.cat([
                 trainer.sample(n, steps=int(steps), seed=args.seed + 1 + i, class_labels=labels[i : i + n],
-                               guidance_scale=guidance, guidance_interval=interval, sampler=name,
+                               guidance_scale=guidance, guidance_interval=interval, guide=guide, sampler=name,
                                sampler_options=options)
                 for i, n in chunks
             ])  # fmt: skip
@@ -227,7 +239,8 @@ def evaluate(args: argparse.Namespace, out: Path) -> None:
             t0 = time.perf_counter()
             fid = fid_from_stats(extractor.stats(tensor_batches(fake), len(fake), "features of samples"), test)
             row = {**k, "sampler": name, "sampler_steps": int(steps), "nfe": nfe, "guidance": guidance,
-                   "guidance_interval": interval,
+                   "guidance_interval": interval, "guide_step": args.guide_step,
+                   "guide_sigma_rel": args.guide_sigma_rel if args.guide_step else None,
                    "samples": args.samples, "fid": round(fid, 2), "fid_floor_real_train": round(floor, 2),
                    "class_accuracy": round(class_accuracy, 4), "classifier_test_accuracy": classifier_test_accuracy,
                    "sample_seconds": round(sample_seconds, 1), "feature_seconds": round(time.perf_counter() - t0, 1),
