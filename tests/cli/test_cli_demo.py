@@ -40,6 +40,7 @@ def cli(argv, capsys):
         (["--grid-rows", "100000"], "--grid-rows must be an integer in [1, 100]"),
         (["--fid-heldout", "0"], "--fid-heldout must be an integer in [2, "),
         (["--steps", "0"], "--steps"),
+        (["--guide-at", "1"], "--guide-at must be a finite number in [0.0, 0.95]"),
     ],
 )
 def test_bad_options_name_the_option_before_training(tmp_path, capsys, no_training, extra, needle):

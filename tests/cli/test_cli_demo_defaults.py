@@ -22,6 +22,7 @@ def test_the_main_job_is_edm_with_heun_and_guidance():
     args = parse()
     assert (args.preconditioning, args.sampler, args.sample_steps) == ("edm", "heun", 18)
     assert args.guidance == 2.0 and args.fid_guidance == 2.0
+    assert args.guide_at == demo.GUIDE_AT > 0  # guided by an early EMA of the run (autoguidance)
     diffusion = demo.demo_config(args).diffusion
     assert diffusion.preconditioning == "edm" and diffusion.min_snr_gamma is None
 
@@ -51,3 +52,9 @@ def test_the_latent_demo_keeps_ddim_and_refuses_another_sampler():
     assert (args.preconditioning, args.sampler) == ("none", "ddim")
     with pytest.raises(ConfigError, match="--sampler applies to the pixel demo only"):
         parse("--latent", "--sampler", "heun")
+
+
+def test_the_guide_option_belongs_to_the_pixel_demo():
+    assert parse("--guide-at", "0").guide_at == 0.0  # classifier-free guidance
+    with pytest.raises(ConfigError, match="--guide-at applies to the pixel demo only"):
+        parse("--latent", "--guide-at", "0.2")

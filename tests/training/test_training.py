@@ -16,6 +16,7 @@ from diffusekit.cli.main import main
 from diffusekit.diffusion.parametrization import x0_from_eps
 from diffusekit.diffusion.schedules import NoiseSchedule
 from diffusekit.errors import CheckpointError, ConfigError
+from diffusekit.io.weights import load_weights
 from diffusekit.training.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -304,14 +305,19 @@ def test_cli_train_then_sample(tmp_path, capsys):
 
 def test_cli_demo_with_a_tiny_budget(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--preset", "test-tiny", "--steps", "2", "--batch-size", "8", "--no-fid", "--grid-rows", "1",
+    assert main(["demo", "--preset", "test-tiny", "--steps", "4", "--batch-size", "8", "--no-fid", "--grid-rows", "1",
                  "--sample-steps", "2", "--output-dir", str(out), "--no-progress"]) == 0  # fmt: skip
     report = json.loads((out / "report.json").read_text())
-    assert report["steps"] == 2
+    assert report["steps"] == 4 and report["guide_step"] == 1  # autoguidance by the EMA of step 0.25 x 4
     with Image.open(out / "samples.png") as im:
         assert im.width > im.height  # one row of ten digits
+        assert json.loads(im.text["diffusekit"])["autoguidance_guide_step"] == 1
     assert (out / "train" / "model" / "model_index.json").is_file()
+    assert (out / "train" / "guide" / "model_index.json").is_file()
     assert "diffusekit demo: results" in capsys.readouterr().out
+    guide = load_weights(out / "train" / "guide" / "unet" / "diffusion_pytorch_model.safetensors")
+    final = load_weights(out / "train" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert guide.keys() == final.keys() and any(not torch.equal(guide[k], final[k]) for k in guide)
 
 
 @pytest.mark.skipif(

@@ -5,6 +5,8 @@ and report FID against the held-out split; with ``--latent`` the latent-diffusio
 from __future__ import annotations
 
 import argparse
+import copy
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 
 from diffusekit.cli.demo_common import (
     GRID_FILE,
+    GUIDE_DIR,
     REPORT_FILE,
     RUN_ENTRIES,
     check_output_dir,
@@ -27,6 +30,7 @@ from diffusekit.cli.demo_common import (
 from diffusekit.cli.train_common import add_former_spellings, set_cpu_threads, show_option_rules
 from diffusekit.cli.train_common import check_options as check_option_rules
 from diffusekit.errors import ConfigError
+from diffusekit.limits import check_float
 from diffusekit.training.config import LR_SCHEDULES
 
 DESCRIPTION = """\
@@ -104,6 +108,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help=f"CFG scale for the grid (default {EDM_GUIDANCE} with edm: clean digits after 800 steps; "
                         "1, no guidance, otherwise: at this short training the classic model's digits distort "
                         "under guidance)")  # fmt: skip
+    p.add_argument("--guide-at", type=float, metavar="F",
+                   help="autoguidance (Karras et al. 2024): keep the EMA of step F x --steps as a weaker version of "
+                        "the model and guide the samples away from it with weight --guidance, instead of "
+                        f"classifier-free guidance (default {GUIDE_AT:g}; 0: classifier-free guidance). The guide is "
+                        "exported to OUTPUT_DIR/train/guide for `diffusekit sample --guide-model`")
     p.add_argument("--sample-steps", type=int, metavar="N",
                    help=f"sampler steps (default {HEUN_STEPS} for heun, i.e. {2 * HEUN_STEPS - 1} network "
                         "evaluations; 50 for the others)")  # fmt: skip
@@ -141,6 +150,7 @@ FORMER_SPELLINGS = {"--train-minutes": "--max-minutes", "--vae-train-minutes": "
 PIXEL_DEFAULTS = {"steps": 800, "preset": "mnist-small", "output_dir": "runs/demo", "preconditioning": "edm"}
 DEMO_SAMPLERS = ("heun", "ddim", "dpmpp_2m", "euler", "ddpm")
 EDM_GUIDANCE = 2.0
+GUIDE_AT = 0.25  # the guide's step as a fraction of --steps
 HEUN_STEPS = 18
 CLASSIC = {"prediction_type": "epsilon", "min_snr_gamma": 5.0}
 
@@ -174,6 +184,10 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         raise ConfigError("--sampler applies to the pixel demo only (the latent demo samples with ddim)")
     if args.sample_steps is None:
         args.sample_steps = HEUN_STEPS if args.sampler == "heun" else 50
+    if args.latent and args.guide_at is not None:
+        raise ConfigError("--guide-at applies to the pixel demo only (the latent demo uses classifier-free guidance)")
+    if args.guide_at is None and not args.latent:
+        args.guide_at = GUIDE_AT
     if args.guidance is None:
         args.guidance = EDM_GUIDANCE if edm else 1.0
     if args.fid_guidance is None:
@@ -189,6 +203,8 @@ def check_options(args: argparse.Namespace) -> None:
     check_option_rules(args)  # the value itself first, then how it combines with the others
     resolve_defaults(args)
     check_shared_options(args)
+    if not args.latent:
+        check_float("--guide-at", args.guide_at, 0.0, 0.95)  # the guide must be an earlier, weaker model
     if args.latent:
         demo_latent.check_latent_options(args)
 
@@ -209,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
         from diffusekit.cli import demo_latent
 
         return demo_latent.run(args)
+    from diffusekit.training.export import export_inference
     from diffusekit.training.trainer import Trainer
 
     out = check_output_dir(args.output_dir, RUNS, (GRID_FILE, REPORT_FILE))
@@ -219,6 +236,15 @@ def run(args: argparse.Namespace) -> int:
     report: dict = {"demo": "pixel", "torch_threads": torch.get_num_threads()}
 
     trainer = Trainer(demo_config(args))
+    guide_step = max(1, round(args.guide_at * args.steps)) if args.guide_at and args.guidance != 1.0 else 0
+    kept: dict[str, torch.nn.Module] = {}
+    if guide_step:
+
+        def keep_guide(trainer: Trainer, step: int) -> None:
+            if step == guide_step:
+                kept["ema"] = copy.deepcopy(trainer.ema)
+
+        trainer.on_step_end = keep_guide
     result = trainer.fit()
     report.update(
         steps=result.step,
@@ -228,12 +254,21 @@ def run(args: argparse.Namespace) -> int:
         model=str(result.export_dir),
     )
 
+    guide = kept.get("ema")
+    if guide is not None:
+        path = export_inference(guide, trainer.config.diffusion, trainer.run_dir / GUIDE_DIR)
+        report.update(guide_step=guide_step, guide=str(path))
+    elif guide_step:
+        print(f"note: training stopped at step {result.step}, before the guide's step {guide_step} (--guide-at "
+              f"{args.guide_at:g}): classifier-free guidance instead", file=sys.stderr)  # fmt: skip
+
     def sample(n: int, seed: int, guidance: float) -> torch.Tensor:
         labels = trainer.preview_labels(n)
         return trainer.sample(n, steps=args.sample_steps, seed=seed, class_labels=labels, guidance_scale=guidance,
-                              sampler=args.sampler)
+                              sampler=args.sampler, guide=guide)
 
-    report.update(grid_of_samples(sample, out, args))
+    guided_by = {"autoguidance_guide_step": guide_step} if guide is not None else {}
+    report.update(grid_of_samples(sample, out, args, guided_by))
     if with_fid:
         report.update(heldout_fid(lambda n, seed: sample(n, seed, args.fid_guidance), args))
     report["total_seconds"] = round(time.perf_counter() - t_all, 1)

@@ -30,7 +30,9 @@ from diffusekit.limits import check_float, check_int
 from diffusekit.training.monitor import check_metrics_file
 
 # what each kind of training run writes into its folder (anything else there is the user's, and never deleted)
-RUN_ENTRIES = frozenset({"checkpoints", "model", "samples", "tensorboard", "metrics.jsonl", "loss_curve.png"})
+GUIDE_DIR = "guide"  # the pixel demo's autoguidance guide, an inference folder beside model/
+RUN_ENTRIES = frozenset({"checkpoints", "model", GUIDE_DIR, "samples", "tensorboard", "metrics.jsonl",
+                         "loss_curve.png"})  # fmt: skip
 LATENT_RUN_ENTRIES = RUN_ENTRIES | {"latents.safetensors"}
 VAE_RUN_ENTRIES = frozenset({"checkpoints", "vae", "samples", "tensorboard", "metrics.jsonl", "loss_curve.png"})
 GRID_FILE = "samples.png"
@@ -133,17 +135,22 @@ def unet_sections(args: argparse.Namespace, run_dir: Path) -> dict[str, dict[str
 
 
 # ----------------------------------------------------------------------------------------------- outputs
-def grid_of_samples(sample: Callable[[int, int, float], Tensor], out: Path, args: argparse.Namespace) -> dict:
+def grid_of_samples(
+    sample: Callable[[int, int, float], Tensor], out: Path, args: argparse.Namespace, extra: dict | None = None
+) -> dict:
     """The --grid-rows x 10 grid of samples (``sample(n, seed, guidance)``, with --sampler), one class per
-    column, as ``samples.png``."""
+    column, as ``samples.png`` (``extra`` settings recorded in its text chunk too)."""
     t0 = time.perf_counter()
     n_grid = 10 * args.grid_rows
     grid = sample(n_grid, args.seed, args.guidance)
     settings = {"sampler": args.sampler, "steps": args.sample_steps, "guidance_scale": args.guidance,
-                "columns": "class 0..9", "seed": args.seed, "demo": "latent" if args.latent else "pixel"}  # fmt: skip
+                "columns": "class 0..9", "seed": args.seed, "demo": "latent" if args.latent else "pixel",
+                **(extra or {})}  # fmt: skip
     path = save_grid(grid, out / GRID_FILE, settings)
-    print(f"wrote {path}: {n_grid} {args.sampler}-{args.sample_steps} samples, one class per column "
-          f"(guidance {args.guidance})", file=sys.stderr)  # fmt: skip
+    kind = "autoguidance" if extra and "autoguidance_guide_step" in extra else "guidance"
+    print(f"wrote {path}: {n_grid} {args.sampler}-{args.sample_steps} samples, one class per column ({kind} "
+          f"{args.guidance})",
+          file=sys.stderr)  # fmt: skip
     return {"grid": str(path), "grid_seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -235,7 +242,8 @@ def print_report(r: dict[str, Any], title: str) -> None:
     if "fid_generated_vs_heldout" in r:
         lines += [
             f"  FID            {r['fid_generated_vs_heldout']:.2f}  generated ({r['fid_samples']} "
-            f"{r['fid_sampler']} samples, guidance {r['fid_guidance']}) vs {r['fid_heldout']} held-out digits",
+            f"{r['fid_sampler']} samples, {'auto' if 'guide' in r else ''}guidance {r['fid_guidance']}) vs "
+            f"{r['fid_heldout']} held-out digits",
             f"                 {r['fid_real_train_vs_heldout']:.2f}  real training digits ({r['fid_samples']}) vs "
             "the same held-out digits (the floor at this sample size)",
         ]
