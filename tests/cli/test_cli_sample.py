@@ -70,7 +70,7 @@ def one_line_error(code: int, err: str, *needles: str) -> None:
         (["--guidance", "2", "--guidance-interval", "a,b"], ["--guidance-interval", "LO,HI"]),
         (["--guidance-interval", "0.3,5"], ["--guidance-interval", "--guidance is 1"]),
         (["--guide-model", "x"], ["--guide-model", "--guidance, which is 1"]),
-        (["--guidance", "2", "--guide-model", "missing"], ["model not found: missing"]),
+        (["--guidance", "2", "--guide-model", "missing"], ["--guide-model: model not found: missing"]),
         (["--steps", "0"], ["--steps", "[1, 1000]"]),
         (["--nrow", "0"], ["--nrow"]),
         (["--batch-size", "0"], ["--batch-size"]),

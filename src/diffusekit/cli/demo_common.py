@@ -250,8 +250,11 @@ def print_report(r: dict[str, Any], title: str) -> None:
         if "fid_reconstructed_train_vs_heldout" in r:
             lines.append(f"                 {r['fid_reconstructed_train_vs_heldout']:.2f}  the same training digits "
                          "through the autoencoder (the floor of the latent model)")  # fmt: skip
+    lines.append(f"  model          {r['model']}  (diffusekit sample {r['model']} --class 3)")
+    if "guide" in r:
+        lines.append(f"  guide          {r['guide']}  (the EMA of step {r['guide_step']}: diffusekit sample "
+                     f"{r['model']} --guide-model {r['guide']} --guidance 2 --class 3)")  # fmt: skip
     lines += [
-        f"  model          {r['model']}  (diffusekit sample {r['model']} --class 3)",
         f"  total time     {r['total_seconds']:.0f} s",
     ]
     print("\n".join(lines))

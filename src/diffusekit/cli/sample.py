@@ -173,7 +173,10 @@ def load_guide(path: str, pipe, device):
     from diffusekit.pipelines.unconditional import check_guide
     from diffusekit.training.export import load_for_sampling
 
-    guide = load_for_sampling(path, device=device)
+    try:
+        guide = load_for_sampling(path, device=device)
+    except ConfigError as e:
+        raise ConfigError(f"--guide-model: {e}") from None
     mine, theirs = pipe.sampler_config, guide.sampler_config
     for name in ("preconditioning", "prediction_type", "sigma_data"):
         if getattr(mine, name) != getattr(theirs, name):
