@@ -38,7 +38,9 @@ The main job, end to end on a CPU: trains a class-conditional U-Net (the mnist-s
 parameters) with the EDM preconditioning (Karras et al. 2022: noise levels drawn log-normally, the network's
 input, output and loss scaled per noise level) on the 20,000-image MNIST subset bundled with diffusekit for
 800 optimizer steps, then samples a 10x10 grid with Heun's 2nd-order sampler on the Karras noise grid (18
-steps, 35 network evaluations) and classifier-free guidance 2 (one digit class per column) and, when the eval
+steps, 35 network evaluations) and autoguidance 2 (Karras et al. 2024: guided away from the EMA of step 200,
+kept as a weaker version of the model; --guide-at 0 for classifier-free guidance), one digit class per column,
+and, when the eval
 extra is installed (pip install 'diffusekit[eval]'), computes the FID of generated digits against the
 held-out split next to the FID of as many real training digits (the floor for that sample size).
 --preconditioning none trains the classic epsilon target with Min-SNR weighting instead (sampled with DDIM,
@@ -105,7 +107,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--sampler", choices=DEMO_SAMPLERS,
                    help="sampler of the grid and the FID samples (default heun with edm, ddim otherwise)")
     p.add_argument("--guidance", type=float, metavar="S",
-                   help=f"CFG scale for the grid (default {EDM_GUIDANCE} with edm: clean digits after 800 steps; "
+                   help=f"guidance weight for the grid: autoguidance (see --guide-at), or classifier-free guidance "
+                        f"with --guide-at 0 (default {EDM_GUIDANCE} with edm; "
                         "1, no guidance, otherwise: at this short training the classic model's digits distort "
                         "under guidance)")  # fmt: skip
     p.add_argument("--guide-at", type=float, metavar="F",
