@@ -68,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--guidance", type=float, default=1.0, metavar="S",
                    help=f"classifier-free guidance scale in [0, {MAX_GUIDANCE:g}] (default 1: no guidance)")
-    p.add_argument("--guidance-interval", metavar="LO,HI", type=_interval,
+    p.add_argument("--guidance-interval", metavar="LO,HI",
                    help="apply the guidance only at noise levels LO < sigma <= HI (Kynkaanniemi et al. 2024: guidance "
                         "at high noise costs diversity, at low noise it does little); sigma is the EDM noise level "
                         "(0.002-80 on an EDM model's grid). Default: at every step")
@@ -98,14 +98,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _interval(text: str) -> tuple[float, float]:
-    """--guidance-interval LO,HI (argparse turns the ConfigError's message into a usage error)."""
+    """--guidance-interval LO,HI as two floats (a ConfigError naming the option otherwise)."""
     from diffusekit.samplers.guidance import check_guidance_interval
 
     parts = text.split(",")
-    try:
-        return check_guidance_interval(parts if len(parts) == 2 else text, "--guidance-interval")
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    return check_guidance_interval(parts if len(parts) == 2 else text, "--guidance-interval")
 
 
 def _json_interval(interval: tuple[float, float] | None) -> list[float | None] | None:
@@ -128,6 +125,8 @@ def check_options(args: argparse.Namespace) -> list[int] | None:
     if args.eta is not None:
         check_float("--eta", args.eta, 0.0, 1.0)
     check_float("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
+    if args.guidance_interval is not None:
+        args.guidance_interval = _interval(args.guidance_interval)
     if args.guidance_interval is not None and args.guidance == 1.0:
         raise ConfigError("--guidance-interval limits the guidance, but --guidance is 1 (none): give --guidance S")
     if args.guide_model is not None and args.guidance == 1.0:
