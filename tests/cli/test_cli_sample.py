@@ -67,6 +67,7 @@ def one_line_error(code: int, err: str, *needles: str) -> None:
         (["--eta", "nan"], ["--eta", "[0.0, 1.0]"]),
         (["--guidance", "2", "--guidance-interval", "5,1"], ["--guidance-interval", "0 <= LO < HI"]),
         (["--guidance", "2", "--guidance-interval", "1"], ["--guidance-interval", "LO,HI"]),
+        (["--guidance", "2", "--guidance-interval", "12"], ["--guidance-interval", "LO,HI"]),  # not 1,2
         (["--guidance", "2", "--guidance-interval", "a,b"], ["--guidance-interval", "LO,HI"]),
         (["--guidance-interval", "0.3,5"], ["--guidance-interval", "--guidance is 1"]),
         (["--guide-model", "x"], ["--guide-model", "--guidance, which is 1"]),

@@ -101,8 +101,7 @@ def _interval(text: str) -> tuple[float, float]:
     """--guidance-interval LO,HI as two floats (a ConfigError naming the option otherwise)."""
     from diffusekit.samplers.guidance import check_guidance_interval
 
-    parts = text.split(",")
-    return check_guidance_interval(parts if len(parts) == 2 else text, "--guidance-interval")
+    return check_guidance_interval(text.split(","), "--guidance-interval")
 
 
 def _json_interval(interval: tuple[float, float] | None) -> list[float | None] | None:

@@ -82,7 +82,7 @@ class UnconditionalPipeline:
             latents = draw(shape, generator, dtype, device)
         elif latents.shape != shape:
             raise ConfigError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        gate = interval_gate(config.sigma_at, guidance_interval)
+        gate = interval_gate(config.sigma_map(), guidance_interval)
         model = self._model(n, class_labels, guidance_scale, device, gate, guide)
         x = latents * grid.init_noise_sigma
         return denoise(self.codec, config, model, x, grid, generator, callback, show_progress).images

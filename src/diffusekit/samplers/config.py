@@ -162,11 +162,18 @@ class SamplerConfig:
     def sigma_at(self, t: Tensor | float) -> float:
         """The noise level sigma (the variance-exploding one of Karras et al. 2022, eq. 5) at network time ``t``:
         with the EDM preconditioning t is c_noise = ln(sigma) / 4, otherwise a (fractional) training timestep of
-        the schedule, sigma_t = sqrt((1 - abar_t) / abar_t)."""
-        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)[:1].cpu()
-        if self.preconditioning == "edm":
-            return float(sigma_of_c_noise(t)[0])
-        return float(interpolate_sigma(self.schedule(), t)[0])
+        the schedule, sigma_t = sqrt((1 - abar_t) / abar_t). Per-step callers use :meth:`sigma_map`."""
+        return self.sigma_map()(t)
+
+    def sigma_map(self) -> Callable[[Tensor | float], float]:
+        """:meth:`sigma_at` as a function, the schedule built once (the guidance gate calls it at every step)."""
+        schedule = None if self.preconditioning == "edm" else self.schedule()
+
+        def sigma(t: Tensor | float) -> float:
+            t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)[:1].cpu()
+            return float((sigma_of_c_noise(t) if schedule is None else interpolate_sigma(schedule, t))[0])
+
+        return sigma
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -34,12 +34,7 @@ def guided(
     ``gate`` (see :func:`interval_gate`) decides per call from the network time whether to guide; where it says
     no, the call is the conditional half alone (one network evaluation instead of two).
     """
-    if not guidance_scale >= 0:
-        raise ConfigError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
-
-    def plain(x: Tensor, t: Tensor, **extra: Tensor) -> Tensor:
-        return network(x, t, **cond, **extra)
-
+    plain = _conditional(network, guidance_scale, cond)
     if guidance_scale == 1.0:  # (s < 1 interpolates toward the unconditional output: still two halves)
         return plain
     both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
@@ -70,12 +65,7 @@ def autoguided(
     raw outputs is mixing their denoisers, since every parametrization here is affine in the output with
     coefficients of x and sigma only. ``guidance_scale`` == 1 is ``network`` alone; ``gate`` as in :func:`guided`.
     """
-    if not guidance_scale >= 0:
-        raise ConfigError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
-
-    def plain(x: Tensor, t: Tensor, **extra: Tensor) -> Tensor:
-        return network(x, t, **cond, **extra)
-
+    plain = _conditional(network, guidance_scale, cond)
     if guidance_scale == 1.0:
         return plain
 
@@ -88,6 +78,18 @@ def autoguided(
     return model
 
 
+def _conditional(network: Network, guidance_scale: float, cond: dict[str, Tensor]) -> Network:
+    """``network`` with ``cond`` bound (what both kinds of guidance return at scale 1 and call outside their gate),
+    after checking the scale."""
+    if not guidance_scale >= 0:
+        raise ConfigError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
+
+    def plain(x: Tensor, t: Tensor, **extra: Tensor) -> Tensor:
+        return network(x, t, **cond, **extra)
+
+    return plain
+
+
 def _mix(weak: Tensor, strong: Tensor, scale: float) -> Tensor:
     """weak + s (strong - weak): eq. 6 of Ho & Salimans 2022 (weak = unconditional) and eq. 2 of Karras et al.
     2024 (weak = the guiding model)."""
@@ -98,6 +100,8 @@ def check_guidance_interval(interval: Sequence[float] | None, name: str = "guida
     """(lo, hi) with 0 <= lo < hi <= inf, or a ConfigError naming ``name``; None means every level, (0, inf)."""
     if interval is None:
         return 0.0, math.inf
+    if isinstance(interval, str):  # its characters are not the two levels ("12" is not 1,2)
+        raise ConfigError(f"{name} must be two noise levels LO,HI (sigma, e.g. 0.28,5), got {interval!r}")
     try:
         lo, hi = (float(v) for v in interval)
     except (TypeError, ValueError):
@@ -110,7 +114,7 @@ def check_guidance_interval(interval: Sequence[float] | None, name: str = "guida
 def interval_gate(sigma_at: Callable[[Tensor], float], interval: Sequence[float] | None) -> Gate | None:
     """The gate that guides only where lo < sigma(t) <= hi (Kynkäänniemi et al. 2024, sec. 3: guidance at high
     noise levels pulls the samples of a class toward a few modes and costs diversity, at low levels it does
-    next to nothing). ``sigma_at`` maps a network time to its noise level (``SamplerConfig.sigma_at``); the
+    next to nothing). ``sigma_at`` maps a network time to its noise level (``SamplerConfig.sigma_map()``); the
     interval is in the variance-exploding sigma of Karras et al. 2022 (the paper's EDM2 settings: (0.28, 2.9]
     on ImageNet-512 latents). None: no gate (guidance at every level)."""
     if interval is None:
