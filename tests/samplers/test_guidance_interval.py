@@ -45,7 +45,10 @@ def test_gated_guidance_mixes_inside_and_calls_the_conditional_half_alone_outsid
     assert calls == [6, 3]
 
 
-@pytest.mark.parametrize("bad", [(5.0, 1.0), (-1.0, 2.0), (float("nan"), 1.0), ("a", "b"), (1.0,), "12"])
+@pytest.mark.parametrize(
+    "bad", [(5.0, 1.0), (-1.0, 2.0), (float("nan"), 1.0), ("a", "b"), (1.0,), "12", ("0.28", "5"), (True, 5.0),
+            (0, 10**400)],
+)  # fmt: skip
 def test_bad_intervals_are_refused_with_the_option_name(bad):
     with pytest.raises(ConfigError, match="--guidance-interval"):
         check_guidance_interval(bad, "--guidance-interval")

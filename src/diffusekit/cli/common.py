@@ -1,6 +1,6 @@
-"""What the generating commands share (txt2img, img2img, inpaint, upscale): loading the model, ``--seed``,
-``--lora FILE[:WEIGHT]`` and the LoRAs of a replay, writing an upscaled image with its metadata, and the report
-comparing a replay with its original."""
+"""What the generating commands share (txt2img, img2img, inpaint, upscale, sample): loading the model, ``--seed``,
+``--guidance-interval LO,HI``, ``--lora FILE[:WEIGHT]`` and the LoRAs of a replay, writing an upscaled image with
+its metadata, and the report comparing a replay with its original."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from diffusekit.pipelines.recipe import (
     to_metadata,
 )
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
+from diffusekit.samplers.guidance import check_guidance_interval
 
 LORA_FORM = (f"FILE or FILE:WEIGHT, WEIGHT a number from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} (default 1), e.g. "
              "style.safetensors:0.8")  # fmt: skip
@@ -78,6 +79,26 @@ def parse_seed(value: str | None) -> int:
     except ValueError:
         raise ConfigError(f"--seed must be an integer in [0, {MAX_SEED}] or 'random', got {value!r}") from None
     return check_int("--seed", seed, 0, MAX_SEED)
+
+
+def parse_guidance_interval(text: str | None, guidance: float | None = None) -> tuple[float, float] | None:
+    """``--guidance-interval LO,HI`` -> (lo, hi), the noise levels sigma between which the guidance applies
+    (Kynkäänniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and Distribution Quality
+    in Diffusion Models"); HI may be ``inf``; None (not given) stays None. A ConfigError naming the option and its
+    form otherwise, or when ``guidance``, the --guidance given, is 1: no guidance to limit."""
+    if text is None:
+        return None
+    try:
+        levels = [float(part) for part in text.split(",")]
+    except ValueError:
+        levels = []
+    if len(levels) != 2:  # the typed text in the message, not its parts
+        raise ConfigError(f"--guidance-interval must be two noise levels LO,HI (sigma, e.g. 0.28,5.42; HI may be "
+                          f"inf), got {text!r}")  # fmt: skip
+    interval = check_guidance_interval(levels, "--guidance-interval")
+    if guidance == 1.0:
+        raise ConfigError("--guidance-interval limits the guidance, but --guidance is 1 (none): give --guidance S")
+    return interval
 
 
 def parse_lora(text: str) -> tuple[str, float | None]:
@@ -167,5 +188,5 @@ def write_upscaled(
     return writer.write(to_pil(images)[0], recipe.seed, png_text(meta))
 
 
-__all__ = ["LORA_FORM", "load_model", "lora_options", "parse_lora", "parse_seed", "replay_loras", "report_replay",
-           "write_upscaled"]
+__all__ = ["LORA_FORM", "load_model", "lora_options", "parse_guidance_interval", "parse_lora", "parse_seed",
+           "replay_loras", "report_replay", "write_upscaled"]  # fmt: skip

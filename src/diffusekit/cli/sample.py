@@ -9,10 +9,18 @@ from pathlib import Path
 
 import torch
 
+from diffusekit.cli.common import parse_guidance_interval
 from diffusekit.errors import ConfigError, OutputError
 from diffusekit.io.images import WRITE_FORMATS
 from diffusekit.limits import MAX_CLASSES, check_float, check_int
-from diffusekit.pipelines.recipe import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, USER_SAMPLERS, check_sampler
+from diffusekit.pipelines.recipe import (
+    MAX_GUIDANCE,
+    MAX_SEED,
+    MAX_STEPS,
+    USER_SAMPLERS,
+    check_sampler,
+    interval_to_json,
+)
 
 DESCRIPTION = """\
 Generate images from a pixel-space diffusion model and save them as one PNG grid (and optionally as
@@ -97,18 +105,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def _interval(text: str) -> tuple[float, float]:
-    """--guidance-interval LO,HI as two floats (a ConfigError naming the option otherwise)."""
-    from diffusekit.samplers.guidance import check_guidance_interval
-
-    return check_guidance_interval(text.split(","), "--guidance-interval")
-
-
-def _json_interval(interval: tuple[float, float] | None) -> list[float | None] | None:
-    """The interval for the PNG metadata (JSON has no infinity: an open upper end is null)."""
-    return None if interval is None else [interval[0], interval[1] if interval[1] != float("inf") else None]
-
-
 def check_options(args: argparse.Namespace) -> list[int] | None:
     """Every option that can be checked without the model, before it loads; returns the class ids, one
     per image (or None)."""
@@ -124,10 +120,7 @@ def check_options(args: argparse.Namespace) -> list[int] | None:
     if args.eta is not None:
         check_float("--eta", args.eta, 0.0, 1.0)
     check_float("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
-    if args.guidance_interval is not None:
-        args.guidance_interval = _interval(args.guidance_interval)
-    if args.guidance_interval is not None and args.guidance == 1.0:
-        raise ConfigError("--guidance-interval limits the guidance, but --guidance is 1 (none): give --guidance S")
+    args.guidance_interval = parse_guidance_interval(args.guidance_interval, args.guidance)
     if args.guide_model is not None and args.guidance == 1.0:
         raise ConfigError("--guide-model guides with the weight --guidance, which is 1 (no guidance): give "
                           "--guidance S, e.g. 2")  # fmt: skip
@@ -218,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         "steps": args.steps,
         "seed": args.seed,
         "guidance_scale": args.guidance,
-        "guidance_interval": _json_interval(args.guidance_interval),
+        "guidance_interval": interval_to_json(args.guidance_interval),  # JSON has no infinity: an open end is null
         "guide_model": None if args.guide_model is None else str(args.guide_model),
         "class_labels": labels,
         "eta": args.eta,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -17,6 +17,7 @@ from diffusekit.pipelines.stable_diffusion import (
 )
 from diffusekit.samplers.common import StepInfo
 from diffusekit.samplers.config import noised_state
+from diffusekit.samplers.guidance import interval_gate
 
 
 def check_image(image: Tensor, multiple: int, name: str = "image") -> Tensor:
@@ -46,13 +47,16 @@ class ImageToImage:
         negative_prompt: Prompts | None = None,
         steps: int = 25,
         guidance_scale: float = 7.5,
+        guidance_interval: Sequence[float] | None = None,
         sampler: str | None = None,
         eta: float | None = None,
         generator: GeneratorArg = None,
         callback: Callable[[StepInfo], None] | None = None,
         show_progress: bool = True,
     ) -> GenerationResult:
-        """``image`` (B, 3, H, W) in [0, 1]; ``strength`` in (0, 1]: 1 ignores the image's content."""
+        """``image`` (B, 3, H, W) in [0, 1]; ``strength`` in (0, 1]: 1 ignores the image's content.
+        ``guidance_interval`` (lo, hi): guidance only where lo < sigma <= hi, as in :class:`TextToImage`
+        (Kynkäänniemi et al. 2024); None: at every step."""
         sd = self.sd
         cond = encode_prompts(sd, prompt, negative_prompt, guidance_scale)
         image = check_image(image, sd.latent_multiple)
@@ -63,4 +67,5 @@ class ImageToImage:
         init = sd.codec.encode(2 * image.to(sd.device, torch.float32) - 1, generator=generator).to(sd.dtype)
         noise = draw(init.shape, generator, init.dtype, init.device)
         x = noised_state(config, grid, init, noise)
-        return denoise(sd.codec, config, cond.model(sd.unet), x, grid, generator, callback, show_progress)
+        model = cond.model(sd.unet, gate=interval_gate(config.sigma_map(), guidance_interval))
+        return denoise(sd.codec, config, model, x, grid, generator, callback, show_progress)

@@ -8,7 +8,7 @@ region is replaced by the noised original at every network call and pasted back 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from diffusekit.pipelines.stable_diffusion import (
 )
 from diffusekit.samplers.common import Model, StepInfo
 from diffusekit.samplers.config import noised_state
+from diffusekit.samplers.guidance import interval_gate
 
 
 def check_mask(mask: Tensor, image: Tensor) -> Tensor:
@@ -56,6 +57,7 @@ class Inpaint:
         negative_prompt: Prompts | None = None,
         steps: int = 25,
         guidance_scale: float = 7.5,
+        guidance_interval: Sequence[float] | None = None,
         sampler: str | None = None,
         eta: float | None = None,
         generator: GeneratorArg = None,
@@ -63,7 +65,10 @@ class Inpaint:
         callback: Callable[[StepInfo], None] | None = None,
         show_progress: bool = True,
     ) -> GenerationResult:
-        """``image`` (B, 3, H, W) and ``mask`` (B, 1, H, W) in [0, 1]. ``latents`` replaces the noise draw."""
+        """``image`` (B, 3, H, W) and ``mask`` (B, 1, H, W) in [0, 1]. ``latents`` replaces the noise draw.
+        ``guidance_interval`` (lo, hi): guidance only where lo < sigma <= hi, as in
+        :class:`~diffusekit.pipelines.text_to_image.TextToImage` (Kynkäänniemi et al. 2024); None: at every
+        step."""
         sd = self.sd
         cond = encode_prompts(sd, prompt, negative_prompt, guidance_scale)
         image = check_image(image, sd.latent_multiple).to(sd.device, torch.float32)
@@ -74,6 +79,7 @@ class Inpaint:
         shape = latent_shape(sd, b, h, w)
         config = sampler_for(sd.sampler_config, sampler, eta)
         grid = grid_for(config, steps, strength)
+        gate = interval_gate(config.sigma_map(), guidance_interval)
 
         if latents is None:
             latents = draw(shape, generator, sd.dtype, sd.device)
@@ -86,7 +92,7 @@ class Inpaint:
         if in_channels == 2 * shape[1] + 1:  # an inpainting U-Net: latents + mask + masked-image latents
             masked = (2 * image - 1) * (mask < 0.5)
             masked_latents = sd.codec.encode(masked, generator=generator).to(sd.dtype)
-            model = cond.model(sd.unet, concat=torch.cat([mask_latent, masked_latents], dim=1))
+            model = cond.model(sd.unet, gate=gate, concat=torch.cat([mask_latent, masked_latents], dim=1))
             x = self._start(config, grid, strength, latents, image, generator)
             return denoise(sd.codec, config, model, x, grid, generator, callback, show_progress)
         if in_channels != shape[1]:
@@ -94,7 +100,7 @@ class Inpaint:
                               f"{2 * shape[1] + 1}")  # fmt: skip
         known = sd.codec.encode(2 * image - 1, generator=generator).to(sd.dtype)
         fixed_noise = draw(shape, generator, sd.dtype, sd.device)
-        model = _blended(cond.model(sd.unet), known, fixed_noise, mask_latent, sd)
+        model = _blended(cond.model(sd.unet, gate=gate), known, fixed_noise, mask_latent, sd)
         x = grid.init_noise_sigma * latents if strength >= 1.0 else noised_state(config, grid, known, latents)
 
         def finish(z: Tensor) -> Tensor:

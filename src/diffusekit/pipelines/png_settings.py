@@ -7,9 +7,10 @@ malformed is a ConfigError naming the PNG.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,18 @@ from PIL import Image
 
 from diffusekit.errors import ConfigError, DiffusekitError
 from diffusekit.pipelines.fields import short as _short
+from diffusekit.samplers.guidance import check_guidance_interval
 from diffusekit.samplers.names import KARRAS, check_karras, lookup, web_ui_name
 
 METADATA_KEY = "diffusekit"  # PNG text chunk holding the JSON metadata
 PARAMETERS_KEY = "parameters"  # PNG text chunk in the human-readable form other SD tools use
 METADATA_FORMAT = "diffusekit-generation"
-METADATA_VERSION = 2  # 2 added karras and loras; a version-1 PNG used neither (the model's own sigma grid)
-READ_VERSIONS = (1, 2)
+# a reader refuses versions it does not know rather than ignore a setting added since
+METADATA_VERSION = 3
+READ_VERSIONS = (1, 2, 3)
+# the version that added each recipe field; older metadata lacks it and ran with its default: on the model's own
+# sigma grid (karras), without LoRAs, with guidance at every step (guidance_interval)
+FIELD_VERSIONS = {"karras": 2, "loras": 2, "guidance_interval": 3}
 MAX_METADATA_CHARS = 1_000_000
 
 
@@ -39,6 +45,7 @@ def parameters_text(meta: Mapping[str, Any]) -> str:
         ("Sampler", shown or meta["sampler"]),
         ("Schedule type", KARRAS if karras and combined is None else None),
         ("CFG scale", meta["guidance"]),
+        ("Guidance interval", _interval_text(meta.get("guidance_interval"))),
         ("Seed", meta["seed"]),
         ("Size", f"{meta['width']}x{meta['height']}"),
         ("Model", Path(meta["model"]).name),
@@ -53,6 +60,56 @@ def parameters_text(meta: Mapping[str, Any]) -> str:
     if meta["negative_prompt"]:
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
     return "\n".join([*lines, pairs])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The guidance interval (Kynkäänniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and
+# Distribution Quality in Diffusion Models"): noise levels lo < sigma <= hi, hi possibly infinite
+
+INTERVAL_FORM = "[LO, HI], two noise levels sigma with 0 <= LO < HI (HI null: no upper end), e.g. [0.28, 5.42]"
+
+
+def interval_to_json(interval: Sequence[float] | None) -> list[float | None] | None:
+    """A guidance interval (lo, hi) as standard JSON, which has no infinity: [lo, hi], an open upper end as null."""
+    if interval is None:
+        return None
+    lo, hi = (float(v) for v in interval)
+    return [lo, None if hi == math.inf else hi]
+
+
+def interval_from_json(where: str, value: Any) -> tuple[float, float] | None:
+    """[lo, hi] as :func:`interval_to_json` writes it (hi null or inf: no upper end) -> the validated (lo, hi)
+    with hi = inf for an open end; None stays None. Anything else (a string, a bool, three numbers, lo >= hi) is
+    a ConfigError naming ``where`` (:func:`~diffusekit.samplers.guidance.check_guidance_interval`)."""
+    if value is None:
+        return None
+    numbers = isinstance(value, (list, tuple)) and len(value) == 2 and value[0] is not None
+    if not numbers or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in value):
+        raise ConfigError(f"{where} must be {INTERVAL_FORM}; got {_short(value)}")
+    try:
+        lo, hi = float(value[0]), math.inf if value[1] is None else float(value[1])
+    except OverflowError:  # an integer beyond floats
+        raise ConfigError(f"{where} must be {INTERVAL_FORM}; got {_short(value)}") from None
+    return check_guidance_interval((lo, hi), where)
+
+
+def _interval_text(interval: Sequence[float | None] | None) -> str | None:
+    """The interval as the ``parameters`` text shows it: ``"(0.28, 5.42]"`` (quoted: it holds a comma)."""
+    if interval is None:
+        return None
+    lo, hi = interval
+    return json.dumps(f"({float(lo)!r}, {'inf' if hi is None else repr(float(hi))}]")
+
+
+def _interval_of_text(text: str, where: str) -> list[float | None]:
+    """``(LO, HI]`` (HI may be inf) -> [lo, hi] as JSON writes it (the recipe validates it)."""
+    m = re.fullmatch(r"\(\s*([^,\s]+)\s*,\s*([^\]\s]+)\s*\]", text)
+    try:
+        lo, hi = (float(v) for v in (m.groups() if m else ()))
+    except ValueError:  # not the form (nothing to unpack), or not numbers
+        raise ConfigError(f"{where} must be (LO, HI], two noise levels sigma, e.g. (0.28, 5.42]; got "
+                          f"{_short(text)}") from None  # fmt: skip
+    return [lo, None if hi == math.inf else hi]
 
 
 def _png_texts(path: str | os.PathLike, where: str) -> tuple[Any, Any]:
@@ -115,7 +172,7 @@ _PAIR = re.compile(r'\s*([A-Za-z][\w \-/().]*?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,
 _PARAMETER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int),
     "Denoising strength": ("strength", float), "Eta": ("eta", float), "Sampler": ("sampler", str),
-    "Schedule type": ("karras", str), "Size": ("width", str),
+    "Schedule type": ("karras", str), "Size": ("width", str), "Guidance interval": ("guidance_interval", str),
 }  # fmt: skip
 PARAMETER_KEYS = {field: key for key, (field, _) in _PARAMETER_KEYS.items()} | {"height": "Size"}  # field -> key
 _IGNORED_KEYS = ("Model", "Model hash", "Version", "Mode", "LoRA")  # identify the model or tool: nothing to redo
@@ -136,9 +193,10 @@ def recipe_from_parameters(text: str, where: str) -> Parameters:
     """The settings of another SD tool's ``parameters`` PNG text (prompt lines, ``Negative prompt: ...``,
     then ``Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x768, ...``)
     as recipe fields: prompt, negative_prompt, steps, guidance, seed, sampler and karras (web-UI names),
-    width and height, strength, eta (DDIM only). Values are checked by :meth:`Recipe.validated` later;
-    a value that does not parse, an unknown sampler or schedule type is a ConfigError naming
-    ``{where}: 'Key'``. The model and input images are not in the text: the caller names them."""
+    width and height, strength, eta (DDIM only), and diffusekit's own ``Guidance interval: "(LO, HI]"``.
+    Values are checked by :meth:`Recipe.validated` later; a value that does not parse, an unknown sampler or
+    schedule type is a ConfigError naming ``{where}: 'Key'``. The model and input images are not in the text:
+    the caller names them."""
     if not isinstance(text, str) or len(text) > MAX_METADATA_CHARS:
         raise ConfigError(f"{where}: the '{PARAMETERS_KEY}' text is not text of a sane length")
     lines = text.replace("\r\n", "\n").split("\n")
@@ -180,6 +238,8 @@ def recipe_from_parameters(text: str, where: str) -> Parameters:
             fields["width"], fields["height"] = int(m.group(1)), int(m.group(2))
         elif key == "Schedule type":
             schedule = value
+        elif key == "Guidance interval":
+            fields[field] = _interval_of_text(value, f"{where}: '{key}'")
         else:
             try:
                 fields[field] = parse(value)
@@ -198,6 +258,7 @@ def recipe_from_parameters(text: str, where: str) -> Parameters:
     return Parameters(fields, loras, unused)
 
 
-__all__ = ["MAX_METADATA_CHARS", "METADATA_FORMAT", "METADATA_KEY", "METADATA_VERSION", "PARAMETERS_KEY",
-           "PARAMETER_KEYS", "READ_VERSIONS", "Parameters", "parameters_text", "read_png_metadata",
-           "read_png_settings", "recipe_from_parameters"]  # fmt: skip
+__all__ = ["FIELD_VERSIONS", "INTERVAL_FORM", "MAX_METADATA_CHARS", "METADATA_FORMAT", "METADATA_KEY",
+           "METADATA_VERSION", "PARAMETERS_KEY", "PARAMETER_KEYS", "READ_VERSIONS", "Parameters", "interval_from_json",
+           "interval_to_json", "parameters_text", "read_png_metadata", "read_png_settings",
+           "recipe_from_parameters"]  # fmt: skip

@@ -15,7 +15,8 @@ Samplers are named as users type them, the popular web UI's names included (``"D
 ``dpmpp_2m`` on Karras sigmas: :mod:`diffusekit.samplers.names`). LoRA files (:class:`Lora`) are part of the
 recipe: :func:`apply_loras` attaches them once per run and records each file's SHA-256, so a replay refuses
 a different file under the same name. :func:`recipe_from_parameters` reads the ``parameters`` text other SD
-tools write, for replaying their PNGs with a model the user names.
+tools write, for replaying their PNGs with a model the user names. ``guidance_interval`` limits the guidance to
+noise levels lo < sigma <= hi (Kynkäänniemi et al. 2024); JSON writes it [lo, hi], an open upper end as null.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from diffusekit.pipelines.denoise import grid_for, sampler_for
 from diffusekit.pipelines.fields import MAX_PATH_CHARS, MAX_PROMPT_CHARS, Namer, check_path, check_text, json_field
 from diffusekit.pipelines.fields import short as _short
 from diffusekit.pipelines.png_settings import (
+    FIELD_VERSIONS,
     MAX_METADATA_CHARS,
     METADATA_FORMAT,
     METADATA_KEY,
@@ -48,6 +50,8 @@ from diffusekit.pipelines.png_settings import (
     PARAMETERS_KEY,
     READ_VERSIONS,
     Parameters,
+    interval_from_json,
+    interval_to_json,
     parameters_text,
     read_png_metadata,
     read_png_settings,
@@ -80,7 +84,8 @@ MAX_STEPS = 1000
 MAX_GUIDANCE = 1000.0
 DEFAULTS: dict[str, Any] = {"negative_prompt": "", "seed": 0, "steps": 25, "guidance": 7.5, "sampler": None,
                             "width": None, "height": None, "eta": None, "tokenizer": None, "image": None,
-                            "mask": None, "dtype": "float32", "karras": None, "loras": ()}  # fmt: skip
+                            "mask": None, "dtype": "float32", "karras": None, "loras": (),
+                            "guidance_interval": None}  # fmt: skip
 AUTO_DTYPE_HELP = ("network precision: auto (default: bfloat16 where the device computes it natively - CUDA, CPUs "
                    "with AVX512-BF16 or AMX - else float32), float32, bfloat16, float16; the VAE always runs in "
                    "float32. The PNG records the one used, so --replay reproduces it")
@@ -106,7 +111,8 @@ class Recipe:
     """Everything that decides one generated image (besides the machine). ``sampler=None`` means the
     model's own sampler; ``karras`` None its own noise-level grid, True/False Karras sigmas or not;
     ``width``/``height`` None mean the model's native size (txt2img) or the input image's size (img2img,
-    inpaint). ``model``, ``tokenizer``, ``image``, ``mask`` and the ``loras``' files are paths."""
+    inpaint). ``model``, ``tokenizer``, ``image``, ``mask`` and the ``loras``' files are paths.
+    ``guidance_interval`` (lo, hi), hi possibly inf: guidance only where lo < sigma <= hi; None: every step."""
 
     mode: str
     prompt: str
@@ -126,6 +132,7 @@ class Recipe:
     dtype: str
     karras: bool | None = None
     loras: tuple[Lora, ...] = ()
+    guidance_interval: tuple[float, float] | None = None
 
     @classmethod
     def from_dict(
@@ -135,8 +142,9 @@ class Recipe:
         metadata); else ``mode``, ``prompt`` and ``model`` must be, and the others take their defaults.
         Keys that are no field are refused unless ``allow_unknown`` (a PNG carries provenance beside them).
         ``sampler`` may be any accepted name (``"DPM++ 2M Karras"`` sets ``karras`` too); ``loras`` is a list
-        of ``{"path", "weight", "sha256"}`` objects (weight 1 and no hash when left out). Without a
-        ``guidance`` the LCM sampler gets LCM_GUIDANCE, the others the default."""
+        of ``{"path", "weight", "sha256"}`` objects (weight 1 and no hash when left out); ``guidance_interval``
+        [lo, hi] with hi null for an open end. Without a ``guidance`` the LCM sampler gets LCM_GUIDANCE, the
+        others the default."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"a recipe must be a JSON object, got {_short(type(data).__name__)}")
         names = [f.name for f in dataclasses.fields(cls)]
@@ -156,6 +164,7 @@ class Recipe:
                 values[n] = float(values[n])
         values["sampler"], values["karras"] = sampler_and_grid(name, values["sampler"], values["karras"])
         values["loras"] = loras_from_json(name("loras"), values["loras"])
+        values["guidance_interval"] = interval_from_json(name("guidance_interval"), values["guidance_interval"])
         if "guidance" not in data and values["sampler"] == "lcm":
             values["guidance"] = LCM_GUIDANCE
         return cls(**values).validated(name)
@@ -169,6 +178,7 @@ class Recipe:
         check_int(name("seed"), self.seed, 0, MAX_SEED)
         check_int(name("steps"), self.steps, 1, MAX_STEPS)
         check_float(name("guidance"), self.guidance, 0.0, MAX_GUIDANCE)
+        interval_from_json(name("guidance_interval"), self.guidance_interval)
         sampler = None if self.sampler is None else lookup(self.sampler, name("sampler"))[0]
         if self.karras is not None:
             check_flag(name("karras"), self.karras)
@@ -216,6 +226,7 @@ class Recipe:
         """The fields as a dict of JSON values (what :meth:`from_dict` reads back)."""
         data = dataclasses.asdict(self)
         data["loras"] = [dataclasses.asdict(lora) for lora in self.loras]
+        data["guidance_interval"] = interval_to_json(self.guidance_interval)  # JSON has no infinity: null
         return data
 
     def to_json(self) -> str:
@@ -285,9 +296,11 @@ def png_text(meta: Mapping[str, Any]) -> dict[str, str]:
 
 
 def recipe_from_metadata(data: Mapping[str, Any], where: str) -> Recipe:
-    """The validated recipe of a PNG's metadata; messages read ``{where}: field 'steps' ...``. Version-1
-    metadata predates ``karras`` and ``loras``: it ran on the model's own grid, without LoRAs."""
-    optional = ("karras", "loras") if data.get("format_version") == 1 else ()
+    """The validated recipe of a PNG's metadata; messages read ``{where}: field 'steps' ...``. A field added
+    after the metadata's version (FIELD_VERSIONS: ``karras`` and ``loras`` in 2, ``guidance_interval`` in 3) may
+    be missing and takes its default: the model's own grid, no LoRAs, guidance at every step."""
+    version = data.get("format_version")
+    optional = [f for f, added in FIELD_VERSIONS.items() if isinstance(version, int) and version < added]
     missing = [f.name for f in dataclasses.fields(Recipe) if f.name not in data and f.name not in optional]
     if missing:
         raise ConfigError(f"{where}: the metadata lacks {', '.join(missing)}")
@@ -446,6 +459,7 @@ def generate(
         negative_prompt=[b.negative_prompt for b in batch],
         steps=r.steps,
         guidance_scale=r.guidance,
+        guidance_interval=r.guidance_interval,
         sampler=resolved.sampler,
         eta=r.eta,
         generator=generators_from_seeds([b.seed for b in batch], len(batch)),
@@ -476,8 +490,8 @@ __all__ = [
     "MAX_PATH_CHARS", "MAX_PROMPT_CHARS", "MAX_SEED", "MAX_STEPS", "METADATA_FORMAT", "METADATA_KEY",
     "METADATA_VERSION", "PARAMETERS_KEY", "PARAMETER_KEYS", "READ_VERSIONS", "SAMPLER_NAMES", "USER_SAMPLERS",
     "Lora", "Namer", "Parameters", "Recipe", "Resolved", "apply_loras", "check_lora_files", "check_loras",
-    "check_path", "check_sampler", "check_side", "check_text", "generate", "json_field", "load_inputs",
-    "loras_from_json", "parameters_text", "parse_size", "png_text", "read_png_metadata", "read_png_settings",
-    "recipe_from_metadata", "recipe_from_parameters", "replay_differences", "resolve", "sampler_and_grid",
-    "to_metadata"
+    "check_path", "check_sampler", "check_side", "check_text", "generate", "interval_from_json", "interval_to_json",
+    "json_field", "load_inputs", "loras_from_json", "parameters_text", "parse_size", "png_text",
+    "read_png_metadata", "read_png_settings", "recipe_from_metadata", "recipe_from_parameters",
+    "replay_differences", "resolve", "sampler_and_grid", "to_metadata"
 ]  # fmt: skip

@@ -24,7 +24,7 @@ from diffusekit.pipelines.common import LatentCodec, check_size
 from diffusekit.runtime.policy import Plan, autoencoder_plan, prepare
 from diffusekit.samplers.common import Model
 from diffusekit.samplers.config import SamplerConfig
-from diffusekit.samplers.guidance import guided
+from diffusekit.samplers.guidance import Gate, guided
 
 Prompts = str | Sequence[str]
 
@@ -124,12 +124,14 @@ class Conditioning:
     negative_context: Tensor | None
     guidance_scale: float
 
-    def model(self, unet: UNet, **extra: Tensor) -> Model:
-        """The U-Net as a model(x, t) with classifier-free guidance over [negative; positive]."""
+    def model(self, unet: UNet, *, gate: Gate | None = None, **extra: Tensor) -> Model:
+        """The U-Net as a model(x, t) with classifier-free guidance over [negative; positive]; where ``gate``
+        (:func:`~diffusekit.samplers.guidance.interval_gate`) says no, the positive half alone (guidance limited
+        to an interval of noise levels, Kynkäänniemi et al. 2024)."""
         cond = {"context": self.context, **extra}
         if self.negative_context is None:
             return guided(unet, 1.0, {}, cond)
-        return guided(unet, self.guidance_scale, {"context": self.negative_context, **extra}, cond)
+        return guided(unet, self.guidance_scale, {"context": self.negative_context, **extra}, cond, gate=gate)
 
 
 def encode_prompts(

@@ -6,6 +6,7 @@ Distribution Quality in Diffusion Models")."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -103,12 +104,20 @@ def check_guidance_interval(interval: Sequence[float] | None, name: str = "guida
     if isinstance(interval, str):  # its characters are not the two levels ("12" is not 1,2)
         raise ConfigError(f"{name} must be two noise levels LO,HI (sigma, e.g. 0.28,5), got {interval!r}")
     try:
-        lo, hi = (float(v) for v in interval)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be two noise levels LO,HI (sigma, e.g. 0.28,5), got {interval!r}") from None
+        lo, hi = (_level(v) for v in interval)
+    except (TypeError, ValueError, OverflowError):  # not two numbers ("0.28" is text, True no level, 10**400 no float)
+        shown = repr(interval) if len(repr(interval)) <= 80 else repr(interval)[:77] + "..."
+        raise ConfigError(f"{name} must be two noise levels LO,HI (sigma, e.g. 0.28,5), got {shown}") from None
     if math.isnan(lo) or math.isnan(hi) or not 0 <= lo < hi:
         raise ConfigError(f"{name} must satisfy 0 <= LO < HI (noise levels sigma), got {lo:g},{hi:g}")
     return lo, hi
+
+
+def _level(value: object) -> float:
+    """A noise level given as a real number (a bool or a string is not one: a TypeError)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(value)
+    return float(value)
 
 
 def interval_gate(sigma_at: Callable[[Tensor], float], interval: Sequence[float] | None) -> Gate | None:

@@ -224,8 +224,14 @@ def _body_schema(fields: Iterable[str]) -> dict[str, Any]:
     recipe validates it and messages name the field)."""
     kinds = {"seed": "integer", "steps": "integer", "width": "integer", "height": "integer", "batch_size": "integer",
              "n_iter": "integer", "cfg_scale": "number", "denoising_strength": "number", "eta": "number",
-             "send_images": "boolean", "save_images": "boolean", "init_images": "array"}  # fmt: skip
+             "send_images": "boolean", "save_images": "boolean", "init_images": "array",
+             "guidance_interval": "array"}  # fmt: skip
     props = {f: {"type": kinds.get(f, "string")} for f in fields}
+    if "guidance_interval" in props:
+        props["guidance_interval"].update(items={"type": ["number", "null"]}, minItems=2, maxItems=2,
+                                          description="[lo, hi]: guidance only at noise levels lo < sigma <= hi "
+                                          "(Kynkäänniemi et al. 2024); hi null: no upper end. Default: every "
+                                          "step")  # fmt: skip
     if "init_images" in props:
         props["init_images"]["items"] = {"type": "string", "description": "base64 PNG or JPEG"}
     schema = {"type": "object", "properties": props, "additionalProperties": True}

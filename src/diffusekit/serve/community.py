@@ -7,6 +7,9 @@ defaults and their bounds live in the recipe alone; messages name the API's fiel
 Fields this server does not use are listed, never an error (a script written for the web UI sends many).
 Sampler names are the one table of :mod:`diffusekit.samplers.names`; :func:`api_settings` turns recipe
 fields (a PNG's metadata, or the ``parameters`` text read by the recipe's reader) back into API fields.
+Beyond the web UI's fields, ``guidance_interval`` [lo, hi] (hi null: no upper end) limits the guidance to noise
+levels lo < sigma <= hi (Kynkäänniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and
+Distribution Quality in Diffusion Models"), as the recipe field of that name.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ API_FIELDS = {"guidance": "cfg_scale", "sampler": "sampler_name", "strength": "d
               "image": "init_images", "karras": "scheduler"}  # fmt: skip
 TXT2IMG_FIELDS = ("prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "steps",
                   "cfg_scale", "width", "height", "batch_size", "n_iter", "eta", "send_images",
-                  "save_images")  # fmt: skip
+                  "save_images", "guidance_interval")  # fmt: skip
 IMG2IMG_FIELDS = (*TXT2IMG_FIELDS, "init_images", "mask", "denoising_strength")
 RANDOM_SEED = -1
 SCHEDULERS = {"automatic": None, "": None, KARRAS.lower(): True}  # the web UI's schedule types we run
@@ -99,7 +102,7 @@ def parse_request(
         "mode": mode, "prompt": get("prompt", ""), "negative_prompt": get("negative_prompt", ""), "seed": seed,
         "steps": get("steps", DEFAULTS["steps"]), "sampler": sampler, "width": get("width"),
         "height": get("height"), "eta": eta, "model": model, "tokenizer": tokenizer, "dtype": dtype,
-        "karras": karras,
+        "karras": karras, "guidance_interval": get("guidance_interval"),
     }  # fmt: skip
     if get("cfg_scale") is not None:  # else the recipe's default (the sampler's: LCM runs at guidance 1)
         data["guidance"] = get("cfg_scale")
@@ -157,6 +160,8 @@ def api_settings(fields: Mapping[str, Any]) -> dict[str, Any]:
             out[field] = fields[field]
     if fields.get("guidance") is not None:
         out["cfg_scale"] = fields["guidance"]
+    if fields.get("guidance_interval") is not None:  # [lo, hi] as JSON writes it (hi null: no upper end)
+        out["guidance_interval"] = fields["guidance_interval"]
     if fields.get("strength") is not None:
         out["denoising_strength"] = fields["strength"]
     if "sampler" in fields:
