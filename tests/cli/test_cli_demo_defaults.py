@@ -58,3 +58,11 @@ def test_the_guide_option_belongs_to_the_pixel_demo():
     assert parse("--guide-at", "0").guide_at == 0.0  # classifier-free guidance
     with pytest.raises(ConfigError, match="--guide-at applies to the pixel demo only"):
         parse("--latent", "--guide-at", "0.2")
+
+
+def test_the_guide_sees_no_class_by_default_and_the_option_belongs_to_autoguidance():
+    assert parse().guide_labels == "none" == demo.DEMO_GUIDE_LABELS
+    assert parse("--guide-labels", "class").guide_labels == "class"
+    for argv in (["--guide-at", "0", "--guide-labels", "class"], ["--latent", "--guide-labels", "none"]):
+        with pytest.raises(ConfigError, match="--guide-labels applies to autoguidance in the pixel demo"):
+            parse(*argv)

@@ -8,6 +8,7 @@ import errno
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -71,6 +72,7 @@ def one_line_error(code: int, err: str, *needles: str) -> None:
         (["--guidance", "2", "--guidance-interval", "a,b"], ["--guidance-interval", "LO,HI"]),
         (["--guidance-interval", "0.3,5"], ["--guidance-interval", "--guidance is 1"]),
         (["--guide-model", "x"], ["--guide-model", "--guidance, which is 1"]),
+        (["--guidance", "2", "--guide-labels", "none"], ["--guide-labels none", "give --guide-model"]),
         (["--guidance", "2", "--guide-model", "missing"], ["--guide-model: model not found: missing"]),
         (["--steps", "0"], ["--steps", "[1, 1000]"]),
         (["--nrow", "0"], ["--nrow"]),
@@ -153,6 +155,19 @@ def test_autoguidance_with_a_guide_model_and_a_guide_of_another_model(model, tmp
     assert code == 0, err
     with Image.open(out) as im:
         assert json.loads(im.text["diffusekit"])["guide_model"] == str(model)
+        assert json.loads(im.text["diffusekit"])["guide_labels"] == "class"
+    # a guide equal to the model changes nothing only while it sees the same class: without it, it is CFG-like
+    code, err = cli(sample(model, "--out", str(tmp_path / "n.png"), "--guidance", "2", "--guide-model", str(model),
+                           "--guide-labels", "none", "--class", "3"), capsys)  # fmt: skip
+    assert code == 0, err
+    code, err = cli(sample(model, "--out", str(tmp_path / "cfg.png"), "--guidance", "2", "--class", "3"), capsys)
+    assert code == 0, err
+    with Image.open(tmp_path / "n.png") as a, Image.open(tmp_path / "cfg.png") as b:
+        assert json.loads(a.text["diffusekit"])["guide_labels"] == "none"
+        pa, pb = (np.asarray(im, dtype=np.int16) for im in (a, b))
+    # the model guided by itself without a class is classifier-free guidance (one doubled batch there, two
+    # batches here: equal up to rounding)
+    assert np.abs(pa - pb).max() <= 1 and pa.std() > 0
     other = tmp_path / "other"
     cfg = UNetConfig(in_channels=1, out_channels=1, channels=(8, 8), layers_per_block=1,
                      attention_levels=(False, False), mid_attention=False, num_heads=(1, 1), num_classes=5,

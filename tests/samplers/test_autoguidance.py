@@ -74,3 +74,54 @@ def test_a_guide_of_another_model_is_refused():
     pipe = UnconditionalPipeline(unet(3, 0), SamplerConfig())
     with pytest.raises(ConfigError, match="num_classes is 4, the model's is 3"):
         draw(pipe, 2.0, unet(4, 1), [0, 1])
+
+
+def test_the_guide_can_have_its_own_conditioning():
+    seen = []
+
+    def network(x, t, label):
+        seen.append(("model", label.tolist()))
+        return x * 0 + 3.0
+
+    def guide(x, t, label):
+        seen.append(("guide", label.tolist()))
+        return x * 0 + 1.0
+
+    model = autoguided(network, guide, 2.0, {"label": torch.tensor([4, 5])}, guide_cond={"label": torch.tensor([9, 9])})
+    assert torch.equal(model(torch.zeros(2, 1), torch.tensor(1.0)), torch.full((2, 1), 5.0))
+    assert seen == [("model", [4, 5]), ("guide", [9, 9])]
+
+
+def test_a_guide_given_no_class_is_the_guide_with_the_no_class_label():
+    net, guide = unet(3, 0), unet(3, 1)
+    pipe = UnconditionalPipeline(net, SamplerConfig(sampler="heun", preconditioning="edm"))
+    seen = []
+    hook = guide.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["class_labels"].tolist()),
+                                           with_kwargs=True)  # fmt: skip
+    none = pipe(2, steps=4, class_labels=[0, 1], guidance_scale=2.0, guide=guide, guide_labels="none",
+                generator=torch.Generator().manual_seed(3), show_progress=False)  # fmt: skip
+    hook.remove()
+    assert seen and all(labels == [2, 2] for labels in seen)  # the "no class" id is the last one
+    assert not torch.allclose(none, draw(pipe, 2.0, guide, [0, 1]))  # the class-seeing guide differs
+    # the same as a guide network that always gets the "no class" label
+    class NoClass(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m, self.config = guide, guide.config
+
+        def forward(self, x, t, class_labels):
+            return self.m(x, t, class_labels=torch.full_like(class_labels, 2))
+
+    assert torch.equal(none, draw(pipe, 2.0, NoClass(), [0, 1]))
+
+
+@pytest.mark.parametrize(
+    ("num_classes", "guide", "labels", "match"),
+    [(3, True, "some", "guide_labels must be one of class, none"), (3, False, "none", "autoguidance only"),
+     (None, True, "none", "needs a class-conditional model")],
+)  # fmt: skip
+def test_guide_labels_are_checked(num_classes, guide, labels, match):
+    pipe = UnconditionalPipeline(unet(num_classes, 0), SamplerConfig())
+    with pytest.raises(ConfigError, match=match):
+        pipe(2, steps=2, guidance_scale=2.0, guide=unet(num_classes, 1) if guide else None, guide_labels=labels,
+             show_progress=False)  # fmt: skip

@@ -312,9 +312,11 @@ def test_cli_demo_with_a_tiny_budget(tmp_path, capsys):
     with Image.open(out / "samples.png") as im:
         assert im.width > im.height  # one row of ten digits
         assert json.loads(im.text["diffusekit"])["autoguidance_guide_step"] == 1
+        assert json.loads(im.text["diffusekit"])["guide_labels"] == "none"  # the guide sees "no class"
     assert (out / "train" / "model" / "model_index.json").is_file()
     assert (out / "train" / "guide" / "model_index.json").is_file()
-    assert "diffusekit demo: results" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "diffusekit demo: results" in printed and "--guide-labels none" in printed
     guide = load_weights(out / "train" / "guide" / "unet" / "diffusion_pytorch_model.safetensors")
     final = load_weights(out / "train" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
     assert guide.keys() == final.keys() and any(not torch.equal(guide[k], final[k]) for k in guide)

@@ -253,7 +253,8 @@ def print_report(r: dict[str, Any], title: str) -> None:
     lines.append(f"  model          {r['model']}  (diffusekit sample {r['model']} --class 3)")
     if "guide" in r:
         lines.append(f"  guide          {r['guide']}  (the EMA of step {r['guide_step']}: diffusekit sample "
-                     f"{r['model']} --guide-model {r['guide']} --guidance 2 --class 3)")  # fmt: skip
+                     f"{r['model']} --guide-model {r['guide']} --guide-labels {r.get('guide_labels', 'class')} "
+                     f"--guidance 2 --class 3)")  # fmt: skip
     lines += [
         f"  total time     {r['total_seconds']:.0f} s",
     ]

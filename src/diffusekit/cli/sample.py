@@ -21,6 +21,7 @@ from diffusekit.pipelines.recipe import (
     check_sampler,
     interval_to_json,
 )
+from diffusekit.pipelines.unconditional import GUIDE_LABELS
 
 DESCRIPTION = """\
 Generate images from a pixel-space diffusion model and save them as one PNG grid (and optionally as
@@ -85,6 +86,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "from `diffusekit ema-reconstruct RUN --step N`) to guide away from; --guidance S is then the "
                         "autoguidance weight (out = guide + S (model - guide)), for class-conditional and "
                         "unconditional models alike")
+    p.add_argument("--guide-labels", choices=GUIDE_LABELS, default="class",
+                   help="what the --guide-model sees, for class-conditional models: class, each image's class (the "
+                        "paper's choice; default), or none, the \"no class\" label: a guide both earlier and "
+                        "unconditional, which kept more digits in their class on the main job's model "
+                        "(benchmarks/README.md)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, metavar="N",
                    help=f"image i uses seed N + i, N in [0, {MAX_SEED}] (default 0)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64, metavar="N",
@@ -124,6 +130,8 @@ def check_options(args: argparse.Namespace) -> list[int] | None:
     if args.guide_model is not None and args.guidance == 1.0:
         raise ConfigError("--guide-model guides with the weight --guidance, which is 1 (no guidance): give "
                           "--guidance S, e.g. 2")  # fmt: skip
+    if args.guide_labels != "class" and args.guide_model is None:
+        raise ConfigError(f"--guide-labels {args.guide_labels} applies to autoguidance: give --guide-model MODEL")
     if args.sampler is not None:
         args.sampler = check_sampler("--sampler", args.sampler)
     labels = args.class_labels
@@ -149,6 +157,9 @@ def check_model(args: argparse.Namespace, pipe, labels: list[int] | None) -> Non
                               "classes (leave it at 1)")  # fmt: skip
         if args.guidance_interval is not None and args.guide_model is None:
             raise ConfigError(f"--guidance-interval needs a class-conditional model; {args.model} has no classes")
+        if args.guide_labels != "class":
+            raise ConfigError(f"--guide-labels {args.guide_labels}: {args.model} is not class-conditional (it has "
+                              "no labels to withhold from the guide)")  # fmt: skip
     elif labels is not None and max(labels) >= num_classes:
         raise ConfigError(f"--class ids of {args.model} are in [0, {num_classes - 1}], got {max(labels)}")
     train_steps = pipe.sampler_config.num_train_timesteps
@@ -213,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
         "guidance_scale": args.guidance,
         "guidance_interval": interval_to_json(args.guidance_interval),  # JSON has no infinity: an open end is null
         "guide_model": None if args.guide_model is None else str(args.guide_model),
+        "guide_labels": None if args.guide_model is None else args.guide_labels,
         "class_labels": labels,
         "eta": args.eta,
     }
@@ -230,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance,
             guidance_interval=args.guidance_interval,
             guide=guide,
+            guide_labels=args.guide_labels,
         )
         if writer is not None:
             for j, img in enumerate(to_pil(images)):

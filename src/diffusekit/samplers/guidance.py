@@ -57,24 +57,29 @@ def autoguided(
     guidance_scale: float,
     cond: dict[str, Tensor],
     *,
+    guide_cond: dict[str, Tensor] | None = None,
     gate: Gate | None = None,
 ) -> Network:
     """Autoguidance (Karras et al. 2024, eq. 2): out = out_guide + s (out - out_guide), where ``guide`` is a weaker
     version of ``network`` with the same conditioning and parametrization (e.g. an earlier EMA of the same
     training run, sec. 3): extrapolating away from its errors improves the samples without the loss of diversity
-    of classifier-free guidance, and works for unconditional models too. Both networks see ``cond``; mixing their
-    raw outputs is mixing their denoisers, since every parametrization here is affine in the output with
-    coefficients of x and sigma only. ``guidance_scale`` == 1 is ``network`` alone; ``gate`` as in :func:`guided`.
+    of classifier-free guidance, and works for unconditional models too. Both networks see ``cond`` unless
+    ``guide_cond`` is given: the guide's own conditioning, e.g. the "no class" label, which makes the guide weak in
+    both of the ways eq. 2 can extrapolate from (an earlier model, and an unconditional one as in classifier-free
+    guidance, Ho & Salimans 2022 eq. 6). Mixing raw outputs is mixing denoisers, since every parametrization here is
+    affine in the output with coefficients of x and sigma only. ``guidance_scale`` == 1 is ``network`` alone;
+    ``gate`` as in :func:`guided`.
     """
     plain = _conditional(network, guidance_scale, cond)
     if guidance_scale == 1.0:
         return plain
+    weak = cond if guide_cond is None else guide_cond
 
     def model(x: Tensor, t: Tensor, **extra: Tensor) -> Tensor:
         out = plain(x, t, **extra)
         if gate is not None and not gate(t):
             return out
-        return _mix(guide(x, t, **cond, **extra), out, guidance_scale)
+        return _mix(guide(x, t, **weak, **extra), out, guidance_scale)
 
     return model
 

@@ -141,6 +141,7 @@ class Trainer(TrainingLoop):
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] | None = None,
         guide: torch.nn.Module | None = None,
+        guide_labels: str = "class",
         use_ema: bool = True,
         sampler: str = "ddim",
         sampler_options: dict[str, Any] | None = None,
@@ -150,7 +151,8 @@ class Trainer(TrainingLoop):
         ``sampler_options``: other SamplerConfig fields, e.g. Heun's churn (``s_churn``, Karras et al. 2022,
         Alg. 2); ``guidance_interval``: the noise levels (lo, hi] where the guidance applies (Kynkäänniemi et
         al. 2024; default: all); ``guide``: a weaker version of the model (e.g. an earlier EMA of this run) that
-        makes ``guidance_scale`` autoguidance (Karras et al. 2024) instead of classifier-free guidance."""
+        makes ``guidance_scale`` autoguidance (Karras et al. 2024) instead of classifier-free guidance, the guide
+        seeing each image's class or, with ``guide_labels`` ``none``, the "no class" label."""
         from diffusekit.pipelines.unconditional import UnconditionalPipeline
 
         net = self.ema if use_ema else self.model
@@ -165,6 +167,7 @@ class Trainer(TrainingLoop):
             guidance_scale=guidance_scale,
             guidance_interval=guidance_interval,
             guide=guide,
+            guide_labels=guide_labels,
             show_progress=False,
         )
         net.train(was_training)
