@@ -154,7 +154,7 @@ def test_help_names_both_demos(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "U-Net training steps (default 800; with --latent 2000)" in text
+    assert "U-Net training steps (default 1200; with --latent 2000)" in text
     assert "Measured at these defaults on an idle 2-core" in text and "How the steps were sized" in text
 
 

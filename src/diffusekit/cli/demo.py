@@ -38,28 +38,28 @@ DESCRIPTION = """\
 The main job, end to end on a CPU: trains a class-conditional U-Net (the mnist-small preset, ~1M
 parameters) with the EDM preconditioning (Karras et al. 2022: noise levels drawn log-normally, the network's
 input, output and loss scaled per noise level) on the 20,000-image MNIST subset bundled with diffusekit for
-800 optimizer steps, then samples a 10x10 grid with Heun's 2nd-order sampler on the Karras noise grid (18
-steps, 35 network evaluations) and autoguidance 2 (Karras et al. 2024: guided away from the EMA of step 200,
-kept as a weaker version of the model; --guide-at 0 for classifier-free guidance), one digit class per column,
-and, when the eval
-extra is installed (pip install 'diffusekit[eval]'), computes the FID of generated digits against the
-held-out split next to the FID of as many real training digits (the floor for that sample size).
+1,200 optimizer steps, then samples a 10x10 grid with Heun's 2nd-order sampler on the Karras noise grid (18
+steps, 35 network evaluations) and autoguidance 2 (Karras et al. 2024: guided away from the EMA of step 400,
+kept as a weaker version of the model and given the "no class" label; --guide-at 0 for classifier-free
+guidance), one digit class per column, and, when the eval extra is installed (pip install 'diffusekit[eval]'),
+computes the FID of generated digits against the held-out split next to the FID of as many real training
+digits (the floor for that sample size).
 --preconditioning none trains the classic epsilon target with Min-SNR weighting instead (sampled with DDIM,
 no guidance: at 800 steps its digits are speckled and a third of them malformed; guidance makes them worse).
 
 Defaults fit about 15 minutes on 2 otherwise idle CPU cores. Measured on an idle 2-core AMD EPYC (Zen 4,
-native bf16): 7 min 44 s in all - 333 s of training (800 steps of 64 images, 0.42 s each in bf16 autocast;
-~0.65 s in float32 on a Zen 3), 28 s for the grid, 60 s for the FID samples and 36 s of Inception features
-(the real-image statistics were cached; the first run adds ~1,250 images at ~0.2 s each). The budget is in
-steps so that a slower or busy machine takes longer but still gets digits; --max-minutes caps the wall
-clock instead (fewer steps: blurrier digits).
-Everything lands in --output-dir: the training run (checkpoints/, model/, metrics.jsonl, loss_curve.png),
-samples.png and report.json."""
+native bf16): 10 min 56 s in all - 538 s of training (1,200 steps of 64 images, 0.45 s each in bf16
+autocast; ~0.65 s in float32 on a Zen 3, so ~16 minutes there), then the grid, 250 FID samples and their
+Inception features (the real-image statistics are cached; the first run adds ~1,250 images at ~0.2 s each). The
+budget is in steps so that a slower or busy machine takes longer but still gets digits; --max-minutes caps the
+wall clock instead (fewer steps: blurrier digits).
+Everything lands in --output-dir: the training run (checkpoints/, model/, guide/, metrics.jsonl,
+loss_curve.png), samples.png and report.json."""
 
 EPILOG = """\
 examples:
   diffusekit demo                                   # the README's main job
-  diffusekit demo --steps 3000 --output-dir runs/demo3k   # better digits, ~35 minutes
+  diffusekit demo --steps 3000 --output-dir runs/demo3k   # better digits, 2.5x the training time
   diffusekit demo --no-fid --max-minutes 2                # a quick look"""
 
 
@@ -115,7 +115,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--guide-at", type=float, metavar="F",
                    help="autoguidance (Karras et al. 2024): keep the EMA of step F x --steps as a weaker version of "
                         "the model and guide the samples away from it with weight --guidance, instead of "
-                        f"classifier-free guidance (default {GUIDE_AT:g}; 0: classifier-free guidance). The guide is "
+                        "classifier-free guidance (default 1/3; 0: classifier-free guidance). The guide is "
                         "exported to OUTPUT_DIR/train/guide for `diffusekit sample --guide-model`")
     p.add_argument("--guide-labels", choices=GUIDE_LABELS,
                    help="what the autoguidance guide sees: none, the \"no class\" label (default: a guide both "
@@ -155,10 +155,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 # spellings of earlier versions that still parse (hidden from --help) -> the option's name now, as in train
 FORMER_SPELLINGS = {"--train-minutes": "--max-minutes", "--vae-train-minutes": "--vae-max-minutes"}
-PIXEL_DEFAULTS = {"steps": 800, "preset": "mnist-small", "output_dir": "runs/demo", "preconditioning": "edm"}
+PIXEL_DEFAULTS = {"steps": 1200, "preset": "mnist-small", "output_dir": "runs/demo", "preconditioning": "edm"}
 DEMO_SAMPLERS = ("heun", "ddim", "dpmpp_2m", "euler", "ddpm")
 EDM_GUIDANCE = 2.0
-GUIDE_AT = 0.25  # the guide's step as a fraction of --steps
+GUIDE_AT = 1 / 3  # the guide's step as a fraction of --steps (step 400 of 1,200)
 DEMO_GUIDE_LABELS = "none"  # the guide sees the "no class" label (measured: benchmarks/README.md, the main job)
 HEUN_STEPS = 18
 CLASSIC = {"prediction_type": "epsilon", "min_snr_gamma": 5.0}
