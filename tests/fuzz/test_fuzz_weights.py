@@ -286,6 +286,8 @@ def test_pickles_are_never_unpickled_by_the_model_loaders(tally, tmp_path):
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(payload)
     tok = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "pipelines" / "stable_diffusion" / "tokenizer"
+    if not tok.is_dir():
+        pytest.skip(f"the fixture tokenizer is not at {tok}")
     for allow in (False, True):  # allowed: torch.load(weights_only=True) must still refuse to run code
         result = tally.check(
             "pickles: load_pipeline (single file)",

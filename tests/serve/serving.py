@@ -36,6 +36,8 @@ from diffusekit.serve.service import Service, Settings  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 MODEL = FIXTURES / "pipelines" / "stable_diffusion"
+# tests that start a server process on the fixture model skip (and say why) where ../shared is not checked out
+needs_model = pytest.mark.skipif(not MODEL.is_dir(), reason=f"the fixture model is not at {MODEL}")
 SMALL = {"width": 16, "height": 16, "steps": 3}  # a tiny, fast request for the fixture model
 
 _SD: list[Any] = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from serving import MODEL
+from serving import MODEL, needs_model
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -20,6 +20,7 @@ def test_the_library_and_the_command_line_do_not_import_the_server_stack():
     assert r.returncode == 0, r.stderr
 
 
+@needs_model
 def test_serve_without_the_extra_says_what_to_install():
     r = run_python(f"import sys; sys.modules['uvicorn'] = None\nfrom diffusekit.cli.main import main\n"
                    f"sys.exit(main(['serve', {str(MODEL)!r}]))")  # fmt: skip

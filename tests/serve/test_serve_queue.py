@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from serving import MODEL, SMALL, request, running
+from serving import MODEL, SMALL, needs_model, request, running
 
 from diffusekit.pipelines.recipe import read_png_metadata
 
@@ -106,6 +106,7 @@ def test_the_event_stream_reports_progress_and_the_result(server):
     assert states[-1] == "done" and steps == sorted(steps) and steps[-1] == 4
 
 
+@needs_model
 def test_a_killed_server_restarted_finds_every_finished_image(tmp_path):
     out = tmp_path / "out"
 

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from serving import SMALL, request, running
+from serving import MODEL, SMALL, needs_model, request, running
 
 from diffusekit.cli.main import main
 
@@ -120,8 +120,9 @@ def test_the_page_loads_nothing_from_elsewhere():
         (["--lora", "/nonexistent.safetensors"], "--lora"),
     ],
 )
+@needs_model
 def test_the_command_line_refuses_unsafe_options_before_loading(capsys, argv, names):
-    model = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "pipelines" / "stable_diffusion"
+    model = MODEL
     assert main(["serve", str(model), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("diffusekit serve: error:") and names in err and "\n" not in err, err
