@@ -15,8 +15,8 @@ from diffusekit.samplers.config import SamplerConfig
 from diffusekit.samplers.guidance import autoguided
 
 
-def test_the_output_extrapolates_from_the_guide_toward_the_model_with_the_same_conditioning():
-    seen = []
+def constant_networks(seen: list) -> tuple:
+    """A model that outputs 3 and a guide that outputs 1, both noting the labels they were called with."""
 
     def network(x, t, label):
         seen.append(("model", label.tolist()))
@@ -26,6 +26,12 @@ def test_the_output_extrapolates_from_the_guide_toward_the_model_with_the_same_c
         seen.append(("guide", label.tolist()))
         return x * 0 + 1.0
 
+    return network, guide
+
+
+def test_the_output_extrapolates_from_the_guide_toward_the_model_with_the_same_conditioning():
+    seen = []
+    network, guide = constant_networks(seen)
     label = torch.tensor([4, 5])
     model = autoguided(network, guide, 2.5, {"label": label}, gate=lambda t: float(t) > 0)
     x = torch.zeros(2, 1)
@@ -78,15 +84,7 @@ def test_a_guide_of_another_model_is_refused():
 
 def test_the_guide_can_have_its_own_conditioning():
     seen = []
-
-    def network(x, t, label):
-        seen.append(("model", label.tolist()))
-        return x * 0 + 3.0
-
-    def guide(x, t, label):
-        seen.append(("guide", label.tolist()))
-        return x * 0 + 1.0
-
+    network, guide = constant_networks(seen)
     model = autoguided(network, guide, 2.0, {"label": torch.tensor([4, 5])}, guide_cond={"label": torch.tensor([9, 9])})
     assert torch.equal(model(torch.zeros(2, 1), torch.tensor(1.0)), torch.full((2, 1), 5.0))
     assert seen == [("model", [4, 5]), ("guide", [9, 9])]

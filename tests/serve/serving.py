@@ -43,6 +43,13 @@ SMALL = {"width": 16, "height": 16, "steps": 3}  # a tiny, fast request for the 
 _SD: list[Any] = []
 
 
+def pixels(im: Any) -> Any:
+    """A PIL image's RGB pixels as a numpy array (to compare a server's image with the library's)."""
+    import numpy as np
+
+    return np.asarray(im.convert("RGB"))
+
+
 def tiny_model() -> Any:
     """The fixture pipeline, loaded once per test session (each server's worker uses it in turn)."""
     if not MODEL.is_dir():

@@ -12,7 +12,7 @@ import urllib.request
 import numpy as np
 import pytest
 from PIL import Image
-from serving import SMALL, decode_png, png_b64, running, tiny_model
+from serving import SMALL, decode_png, pixels, png_b64, running, tiny_model
 
 from diffusekit.io.images import pil_to_tensor, to_pil
 from diffusekit.pipelines.common import generators_from_seeds
@@ -24,10 +24,6 @@ from diffusekit.pipelines.text_to_image import TextToImage
 def server(tmp_path_factory):
     with running(tmp_path_factory.mktemp("serve-api")) as s:
         yield s
-
-
-def pixels(im: Image.Image) -> np.ndarray:
-    return np.asarray(im.convert("RGB"))
 
 
 def library_txt2img(prompt: str, seeds: list[int], **kw) -> list[np.ndarray]:
