@@ -58,6 +58,14 @@ def test_an_interval_without_guidance_is_refused(sd_folder, tmp_path, capsys):
     assert "--guidance-interval limits the guidance, but --guidance is 1 (none): give --guidance S" in err
 
 
+def test_an_interval_under_lcm_guidance_1_is_noted(sd_folder, tmp_path, capsys):
+    argv = ["txt2img", "--model", str(sd_folder), "a red fox", "--steps", "2", "--size", "16", "--sampler", "LCM",
+            "--guidance-interval", "1,2", "--out", str(tmp_path)]  # fmt: skip
+    code, written, err = run(argv, capsys)
+    assert code == 0 and len(written) == 1, err
+    assert "--guidance-interval has nothing to limit at guidance 1" in err
+
+
 def test_the_parser_is_shared_with_sample():
     assert parse_guidance_interval("0.28,5.42") == (0.28, 5.42)
     assert parse_guidance_interval(" 0.5 , inf ") == (0.5, float("inf"))

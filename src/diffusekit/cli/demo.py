@@ -49,7 +49,8 @@ no guidance: at 800 steps its digits are speckled and a third of them malformed;
 
 Defaults fit about 15 minutes on 2 otherwise idle CPU cores. Measured on an idle 2-core AMD EPYC (Zen 4,
 native bf16): 10 min 56 s in all - 538 s of training (1,200 steps of 64 images, 0.45 s each in bf16
-autocast; ~0.65 s in float32 on a Zen 3, so ~16 minutes there), then the grid, 250 FID samples and their
+autocast; 0.51 s in float32 on the same CPU, the path of CPUs without native bf16: ~13-16 minutes there),
+then the grid, 250 FID samples and their
 Inception features (the real-image statistics are cached; the first run adds ~1,250 images at ~0.2 s each). The
 budget is in steps so that a slower or busy machine takes longer but still gets digits; --max-minutes caps the
 wall clock instead (fewer steps: blurrier digits).

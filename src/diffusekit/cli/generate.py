@@ -310,8 +310,9 @@ def _run(args: argparse.Namespace, mode: str) -> int:
 def _lcm_note(recipe: Recipe, sampler: str) -> str:
     said = "--sampler LCM" if recipe.sampler == sampler else f"this model's own sampler is {sampler}"
     steps = "; LCM needs only 2-8 steps, e.g. --steps 4" if recipe.steps > 8 else ""
+    unused = "; --guidance-interval has nothing to limit at guidance 1" if recipe.guidance_interval else ""
     return (f"{said}: using --guidance {LCM_GUIDANCE:g}, the guidance latent consistency models are made for "
-            f"(pass --guidance to choose another){steps}")  # fmt: skip
+            f"(pass --guidance to choose another){steps}{unused}")  # fmt: skip
 
 
 def _provenance(recipe: Recipe, job: Job, device: torch.device, engine: str = "torch") -> dict[str, Any]:
