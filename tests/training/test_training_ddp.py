@@ -72,6 +72,9 @@ RUNNER = textwrap.dedent(
 
     trainer.optimizer.register_step_pre_hook(record_step)
     trainer.fit()
+    from diffusekit.training.distributed import shutdown
+
+    shutdown(trainer.env)  # as the training commands do: exiting inside the group can abort in gloo's teardown
     """
 )
 

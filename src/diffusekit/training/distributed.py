@@ -7,6 +7,7 @@ on CUDA, gloo on CPU. Rank 0 alone writes checkpoints, logs and samples.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -60,12 +61,20 @@ def init_distributed(device: str = "auto") -> DistEnv:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        # a process that exits with the group still joined (a script calling Trainer.fit() without shutdown) can
+        # abort in gloo's teardown ("terminate called without an active exception", SIGABRT): leave it at exit
+        atexit.register(_leave_group)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
 def shutdown(env: DistEnv) -> None:
     """Leave the process group (if one was joined)."""
-    if env.distributed and dist.is_initialized():
+    if env.distributed:
+        _leave_group()
+
+
+def _leave_group() -> None:
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
