@@ -17,7 +17,6 @@ from diffusekit.pipelines.stable_diffusion import (
 )
 from diffusekit.samplers.common import StepInfo
 from diffusekit.samplers.config import noised_state
-from diffusekit.samplers.guidance import interval_gate
 
 
 def check_image(image: Tensor, multiple: int, name: str = "image") -> Tensor:
@@ -67,5 +66,5 @@ class ImageToImage:
         init = sd.codec.encode(2 * image.to(sd.device, torch.float32) - 1, generator=generator).to(sd.dtype)
         noise = draw(init.shape, generator, init.dtype, init.device)
         x = noised_state(config, grid, init, noise)
-        model = cond.model(sd.unet, gate=interval_gate(config.sigma_map(), guidance_interval))
+        model = cond.model(sd.unet, gate=config.guidance_gate(guidance_interval))
         return denoise(sd.codec, config, model, x, grid, generator, callback, show_progress)

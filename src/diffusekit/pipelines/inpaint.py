@@ -27,7 +27,6 @@ from diffusekit.pipelines.stable_diffusion import (
 )
 from diffusekit.samplers.common import Model, StepInfo
 from diffusekit.samplers.config import noised_state
-from diffusekit.samplers.guidance import interval_gate
 
 
 def check_mask(mask: Tensor, image: Tensor) -> Tensor:
@@ -79,7 +78,7 @@ class Inpaint:
         shape = latent_shape(sd, b, h, w)
         config = sampler_for(sd.sampler_config, sampler, eta)
         grid = grid_for(config, steps, strength)
-        gate = interval_gate(config.sigma_map(), guidance_interval)
+        gate = config.guidance_gate(guidance_interval)
 
         if latents is None:
             latents = draw(shape, generator, sd.dtype, sd.device)

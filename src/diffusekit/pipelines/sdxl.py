@@ -40,7 +40,7 @@ from diffusekit.pipelines.stable_diffusion import Prompts, StableDiffusion, as_p
 from diffusekit.runtime.policy import Plan, prepare
 from diffusekit.samplers.common import Model, StepInfo
 from diffusekit.samplers.config import noised_state
-from diffusekit.samplers.guidance import Gate, guided, interval_gate
+from diffusekit.samplers.guidance import Gate, guided
 
 #: The number of micro-conditioning values: original size (2), crop corner (2), target size (2).
 NUM_TIME_IDS = 6
@@ -249,7 +249,7 @@ class TextToImageXL:
         elif tuple(latents.shape) != shape:
             raise ConfigError(f"latents must have shape {shape} for {height}x{width}, got {tuple(latents.shape)}")
         x = latents.to(sd.device, sd.dtype) * grid.init_noise_sigma
-        model = cond.model(sd.unet, ids, interval_gate(config.sigma_map(), guidance_interval))
+        model = cond.model(sd.unet, ids, config.guidance_gate(guidance_interval))
         return denoise(sd.codec, config, model, x, grid, generator, callback, show_progress)
 
 
@@ -295,7 +295,7 @@ class ImageToImageXL:
         init = sd.codec.encode(2 * image.to(sd.device, torch.float32) - 1, generator=generator).to(sd.dtype)
         noise = draw(init.shape, generator, init.dtype, init.device)
         x = noised_state(config, grid, init, noise)  # x0 + sigma noise (Euler) or sqrt(abar) x0 + ... (VP)
-        model = cond.model(sd.unet, ids, interval_gate(config.sigma_map(), guidance_interval))
+        model = cond.model(sd.unet, ids, config.guidance_gate(guidance_interval))
         return denoise(sd.codec, config, model, x, grid, generator, callback, show_progress)
 
 

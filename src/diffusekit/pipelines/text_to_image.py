@@ -17,7 +17,6 @@ from diffusekit.pipelines.stable_diffusion import (
     latent_shape,
 )
 from diffusekit.samplers.common import StepInfo
-from diffusekit.samplers.guidance import interval_gate
 
 
 class TextToImage:
@@ -59,5 +58,5 @@ class TextToImage:
         elif tuple(latents.shape) != shape:
             raise ConfigError(f"latents must have shape {shape} for {height}x{width}, got {tuple(latents.shape)}")
         x = latents.to(sd.device, sd.dtype) * grid.init_noise_sigma
-        model = cond.model(sd.unet, gate=interval_gate(config.sigma_map(), guidance_interval))
+        model = cond.model(sd.unet, gate=config.guidance_gate(guidance_interval))
         return denoise(sd.codec, config, model, x, grid, generator, callback, show_progress)

@@ -20,7 +20,7 @@ from diffusekit.pipelines.denoise import denoise, grid_for, sampler_for
 from diffusekit.runtime.policy import Plan, prepare
 from diffusekit.samplers.common import StepInfo
 from diffusekit.samplers.config import SamplerConfig
-from diffusekit.samplers.guidance import autoguided, guided, interval_gate
+from diffusekit.samplers.guidance import autoguided, guided
 
 GUIDE_LABELS = ("class", "none")  # what an autoguidance guide sees: each image's class, or the "no class" label
 
@@ -88,7 +88,7 @@ class UnconditionalPipeline:
             latents = draw(shape, generator, dtype, device)
         elif latents.shape != shape:
             raise ConfigError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        gate = interval_gate(config.sigma_map(), guidance_interval)
+        gate = config.guidance_gate(guidance_interval)
         model = self._model(n, class_labels, guidance_scale, device, gate, guide, guide_labels)
         x = latents * grid.init_noise_sigma
         return denoise(self.codec, config, model, x, grid, generator, callback, show_progress).images

@@ -43,6 +43,7 @@ from diffusekit.samplers.ddim import sample_ddim
 from diffusekit.samplers.ddpm import VARIANCES, sample_ddpm
 from diffusekit.samplers.dpm_solver import sample_dpmpp_2m
 from diffusekit.samplers.euler import sample_euler, sample_euler_ancestral
+from diffusekit.samplers.guidance import Gate, interval_gate
 from diffusekit.samplers.heun import Churn, sample_heun
 from diffusekit.samplers.kdpm2 import midpoint_sigma, sample_kdpm2
 from diffusekit.samplers.lcm import sample_lcm
@@ -174,6 +175,12 @@ class SamplerConfig:
             return float((sigma_of_c_noise(t) if schedule is None else interpolate_sigma(schedule, t))[0])
 
         return sigma
+
+    def guidance_gate(self, interval: Sequence[float] | None) -> Gate | None:
+        """The gate limiting guidance to lo < sigma <= hi (:func:`~diffusekit.samplers.guidance.interval_gate`,
+        Kynkäänniemi et al. 2024) on this config's noise levels; None (no interval): no gate, and no schedule
+        built."""
+        return None if interval is None else interval_gate(self.sigma_map(), interval)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -106,11 +106,9 @@ def check_guidance_interval(interval: Sequence[float] | None, name: str = "guida
     """(lo, hi) with 0 <= lo < hi <= inf, or a ConfigError naming ``name``; None means every level, (0, inf)."""
     if interval is None:
         return 0.0, math.inf
-    if isinstance(interval, str):  # its characters are not the two levels ("12" is not 1,2)
-        raise ConfigError(f"{name} must be two noise levels LO,HI (sigma, e.g. 0.28,5), got {interval!r}")
     try:
         lo, hi = (_level(v) for v in interval)
-    except (TypeError, ValueError, OverflowError):  # not two numbers ("0.28" is text, True no level, 10**400 no float)
+    except (TypeError, ValueError, OverflowError):  # not two numbers: "12" and "0.28" are text, True, 10**400 no float
         shown = repr(interval) if len(repr(interval)) <= 80 else repr(interval)[:77] + "..."
         raise ConfigError(f"{name} must be two noise levels LO,HI (sigma, e.g. 0.28,5), got {shown}") from None
     if math.isnan(lo) or math.isnan(hi) or not 0 <= lo < hi:
@@ -128,7 +126,8 @@ def _level(value: object) -> float:
 def interval_gate(sigma_at: Callable[[Tensor], float], interval: Sequence[float] | None) -> Gate | None:
     """The gate that guides only where lo < sigma(t) <= hi (Kynkäänniemi et al. 2024, sec. 3: guidance at high
     noise levels pulls the samples of a class toward a few modes and costs diversity, at low levels it does
-    next to nothing). ``sigma_at`` maps a network time to its noise level (``SamplerConfig.sigma_map()``); the
+    next to nothing). ``sigma_at`` maps a network time to its noise level (``SamplerConfig.sigma_map()``;
+    ``SamplerConfig.guidance_gate`` builds this gate); the
     interval is in the variance-exploding sigma of Karras et al. 2022 (the paper's EDM2 settings: (0.28, 2.9]
     on ImageNet-512 latents). None: no gate (guidance at every level)."""
     if interval is None:
