@@ -322,6 +322,16 @@ def test_cli_demo_with_a_tiny_budget(tmp_path, capsys):
     assert guide.keys() == final.keys() and any(not torch.equal(guide[k], final[k]) for k in guide)
 
 
+@pytest.mark.parametrize("extra", [["--guidance", "1"], ["--max-minutes", "1e-9"]])
+def test_cli_demo_without_a_guide_samples_unguided_or_with_cfg(tmp_path, capsys, extra):
+    # no guide: guidance 1 keeps none, a run stopped before the guide's step has none (CFG then)
+    out = tmp_path / "demo"
+    assert main(["demo", "--preset", "test-tiny", "--steps", "4", "--batch-size", "8", "--no-fid", "--grid-rows", "1",
+                 "--sample-steps", "2", "--output-dir", str(out), "--no-progress", *extra]) == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert "guide" not in report and (out / "samples.png").is_file()
+
+
 @pytest.mark.skipif(
     __import__("importlib").util.find_spec("tensorboard") is None, reason="tensorboard (the log extra) is not installed"
 )

@@ -277,10 +277,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: training stopped at step {result.step}, before the guide's step {guide_step} (--guide-at "
               f"{args.guide_at:g}): classifier-free guidance instead", file=sys.stderr)  # fmt: skip
 
+    guide_labels = args.guide_labels if guide is not None else "class"  # no guide (guidance 1, or stopped early)
+
     def sample(n: int, seed: int, guidance: float) -> torch.Tensor:
         labels = trainer.preview_labels(n)
         return trainer.sample(n, steps=args.sample_steps, seed=seed, class_labels=labels, guidance_scale=guidance,
-                              sampler=args.sampler, guide=guide, guide_labels=args.guide_labels)
+                              sampler=args.sampler, guide=guide, guide_labels=guide_labels)
 
     guided_by = {"autoguidance_guide_step": guide_step, "guide_labels": args.guide_labels} if guide is not None else {}
     report.update(grid_of_samples(sample, out, args, guided_by))
