@@ -1,5 +1,5 @@
 """diffusekit against the reference implementation (diffusers + transformers, the ``bench`` extra), same
-weights, same process, same machine: workloads W1-W6 (benchmarks/README.md) in float32 and bfloat16, W5 with each
+weights, same process, same machine: workloads W1-W8 (benchmarks/README.md) in float32 and bfloat16, W5 with each
 side's default settings, peak memory of W5 per side (separate processes), FLOP/s of W3 against the measured
 matrix-multiply peak, and PSNR of bfloat16 against float32 images (W5, W6).
 
@@ -27,7 +27,19 @@ import torch
 import torch.nn.functional as F
 
 from diffusekit.bench import harness, timing
-from diffusekit.bench.workloads import QUICK, TITLES, WORKLOADS, Case, Spec, inputs, ours, spec
+from diffusekit.bench.workloads import (
+    DDPM_SCHEDULER,
+    PIXEL_SAMPLERS,
+    QUICK,
+    TITLES,
+    WORKLOADS,
+    Case,
+    Spec,
+    inputs,
+    noise_generator,
+    ours,
+    spec,
+)
 from diffusekit.errors import ConfigError
 from diffusekit.io.atomic import write_bytes_atomic
 from diffusekit.io.text_encoder_config import text_encoder_to_diffusers
@@ -97,7 +109,7 @@ class Reference:
         import diffusers
 
         torch.manual_seed(0)
-        if workload in ("W1", "W2"):
+        if workload in ("W1", "W2", *PIXEL_SAMPLERS):
             self._model = diffusers.UNet2DModel.from_config(unet_to_diffusers(s.unet))
         elif workload == "W3":
             self._model = diffusers.UNet2DConditionModel.from_config(unet_to_diffusers(s.unet))
@@ -133,8 +145,9 @@ class Reference:
     def case(self, workload: str, s: Spec, dtype: torch.dtype | None, weights: dict[str, Any]) -> Case:
         if workload in ("W5", "W6"):
             return reference_pipeline_case(weights["folder"], workload, s, dtype, self.device)
-        model, self._model = self._model, None
-        model.to(self.device, dtype)
+        if workload in PIXEL_SAMPLERS:
+            return reference_pixel_case(self._take_model(dtype), workload, s, dtype)
+        model = self._take_model(dtype)
         inp = {k: v.to(self.device) for k, v in inputs(workload, s, dtype).items()}
         if workload == "W2":
             model.train()
@@ -153,6 +166,30 @@ class Reference:
             return Case(lambda: _infer(lambda: model.decode(inp["z"]).sample), model)
         extra = {"encoder_hidden_states": inp["context"]} if "context" in inp else {}
         return Case(lambda: _infer(lambda: model(inp["x"], inp["t"], **extra).sample), model)
+
+    def _take_model(self, dtype: torch.dtype | None) -> Any:
+        """The model :meth:`weights` built, moved to this side's device and ``dtype`` (and let go here)."""
+        model, self._model = self._model, None
+        return model.to(self.device, dtype)
+
+
+def reference_pixel_case(model: Any, workload: str, s: Spec, dtype: torch.dtype | None) -> Case:
+    """W7/W8 as a reference user runs them: ``DDIMPipeline`` (eta 0) or ``DDPMPipeline`` over the DDPM releases'
+    scheduler configuration, the generator seeded as diffusekit's side seeds it (x_T, then DDPM's step noise)."""
+    import diffusers
+
+    model.eval().requires_grad_(False)
+    ddim = PIXEL_SAMPLERS[workload] == "ddim"
+    scheduler = (diffusers.DDIMScheduler if ddim else diffusers.DDPMScheduler).from_config(DDPM_SCHEDULER)
+    pipe = (diffusers.DDIMPipeline if ddim else diffusers.DDPMPipeline)(unet=model, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    options = {"eta": 0.0} if ddim else {}
+
+    def generate() -> torch.Tensor:
+        out = pipe(batch_size=1, generator=noise_generator(), num_inference_steps=s.steps, output_type="pt", **options)
+        return out.images
+
+    return Case(generate, model)
 
 
 def _infer(fn):

@@ -106,10 +106,24 @@ def test_harness_reports_every_side_against_the_reference():
 
 
 def test_tiny_workloads_run_alone():
-    for name in ("W1", "W2", "W3", "W4"):
+    for name in ("W1", "W2", "W3", "W4", "W7", "W8"):
         case = ours(name, spec(name, tiny=True), torch.float32)
         out = case.run()
         assert torch.isfinite(out).all(), name
+
+
+def test_pixel_sampling_workloads_are_seeded_images():
+    """W7/W8 give one image in [0, 1] of the U-Net's size, the same at every call (the harness compares the
+    sides' first outputs and times later calls of the same work), and DDIM and DDPM differ."""
+    images = {}
+    for name in ("W7", "W8"):
+        s = spec(name, tiny=True)
+        case = ours(name, s, torch.float32)
+        a, b = case.run(), case.run()
+        assert a.shape == (1, 3, s.size, s.size) and 0 <= a.min() and a.max() <= 1 and a.std() > 0.01, name
+        assert torch.equal(a, b), name
+        images[name] = a
+    assert (images["W7"] - images["W8"]).abs().max() > 0.05
 
 
 def test_cli_bench_without_reference(tmp_path, capsys, fixtures_dir):
@@ -141,14 +155,14 @@ def test_compare_tiny_against_reference(tmp_path, fixtures_dir):
     pipeline = fixtures_dir / "pipelines" / "stable_diffusion"
     # tiny models: the reference runs in-process in every dtype (--reference-limit-seconds 0)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--tiny", "--reps", "1",
-           "--workloads", "W1", "W2", "W3", "W4", "W6", "--pipeline", str(pipeline), "--json", str(out),
+           "--workloads", "W1", "W2", "W3", "W4", "W6", "W7", "W8", "--pipeline", str(pipeline), "--json", str(out),
            "--reference-limit-seconds", "0", "--allow-busy"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     rows = {(r["workload"], r["dtype"]): r for r in report["rows"]}
-    for w in ("W1", "W2", "W3", "W4"):
+    for w in ("W1", "W2", "W3", "W4", "W7", "W8"):  # W8: the same generator draws x_T and DDPM's step noise
         assert rows[(w, "float32")]["max_abs_diff"] < 1e-4, w  # same weights, same math
         assert rows[(w, "bfloat16")]["max_abs_diff"] < 0.1, w
     assert report["W3_flops"]["flops_per_forward"] > 0

@@ -1,4 +1,4 @@
-"""The benchmark workloads W1-W6 on diffusekit's side, at full size or tiny (for smoke tests).
+"""The benchmark workloads W1-W8 on diffusekit's side, at full size or tiny (for smoke tests).
 
 Each builder returns a ``Case``: a zero-argument ``run`` whose result (an image or output tensor, or a
 loss) is what the comparison checks across implementations. Inputs come from :func:`inputs`, seeded, so
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffusekit.io.scheduler_config import scheduler_from_diffusers
 from diffusekit.io.text import load_tokenizer
 from diffusekit.networks.text_encoder import TEXT_ENCODER_PRESETS, ClipTextEncoder
 from diffusekit.networks.unet import UNET_PRESETS, UNet, UNetConfig
@@ -25,10 +26,11 @@ from diffusekit.pipelines.loading import load_pipeline, save_pipeline
 from diffusekit.pipelines.recipe import DTYPES, chosen_dtype
 from diffusekit.pipelines.stable_diffusion import StableDiffusion
 from diffusekit.pipelines.text_to_image import TextToImage
+from diffusekit.pipelines.unconditional import UnconditionalPipeline
 from diffusekit.runtime.policy import Plan, autoencoder_plan, prepare
 from diffusekit.samplers.presets import SD1
 
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8")
 QUICK = ("W1", "W2", "W6")
 
 TITLES = {
@@ -38,7 +40,25 @@ TITLES = {
     "W4": "SD VAE decode, 64x64 latent -> 512x512",
     "W5": "text-to-image 512x512, 20 steps DPM++2M, CFG 7.5, SD-1.5 size",
     "W6": "text-to-image 256x256, 20 steps, tiny reference pipeline",
+    "W7": "DDIM 50 steps, one 256x256 image, DDPM CelebA-HQ-size U-Net (pixels)",
+    "W8": "DDPM 1000 steps, one 256x256 image, DDPM CelebA-HQ-size U-Net (pixels)",
 }
+
+#: The scheduler configuration the DDPM releases (CIFAR-10, CelebA-HQ, LSUN) ship, as a reference
+#: ``scheduler_config.json``: linear betas from 1e-4 to 0.02 over 1000 steps (Ho et al. 2020, section 4), the
+#: predicted x0 clipped to [-1, 1]. Both sides of W7/W8 read it; W7 samples it with DDIM (eta 0, Song et al.
+#: 2021, eq. 12), W8 with the ancestral DDPM sampler (Ho et al. 2020, algorithm 2).
+DDPM_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": True,
+    "variance_type": "fixed_small",
+}
+PIXEL_SAMPLERS = {"W7": "ddim", "W8": "ddpm"}
+NOISE_SEED = 1234  # the generator of the initial noise (and of DDPM's per-step noise), the same on both sides
 
 
 @dataclass(frozen=True)
@@ -74,6 +94,10 @@ def spec(name: str, *, tiny: bool = False) -> Spec:
         )
     if name == "W6":
         return Spec(size=64 if tiny else 256, steps=2 if tiny else 20)
+    if name in PIXEL_SAMPLERS:
+        cfg = UNET_PRESETS["tiny" if tiny else "ddpm-celebahq-256"]
+        steps = {"W7": 50, "W8": 1000}[name]
+        return Spec(unet=cfg, size=cfg.sample_size, steps=3 if tiny else steps)
     raise KeyError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
 
 
@@ -98,6 +122,11 @@ def inputs(name: str, s: Spec, dtype: torch.dtype, *, latent_channels: int = 4, 
         h = s.size // latent_factor
         return {"latents": torch.randn(1, latent_channels, h, h, generator=g)}
     raise KeyError(name)
+
+
+def noise_generator() -> torch.Generator:
+    """The CPU generator W7/W8 draw x_T (and then DDPM's per-step noise) from, on both sides."""
+    return torch.Generator().manual_seed(NOISE_SEED)
 
 
 @dataclass
@@ -178,7 +207,26 @@ def ours(
                         sampler="dpmpp_2m", latents=lat, show_progress=False).images  # fmt: skip
 
         return Case(generate, sd.unet)
+    if name in PIXEL_SAMPLERS:
+        return _pixel_sampling(name, s, dtype, state, device)
     raise KeyError(name)
+
+
+def _pixel_sampling(name: str, s: Spec, dtype: torch.dtype | None, state: dict | None, device: str) -> Case:
+    """W7/W8: one image from the pixel-space U-Net, DDIM or DDPM over :data:`DDPM_SCHEDULER`."""
+    dtype = dtype or torch.float32
+    pipe = UnconditionalPipeline(_unet(s.unet, dtype, state, device), scheduler_from_diffusers(DDPM_SCHEDULER))
+    sampler = PIXEL_SAMPLERS[name]
+
+    def generate() -> torch.Tensor:
+        g = noise_generator()
+        shape = (1, s.unet.out_channels, s.size, s.size)
+        # x_T as the reference's pipelines draw it (randn in the U-Net's dtype); g then draws DDPM's step noise
+        x_t = torch.randn(shape, generator=g, dtype=dtype).to(device)
+        return pipe(1, steps=s.steps, sampler=sampler, eta=0.0 if sampler == "ddim" else None, latents=x_t,
+                    generator=g if device == "cpu" else None, show_progress=False)  # fmt: skip
+
+    return Case(generate, pipe.unet)
 
 
 def save_random_pipeline(folder: str | Path, s: Spec, tokenizer_folder: str | Path, *, seed: int = 0) -> Path:

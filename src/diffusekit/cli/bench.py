@@ -1,4 +1,4 @@
-"""``diffusekit bench``: time the workloads W1-W6 on this machine.
+"""``diffusekit bench``: time the workloads W1-W8 on this machine.
 
 Without ``--compare`` only diffusekit runs (fresh random weights; no extra packages). With ``--compare``
 the same workloads also run on the reference implementation (diffusers + transformers, installed by the
@@ -46,7 +46,7 @@ examples:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="time diffusekit's workloads W1-W6 (and compare with the reference implementation)",
+        help="time diffusekit's workloads W1-W8 (and compare with the reference implementation)",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -214,6 +214,22 @@ UNET_PRESETS: dict[str, UNetConfig] = {
         dropout=0.1,
         sample_size=32,
     ),
+    # DDPM CelebA-HQ / LSUN 256x256 (Ho et al. 2020, the 256-pixel models): 113.7M parameters, six levels, attention
+    # at 16x16, the CIFAR-10 model's conventions. Benchmark workloads W7/W8 (DDIM 50 / DDPM 1000 steps per image).
+    "ddpm-celebahq-256": UNetConfig(
+        in_channels=3,
+        out_channels=3,
+        channels=(128, 128, 256, 256, 512, 512),
+        layers_per_block=2,
+        attention_levels=(False, False, False, False, True, False),
+        num_heads=(1, 1, 1, 1, 1, 1),
+        norm_groups=32,
+        norm_eps=1e-6,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        downsample_pad="right_bottom",
+        sample_size=256,
+    ),
     # Stable Diffusion 1.x (Rombach et al. 2022): ~860M parameters, 8 heads, CLIP ViT-L/14 text (768).
     "sd15": UNetConfig(
         in_channels=4,
