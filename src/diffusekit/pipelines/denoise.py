@@ -15,6 +15,7 @@ from torch import Tensor
 from diffusekit.diffusion.grids import Grid
 from diffusekit.errors import ConfigError, check_range
 from diffusekit.pipelines.common import Codec, GeneratorArg, chain, progress, to_unit_range
+from diffusekit.runtime.memory import release_freed_memory
 from diffusekit.samplers.common import Model, StepInfo
 from diffusekit.samplers.config import SamplerConfig, build_grid, run_sampler
 
@@ -66,5 +67,7 @@ def denoise(
     latents = run_sampler(config, model, x, grid, generator=generator, callback=chain(callback, bar))
     if finish is not None:
         latents = finish(latents)
+    # the network's freed activations, kept by the C heap, would otherwise sit under the decoder's peak
+    release_freed_memory()
     images = codec.decode(latents.float())
     return GenerationResult(to_unit_range(images.float()), latents, x)

@@ -26,6 +26,7 @@ from torch import nn
 
 from diffusekit.errors import ConfigError
 from diffusekit.networks.layers import PLANNED_LAYERS, Conv2d
+from diffusekit.runtime.memory import release_freed_memory
 
 #: CPU flags (as /proc/cpuinfo spells them) that give native bfloat16 dot products.
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -139,6 +140,7 @@ def prepare(model: nn.Module, plan: Plan | None = None, *, device: str | torch.d
         use_fast_conv(model)
     if plan.compile:
         model.compile()
+    release_freed_memory()  # the weights' former copies (layout, dtype, device), kept by the C heap otherwise
     return model
 
 
