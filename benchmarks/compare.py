@@ -51,6 +51,10 @@ from diffusekit.runtime import autotune
 from diffusekit.runtime.policy import default_dtype, native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
+# W7/W8 at full size: with random weights the clipped-x0 sampler is chaotic, and float rounding grows to whole grey
+# levels over the steps (measured: DDIM 1 step 6e-8, 10 steps 1e-3, 20 steps 0.09 between the sides, and 0.08
+# between two runs of ours whose x_T differ by 1e-6); agreement is checked on the tiny models (4e-6 after 3 steps)
+CHAOTIC_SAMPLING = "max abs diff: random weights make the sampler chaotic (benchmarks/README.md)"
 FIXTURE_PIPELINE = ROOT.parent / "shared" / "fixtures" / "pipelines" / "stable_diffusion"
 
 
@@ -416,6 +420,9 @@ def compare(args: argparse.Namespace) -> int:
             settings.workloads, settings.dtypes, settings.skip = ["W5"], dtypes_w5, skip
             settings.reps = 1
             rows += harness.run([reference, Ours(args.device)], settings)
+        for r in rows:  # the full-size pixel samplers' outputs are not a check of the two sides' agreement
+            if r["workload"] in PIXEL_SAMPLERS and not args.tiny:
+                r["note"] = "; ".join(filter(None, [r.get("note"), CHAOTIC_SAMPLING]))
         if "W5" in workloads and defaults_are_fp32:
             row = next(r for r in rows if (r["workload"], r["dtype"]) == ("W5", "float32"))
             same = "defaults are float32 on both sides here: same runs"
