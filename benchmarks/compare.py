@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from diffusekit.bench import harness, timing
 from diffusekit.bench.workloads import (
     DDPM_SCHEDULER,
+    DEFAULT,
     PIXEL_SAMPLERS,
     QUICK,
     TITLES,
@@ -304,7 +305,8 @@ def w5_memory(folder: Path, dtypes: list[str], tiny: bool, steps: int, device: s
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)} (a few minutes)")
     p.add_argument("--tiny", action="store_true", help="tiny stand-in models (a smoke test of the harness)")
-    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, metavar="W", help="workloads to run (default all)")
+    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, metavar="W",
+                   help="workloads to run (default: all but W8, which runs only when named)")  # fmt: skip
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
                    choices=["float32", "bfloat16", "float16", "default"],
                    help="precisions to time (default: float32 bfloat16); 'default' is W5's row of each side as its "
@@ -379,7 +381,7 @@ def compare(args: argparse.Namespace) -> int:
         print("the comparison needs the reference: pip install -e '.[bench]'", file=sys.stderr)
         return 2
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    workloads = list(args.workloads or (QUICK if args.quick else WORKLOADS))
+    workloads = list(args.workloads or (QUICK if args.quick else DEFAULT))
     info = harness.machine()
     log(f"machine: {info}")
     with tempfile.TemporaryDirectory(prefix="diffusekit-bench-") as tmp:

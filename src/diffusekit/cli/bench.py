@@ -16,7 +16,17 @@ from pathlib import Path
 import torch
 
 from diffusekit.bench import harness, timing
-from diffusekit.bench.workloads import QUICK, TITLES, WORKLOADS, Case, Spec, ours, save_random_pipeline, spec
+from diffusekit.bench.workloads import (
+    DEFAULT,
+    QUICK,
+    TITLES,
+    WORKLOADS,
+    Case,
+    Spec,
+    ours,
+    save_random_pipeline,
+    spec,
+)
 from diffusekit.errors import ConfigError
 
 CHECKOUT = Path(__file__).resolve().parents[3]
@@ -55,7 +65,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)} (a few minutes)")
     p.add_argument("--tiny", action="store_true", help="tiny stand-in models (seconds; checks the harness)")
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, metavar="W",
-                   help=f"some of {', '.join(WORKLOADS)} (default: all)")  # fmt: skip
+                   help=f"some of {', '.join(WORKLOADS)} (default: all but W8, which runs only when named: 1000 "
+                   "sampler steps, ~50 minutes per side on 2 CPU cores)")  # fmt: skip
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"],
                    metavar="DTYPE", help="float32, bfloat16, float16 (default: float32 bfloat16)")  # fmt: skip
     p.add_argument("--reps", type=int, default=5, metavar="N", help="timed runs per workload at most (default 5)")
@@ -92,7 +103,7 @@ class OursAlone:
 def run(args: argparse.Namespace) -> int:
     if args.compare:
         return _run_compare(args)
-    workloads = list(args.workloads or (QUICK if args.quick else WORKLOADS))
+    workloads = list(args.workloads or (QUICK if args.quick else DEFAULT))
     if any(w in ("W5", "W6") for w in workloads) and not (args.pipeline / "model_index.json").is_file():
         raise ConfigError(f"W5/W6 need a tiny SD folder (--pipeline); {args.pipeline} is not one")
     with tempfile.TemporaryDirectory(prefix="diffusekit-bench-") as tmp:
