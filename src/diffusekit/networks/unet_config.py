@@ -196,38 +196,34 @@ def _check_sizes(c: UNetConfig) -> None:
     check_choice("downsample_pad", c.downsample_pad, DOWNSAMPLE_PADS)
 
 
+# DDPM CIFAR-10 (Ho et al. 2020): 35.7M parameters, 32x32, attention at 16x16, TF "SAME" downsampling.
+_DDPM_CIFAR10 = UNetConfig(
+    in_channels=3,
+    out_channels=3,
+    channels=(128, 256, 256, 256),
+    layers_per_block=2,
+    attention_levels=(False, True, False, False),
+    num_heads=(1, 1, 1, 1),
+    norm_groups=32,
+    norm_eps=1e-6,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    downsample_pad="right_bottom",
+    dropout=0.1,
+    sample_size=32,
+)
+
 #: Named presets (the registry of STYLE.md point 5).
 UNET_PRESETS: dict[str, UNetConfig] = {
-    # DDPM CIFAR-10 (Ho et al. 2020): 35.7M parameters, 32x32, attention at 16x16, TF "SAME" downsampling.
-    "ddpm-cifar10": UNetConfig(
-        in_channels=3,
-        out_channels=3,
-        channels=(128, 256, 256, 256),
-        layers_per_block=2,
-        attention_levels=(False, True, False, False),
-        num_heads=(1, 1, 1, 1),
-        norm_groups=32,
-        norm_eps=1e-6,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-        downsample_pad="right_bottom",
-        dropout=0.1,
-        sample_size=32,
-    ),
+    "ddpm-cifar10": _DDPM_CIFAR10,
     # DDPM CelebA-HQ / LSUN 256x256 (Ho et al. 2020, the 256-pixel models): 113.7M parameters, six levels, attention
     # at 16x16, the CIFAR-10 model's conventions. Benchmark workloads W7/W8 (DDIM 50 / DDPM 1000 steps per image).
-    "ddpm-celebahq-256": UNetConfig(
-        in_channels=3,
-        out_channels=3,
+    "ddpm-celebahq-256": dataclasses.replace(
+        _DDPM_CIFAR10,
         channels=(128, 128, 256, 256, 512, 512),
-        layers_per_block=2,
         attention_levels=(False, False, False, False, True, False),
-        num_heads=(1, 1, 1, 1, 1, 1),
-        norm_groups=32,
-        norm_eps=1e-6,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-        downsample_pad="right_bottom",
+        num_heads=(1,) * 6,
+        dropout=0.0,
         sample_size=256,
     ),
     # Stable Diffusion 1.x (Rombach et al. 2022): ~860M parameters, 8 heads, CLIP ViT-L/14 text (768).
