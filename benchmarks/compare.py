@@ -339,7 +339,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides run (default cpu)")
     p.add_argument("--memory-only", action="store_true",
                    help="only W5's peak resident memory, each side in a fresh process (no timing)")  # fmt: skip
-    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "compare.json")
+    p.add_argument("--json", type=Path, default=None,
+                   help="the report (default: a new file per run, "
+                   "benchmarks/results/compare-<UTC time>.json)")  # fmt: skip
     p.add_argument("--allow-busy", action="store_true",
                    help=f"write --json even with rows measured while other work kept the 1-minute load average "
                         f"above {timing.BUSY_LOAD} (they stay flagged 'not evidence'; default: refuse)")  # fmt: skip
@@ -360,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.json = args.json or harness.stamped_path(ROOT / "benchmarks" / "results", "compare")
     # kernel choices measured once per machine and kept, as the command-line tool keeps them: the parent's
     # warm-up rounds measure, the fresh processes of the memory rows read the file
     autotune.configure(writer=write_bytes_atomic)

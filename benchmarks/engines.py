@@ -24,8 +24,8 @@ estimated per engine as 20 x W3 + W4, the estimate ``compare.py`` uses where the
     python benchmarks/engines.py --tiny --json /tmp/engines.json        # a smoke test (seconds)
 
 Needs the ``bench`` extra and ``pip install openvino`` (the ``openvino`` engine is skipped, with a message,
-when it is missing). Writes ``results/engines.json`` through ``bench.harness.write_report`` (refused when
-the machine was busy, as for ``compare.py``).
+when it is missing). Writes ``results/engines-<UTC time>.json`` (or ``--json``) through
+``bench.harness.write_report`` (refused when the machine was busy, as for ``compare.py``).
 """
 
 from __future__ import annotations
@@ -213,9 +213,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile mode of the compiled engine (default: torch's default)")  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="tiny stand-in models (a smoke test)")
     p.add_argument("--cpu-threads", type=int, help="torch (and OpenVINO) threads")
-    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "engines.json")
+    p.add_argument("--json", type=Path, default=None,
+                   help="the report (default: a new file per run, "
+                   "benchmarks/results/engines-<UTC time>.json)")  # fmt: skip
     p.add_argument("--allow-busy", action="store_true", help="write --json even when rows were measured busy")
     args = p.parse_args(argv)
+    args.json = args.json or harness.stamped_path(ROOT / "benchmarks" / "results", "engines")
     if args.reps < 1:
         p.error(f"--reps must be at least 1, got {args.reps}")
     if args.cpu_threads is not None and args.cpu_threads < 1:

@@ -2,7 +2,7 @@
 64x64 latents, random weights) under ``torch.profiler``, self time grouped by operator, per dtype, beside a
 timing of the attention kernel alone at the shape of the 64x64 self-attention, in each dtype.
 
-    python benchmarks/profile_unet.py --cpu-threads 2 --dtypes float32 bfloat16 --json results/profile_unet.json
+    python benchmarks/profile_unet.py --cpu-threads 2 --dtypes float32 bfloat16 --json profile.json
 
 One warm-up call, then one profiled call per dtype; the shares are what to optimise, the absolute times are
 those of a profiled call (the profiler adds a little). Run it alone on an idle machine.
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffusekit.bench.harness import machine
+from diffusekit.bench.harness import machine, stamped_path
 from diffusekit.bench.workloads import ours, spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     p.add_argument("--cpu-threads", type=int)
     p.add_argument("--tiny", action="store_true", help="the tiny stand-in U-Net (a smoke test)")
-    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "profile_unet.json")
+    p.add_argument("--json", type=Path, default=None,
+                   help="the report (default: a new file per run, "
+                   "benchmarks/results/profile_unet-<UTC time>.json)")  # fmt: skip
     args = p.parse_args(argv)
+    args.json = args.json or stamped_path(ROOT / "benchmarks" / "results", "profile_unet")
     if args.cpu_threads is not None:
         if args.cpu_threads < 1:
             p.error(f"--cpu-threads must be at least 1, got {args.cpu_threads}")

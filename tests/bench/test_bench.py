@@ -168,3 +168,10 @@ def test_compare_tiny_against_reference(tmp_path, fixtures_dir):
     assert report["W3_flops"]["flops_per_forward"] > 0
     assert set(report["psnr_bf16_vs_fp32"]) >= {"W6_ours", "W6_reference"}
     assert "ratio" in proc.stdout
+
+
+def test_default_report_paths_are_new_files(tmp_path):
+    """The benchmark scripts' default report is a new, time-stamped file: a run never replaces a committed one."""
+    path = harness.stamped_path(tmp_path, "compare")
+    assert path.parent == tmp_path and path.name.startswith("compare-20") and path.suffix == ".json"
+    assert not path.exists()

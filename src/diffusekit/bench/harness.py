@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -183,6 +184,13 @@ def _measure_cases(name: str, dtype_name: str, cases: dict[str, Case], settings:
     row["times"] = {n: times[n] for n in cases}
     del cases
     return row
+
+
+def stamped_path(folder: str | os.PathLike, name: str) -> Path:
+    """``folder/name-<UTC date and time>.json``: the default report path of the benchmark scripts, a new file per
+    run, so that a run never replaces an earlier (possibly committed) report."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path(folder) / f"{name}-{stamp}.json"
 
 
 def write_report(path: str | os.PathLike, report: dict[str, Any], *, allow_busy: bool = False) -> None:
