@@ -184,7 +184,7 @@ def reference_pixel_case(model: Any, workload: str, s: Spec, dtype: torch.dtype 
     import diffusers
 
     model.eval().requires_grad_(False)
-    ddim = PIXEL_SAMPLERS[workload] == "ddim"
+    ddim = PIXEL_SAMPLERS[workload][0] == "ddim"
     scheduler = (diffusers.DDIMScheduler if ddim else diffusers.DDPMScheduler).from_config(DDPM_SCHEDULER)
     pipe = (diffusers.DDIMPipeline if ddim else diffusers.DDPMPipeline)(unet=model, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
