@@ -371,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child_case:
         return child_case(args)
     try:
+        harness.check_run_options(args.reps, args.budget_seconds, args.json)
         if args.merge:
             return merge(args.merge, args.json, allow_busy=args.allow_busy)
         return compare(args)

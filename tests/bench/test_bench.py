@@ -175,3 +175,17 @@ def test_default_report_paths_are_new_files(tmp_path):
     path = harness.stamped_path(tmp_path, "compare")
     assert path.parent == tmp_path and path.name.startswith("compare-20") and path.suffix == ".json"
     assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [("--reps", "-1", "--reps must be an integer in [0, 1000]"),
+     ("--budget-seconds", "nan", "--budget-seconds must be a finite number"),
+     ("--json", None, "is a folder")],
+)
+def test_cli_bench_refuses_bad_options_before_running(tmp_path, capsys, monkeypatch, option, value, message):
+    monkeypatch.setattr(harness, "run", lambda *a, **k: pytest.fail("ran the workloads"))
+    argv = ["bench", "--tiny", "--workloads", "W1", option, str(tmp_path) if value is None else value]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -29,6 +29,7 @@ from diffusekit.bench import timing
 from diffusekit.bench.workloads import TITLES, Case, Spec, spec
 from diffusekit.errors import ConfigError
 from diffusekit.io.atomic import write_text_atomic
+from diffusekit.limits import check_float, check_int
 from diffusekit.runtime import autotune, fastconv
 from diffusekit.runtime.autotune import cpu_model
 from diffusekit.runtime.policy import cpu_flags, native_bf16
@@ -184,6 +185,15 @@ def _measure_cases(name: str, dtype_name: str, cases: dict[str, Case], settings:
     row["times"] = {n: times[n] for n in cases}
     del cases
     return row
+
+
+def check_run_options(reps: Any, budget_s: Any, report: str | os.PathLike | None) -> None:
+    """The options the benchmark commands share, checked before anything is built or timed: ``--reps`` (0: the
+    warm-up round only), ``--budget-seconds`` and ``--json`` (a file, not a folder). ConfigErrors name the option."""
+    check_int("--reps", reps, 0, 1000)
+    check_float("--budget-seconds", budget_s, 0.0, 1e7, open_low=True)
+    if report is not None and Path(report).is_dir():
+        raise ConfigError(f"--json {report}: is a folder; give the path of the report file")
 
 
 def stamped_path(folder: str | os.PathLike, name: str) -> Path:

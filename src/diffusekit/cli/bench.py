@@ -101,6 +101,7 @@ class OursAlone:
 
 
 def run(args: argparse.Namespace) -> int:
+    harness.check_run_options(args.reps, args.budget_seconds, args.json)
     if args.compare:
         return _run_compare(args)
     workloads = list(args.workloads or (QUICK if args.quick else DEFAULT))
